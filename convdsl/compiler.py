@@ -1,0 +1,82 @@
+"""The pipeline in one place: text → AST → IR → checked IR → plan → C → module."""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+from .codegen.render import CSource, render_c
+from .errors import ConvDSLError
+from .ir import dims as D
+from .ir.build import build_graph, load_program
+from .ir.graph import Graph
+from .frontend.parser import parse, parse_file
+from .ops.losses import LOSSES
+from .passes.schedule import Plan, make_plan
+from .passes.verify import verify
+
+
+def graph_from_source(text: str, path: str = "<string>", network: str | None = None) -> Graph:
+    return verify(build_graph(load_program(parse(text, path)), network))
+
+
+def graph_from_file(path, network: str | None = None) -> Graph:
+    return verify(build_graph(load_program(parse_file(path)), network))
+
+
+def networks_in_file(path) -> tuple[str, ...]:
+    return tuple(n.name for n in load_program(parse_file(path)).networks)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    graph: Graph
+    plan: Plan
+    source: CSource
+
+
+def compile_graph(graph: Graph) -> Compiled:
+    plan = make_plan(graph)
+    return Compiled(graph, plan, render_c(plan))
+
+
+def module_meta(graph: Graph) -> dict:
+    """What the Python side needs to check arrays: names and shapes, nothing executable."""
+    def dim(d):
+        return d if isinstance(d, int) else D.to_text(d)
+    inputs = [{"name": i.name, "dims": [dim(d) for d in i.dims]} for i in graph.inputs]
+    outputs = [{"name": o.name} for o in graph.outputs]
+    params = [(f"{layer.name}.{p.name}", tuple(p.shape), p.trainable) for layer in graph.layers for p in layer.params]
+    loss = None
+    if graph.loss is not None:
+        loss = {"kind": graph.loss.kind, "target_kind": LOSSES[graph.loss.kind].target_kind,
+                "output_index": graph.loss.output_index}
+    from .codegen.render import module_name
+    return {"network": graph.name, "prefix": module_name(graph.name), "dtype": graph.dtype,
+            "layout": graph.layout, "inputs": inputs, "outputs": outputs, "sym_dims": list(graph.sym_dims),
+            "params": params, "loss": loss}
+
+
+def build_module(compiled: Compiled) -> types.ModuleType:
+    """Compile (or reuse from the cache) and return a module object with `Model`."""
+    from .runtime.build import build_extension, load_extension
+    from .runtime.model import make_model_class
+    src = compiled.source
+    ext_name, path = build_extension(src.prefix, src.c, src.h, src.cdef)
+    ext = load_extension(ext_name, path)
+    meta = module_meta(compiled.graph)
+    module = types.ModuleType(src.prefix, f"Network {compiled.graph.name}, compiled by convdsl.")
+    module.Model = make_model_class(ext, meta)
+    module.META = meta
+    module.graph = compiled.graph
+    module.extension_path = path
+    return module
+
+
+def load(path, network: str | None = None) -> types.ModuleType:
+    """Compile a .cnn file (or reuse a cached build) and return its module; writes nothing beside it."""
+    return build_module(compile_graph(graph_from_file(path, network)))
+
+
+def load_source(text: str, network: str | None = None, path: str = "<string>") -> types.ModuleType:
+    return build_module(compile_graph(graph_from_source(text, path, network)))

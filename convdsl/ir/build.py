@@ -1,0 +1,603 @@
+"""AST → IR: resolves names, unrolls `repeat`, inlines blocks, shares `layer` weights, expands consts.
+
+Shapes are inferred as nodes are made, because a block may ask `channels(x)` of a tensor
+built a line earlier. Every failure is a ConvDSLError at the span of the offending text.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConvDSLError, Span, did_you_mean
+from ..frontend import ast
+from ..frontend.parser import parse, parse_file
+from ..ops.base import ConstTensor, OpContext, Symbol, SymbolCall, describe_value, lookup, registry
+from ..ops.losses import LOSSES
+from . import dims as D
+from .graph import Graph, InputDecl, Layer, LossDecl, Node, OutputDecl, TensorType, Value
+
+# Bare names that stand for themselves when nothing else is bound to them.
+SYMBOLS = frozenset({"valid", "same", "full", "he", "xavier", "zeros", "ones", "nearest", "bilinear",
+                     "auto", "im2col"})
+SYMBOL_FUNCS = frozenset({"normal", "uniform"})
+BUILTINS = ("channels", "height", "width", "depth")
+MAX_REPEAT = 1000
+MAX_NODES = 100_000
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    value: int
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """`layer NAME = OP(args)`: the op and its arguments; parameters appear at first use."""
+    name: str
+    call: ast.Call
+    positional: tuple
+    keywords: tuple[tuple[str, Any], ...]
+    arg_spans: tuple[tuple[str, Span], ...]
+    span: Span
+
+
+@dataclass
+class Scope:
+    """The names visible in one network or block instance. Bindings may be shadowed."""
+    bindings: dict[str, Any] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)     # name → input|value|layer|const|param
+    prefix: str = ""                                          # label prefix: "inception1."
+    path: tuple[str, ...] = ()                                # block instances, outermost first
+    counters: dict[str, int] = field(default_factory=dict)
+    returned: Any = None
+
+    def lookup(self, name: str):
+        return self.bindings.get(name)
+
+
+@dataclass(frozen=True)
+class Program:
+    """A parsed file with the blocks it can see (its own and those it `use`s)."""
+    module: ast.Module
+    blocks: dict[str, ast.Block]
+    networks: tuple[ast.Network, ...]
+
+
+def load_program(module: ast.Module, _stack: tuple[str, ...] = ()) -> Program:
+    blocks: dict[str, ast.Block] = {}
+    networks: list[ast.Network] = []
+    names: dict[str, Span] = {}
+    base = Path(module.path).parent if not module.path.startswith("<") else Path.cwd()
+    for item in module.items:
+        if isinstance(item, ast.Use):
+            target = (base / item.path).resolve()
+            if str(target) in _stack:
+                raise ConvDSLError(item.span, f"`use \"{item.path}\"` makes a cycle of files")
+            if not target.is_file():
+                raise ConvDSLError(item.span, f"cannot find `{item.path}` (looked at {target})")
+            used = load_program(parse_file(target), (*_stack, str(Path(module.path).resolve())))
+            for bname, block in used.blocks.items():
+                blocks.setdefault(bname, block)
+            continue
+        if item.name in names:
+            raise ConvDSLError(item.span, f"`{item.name}` is defined twice in this file "
+                                          f"(first at line {names[item.name].line})")
+        names[item.name] = item.span
+        if isinstance(item, ast.Block):
+            if lookup(item.name) is not None:
+                raise ConvDSLError(item.span, f"block `{item.name}` has the name of a built-in op")
+            blocks[item.name] = item
+        else:
+            networks.append(item)
+    return Program(module, blocks, tuple(networks))
+
+
+def load_source(text: str, path: str = "<string>") -> Program:
+    return load_program(parse(text, path))
+
+
+class GraphBuilder:
+    """Builds one network's Graph. Internal lists grow as statements run; the result is frozen."""
+
+    def __init__(self, program: Program, network: ast.Network):
+        self.program = program
+        self.network = network
+        self.layout = "NCHW"
+        self.dtype = "f32"
+        self.values: list[Value] = []
+        self.nodes: list[Node] = []
+        self.layers: dict[str, Layer] = {}
+        self.layer_slots: list[str] = []          # declaration order of parameter owners
+        self.slot_members: dict[str, list[str]] = {}
+        self.inputs: list[InputDecl] = []
+        self.outputs: list[OutputDecl] = []
+        self.loss: tuple | None = None
+        self.sym_dims: list[str] = []
+        self.block_stack: list[str] = []
+        self.composite: tuple[str, str, Span] | None = None   # (label, slot, span) of the op being expanded
+
+    # ---- entry -------------------------------------------------------------------------
+    def build(self) -> Graph:
+        net = self.network
+        seen: dict[str, Span] = {}
+        for stmt in net.body:
+            if isinstance(stmt, (ast.Layout, ast.DType)):
+                key = type(stmt).__name__.lower()
+                if key in seen:
+                    raise ConvDSLError(stmt.span, f"{key} is set twice (first at line {seen[key].line})")
+                seen[key] = stmt.span
+                if isinstance(stmt, ast.Layout):
+                    self.layout = stmt.value
+                else:
+                    self.dtype = stmt.value
+        scope = Scope()
+        self.run_body(net.body, scope, in_block=False)
+        if not self.outputs:
+            raise ConvDSLError(net.span, f"network {net.name} has no `output` statement")
+        loss_decl = None
+        if self.loss is not None:
+            kind, vid, attrs, span = self.loss
+            index = next((i for i, o in enumerate(self.outputs) if o.value == vid), None)
+            if index is None:
+                raise ConvDSLError(span, "the loss must read one of the network's outputs; add it to `output`")
+            loss_decl = LossDecl(kind, vid, index, attrs, span)
+            target = LOSSES[kind]
+            vt = self.values[vid].type
+            if kind == "softmax_cross_entropy" and (len(vt.shape) < 1 or vt.shape[0] == 1
+                                                     and not isinstance(vt.shape[0], D.Sym)):
+                raise ConvDSLError(span, "softmax_cross_entropy needs at least 2 classes (channels); "
+                                         f"the output is {vt.text(self.layout)}")
+            del target
+        layers = []
+        for slot in self.layer_slots:
+            for name in self.slot_members.get(slot, ()):
+                layers.append(self.layers[name])
+        return Graph(name=net.name, source_path=self.program.module.path, span=net.span, layout=self.layout,
+                     dtype=self.dtype, inputs=tuple(self.inputs), outputs=tuple(self.outputs),
+                     nodes=tuple(self.nodes), values=tuple(self.values), layers=tuple(layers),
+                     loss=loss_decl, sym_dims=tuple(self.sym_dims))
+
+    # ---- statements --------------------------------------------------------------------
+    def run_body(self, body, scope: Scope, in_block: bool) -> None:
+        for stmt in body:
+            self.run_stmt(stmt, scope, in_block)
+
+    def bind(self, scope: Scope, name: str, value, kind: str, span: Span) -> None:
+        old = scope.kinds.get(name)
+        if old in ("layer", "const") or (old is not None and kind in ("layer", "const")):
+            raise ConvDSLError(span, f"`{name}` is already bound as a {old}; binding it again here would be "
+                                     f"ambiguous — pick another name")
+        if old == "input" and kind == "input":
+            raise ConvDSLError(span, f"input `{name}` is declared twice")
+        if kind != "param" and (name in self.program.blocks or lookup(name) is not None):
+            what = "block" if name in self.program.blocks else "built-in op"
+            if kind in ("layer", "const", "input"):
+                raise ConvDSLError(span, f"`{name}` is the name of a {what}; pick another name")
+        scope.bindings[name] = value
+        scope.kinds[name] = kind
+
+    def run_stmt(self, stmt, scope: Scope, in_block: bool) -> None:
+        if isinstance(stmt, (ast.Layout, ast.DType)):
+            if in_block:
+                raise ConvDSLError(stmt.span, f"`{type(stmt).__name__.lower()}` belongs in a network, not a block")
+            return
+        if isinstance(stmt, ast.Input):
+            if in_block:
+                raise ConvDSLError(stmt.span, "`input` belongs in a network; a block's input is its first parameter")
+            self.declare_input(stmt, scope)
+        elif isinstance(stmt, ast.Assign):
+            value = self.eval(stmt.value, scope)
+            if isinstance(value, (LayerRef,)):
+                raise ConvDSLError(stmt.span, "to name a layer, write `layer NAME = …`")
+            self.bind(scope, stmt.name, value, "value", stmt.span)
+            if isinstance(value, TensorRef) and not self.values[value.value].name:
+                self.values[value.value] = dataclasses.replace(self.values[value.value], name=stmt.name)
+        elif isinstance(stmt, ast.LayerDecl):
+            self.bind(scope, stmt.name, self.declare_layer(stmt, scope), "layer", stmt.span)
+        elif isinstance(stmt, ast.ConstDecl):
+            self.bind(scope, stmt.name, self.make_const(stmt), "const", stmt.span)
+        elif isinstance(stmt, ast.Repeat):
+            count = self.eval(stmt.count, scope)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConvDSLError(stmt.count.span, f"repeat needs a positive integer count, "
+                                                    f"got {describe_value(count)}")
+            if count > MAX_REPEAT:
+                raise ConvDSLError(stmt.count.span, f"repeat {count} is more than the limit of {MAX_REPEAT}")
+            for _ in range(count):
+                self.run_body(stmt.body, scope, in_block)
+        elif isinstance(stmt, ast.Output):
+            if in_block:
+                raise ConvDSLError(stmt.span, "`output` belongs in a network; a block ends with `return`")
+            for name in stmt.names:
+                ref = self.eval(name, scope)
+                if not isinstance(ref, TensorRef):
+                    raise ConvDSLError(name.span, f"output `{name.id}` is not a tensor")
+                if any(o.name == name.id for o in self.outputs):
+                    raise ConvDSLError(name.span, f"`{name.id}` is already an output")
+                self.outputs.append(OutputDecl(name.id, ref.value, name.span))
+        elif isinstance(stmt, ast.Loss):
+            self.declare_loss(stmt, scope, in_block)
+        elif isinstance(stmt, ast.Return):
+            if not in_block:
+                raise ConvDSLError(stmt.span, "`return` belongs in a block; a network names its `output`")
+            value = self.eval(stmt.value, scope)
+            if not isinstance(value, TensorRef):
+                raise ConvDSLError(stmt.value.span, "a block must return a tensor")
+            scope.returned = value
+        else:  # pragma: no cover - the parser makes no other statement
+            raise ConvDSLError(getattr(stmt, "span", None), f"unknown statement {type(stmt).__name__}")
+
+    def declare_input(self, stmt: ast.Input, scope: Scope) -> None:
+        written: list = []
+        for d in stmt.dims:
+            if isinstance(d, ast.Num) and isinstance(d.value, int) and d.value >= 1:
+                written.append(d.value)
+            elif isinstance(d, ast.Name):
+                if d.id not in self.sym_dims:
+                    self.sym_dims.append(d.id)
+                written.append(D.Sym.var(d.id))
+            else:
+                raise ConvDSLError(d.span, "an input dim is a positive integer or a name (a run-time size)")
+        if not written:
+            raise ConvDSLError(stmt.span, "an input needs at least one dim")
+        if len(written) > 4:
+            raise ConvDSLError(stmt.span, f"inputs have at most 4 dims (C, D, H, W); `{stmt.name}` has {len(written)}")
+        shape = tuple(written)
+        if self.layout == "NHWC" and len(shape) > 1:
+            shape = (shape[-1], *shape[:-1])     # channel-first inside
+        vid = self.new_value(TensorType(shape), None, stmt.name)
+        self.inputs.append(InputDecl(stmt.name, vid, tuple(written), stmt.span))
+        self.bind(scope, stmt.name, TensorRef(vid), "input", stmt.span)
+
+    def declare_layer(self, stmt: ast.LayerDecl, scope: Scope) -> LayerRef:
+        call = stmt.value
+        if not isinstance(call, ast.Call):
+            raise ConvDSLError(stmt.span, "`layer NAME = …` takes one op, such as conv(32, kernel=3)")
+        if call.piped:
+            raise ConvDSLError(call.span, "a layer declaration takes the op alone; apply it later with `x -> "
+                                          f"{stmt.name}`")
+        op = lookup(call.func)
+        if op is None:
+            if call.func in self.program.blocks:
+                raise ConvDSLError(call.span, "`layer` takes a single op, not a block")
+            raise self.unknown_callable(call.func, call.span, scope)
+        positional = tuple(self.eval(a, scope) for a in call.args)
+        if any(isinstance(v, TensorRef) for v in positional):
+            raise ConvDSLError(call.span, "a layer declaration takes the op alone, without its input")
+        keywords = tuple((k.name, self.eval(k.value, scope)) for k in call.kwargs)
+        spans = tuple((k.name, k.value.span) for k in call.kwargs)
+        spans += tuple((a.name, e.span) for a, e in zip(op.args, call.args))
+        self.reserve_slot(stmt.name)
+        return LayerRef(stmt.name, call, positional, keywords, spans, stmt.span)
+
+    def make_const(self, stmt: ast.ConstDecl) -> ConstTensor:
+        def walk(e, depth):
+            if isinstance(e, ast.ListLit):
+                if not e.items:
+                    raise ConvDSLError(e.span, "a const cannot hold an empty list")
+                subs = [walk(i, depth + 1) for i in e.items]
+                shapes = {s for s, _ in subs}
+                if len(shapes) != 1:
+                    raise ConvDSLError(e.span, "const rows must all have the same shape (this list is ragged)")
+                return (len(subs), *subs[0][0]), [v for _, vals in subs for v in vals]
+            if isinstance(e, ast.Num):
+                return (), [float(e.value)]
+            raise ConvDSLError(e.span, "a const holds numbers in nested lists, like [[1, 0], [0, 1]]")
+        if not isinstance(stmt.value, ast.ListLit):
+            raise ConvDSLError(stmt.span, "a const holds numbers in nested lists, like [[1, 0], [0, 1]]")
+        shape, values = walk(stmt.value, 0)
+        return ConstTensor(stmt.name, tuple(shape), tuple(values))
+
+    def declare_loss(self, stmt: ast.Loss, scope: Scope, in_block: bool) -> None:
+        call = stmt.call
+        if in_block:
+            raise ConvDSLError(stmt.span, "`loss` belongs in a network")
+        if self.loss is not None:
+            raise ConvDSLError(stmt.span, "a network has one loss")
+        if call.func not in LOSSES:
+            hint = did_you_mean(call.func, LOSSES)
+            raise ConvDSLError(call.span, f"unknown loss `{call.func}`" +
+                               (f"; did you mean `{hint}`?" if hint else f" (known: {', '.join(LOSSES)})"))
+        if len(call.args) != 1 or call.kwargs:
+            raise ConvDSLError(call.span, f"{call.func} takes one argument: the output it reads")
+        ref = self.eval(call.args[0], scope)
+        if not isinstance(ref, TensorRef):
+            raise ConvDSLError(call.args[0].span, f"{call.func} reads a tensor")
+        self.loss = (call.func, ref.value, {}, call.span)
+
+    # ---- expressions -------------------------------------------------------------------
+    def eval(self, e, scope: Scope):
+        if isinstance(e, ast.Num):
+            return e.value
+        if isinstance(e, ast.Bool):
+            return e.value
+        if isinstance(e, ast.Str):
+            raise ConvDSLError(e.span, "a string is only allowed in `use \"file.cnn\"`")
+        if isinstance(e, ast.Name):
+            bound = scope.lookup(e.id)
+            if bound is not None:
+                return bound
+            if e.id in SYMBOLS:
+                return Symbol(e.id)
+            if e.id in self.program.blocks or lookup(e.id) is not None:
+                raise ConvDSLError(e.span, f"`{e.id}` is an op; apply it to a tensor, as `x -> {e.id}`")
+            raise self.undefined(e.id, e.span, scope)
+        if isinstance(e, ast.TupleLit):
+            return tuple(self.eval(i, scope) for i in e.items)
+        if isinstance(e, ast.ListLit):
+            raise ConvDSLError(e.span, "a list is only allowed in `input` shapes and `const` values")
+        if isinstance(e, ast.Neg):
+            v = self.eval(e.operand, scope)
+            self.expect_number(v, e.operand.span)
+            return D.mul(v, -1) if not isinstance(v, float) else -v
+        if isinstance(e, ast.BinOp):
+            return self.eval_binop(e, scope)
+        if isinstance(e, ast.Call):
+            return self.eval_call(e, scope)
+        raise ConvDSLError(getattr(e, "span", None), "unsupported expression")  # pragma: no cover
+
+    def expect_number(self, v, span: Span) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float, D.Sym)):
+            raise ConvDSLError(span, f"arithmetic needs numbers, got {describe_value(v)}")
+
+    def eval_binop(self, e: ast.BinOp, scope: Scope):
+        a, b = self.eval(e.left, scope), self.eval(e.right, scope)
+        self.expect_number(a, e.left.span)
+        self.expect_number(b, e.right.span)
+        if isinstance(a, float) or isinstance(b, float):
+            if isinstance(a, D.Sym) or isinstance(b, D.Sym):
+                raise ConvDSLError(e.span, "run-time sizes only take integer arithmetic")
+            if e.op == "//":
+                return float(a // b) if b else self._div_zero(e)
+            if e.op == "/":
+                return a / b if b else self._div_zero(e)
+            return {"+": a + b, "-": a - b, "*": a * b}[e.op]
+        if e.op == "+":
+            return D.add(a, b)
+        if e.op == "-":
+            return D.sub(a, b)
+        if e.op == "*":
+            return D.mul(a, b)
+        if e.op == "/":
+            raise ConvDSLError(e.span, "`/` on integers: use `//` for integer division")
+        if not isinstance(b, int) or b <= 0:
+            if b == 0:
+                self._div_zero(e)
+            raise ConvDSLError(e.span, "`//` needs a positive integer on the right")
+        return D.floordiv(a, b)
+
+    @staticmethod
+    def _div_zero(e):
+        raise ConvDSLError(e.span, "division by zero")
+
+    def undefined(self, name: str, span: Span, scope: Scope) -> ConvDSLError:
+        candidates = list(scope.bindings) + list(SYMBOLS)
+        hint = did_you_mean(name, candidates)
+        return ConvDSLError(span, f"undefined name `{name}`" + (f"; did you mean `{hint}`?" if hint else ""))
+
+    def unknown_callable(self, name: str, span: Span, scope: Scope) -> ConvDSLError:
+        candidates = list(registry()) + list(self.program.blocks) + \
+            [n for n, k in scope.kinds.items() if k == "layer"] + list(BUILTINS)
+        hint = did_you_mean(name, candidates)
+        if name in LOSSES:
+            return ConvDSLError(span, f"`{name}` is a loss; write it in a `loss` statement")
+        if scope.lookup(name) is not None:
+            return ConvDSLError(span, f"`{name}` is a {scope.kinds.get(name, 'value')}, not an op")
+        return ConvDSLError(span, f"unknown op `{name}`" + (f"; did you mean `{hint}`?" if hint else ""))
+
+    def eval_call(self, call: ast.Call, scope: Scope):
+        name = call.func
+        bound = scope.lookup(name)
+        if isinstance(bound, LayerRef):
+            return self.apply_layer(bound, call, scope)
+        if bound is not None:
+            raise self.unknown_callable(name, call.span, scope)
+        if name in BUILTINS:
+            return self.eval_builtin(call, scope)
+        if name in self.program.blocks:
+            return self.apply_block(self.program.blocks[name], call, scope)
+        op = lookup(name)
+        if op is not None:
+            return self.apply_op_call(op, call, scope)
+        if name in SYMBOL_FUNCS:
+            args = tuple(self.eval(a, scope) for a in call.args)
+            if call.kwargs:
+                raise ConvDSLError(call.kwargs[0].span, f"{name}(…) takes positional arguments only")
+            return SymbolCall(name, args)
+        raise self.unknown_callable(name, call.span, scope)
+
+    def eval_builtin(self, call: ast.Call, scope: Scope):
+        if len(call.args) != 1 or call.kwargs:
+            raise ConvDSLError(call.span, f"{call.func}(t) takes one tensor")
+        ref = self.eval(call.args[0], scope)
+        if not isinstance(ref, TensorRef):
+            raise ConvDSLError(call.args[0].span, f"{call.func}(t) takes a tensor, got {describe_value(ref)}")
+        t = self.values[ref.value].type
+        if call.func == "channels":
+            return t.channels
+        axis = {"width": 1, "height": 2, "depth": 3}[call.func]
+        if len(t.spatial) < axis:
+            raise ConvDSLError(call.span, f"{call.func}(t): the tensor is {t.text(self.layout)}, "
+                                          f"which has no {call.func}")
+        return t.spatial[-axis]
+
+    # ---- applying ops, layers and blocks -------------------------------------------------
+    def split_args(self, call: ast.Call, scope: Scope, min_inputs: int, max_inputs):
+        """Evaluate a call's arguments: leading tensors are its inputs, the rest are attributes."""
+        values = [self.eval(a, scope) for a in call.args]
+        inputs, attrs, attr_exprs = [], [], []
+        for v, expr in zip(values, call.args):
+            if isinstance(v, TensorRef):
+                if attrs:
+                    raise ConvDSLError(expr.span, "tensors come first in a call, before the other arguments")
+                inputs.append(v)
+            else:
+                attrs.append(v)
+                attr_exprs.append(expr)
+        if len(inputs) < min_inputs:
+            raise ConvDSLError(call.span, f"{call.func} needs {min_inputs} input tensor(s), "
+                                          f"got {len(inputs)}" + (" — write `x -> " + call.func + "`"
+                                                                  if not inputs else ""))
+        if max_inputs is not None and len(inputs) > max_inputs:
+            raise ConvDSLError(call.span, f"{call.func} takes {max_inputs} input tensor(s), got {len(inputs)}")
+        keywords = {}
+        for k in call.kwargs:
+            v = self.eval(k.value, scope)
+            if isinstance(v, TensorRef):
+                raise ConvDSLError(k.value.span, f"`{k.name}` cannot be a tensor")
+            keywords[k.name] = v
+        return inputs, attrs, attr_exprs, keywords
+
+    def reserve_slot(self, slot: str) -> None:
+        if slot not in self.slot_members:
+            self.layer_slots.append(slot)
+            self.slot_members[slot] = []
+
+    def next_label(self, scope: Scope, base: str) -> str:
+        n = scope.counters.get(base, 0) + 1
+        scope.counters[base] = n
+        return f"{scope.prefix}{base}{n}"
+
+    def apply_op_call(self, op, call: ast.Call, scope: Scope) -> TensorRef:
+        inputs, positional, pos_exprs, keywords = self.split_args(call, scope, op.min_inputs, op.max_inputs)
+        spans = {k.name: k.value.span for k in call.kwargs}
+        for a, expr in zip(op.args, pos_exprs):
+            spans[a.name] = expr.span
+        label = self.next_label(scope, op.name)
+        return self.apply(op, tuple(inputs), positional, keywords, spans, call.span, call, label, label, scope)
+
+    def apply_layer(self, layer: LayerRef, call: ast.Call, scope: Scope) -> TensorRef:
+        if call.kwargs or len(call.args) != 1:
+            raise ConvDSLError(call.span, f"layer `{layer.name}` is applied to one tensor, as `x -> {layer.name}`")
+        op = lookup(layer.call.func)
+        inputs, _, _, _ = self.split_args(call, scope, op.min_inputs, op.max_inputs)
+        return self.apply(op, tuple(inputs), list(layer.positional), dict(layer.keywords), dict(layer.arg_spans),
+                          call.span, layer.call, layer.name, layer.name, scope)
+
+    def apply(self, op, inputs, positional, keywords, spans, span, call, label, slot, scope) -> TensorRef:
+        names = tuple(self.input_name(r, e, scope) for r, e in zip(inputs, call.args))
+        ctx = OpContext(span, spans, self.layout, self.dtype, names)
+        attrs = op.bind(positional, keywords, ctx)
+        self.reserve_slot(slot)
+        saved = self.composite
+        self.composite = (label, slot, span)
+        try:
+            expanded = op.expand(self, inputs, attrs, ctx)
+            if expanded is not None:
+                return expanded
+            return self._make_node(op, inputs, attrs, ctx, label, slot, scope)
+        finally:
+            self.composite = saved
+
+    def input_name(self, ref, expr, scope: Scope) -> str:
+        if isinstance(expr, ast.Name):
+            return expr.id
+        return self.values[ref.value].name or "input"
+
+    def apply_primitive(self, op_name: str, inputs, attrs: dict, ctx: OpContext, suffix: str | None) -> TensorRef:
+        """Used by composite ops (OpDef.expand): one sub-node, labelled `<label>.<suffix>`."""
+        label, slot, span = self.composite
+        op = lookup(op_name)
+        full = {a.name: a.default for a in op.args}
+        full.update(attrs)
+        sub_label = label if suffix is None else f"{label}.{suffix}"
+        sub_ctx = OpContext(span, ctx.arg_spans, self.layout, self.dtype, ctx.input_names)
+        return self._make_node(op, tuple(inputs), full, sub_ctx, sub_label, slot, None)
+
+    def type_of(self, ref: TensorRef) -> TensorType:
+        return self.values[ref.value].type
+
+    def _make_node(self, op, inputs, attrs, ctx: OpContext, label: str, slot: str, scope) -> TensorRef:
+        if len(self.nodes) >= MAX_NODES:
+            raise ConvDSLError(ctx.call_span, f"the network has more than {MAX_NODES} layers")
+        in_types = tuple(self.values[r.value].type for r in inputs)
+        norm = op.normalize(dict(attrs), in_types, ctx)
+        out_type = op.infer(in_types, norm, ctx)
+        specs = op.param_specs(in_types, norm)
+        layer_name = label if not specs else self.attach_params(op, label, slot, specs, ctx)
+        nid = len(self.nodes)
+        vid = self.new_value(out_type, nid, "")
+        self.nodes.append(Node(nid, op.name, tuple(r.value for r in inputs), vid, norm, label, layer_name,
+                               ctx.call_span, tuple(self.block_stack)))
+        return TensorRef(vid)
+
+    def attach_params(self, op, label: str, slot: str, specs, ctx: OpContext) -> str:
+        existing = self.layers.get(label)
+        if existing is not None:
+            if existing.params != specs:
+                first = ", ".join(f"{p.name} {list(p.shape)}" for p in existing.params)
+                here = ", ".join(f"{p.name} {list(p.shape)}" for p in specs)
+                raise ConvDSLError(ctx.call_span, f"layer `{label}` shares its weights, but here it would need "
+                                                  f"{here} instead of {first}: its input has a different shape "
+                                                  f"than at its first use (line {existing.span.line})")
+            return label
+        self.layers[label] = Layer(label, op.name, specs, ctx.call_span)
+        self.slot_members[slot].append(label)
+        return label
+
+    def apply_block(self, block: ast.Block, call: ast.Call, scope: Scope) -> TensorRef:
+        if block.name in self.block_stack:
+            chain = " → ".join([*self.block_stack[self.block_stack.index(block.name):], block.name])
+            raise ConvDSLError(call.span, f"block `{block.name}` calls itself ({chain}); blocks cannot recurse")
+        if not block.params:
+            raise ConvDSLError(block.span, f"block `{block.name}` needs a first parameter: its input tensor")
+        values = [self.eval(a, scope) for a in call.args]
+        param_names = [p.name for p in block.params]
+        if len(set(param_names)) != len(param_names):
+            dup = next(n for n in param_names if param_names.count(n) > 1)
+            raise ConvDSLError(block.span, f"block `{block.name}` has two parameters named `{dup}`")
+        if len(values) > len(block.params):
+            raise ConvDSLError(call.span, f"block `{block.name}` takes {len(block.params)} argument(s) "
+                                          f"({', '.join(param_names)}), got {len(values)}")
+        label = self.next_label(scope, block.name)
+        inner = Scope(prefix=f"{label}.", path=(*scope.path, label))
+        given: dict[str, Any] = dict(zip(param_names, values))
+        for k in call.kwargs:
+            if k.name not in param_names:
+                hint = did_you_mean(k.name, param_names)
+                raise ConvDSLError(k.span, f"block `{block.name}` has no parameter `{k.name}`" +
+                                   (f"; did you mean `{hint}`?" if hint else ""))
+            if k.name in given:
+                raise ConvDSLError(k.span, f"parameter `{k.name}` of block `{block.name}` is given twice")
+            given[k.name] = self.eval(k.value, scope)
+        for p in block.params:
+            if p.name not in given:
+                if p.default is None:
+                    raise ConvDSLError(call.span, f"block `{block.name}` needs the argument `{p.name}`")
+                given[p.name] = self.eval(p.default, Scope())
+            self.bind(inner, p.name, given[p.name], "param", p.span)
+        if not isinstance(given[param_names[0]], TensorRef):
+            raise ConvDSLError(call.span, f"the first argument of block `{block.name}` must be a tensor")
+        self.block_stack.append(block.name)
+        try:
+            self.run_body(block.body, inner, in_block=True)
+        finally:
+            self.block_stack.pop()
+        if inner.returned is None:
+            raise ConvDSLError(block.span, f"block `{block.name}` has no `return`")
+        return inner.returned
+
+    def new_value(self, t: TensorType, producer: int | None, name: str) -> int:
+        vid = len(self.values)
+        self.values.append(Value(vid, t, producer, name))
+        return vid
+
+
+def build_graph(program: Program, network: str | None = None) -> Graph:
+    nets = program.networks
+    if not nets:
+        raise ConvDSLError(None, f"{program.module.path}: no `network` in this file")
+    if network is None:
+        if len(nets) > 1:
+            names = ", ".join(n.name for n in nets)
+            raise ConvDSLError(nets[1].span, f"this file holds several networks ({names}); say which one")
+        chosen = nets[0]
+    else:
+        found = [n for n in nets if n.name == network]
+        if not found:
+            raise ConvDSLError(nets[0].span, f"no network `{network}` in this file "
+                                             f"(it has {', '.join(n.name for n in nets)})")
+        chosen = found[0]
+    return GraphBuilder(program, chosen).build()

@@ -1,0 +1,215 @@
+"""Tensor dimensions that may depend on run-time sizes: ints, or small symbolic expressions.
+
+A named input dim (`input x: [3, H, W]`) becomes a Sym; output-size formulas applied to it
+stay symbolic (`(H - 3)//2 + 1`). Constant subexpressions fold away, so a network without
+named dims only ever sees ints. A Sym renders to C (for the generated `prepare`) and to text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+Dim = Union[int, "Sym"]
+
+
+@dataclass(frozen=True)
+class Atom:
+    """A non-linear piece: a variable, floor(a / k), max(a, b), or a * b."""
+    kind: str                 # var | floordiv | max | mul
+    name: str = ""
+    args: tuple = ()
+
+
+@dataclass(frozen=True)
+class Sym:
+    """const + Σ coeff·atom, in a canonical (sorted) order so equal expressions compare equal."""
+    terms: tuple[tuple[Atom, int], ...]
+    const: int = 0
+
+    # -- construction
+    @staticmethod
+    def var(name: str) -> "Sym":
+        return Sym(((Atom("var", name), 1),), 0)
+
+    def __add__(self, other: Dim) -> Dim:
+        return add(self, other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Dim) -> Dim:
+        return add(self, mul(other, -1))
+
+    def __rsub__(self, other: Dim) -> Dim:
+        return add(other, mul(self, -1))
+
+    def __mul__(self, other: Dim) -> Dim:
+        return mul(self, other)
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, other: int) -> Dim:
+        return floordiv(self, other)
+
+    def __str__(self) -> str:
+        return to_text(self)
+
+
+def _make(terms: dict, const: int) -> Dim:
+    items = tuple(sorted(((a, c) for a, c in terms.items() if c != 0), key=lambda ac: repr(ac[0])))
+    if not items:
+        return const
+    return Sym(items, const)
+
+
+def _as_parts(d: Dim) -> tuple[dict, int]:
+    if isinstance(d, int):
+        return {}, d
+    return dict(d.terms), d.const
+
+
+def add(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    ta, ca = _as_parts(a)
+    tb, cb = _as_parts(b)
+    for atom, c in tb.items():
+        ta[atom] = ta.get(atom, 0) + c
+    return _make(ta, ca + cb)
+
+
+def sub(a: Dim, b: Dim) -> Dim:
+    return add(a, mul(b, -1))
+
+
+def mul(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return a * b
+    if isinstance(b, int):
+        a, b = b, a
+    if isinstance(a, int):
+        if a == 0:
+            return 0
+        tb, cb = _as_parts(b)
+        return _make({k: v * a for k, v in tb.items()}, cb * a)
+    x, y = sorted((a, b), key=repr)
+    return _make({Atom("mul", args=(x, y)): 1}, 0)
+
+
+def floordiv(a: Dim, k: int) -> Dim:
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError("floordiv by a positive int only")
+    if isinstance(a, int):
+        return a // k
+    if k == 1:
+        return a
+    terms, const = _as_parts(a)
+    if all(c % k == 0 for c in terms.values()):
+        # (k·t + c) // k == t + c // k for integer t
+        return _make({t: c // k for t, c in terms.items()}, const // k)
+    if len(terms) == 1 and const == 0:
+        (atom, c), = terms.items()
+        if c == 1 and atom.kind == "floordiv":       # (x // a) // b == x // (a·b)
+            return floordiv(atom.args[0], atom.args[1] * k)
+    return _make({Atom("floordiv", args=(a, k)): 1}, 0)
+
+
+def ceildiv(a: Dim, k: int) -> Dim:
+    return floordiv(add(a, k - 1), k)
+
+
+def maximum(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return max(a, b)
+    if a == b:
+        return a
+    x, y = sorted((a, b), key=repr)
+    return _make({Atom("max", args=(x, y)): 1}, 0)
+
+
+def is_static(d: Dim) -> bool:
+    return isinstance(d, int)
+
+
+def variables(d: Dim) -> set[str]:
+    if isinstance(d, int):
+        return set()
+    out: set[str] = set()
+    for atom, _ in d.terms:
+        if atom.kind == "var":
+            out.add(atom.name)
+        else:
+            for arg in atom.args:
+                if not isinstance(arg, int):
+                    out |= variables(arg)
+    return out
+
+
+def evaluate(d: Dim, env: dict[str, int]) -> int:
+    if isinstance(d, int):
+        return d
+    total = d.const
+    for atom, c in d.terms:
+        if atom.kind == "var":
+            v = env[atom.name]
+        elif atom.kind == "floordiv":
+            v = evaluate(atom.args[0], env) // atom.args[1]
+        elif atom.kind == "max":
+            v = max(evaluate(atom.args[0], env), evaluate(atom.args[1], env))
+        else:
+            v = evaluate(atom.args[0], env) * evaluate(atom.args[1], env)
+        total += c * v
+    return total
+
+
+def _render(d: Dim, var: Callable[[str], str], fdiv: Callable[[str, int], str],
+            fmax: Callable[[str, str], str]) -> str:
+    if isinstance(d, int):
+        return str(d)
+    parts: list[str] = []
+    for atom, c in d.terms:
+        if atom.kind == "var":
+            s = var(atom.name)
+        elif atom.kind == "floordiv":
+            s = fdiv(_render(atom.args[0], var, fdiv, fmax), atom.args[1])
+        elif atom.kind == "max":
+            s = fmax(_render(atom.args[0], var, fdiv, fmax), _render(atom.args[1], var, fdiv, fmax))
+        else:
+            s = f"{_render_factor(atom.args[0], var, fdiv, fmax)}*{_render_factor(atom.args[1], var, fdiv, fmax)}"
+        if c == 1:
+            term = s
+        elif c == -1:
+            term = f"-{s}"
+        else:
+            term = f"{c}*{s}"
+        parts.append(term)
+    if d.const:
+        parts.append(str(d.const))
+    text = parts[0]
+    for p in parts[1:]:
+        text += f" - {p[1:]}" if p.startswith("-") else f" + {p}"
+    return text
+
+
+def _render_factor(d, var, fdiv, fmax) -> str:
+    s = _render(d, var, fdiv, fmax)
+    return s if isinstance(d, int) or (len(d.terms) == 1 and d.const == 0 and d.terms[0][1] == 1) else f"({s})"
+
+
+def to_text(d: Dim) -> str:
+    """Human form for reports: `H`, `(H + 1)//2`."""
+    def fdiv(inner: str, k: int) -> str:
+        return f"{inner}//{k}" if inner.isidentifier() else f"({inner})//{k}"
+    return _render(d, lambda n: n, fdiv, lambda a, b: f"max({a}, {b})")
+
+
+def to_c(d: Dim, var: Callable[[str], str]) -> str:
+    """C expression; floor division goes through cdsl_floordiv (C's `/` truncates toward zero)."""
+    return _render(d, var, lambda inner, k: f"cdsl_floordiv({inner}, {k})",
+                   lambda a, b: f"cdsl_max({a}, {b})")
+
+
+def product(dims) -> Dim:
+    out: Dim = 1
+    for d in dims:
+        out = mul(out, d)
+    return out

@@ -1,0 +1,51 @@
+"""Element-wise activations and the per-position softmax over channels (§4.1)."""
+from __future__ import annotations
+
+from ..ir import dims as D
+from .base import Arg, OpDef, expect_float, register
+
+
+class Pointwise(OpDef):
+    def kernel_context(self, attrs, in_types, out, c):
+        return {"numel": c(D.product(out.shape))}
+
+
+@register
+class Relu(Pointwise):
+    name = "relu"
+    summary = "max(x, 0)"
+
+
+@register
+class Sigmoid(Pointwise):
+    name = "sigmoid"
+    summary = "1 / (1 + e^-x)"
+
+
+@register
+class Tanh(Pointwise):
+    name = "tanh"
+    summary = "tanh(x)"
+
+
+@register
+class LeakyRelu(Pointwise):
+    name = "leaky_relu"
+    summary = "x if x > 0 else alpha·x"
+    args = (Arg("alpha", 0.01),)
+
+    def normalize(self, attrs, in_types, ctx):
+        return {"alpha": expect_float(attrs["alpha"], ctx, "alpha", lo=0.0)}
+
+    def describe(self, attrs):
+        return f"leaky_relu({attrs['alpha']:g})"
+
+
+@register
+class Softmax(OpDef):
+    name = "softmax"
+    summary = "softmax over channels, at every position of a map"
+
+    def kernel_context(self, attrs, in_types, out, c):
+        t = in_types[0]
+        return {"C": c(t.channels), "spatial": c(D.product(t.spatial))}

@@ -1,0 +1,254 @@
+"""OpDef: everything the compiler knows about one layer kind, and the registry that collects them.
+
+An OpDef says how its arguments are written, the shape it produces, its parameters, its
+cost in MACs, its window for the receptive field, and which template holds its C. The
+builder, the passes and the code generator only ever talk to ops through this interface.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from ..errors import ConvDSLError, Span, did_you_mean
+from ..ir.dims import Dim
+from ..ir.graph import Init, ParamSpec, TensorType
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """A bare name used as a value: `pad=same`, `init=he`, `mode=nearest`."""
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class SymbolCall:
+    """A call used as a value: `init=normal(0.02)`."""
+    name: str
+    args: tuple
+
+
+@dataclass(frozen=True)
+class ConstTensor:
+    """A `const` declared in the file: its name, shape and row-major values."""
+    name: str
+    shape: tuple[int, ...]
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    default: Any = REQUIRED
+    doc: str = ""
+
+
+class OpContext:
+    """What an op may ask of the place it is written: spans for errors, the file's settings."""
+
+    def __init__(self, call_span: Span, arg_spans: dict[str, Span], layout: str, dtype: str,
+                 input_names: tuple[str, ...] = ()):
+        self.call_span = call_span
+        self.arg_spans = arg_spans
+        self.layout = layout
+        self.dtype = dtype
+        self.input_names = input_names
+
+    def span(self, arg: str | None = None) -> Span:
+        if arg is not None and arg in self.arg_spans:
+            return self.arg_spans[arg]
+        return self.call_span
+
+    def error(self, message: str, arg: str | None = None, notes: tuple[str, ...] = ()) -> ConvDSLError:
+        return ConvDSLError(self.span(arg), message, notes=notes)
+
+    def shape_text(self, t: TensorType) -> str:
+        return t.text(self.layout)
+
+
+class OpDef:
+    """Base for every layer kind. Subclasses set `name` and `args` and override what differs."""
+
+    name: ClassVar[str] = ""
+    args: ClassVar[tuple[Arg, ...]] = ()
+    min_inputs: ClassVar[int] = 1
+    max_inputs: ClassVar[int | None] = 1
+    template: ClassVar[str | None] = None        # defaults to c/ops/<name>.c.j2
+    c_helpers: ClassVar[tuple[str, ...]] = ()    # shared C helpers the template calls (lib/<h>.c.j2)
+    summary: ClassVar[str] = ""
+
+    # -- arguments
+    def bind(self, positional: list, keywords: dict, ctx: OpContext) -> dict:
+        """Match call arguments to `args`; unknown and missing ones are errors at their span."""
+        names = [a.name for a in self.args]
+        if len(positional) > len(self.args):
+            raise ctx.error(f"{self.name} takes at most {len(self.args)} argument(s) after its input"
+                            + (f" ({', '.join(names)})" if names else "") + f", got {len(positional)}")
+        bound: dict[str, Any] = {}
+        for arg, value in zip(self.args, positional):
+            bound[arg.name] = value
+        for key, value in keywords.items():
+            if key not in names:
+                hint = did_you_mean(key, names)
+                msg = f"{self.name} has no argument `{key}`"
+                msg += f"; did you mean `{hint}`?" if hint else (f" (it takes: {', '.join(names)})" if names else "")
+                raise ctx.error(msg, arg=key)
+            if key in bound:
+                raise ctx.error(f"argument `{key}` of {self.name} is given twice", arg=key)
+            bound[key] = value
+        for arg in self.args:
+            if arg.name not in bound:
+                if arg.default is REQUIRED:
+                    raise ctx.error(f"{self.name} needs the argument `{arg.name}`")
+                bound[arg.name] = arg.default
+        return bound
+
+    def normalize(self, attrs: dict, in_types: tuple[TensorType, ...], ctx: OpContext) -> dict:
+        """Validate argument values against the inputs and fill derived ones (padding per axis …)."""
+        return attrs
+
+    # -- semantics
+    def infer(self, in_types: tuple[TensorType, ...], attrs: dict, ctx: OpContext) -> TensorType:
+        return in_types[0]
+
+    def param_specs(self, in_types: tuple[TensorType, ...], attrs: dict) -> tuple[ParamSpec, ...]:
+        return ()
+
+    def macs(self, in_types: tuple[TensorType, ...], out: TensorType, attrs: dict) -> Dim:
+        return 0
+
+    def window(self, in_types: tuple[TensorType, ...], attrs: dict):
+        """(effective kernel per spatial axis, stride per axis) for the receptive field;
+        None for ops that look at one position; "global" for global pooling."""
+        return None
+
+    def scratch_elements(self, in_types: tuple[TensorType, ...], out: TensorType, attrs: dict) -> Dim:
+        """Per-sample scratch memory (elements) the kernel needs, e.g. im2col's column matrix."""
+        return 0
+
+    def describe(self, attrs: dict) -> str:
+        """The op with its key arguments, as `check` prints it."""
+        return self.name
+
+    # -- code generation
+    def template_name(self) -> str:
+        return f"c/ops/{self.template or self.name}.c.j2"
+
+    def kernel_context(self, attrs: dict, in_types: tuple[TensorType, ...], out: TensorType,
+                       c: Callable[[Dim], str]) -> dict:
+        """Extra values the template needs, with dims rendered to C by `c`."""
+        return {}
+
+    # -- composite ops (separable = depthwise then 1×1) expand at build time
+    def expand(self, builder, inputs, attrs: dict, ctx: OpContext):
+        return None
+
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+def register(cls: type[OpDef]) -> type[OpDef]:
+    """Class decorator: one instance of each OpDef, found by its name."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"op {cls.name} registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def _load_all() -> None:
+    # Importing every module of convdsl.ops runs their @register decorators: a new layer
+    # kind is a new file here, nothing else to edit.
+    from .. import ops as package
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in ("base",):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def registry() -> dict[str, OpDef]:
+    if not _REGISTRY:
+        _load_all()
+    return _REGISTRY
+
+
+def lookup(name: str) -> OpDef | None:
+    return registry().get(name)
+
+
+# ---- argument validators shared by many ops ----------------------------------------------
+
+def expect_int(value, what: str, ctx: OpContext, arg: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctx.error(f"`{arg}` must be an integer, got {describe_value(value)}", arg=arg)
+    if minimum is not None and value < minimum:
+        raise ctx.error(f"`{arg}` must be at least {minimum}, got {value}", arg=arg)
+    return value
+
+
+def expect_float(value, ctx: OpContext, arg: str, lo: float | None = None, hi: float | None = None,
+                 hi_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ctx.error(f"`{arg}` must be a number, got {describe_value(value)}", arg=arg)
+    v = float(value)
+    if lo is not None and v < lo or hi is not None and (v >= hi if hi_open else v > hi):
+        rng = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+        raise ctx.error(f"`{arg}` must be in {rng}, got {value}", arg=arg)
+    return v
+
+
+def expect_bool(value, ctx: OpContext, arg: str) -> bool:
+    if not isinstance(value, bool):
+        raise ctx.error(f"`{arg}` must be true or false, got {describe_value(value)}", arg=arg)
+    return value
+
+
+def expect_symbol(value, choices: tuple[str, ...], ctx: OpContext, arg: str) -> str:
+    name = value.name if isinstance(value, Symbol) else value if isinstance(value, str) else None
+    if name not in choices:
+        hint = did_you_mean(name, choices) if name else None
+        msg = f"`{arg}` must be one of {', '.join(choices)}, got {describe_value(value)}"
+        if hint:
+            msg += f"; did you mean `{hint}`?"
+        raise ctx.error(msg, arg=arg)
+    return name
+
+
+def parse_init(value, ctx: OpContext, arg: str = "init") -> Init:
+    if isinstance(value, Init):
+        return value
+    if isinstance(value, Symbol) and value.name in ("he", "xavier", "zeros", "ones"):
+        return Init(value.name)
+    if isinstance(value, SymbolCall) and value.name in ("normal", "uniform") and len(value.args) == 1 \
+            and isinstance(value.args[0], (int, float)) and not isinstance(value.args[0], bool) \
+            and value.args[0] > 0:
+        return Init(value.name, float(value.args[0]))
+    raise ctx.error(f"`{arg}` must be he, xavier, normal(std), uniform(a), zeros or ones, "
+                    f"got {describe_value(value)}", arg=arg)
+
+
+def describe_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Symbol):
+        return f"`{value.name}`"
+    if isinstance(value, SymbolCall):
+        return f"`{value.name}(…)`"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(describe_value(v) for v in value) + ")"
+    if isinstance(value, ConstTensor):
+        return f"const `{value.name}`"
+    if type(value).__name__ == "TensorRef":
+        return "a tensor"
+    return repr(value)
+
+
+def spatial_rank_error(op: str, t: TensorType, ctx: OpContext) -> ConvDSLError:
+    return ctx.error(f"{op} needs a 1-D, 2-D or 3-D feature map ([C, L], [C, H, W] or [C, D, H, W]); "
+                     f"the input is {ctx.shape_text(t)}")

@@ -1,0 +1,162 @@
+"""conv, depthwise and separable: the convolution family of §1.2 and §3.8.
+
+conv computes cross-correlation as every DL library does; flip=true is the mathematical
+convolution (§1.1.1): the kernel is read reversed along every spatial axis.
+"""
+from __future__ import annotations
+
+from ..ir import dims as D
+from ..ir.graph import Init, ParamSpec, TensorType
+from .base import (Arg, ConstTensor, OpContext, OpDef, Symbol, describe_value, expect_bool, expect_int,
+                   expect_symbol, parse_init, register)
+from .spatial import effective_kernel, input_rank_check, output_sizes, per_axis, resolve_padding, window_context
+
+ALGOS = ("auto", "im2col")
+
+_WINDOW_ARGS = (
+    Arg("stride", 1), Arg("pad", Symbol("valid")), Arg("dilation", 1),
+)
+_LAYER_ARGS = (
+    Arg("bias", True), Arg("flip", False), Arg("init", Symbol("he")), Arg("frozen", False),
+    Arg("weight", None), Arg("algo", Symbol("auto")),
+)
+
+
+def _kernel_text(k: tuple[int, ...]) -> str:
+    return "×".join(map(str, k))
+
+
+@register
+class Conv(OpDef):
+    name = "conv"
+    summary = "convolution (cross-correlation; flip=true for the mathematical one)"
+    args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("groups", 1), *_LAYER_ARGS)
+    template = "conv"
+    c_helpers = ("gemm", "im2col")
+
+    def out_channels(self, attrs: dict, cin, ctx: OpContext) -> int:
+        return expect_int(attrs["out"], "out", ctx, "out", minimum=1)
+
+    def groups(self, attrs: dict, cin, ctx: OpContext) -> int:
+        return expect_int(attrs["groups"], "groups", ctx, "groups", minimum=1)
+
+    def normalize(self, attrs: dict, in_types, ctx: OpContext) -> dict:
+        (t,) = in_types
+        rank = input_rank_check(self.name, t, ctx)
+        cin = t.channels
+        if not isinstance(cin, int):
+            raise ctx.error(f"{self.name} needs a fixed channel count; the input is {ctx.shape_text(t)}")
+        out = self.out_channels(attrs, cin, ctx)
+        groups = self.groups(attrs, cin, ctx)
+        if cin % groups or out % groups:
+            raise ctx.error(f"groups={groups} must divide both the input channels ({cin}) and the output "
+                            f"channels ({out})", arg="groups" if "groups" in ctx.arg_spans else None)
+        kernel = per_axis(attrs["kernel"], rank, ctx, "kernel")
+        stride = per_axis(attrs["stride"], rank, ctx, "stride")
+        dilation = per_axis(attrs["dilation"], rank, ctx, "dilation")
+        pads = resolve_padding(attrs["pad"], t.spatial, kernel, stride, dilation, ctx)
+        weight = attrs["weight"]
+        wshape = (out, cin // groups, *kernel)
+        if weight is not None:
+            if not isinstance(weight, ConstTensor):
+                raise ctx.error(f"`weight` must name a const, got {describe_value(weight)}", arg="weight")
+            if weight.shape != wshape:
+                raise ctx.error(f"const `{weight.name}` has shape [{', '.join(map(str, weight.shape))}] but "
+                                f"this {self.name}'s weight is [{', '.join(map(str, wshape))}] "
+                                f"(out, in/groups, *kernel)", arg="weight")
+        frozen = expect_bool(attrs["frozen"], ctx, "frozen")
+        return {
+            "out": out, "in": cin, "groups": groups, "kernel": kernel, "stride": stride,
+            "dilation": dilation, "pads": pads, "pad_spec": attrs["pad"],
+            "bias": expect_bool(attrs["bias"], ctx, "bias"),
+            "flip": expect_bool(attrs["flip"], ctx, "flip"),
+            "init": parse_init(attrs["init"], ctx),
+            "frozen": frozen, "weight": weight,
+            "algo": expect_symbol(attrs["algo"], ALGOS, ctx, "algo"),
+        }
+
+    def infer(self, in_types, attrs, ctx) -> TensorType:
+        (t,) = in_types
+        outs = output_sizes(self.name, t, attrs["pads"], attrs["kernel"], attrs["stride"], attrs["dilation"], ctx)
+        return TensorType((attrs["out"], *outs))
+
+    def param_specs(self, in_types, attrs) -> tuple[ParamSpec, ...]:
+        k = attrs["kernel"]
+        kprod = D.product(k)
+        fan_in = attrs["in"] // attrs["groups"] * kprod
+        fan_out = attrs["out"] // attrs["groups"] * kprod
+        trainable = not attrs["frozen"]
+        w = attrs["weight"]
+        specs = [ParamSpec("weight", (attrs["out"], attrs["in"] // attrs["groups"], *k),
+                           Init("const") if w is not None else attrs["init"], trainable, fan_in, fan_out,
+                           w.values if w is not None else None)]
+        if attrs["bias"]:
+            specs.append(ParamSpec("bias", (attrs["out"],), Init("zeros"), trainable, fan_in, fan_out))
+        return tuple(specs)
+
+    def macs(self, in_types, out, attrs):
+        per_out = attrs["in"] // attrs["groups"] * D.product(attrs["kernel"])
+        return D.mul(per_out * attrs["out"], D.product(out.spatial))
+
+    def scratch_elements(self, in_types, out, attrs):
+        return D.mul(attrs["in"] * D.product(attrs["kernel"]), D.product(out.spatial))
+
+    def window(self, in_types, attrs):
+        return effective_kernel(attrs["kernel"], attrs["dilation"]), attrs["stride"]
+
+    def describe(self, attrs) -> str:
+        parts = [f"{attrs['out']}", f"k={_kernel_text(attrs['kernel'])}"]
+        if any(s > 1 for s in attrs["stride"]):
+            parts.append(f"s={_kernel_text(attrs['stride'])}")
+        if any(r > 1 for r in attrs["dilation"]):
+            parts.append(f"r={_kernel_text(attrs['dilation'])}")
+        if isinstance(attrs["pad_spec"], Symbol) and attrs["pad_spec"].name != "valid":
+            parts.append(f"pad={attrs['pad_spec'].name}")
+        elif not isinstance(attrs["pad_spec"], Symbol):
+            parts.append(f"pad={describe_value(attrs['pad_spec'])}")
+        if attrs["groups"] > 1:
+            parts.append(f"g={attrs['groups']}")
+        if attrs["flip"]:
+            parts.append("flip")
+        if attrs["frozen"]:
+            parts.append("frozen")
+        return f"{self.name}({', '.join(parts)})"
+
+    def kernel_context(self, attrs, in_types, out, c) -> dict:
+        return window_context(attrs, in_types[0], out, c)
+
+
+@register
+class Depthwise(Conv):
+    name = "depthwise"
+    summary = "depthwise convolution: conv with groups = input channels (§3.8)"
+    args = (Arg("kernel"), Arg("multiplier", 1), *_WINDOW_ARGS, *_LAYER_ARGS)
+
+    def out_channels(self, attrs, cin, ctx) -> int:
+        return cin * expect_int(attrs["multiplier"], "multiplier", ctx, "multiplier", minimum=1)
+
+    def groups(self, attrs, cin, ctx) -> int:
+        return cin
+
+    def describe(self, attrs) -> str:
+        return super().describe(attrs).replace(f"{self.name}({attrs['out']}, ", f"{self.name}(")
+
+
+@register
+class Separable(OpDef):
+    """Expands at build time into `<name>.dw` (depthwise, no bias) then `<name>.pw` (1×1 conv)."""
+    name = "separable"
+    summary = "depthwise then 1×1 conv with the bias, as in Keras (§3.8)"
+    args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("bias", True), Arg("init", Symbol("he")),
+            Arg("frozen", False))
+
+    def expand(self, builder, inputs, attrs, ctx):
+        dw = builder.apply_primitive("depthwise", inputs, {
+            "kernel": attrs["kernel"], "stride": attrs["stride"], "pad": attrs["pad"],
+            "dilation": attrs["dilation"], "bias": False, "init": attrs["init"], "frozen": attrs["frozen"],
+        }, ctx, "dw")
+        rank = len(builder.type_of(inputs[0]).spatial)
+        return builder.apply_primitive("conv", (dw,), {
+            "out": attrs["out"], "kernel": (1,) * rank, "bias": attrs["bias"], "init": attrs["init"],
+            "frozen": attrs["frozen"],
+        }, ctx, "pw")

@@ -1,0 +1,65 @@
+"""Joins of several tensors: add (residuals), concat (Inception, §3.6), scale (SE, §3.10)."""
+from __future__ import annotations
+
+from ..ir import dims as D
+from ..ir.graph import TensorType
+from .base import OpDef, register
+
+
+@register
+class Add(OpDef):
+    name = "add"
+    summary = "element-wise sum of tensors of one shape"
+    min_inputs, max_inputs = 2, None
+
+    def infer(self, in_types, attrs, ctx):
+        first = in_types[0]
+        for i, t in enumerate(in_types[1:], start=1):
+            if t.shape != first.shape:
+                raise ctx.error(f"add: input {i + 1} is {ctx.shape_text(t)} but input 1 is "
+                                f"{ctx.shape_text(first)}; add needs equal shapes")
+        return first
+
+    def kernel_context(self, attrs, in_types, out, c):
+        return {"numel": c(D.product(out.shape))}
+
+
+@register
+class Concat(OpDef):
+    name = "concat"
+    summary = "join along channels"
+    min_inputs, max_inputs = 2, None
+
+    def infer(self, in_types, attrs, ctx):
+        first = in_types[0]
+        for i, t in enumerate(in_types[1:], start=1):
+            if t.rank != first.rank or t.spatial != first.spatial:
+                raise ctx.error(f"concat: channels may differ, the rest may not: input {i + 1} is "
+                                f"{ctx.shape_text(t)} but input 1 is {ctx.shape_text(first)}")
+        total = 0
+        for t in in_types:
+            total = D.add(total, t.channels)
+        return TensorType((total, *first.spatial))
+
+    def kernel_context(self, attrs, in_types, out, c):
+        return {"spatial": c(D.product(out.spatial)), "Cs": [c(t.channels) for t in in_types],
+                "C_out": c(out.channels)}
+
+
+@register
+class Scale(OpDef):
+    name = "scale"
+    summary = "x[c] · s[c]: s is [C] or [C, 1, 1]"
+    min_inputs, max_inputs = 2, 2
+
+    def infer(self, in_types, attrs, ctx):
+        x, s = in_types
+        ok = s.shape[0] == x.channels and all(d == 1 for d in s.shape[1:])
+        if not ok:
+            raise ctx.error(f"scale: the scale is {ctx.shape_text(s)} but needs [{D.to_text(x.channels)}] "
+                            f"(one factor per channel of {ctx.shape_text(x)})")
+        return x
+
+    def kernel_context(self, attrs, in_types, out, c):
+        x = in_types[0]
+        return {"C": c(x.channels), "spatial": c(D.product(x.spatial))}

@@ -1,0 +1,124 @@
+"""What the convolution and pooling family shares: per-axis arguments, padding and output size.
+
+The output-size rule is the chapter's (§2.4) with padding and dilation:
+    out = floor((in + p_before + p_after − r·(k−1) − 1) / s) + 1
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..ir import dims as D
+from ..ir.dims import Dim
+from ..ir.graph import TensorType
+from .base import OpContext, Symbol, describe_value, spatial_rank_error
+
+
+def per_axis(value, rank: int, ctx: OpContext, arg: str, minimum: int = 1) -> tuple[int, ...]:
+    """An int for every axis, or a tuple with one int per axis."""
+    items = value if isinstance(value, tuple) else (value,) * rank
+    if len(items) != rank:
+        raise ctx.error(f"`{arg}` has {len(items)} values but the input has {rank} spatial axes", arg=arg)
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ctx.error(f"`{arg}` must be an integer or a tuple of integers, got {describe_value(value)}",
+                            arg=arg)
+        if v < minimum:
+            raise ctx.error(f"`{arg}` must be at least {minimum}, got {v}", arg=arg)
+    return tuple(items)
+
+
+def effective_kernel(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(r * (k - 1) + 1 for k, r in zip(kernel, dilation))
+
+
+def resolve_padding(pad, sizes: tuple[Dim, ...], kernel, stride, dilation, ctx: OpContext,
+                    arg: str = "pad") -> tuple[tuple[Dim, Dim], ...]:
+    """(before, after) zeros on each axis for valid | same | full | int | tuple | ((b, a), …)."""
+    rank = len(sizes)
+    keff = effective_kernel(kernel, dilation)
+    if isinstance(pad, Symbol):
+        if pad.name == "valid":
+            return tuple((0, 0) for _ in range(rank))
+        if pad.name == "full":
+            return tuple((k - 1, k - 1) for k in keff)
+        if pad.name == "same":
+            out = []
+            for size, k, s in zip(sizes, keff, stride):
+                # TensorFlow/ONNX SAME_UPPER: output = ceil(in / s), the odd zero goes at the end.
+                want = D.ceildiv(size, s)
+                total = D.maximum(D.sub(D.add(D.mul(D.sub(want, 1), s), k), size), 0)
+                if isinstance(total, int):
+                    out.append((total // 2, total - total // 2))
+                else:
+                    before = D.floordiv(total, 2)
+                    out.append((before, D.sub(total, before)))
+            return tuple(out)
+        raise ctx.error(f"`{arg}` must be valid, same, full, an integer or a tuple, got `{pad.name}`", arg=arg)
+    if isinstance(pad, bool):
+        raise ctx.error(f"`{arg}` must be valid, same, full, an integer or a tuple, got {describe_value(pad)}",
+                        arg=arg)
+    if isinstance(pad, int):
+        if pad < 0:
+            raise ctx.error(f"`{arg}` cannot be negative, got {pad}", arg=arg)
+        return tuple((pad, pad) for _ in range(rank))
+    if isinstance(pad, tuple):
+        if len(pad) != rank:
+            raise ctx.error(f"`{arg}` has {len(pad)} entries but the input has {rank} spatial axes", arg=arg)
+        out = []
+        for p in pad:
+            if isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                            and v >= 0 for v in p):
+                out.append((p[0], p[1]))
+            elif isinstance(p, int) and not isinstance(p, bool) and p >= 0:
+                out.append((p, p))
+            else:
+                raise ctx.error(f"`{arg}` entries must be non-negative integers or (before, after) pairs, "
+                                f"got {describe_value(p)}", arg=arg)
+        return tuple(out)
+    raise ctx.error(f"`{arg}` must be valid, same, full, an integer or a tuple, got {describe_value(pad)}",
+                    arg=arg)
+
+
+def output_size(size: Dim, pads: tuple[Dim, Dim], k_eff: int, stride: int) -> Dim:
+    return D.add(D.floordiv(D.sub(D.add(D.add(size, pads[0]), pads[1]), k_eff), stride), 1)
+
+
+def output_sizes(op: str, t: TensorType, pads, kernel, stride, dilation, ctx: OpContext) -> tuple[Dim, ...]:
+    """Output spatial sizes; a static size below 1 is an error that says what would fix it."""
+    keff = effective_kernel(kernel, dilation)
+    outs = tuple(output_size(s, p, k, st) for s, p, k, st in zip(t.spatial, pads, keff, stride))
+    if any(isinstance(o, int) and o < 1 for o in outs):
+        shown = "×".join(str(max(o, 0)) if isinstance(o, int) else D.to_text(o) for o in outs)
+        insz = "×".join(D.to_text(s) for s in t.spatial)
+        kern = "×".join(str(k) for k in kernel) if len(set(kernel)) > 1 else str(kernel[0])
+        extra = ""
+        if any(r > 1 for r in dilation):
+            extra = f" (dilated to {'×'.join(str(k) for k in keff)})"
+        raise ctx.error(f"{op}: output would be {shown}: input {insz}, kernel {kern}{extra}; "
+                        f"use pad=same or a smaller kernel")
+    return outs
+
+
+def input_rank_check(op: str, t: TensorType, ctx: OpContext) -> int:
+    rank = len(t.spatial)
+    if rank not in (1, 2, 3):
+        raise spatial_rank_error(op, t, ctx)
+    return rank
+
+
+def as3d(values: tuple, fill) -> tuple:
+    """Kernels are written once for (D, H, W); 1-D and 2-D maps get size-1 leading axes."""
+    return (fill,) * (3 - len(values)) + tuple(values)
+
+
+def window_context(attrs: dict, t_in: TensorType, out: TensorType, c: Callable[[Dim], str]) -> dict:
+    """The per-axis numbers a conv/pool template needs, padded to 3-D and rendered to C."""
+    kernel, stride = attrs["kernel"], attrs["stride"]
+    dilation = attrs.get("dilation", (1,) * len(kernel))
+    pads = attrs["pads"]
+    return {
+        "K": as3d(kernel, 1), "S": as3d(stride, 1), "R": as3d(dilation, 1),
+        "P": tuple(c(p[0]) for p in as3d(pads, (0, 0))),
+        "I": tuple(c(d) for d in as3d(t_in.spatial, 1)),
+        "O": tuple(c(d) for d in as3d(out.spatial, 1)),
+    }

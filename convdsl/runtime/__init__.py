@@ -1,0 +1,1 @@
+"""Run time: compiling generated C into a cached extension, and the Model that wraps it."""

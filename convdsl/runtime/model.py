@@ -1,0 +1,286 @@
+"""Model: the Python face of a generated network — numpy in, numpy out, every array checked.
+
+A generated module carries a small `meta` dict (names and shapes, no code) and its compiled
+extension; `make_model_class` joins them. Nothing the caller passes reaches C unchecked:
+shapes are compared with the file's declaration, dtypes converted or refused, arrays made
+contiguous, labels range-checked.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+from collections import OrderedDict
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+DTYPES = {"f32": np.float32, "f64": np.float64}
+
+
+class _Memory:
+    """Lets numpy view C memory while keeping the C model alive for as long as the view is."""
+
+    def __init__(self, address: int, shape: tuple, dtype, owner):
+        self.__array_interface__ = {"shape": tuple(shape), "typestr": np.dtype(dtype).str,
+                                    "data": (address, False), "version": 3}
+        self.owner = owner
+
+
+def _shape_text(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+class ModelBase:
+    """Subclassed once per generated network with `_ffi`, `_lib` and `_meta` set."""
+
+    _ffi: Any = None
+    _lib: Any = None
+    _meta: dict = {}
+
+    def __init__(self, seed: int = 0):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2 ** 64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        meta = self._meta
+        self._p = meta["prefix"]
+        self._dtype = np.dtype(DTYPES[meta["dtype"]])
+        raw = self._call("create", int(seed))
+        if raw == self._ffi.NULL:
+            raise MemoryError(f"could not allocate the parameters of {meta['network']}")
+        self._m = self._ffi.gc(raw, getattr(self._lib, f"{self._p}_destroy"))
+        params, grads = OrderedDict(), OrderedDict()
+        for i, (name, shape, trainable) in enumerate(meta["params"]):
+            params[name] = self._view(self._call("param_data", self._m, i), shape)
+            if trainable:
+                grads[name] = self._view(self._call("grad_data", self._m, i), shape)
+        self.params = MappingProxyType(params)
+        self.grads = MappingProxyType(grads)
+        self._prepared: tuple | None = None
+        self._last_outputs: tuple | None = None
+        self._forward_key: tuple | None = None
+        self.training = True
+
+    # ---- plumbing ----------------------------------------------------------------------
+    def _call(self, fn: str, *args):
+        return getattr(self._lib, f"{self._p}_{fn}")(*args)
+
+    def _view(self, ptr, shape) -> np.ndarray:
+        address = int(self._ffi.cast("uintptr_t", ptr))
+        return np.asarray(_Memory(address, tuple(shape), self._dtype, self._m))
+
+    def _check(self, rc: int) -> None:
+        if rc != 0:
+            raise RuntimeError(self._ffi.string(self._call("last_error", self._m)).decode())
+
+    def _ptrs(self, arrays, writable: bool):
+        ctype = f"{self._p}_real *[]"
+        cast = f"{self._p}_real *"
+        return self._ffi.new(ctype, [self._ffi.cast(cast, self._ffi.from_buffer(a, require_writable=writable))
+                                     for a in arrays])
+
+    def _as_array(self, x, what: str) -> np.ndarray:
+        """Convert to a C-contiguous array of the model's dtype, or refuse clearly."""
+        if isinstance(x, np.ndarray):
+            arr = x
+        else:
+            try:
+                arr = np.asarray(x)
+            except Exception as e:  # ragged lists and the like
+                raise TypeError(f"{what}: cannot be read as an array ({e})") from None
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{what}: expected real numbers ({self._dtype.name}), got dtype {arr.dtype}")
+        return np.ascontiguousarray(arr, dtype=self._dtype)
+
+    # ---- shapes ------------------------------------------------------------------------
+    def _bind_inputs(self, xs) -> tuple[list[np.ndarray], int, tuple[int, ...]]:
+        meta = self._meta
+        inputs = meta["inputs"]
+        if len(xs) != len(inputs):
+            names = ", ".join(i["name"] for i in inputs)
+            raise TypeError(f"{meta['network']} takes {len(inputs)} input(s) ({names}), got {len(xs)}")
+        sizes: dict[str, int] = {}
+        batch = None
+        arrays = []
+        for x, spec in zip(xs, inputs):
+            name = spec["name"]
+            arr = self._as_array(x, f"input `{name}`")
+            want = ["N", *spec["dims"]]
+            if arr.ndim != len(want):
+                raise ValueError(f"input `{name}`: expected an array shaped {_shape_text(want)} "
+                                 f"(batch first, layout {meta['layout']}), got shape {arr.shape}")
+            if batch is None:
+                batch = arr.shape[0]
+            if arr.shape[0] != batch:
+                raise ValueError(f"input `{name}`: batch size {arr.shape[0]} differs from the first input's {batch}")
+            for axis, (d, got) in enumerate(zip(spec["dims"], arr.shape[1:]), start=1):
+                if isinstance(d, int):
+                    if got != d:
+                        raise ValueError(f"input `{name}`: expected shape {_shape_text(want)}, got {arr.shape} "
+                                         f"(axis {axis} must be {d})")
+                else:
+                    if d in sizes and sizes[d] != got:
+                        raise ValueError(f"input `{name}`: size {d} is {got} here but {sizes[d]} elsewhere")
+                    sizes[d] = got
+            arrays.append(arr)
+        if batch is None or batch < 1:
+            raise ValueError("the batch is empty: inputs need at least one sample")
+        for d, v in sizes.items():
+            if v < 1:
+                raise ValueError(f"size {d} must be at least 1, got {v}")
+        return arrays, int(batch), tuple(int(sizes[s]) for s in meta["sym_dims"])
+
+    def _prepare(self, batch: int, sizes: tuple[int, ...]) -> None:
+        key = (batch, sizes)
+        if self._prepared == key:
+            return
+        self._prepared = None
+        self._forward_key = None
+        c_sizes = self._ffi.new("int64_t[]", list(sizes) or [0])
+        rc = self._call("prepare", self._m, batch, c_sizes)
+        if rc != 0:
+            raise ValueError(self._ffi.string(self._call("last_error", self._m)).decode())
+        self._prepared = key
+
+    def _shape(self, kind: str, index: int) -> tuple[int, ...]:
+        buf = self._ffi.new("int64_t[8]")
+        rank = self._call(f"{kind}_shape", self._m, index, buf)
+        return tuple(int(buf[i]) for i in range(rank))
+
+    # ---- the API of §7 -----------------------------------------------------------------
+    def forward(self, *xs):
+        """Run the network on a batch; returns one array, or a tuple for several outputs."""
+        arrays, batch, sizes = self._bind_inputs(xs)
+        self._prepare(batch, sizes)
+        outs = [np.empty(self._shape("output", i), dtype=self._dtype) for i in range(len(self._meta["outputs"]))]
+        self._check(self._call("forward", self._m, self._ptrs(arrays, False), self._ptrs(outs, True)))
+        self._forward_key = self._prepared
+        self._last_outputs = tuple(o.shape for o in outs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def backward(self, *dys):
+        """Gradients of the inputs for the given output gradients; parameter gradients land in `grads`."""
+        if self._forward_key is None or self._forward_key != self._prepared:
+            raise RuntimeError("backward needs a forward first (on the same batch)")
+        outputs = self._meta["outputs"]
+        if len(dys) != len(outputs):
+            raise TypeError(f"backward takes one gradient per output ({len(outputs)}), got {len(dys)}")
+        grads = []
+        for dy, spec, shape in zip(dys, outputs, self._last_outputs):
+            arr = self._as_array(dy, f"gradient of output `{spec['name']}`")
+            if arr.shape != shape:
+                raise ValueError(f"gradient of output `{spec['name']}`: expected shape {shape}, got {arr.shape}")
+            grads.append(arr)
+        dxs = [np.empty(self._shape("input", i), dtype=self._dtype) for i in range(len(self._meta["inputs"]))]
+        self._check(self._call("backward", self._m, self._ptrs(grads, False), self._ptrs(dxs, True)))
+        return dxs[0] if len(dxs) == 1 else tuple(dxs)
+
+    def _target(self, target) -> np.ndarray:
+        loss = self._meta["loss"]
+        out_shape = self._shape("output", loss["output_index"])
+        batch = out_shape[0]
+        if loss["target_kind"] == "labels":
+            # One class per sample, or per position of a map; classes are the channels.
+            nhwc = self._meta["layout"] == "NHWC" and len(out_shape) > 2
+            spatial = out_shape[1:-1] if nhwc else out_shape[2:]
+            classes = out_shape[-1] if nhwc else out_shape[1]
+            target_dims = () if all(d == 1 for d in spatial) else spatial
+            arr = np.asarray(target)
+            if arr.dtype.kind == "f":
+                if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+                    raise TypeError("labels must be whole numbers (class indices)")
+            elif arr.dtype.kind not in "iub":
+                raise TypeError(f"labels must be integers (class indices), got dtype {arr.dtype}")
+            want = (batch, *target_dims)
+            if arr.shape != want:
+                raise ValueError(f"labels: expected shape {want}, got {arr.shape}")
+            arr = np.ascontiguousarray(arr, dtype=np.int64)
+            if arr.size and (arr.min() < 0 or arr.max() >= classes):
+                bad = arr[(arr < 0) | (arr >= classes)].flat[0]
+                raise ValueError(f"labels: class {bad} is out of range [0, {classes})")
+            return arr
+        arr = self._as_array(target, "target")
+        if arr.shape != out_shape:
+            raise ValueError(f"target: expected shape {out_shape} (like the output), got {arr.shape}")
+        return arr
+
+    def train_step(self, *args, lr=None) -> float:
+        """forward, loss, backward and one SGD step (p -= lr · grad); returns the loss."""
+        if self._meta["loss"] is None:
+            raise RuntimeError(f"network {self._meta['network']} declares no loss: add `loss …` to train it")
+        n_in = len(self._meta["inputs"])
+        if lr is None and len(args) == n_in + 2:
+            *args, lr = args
+        if len(args) != n_in + 1:
+            raise TypeError(f"train_step takes {n_in} input(s), the target and lr")
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not np.isfinite(lr):
+            raise ValueError(f"lr must be a finite number, got {lr!r}")
+        arrays, batch, sizes = self._bind_inputs(args[:-1])
+        self._prepare(batch, sizes)
+        target = self._target(args[-1])
+        loss = self._ffi.new("double *")
+        rc = self._call("train_step", self._m, self._ptrs(arrays, False),
+                        self._ffi.cast("void *", self._ffi.from_buffer(target)), float(lr), loss)
+        self._check(rc)
+        self._forward_key = None      # parameters changed: the stored activations are stale
+        return float(loss[0])
+
+    def loss(self, target) -> float:
+        """The loss of the last forward's output against `target`."""
+        if self._meta["loss"] is None:
+            raise RuntimeError(f"network {self._meta['network']} declares no loss")
+        if self._forward_key is None or self._forward_key != self._prepared:
+            raise RuntimeError("loss needs a forward first")
+        t = self._target(target)
+        out = self._ffi.new("double *")
+        self._check(self._call("loss", self._m, self._ffi.cast("void *", self._ffi.from_buffer(t)), out))
+        return float(out[0])
+
+    def train(self) -> "ModelBase":
+        self.training = True
+        self._call("set_training", self._m, 1)
+        return self
+
+    def eval(self) -> "ModelBase":
+        self.training = False
+        self._call("set_training", self._m, 0)
+        return self
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {name: arr.copy() for name, arr in self.params.items()}
+
+    def save(self, path) -> None:
+        """Write every parameter to an .npz file, by name."""
+        path = os.fspath(path)
+        np.savez(path, **self.state_dict())
+
+    def load(self, path) -> None:
+        """Read parameters saved by `save`; names and shapes must match exactly."""
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            names = set(data.files)
+            expected = set(self.params)
+            if names != expected:
+                missing = sorted(expected - names)
+                extra = sorted(names - expected)
+                raise ValueError(f"{path}: parameters do not match this network"
+                                 + (f"; missing {missing}" if missing else "")
+                                 + (f"; unexpected {extra}" if extra else ""))
+            staged = {}
+            for name, arr in self.params.items():
+                value = data[name]
+                if value.shape != arr.shape:
+                    raise ValueError(f"{path}: `{name}` has shape {value.shape}, expected {arr.shape}")
+                if value.dtype.kind not in "biuf":
+                    raise TypeError(f"{path}: `{name}` has dtype {value.dtype}, expected real numbers")
+                staged[name] = value
+        for name, value in staged.items():
+            self.params[name][...] = value
+
+    def __repr__(self) -> str:
+        n = sum(a.size for a in self.params.values())
+        return f"<{self._meta['network']} model: {n:,} parameters, {'training' if self.training else 'eval'} mode>"
+
+
+def make_model_class(ext_module, meta: dict) -> type:
+    """The Model class of one generated network."""
+    return type("Model", (ModelBase,), {"_ffi": ext_module.ffi, "_lib": ext_module.lib, "_meta": meta,
+                                        "__doc__": f"Network {meta['network']} compiled by convdsl."})
