@@ -6,6 +6,7 @@ built a line earlier. Every failure is a ConvDSLError at the span of the offendi
 from __future__ import annotations
 
 import dataclasses
+import keyword
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,9 @@ class GraphBuilder:
     # ---- entry -------------------------------------------------------------------------
     def build(self) -> Graph:
         net = self.network
+        if keyword.iskeyword(net.name.lower()) or keyword.issoftkeyword(net.name.lower()):
+            raise ConvDSLError(net.span, f"network `{net.name}` would be a Python module named "
+                                         f"`{net.name.lower()}`, which is a Python keyword; pick another name")
         seen: dict[str, Span] = {}
         for stmt in net.body:
             if isinstance(stmt, (ast.Layout, ast.DType)):

@@ -103,6 +103,9 @@ def floordiv(a: Dim, k: int) -> Dim:
     if k == 1:
         return a
     terms, const = _as_parts(a)
+    if const // k:
+        # (x + c·k + r) // k == (x + r) // k + c: keep the constant outside, as a person writes it.
+        return add(floordiv(_make(terms, const % k), k), const // k)
     if all(c % k == 0 for c in terms.values()):
         # (k·t + c) // k == t + c // k for integer t
         return _make({t: c // k for t, c in terms.items()}, const // k)

@@ -87,6 +87,8 @@ class OpDef:
     def bind(self, positional: list, keywords: dict, ctx: OpContext) -> dict:
         """Match call arguments to `args`; unknown and missing ones are errors at their span."""
         names = [a.name for a in self.args]
+        if positional and not self.args:
+            raise ctx.error(f"{self.name} takes no arguments besides its input")
         if len(positional) > len(self.args):
             raise ctx.error(f"{self.name} takes at most {len(self.args)} argument(s) after its input"
                             + (f" ({', '.join(names)})" if names else "") + f", got {len(positional)}")

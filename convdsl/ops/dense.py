@@ -35,14 +35,20 @@ class Dense(OpDef):
         t = builder.type_of(inputs[0])
         if len(t.shape) == 1:
             return None
+        if not t.is_static():
+            raise self.variable_input_error(t, ctx)
         flat = builder.apply_primitive("flatten", inputs, {}, ctx, "flatten")
         return builder.apply_primitive("dense", (flat,), attrs, ctx, None)
+
+    @staticmethod
+    def variable_input_error(t, ctx):
+        name = ctx.input_names[0] if ctx.input_names else "x"
+        return ctx.error(f"dense needs a fixed-size input: `{name}` is {ctx.shape_text(t)}; add globalavgpool")
 
     def normalize(self, attrs, in_types, ctx):
         t = in_types[0]
         if not isinstance(t.shape[0], int):
-            raise ctx.error(f"dense needs a fixed-size input: `{ctx.input_names[0] if ctx.input_names else 'x'}` "
-                            f"is {ctx.shape_text(t)}; add globalavgpool")
+            raise self.variable_input_error(t, ctx)
         return {"out": expect_int(attrs["out"], "out", ctx, "out", minimum=1), "in": t.shape[0],
                 "bias": expect_bool(attrs["bias"], ctx, "bias"), "init": parse_init(attrs["init"], ctx),
                 "frozen": expect_bool(attrs["frozen"], ctx, "frozen")}
