@@ -19,7 +19,9 @@ def _graphs(path: str, network: str | None):
 def cmd_check(args) -> int:
     from .passes.stats import collect
     from .report import text_report
+    from .codegen.backends import C
     for i, graph in enumerate(_graphs(args.file, args.network)):
+        C.check_supported(graph)
         if i:
             print()
         print(text_report(graph, collect(graph)))

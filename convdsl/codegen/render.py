@@ -20,6 +20,7 @@ from ..ir.graph import Graph, TensorType
 from ..ops.base import lookup
 from ..ops.losses import LOSSES
 from ..passes.schedule import Plan
+from .backends import C, Backend
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -130,8 +131,9 @@ class CSource:
     cdef: str
 
 
-def render_c(plan: Plan) -> CSource:
+def render_c(plan: Plan, backend: Backend = C) -> CSource:
     g: Graph = plan.graph
+    backend.check_supported(g)
     prefix = module_name(g.name)
     dtype = g.dtype
     c = DimRenderer(g.sym_dims)
@@ -159,7 +161,7 @@ def render_c(plan: Plan) -> CSource:
         fn = f"n{nid}_" + checked_identifier(node.label, dotted=True).replace(".", "_")
         nodes.append(NodeView(
             fn=fn, label=checked_identifier(node.label, dotted=True), line=node.span.line, op=node.op,
-            describe=op.describe(node.attrs), template=op.template_name(),
+            describe=op.describe(node.attrs), template=backend.op_template(op),
             x=[view(v) for v in node.inputs], y=view(node.output), p=params, attrs=node.attrs,
             k=op.kernel_context(node.attrs, in_types, out_t, c), real=real))
 
@@ -193,7 +195,7 @@ def render_c(plan: Plan) -> CSource:
         ldef = LOSSES[g.loss.kind]
         t = g.values[g.loss.value].type
         out_name = g.outputs[g.loss.output_index].name
-        loss = {"kind": ldef.name, "template": ldef.template_name(), "value": g.loss.value, "line": g.loss.span.line,
+        loss = {"kind": ldef.name, "template": backend.loss_template(ldef), "value": g.loss.value, "line": g.loss.span.line,
                 "output_name": checked_identifier(out_name), "y": view(g.loss.value),
                 "k": ldef.kernel_context(t, c),
                 "transpose_target": ldef.target_kind == "values" and g.layout == "NHWC" and t.rank > 1
@@ -219,9 +221,9 @@ def render_c(plan: Plan) -> CSource:
         "size_checks": size_checks, "scratch": scratch,
     }
     try:
-        body = env.get_template("c/module.c.j2").render(dims=c.slot_exprs(), **context)
-        header = env.get_template("c/header.h.j2").render(for_cffi=False, **context)
-        cdef = env.get_template("c/header.h.j2").render(for_cffi=True, **context)
+        body = env.get_template(backend.module_template()).render(dims=c.slot_exprs(), **context)
+        header = env.get_template(backend.header_template()).render(for_cffi=False, **context)
+        cdef = env.get_template(backend.header_template()).render(for_cffi=True, **context)
     except jinja2.TemplateError as e:
         raise ConvDSLError(g.span, f"internal error while generating C: {type(e).__name__}: {e}") from None
     return CSource(prefix, body, header, cdef)

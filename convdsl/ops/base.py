@@ -79,7 +79,7 @@ class OpDef:
     args: ClassVar[tuple[Arg, ...]] = ()
     min_inputs: ClassVar[int] = 1
     max_inputs: ClassVar[int | None] = 1
-    template: ClassVar[str | None] = None        # defaults to c/ops/<name>.c.j2
+    template: ClassVar[str | None] = None        # template file stem; defaults to the op's name
     c_helpers: ClassVar[tuple[str, ...]] = ()    # shared C helpers the template calls (lib/<h>.c.j2)
     summary: ClassVar[str] = ""
 
@@ -138,10 +138,7 @@ class OpDef:
         """The op with its key arguments, as `check` prints it."""
         return self.name
 
-    # -- code generation
-    def template_name(self) -> str:
-        return f"c/ops/{self.template or self.name}.c.j2"
-
+    # -- code generation (the backend decides where the template lives)
     def kernel_context(self, attrs: dict, in_types: tuple[TensorType, ...], out: TensorType,
                        c: Callable[[Dim], str]) -> dict:
         """Extra values the template needs, with dims rendered to C by `c`."""

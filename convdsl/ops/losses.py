@@ -21,9 +21,6 @@ class LossDef:
         """The per-sample shape of the target this loss expects for output type t."""
         return tuple(t.shape)
 
-    def template_name(self) -> str:
-        return f"c/losses/{self.name}.c.j2"
-
     def kernel_context(self, t: TensorType, c) -> dict:
         return {"C": c(t.channels), "spatial": c(D.product(t.spatial)), "numel": c(D.product(t.shape))}
 
