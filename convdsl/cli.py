@@ -30,7 +30,7 @@ def cmd_check(args) -> int:
 
 def cmd_compile(args) -> int:
     from .compiler import compile_graph, module_meta
-    from .codegen.render import environment
+    from .codegen.render import comment_safe, environment
     from .runtime.build import build_extension
     import shutil
     out = Path(args.output)
@@ -43,7 +43,7 @@ def cmd_compile(args) -> int:
         ext_name, so_path = build_extension(src.prefix, src.c, src.h, src.cdef)
         shutil.copyfile(so_path, out / so_path.name)
         py = environment().get_template("python/module.py.j2").render(
-            network=graph.name, source_name=Path(graph.source_path).name, prefix=src.prefix,
+            network=graph.name, source_name=comment_safe(Path(graph.source_path).name), prefix=src.prefix,
             meta_literal=repr(module_meta(graph)), ext_name_literal=repr(ext_name),
             so_name_literal=repr(so_path.name))
         (out / f"{src.prefix}.py").write_text(py)

@@ -37,6 +37,12 @@ def checked_identifier(name: str, dotted: bool = False) -> str:
     return name
 
 
+def comment_safe(text: str) -> str:
+    """A file name shown in a generated comment or docstring: anything but a plain name
+    character becomes `_`, so no name can close the comment (`*/`) or the docstring."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)[:120]
+
+
 def module_name(network: str) -> str:
     """The generated module's name: the network name, lower-cased (a validated identifier)."""
     return checked_identifier(network.lower())
@@ -214,7 +220,7 @@ def render_c(plan: Plan, backend: Backend = C) -> CSource:
     scratch = [c(s) for s in plan.scratch]
     # The slot table is complete only once everything above has been rendered.
     context = {
-        "prefix": prefix, "net": g, "source_name": Path(g.source_path).name, "ctype": C_TYPES[dtype],
+        "prefix": prefix, "net": g, "source_name": comment_safe(Path(g.source_path).name), "ctype": C_TYPES[dtype],
         "model_t": "model_t", "math": MATH[dtype], "sym_dims": [checked_identifier(s) for s in g.sym_dims],
         "nodes": nodes, "helpers": helpers, "values": values, "inputs": inputs, "outputs": outputs,
         "params": params, "param_total": plan.param_total, "consts": consts, "loss": loss,
