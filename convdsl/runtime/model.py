@@ -27,6 +27,14 @@ class _Memory:
         self.owner = owner
 
 
+def _memory_budget() -> float:
+    """Half the machine's physical memory: the most activations a prepare may allocate."""
+    try:
+        return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0.0          # unknown: the module's own default cap applies
+
+
 def _shape_text(dims) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
 
@@ -48,6 +56,9 @@ class ModelBase:
         if raw == self._ffi.NULL:
             raise MemoryError(f"could not allocate the parameters of {meta['network']}")
         self._m = self._ffi.gc(raw, getattr(self._lib, f"{self._p}_destroy"))
+        # A batch too large for this machine is refused by prepare instead of being killed
+        # later by the kernel's out-of-memory handler.
+        self._call("set_memory_limit", self._m, _memory_budget())
         params, grads = OrderedDict(), OrderedDict()
         for i, (name, shape, trainable) in enumerate(meta["params"]):
             params[name] = self._view(self._call("param_data", self._m, i), shape)
