@@ -20,8 +20,8 @@ from . import dims as D
 from .graph import Graph, InputDecl, Layer, LossDecl, Node, OutputDecl, TensorType, Value
 
 # Bare names that stand for themselves when nothing else is bound to them.
-SYMBOLS = frozenset({"valid", "same", "full", "he", "xavier", "zeros", "ones", "nearest", "bilinear",
-                     "auto", "im2col"})
+SYMBOLS = frozenset({"valid", "same", "full", "he", "xavier", "zeros", "ones", "nearest", "linear", "bilinear",
+                     "trilinear", "auto", "im2col"})
 SYMBOL_FUNCS = frozenset({"normal", "uniform"})
 BUILTINS = ("channels", "height", "width", "depth")
 MAX_REPEAT = 1000
