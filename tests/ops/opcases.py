@@ -1,0 +1,219 @@
+"""The machinery the op tests share: several configurations ("cases") of an op compiled into one
+network, one input and one output each, so that a test file pays one C compile per dtype and
+layout rather than one per case. Runs give forward values, input gradients and parameter
+gradients to compare with a PyTorch reference, and float64 networks give directional finite
+differences. Nothing here computes an expected value from the code under test.
+"""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convdsl
+from convdsl import ConvDSLError
+from convdsl.compiler import compile_graph, graph_from_source
+from convdsl.passes.stats import collect
+from reference import assert_close, to_nchw, to_nhwc
+
+# Central differences in float64: the error is rounding (~1e-16·|L| / eps) plus eps²·L''' — far
+# below these bounds for the small, well-scaled tensors used here.
+FD_EPS = 1e-6
+FD_TOL = dict(rtol=1e-6, atol=1e-8)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    shape: tuple                  # one sample's input shape, channel-first
+    op: str                       # the op as written in the file: "local(4, kernel=3)"
+    ref: dict = field(default_factory=dict, compare=False, hash=False)   # arguments for the reference
+    dims: tuple | None = None     # the input's dims as declared (names for run-time sizes); default: shape
+    shape2: tuple | None = None   # a second size for the batch-3 run (run-time sizes only)
+
+    def declared(self, layout: str) -> tuple:
+        dims = self.dims if self.dims is not None else self.shape
+        return dims if layout == "NCHW" or len(dims) == 1 else (*dims[1:], dims[0])
+
+
+def source(cases, dtype: str = "f32", layout: str = "NCHW") -> str:
+    """One network: input xI → layer LI (the case's op) → output yI, for every case I."""
+    lines = ["network T {", f"    dtype {dtype}", f"    layout {layout}"]
+    for i, case in enumerate(cases):
+        lines.append(f"    input x{i}: [{', '.join(map(str, case.declared(layout)))}]")
+        lines.append(f"    layer L{i} = {case.op}")
+        lines.append(f"    y{i} = x{i} -> L{i}")
+    lines.append("    output " + ", ".join(f"y{i}" for i in range(len(cases))))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+_MODULES: dict[str, object] = {}
+
+
+def compile_cases(cases, dtype: str = "f32", layout: str = "NCHW"):
+    src = source(cases, dtype, layout)
+    if src not in _MODULES:
+        _MODULES[src] = convdsl.load_source(src)
+    return _MODULES[src]
+
+
+def randomize(net, rng) -> None:
+    """Every parameter (biases too, so that their place is tested) drawn from normal(0, 1)."""
+    for p in net.params.values():
+        p[...] = rng.standard_normal(p.shape)
+
+
+@dataclass
+class Run:
+    xs: list            # channel-first inputs, one per case
+    ys: list            # channel-first outputs
+    dys: list
+    dxs: list
+    params: dict        # name → copy
+    grads: dict         # name → copy (trainable parameters only)
+
+
+def as_tuple(v) -> tuple:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def run_cases(module, cases, batch: int, rng, layout: str = "NCHW", net=None, variant: int = 0) -> Run:
+    """Forward and backward through every case at once; arrays are returned channel-first."""
+    if net is None:
+        net = module.Model(seed=0)
+        randomize(net, rng)
+    shapes = [c.shape2 if variant and c.shape2 is not None else c.shape for c in cases]
+    dtype = np.float64 if module.META["dtype"] == "f64" else np.float32
+    xs = [rng.standard_normal((batch, *s)).astype(dtype) for s in shapes]
+    to_file = to_nhwc if layout == "NHWC" else (lambda a: a)
+    from_file = to_nchw if layout == "NHWC" else (lambda a: a)
+    ys = [from_file(y) for y in as_tuple(net.forward(*[to_file(x) for x in xs]))]
+    dys = [rng.standard_normal(y.shape).astype(dtype) for y in ys]
+    dxs = [from_file(d) for d in as_tuple(net.backward(*[to_file(d) for d in dys]))]
+    return Run(xs, ys, dys, dxs, {k: v.copy() for k, v in net.params.items()},
+               {k: v.copy() for k, v in net.grads.items()})
+
+
+def case_params(run: Run, index: int) -> dict:
+    prefix = f"L{index}."
+    return {k[len(prefix):]: v for k, v in run.params.items() if k.startswith(prefix)}
+
+
+def compare_with_torch(run: Run, index: int, case: Case, reference) -> None:
+    """`reference(x, params, **case.ref)` in float64 PyTorch: values, dX and every trainable grad."""
+    x = torch.tensor(run.xs[index], dtype=torch.float64, requires_grad=True)
+    params = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+              for k, v in case_params(run, index).items()}
+    y = reference(x, params, **case.ref)
+    assert_close(run.ys[index], y.detach().numpy(), what=f"{case.id}: forward")
+    y.backward(torch.tensor(run.dys[index], dtype=torch.float64))
+    assert_close(run.dxs[index], x.grad.numpy(), what=f"{case.id}: input gradient")
+    for name, p in params.items():
+        full = f"L{index}.{name}"
+        if full in run.grads:
+            assert_close(run.grads[full], p.grad.numpy(), what=f"{case.id}: gradient of {name}")
+
+
+def finite_differences(module, cases, rng, batch: int = 2) -> None:
+    """d(Σ y·dy) along a random direction of every input and trainable parameter, numeric vs
+    analytic, in a float64 network."""
+    net = module.Model(seed=0)
+    randomize(net, rng)
+    xs = [rng.standard_normal((batch, *c.shape)) for c in cases]
+    ys = as_tuple(net.forward(*xs))
+    dys = [rng.standard_normal(y.shape) for y in ys]
+    dxs = as_tuple(net.backward(*dys))
+    grads = {k: v.copy() for k, v in net.grads.items()}
+
+    def objective() -> float:
+        return float(sum((y * d).sum() for y, d in zip(as_tuple(net.forward(*xs)), dys)))
+
+    tensors = [(f"{c.id}: input", x, dx) for c, x, dx in zip(cases, xs, dxs)]
+    tensors += [(name, net.params[name], g) for name, g in grads.items()]
+    for what, t, g in tensors:
+        v = rng.standard_normal(t.shape)
+        t += FD_EPS * v
+        up = objective()
+        t -= 2 * FD_EPS * v
+        down = objective()
+        t += FD_EPS * v
+        numeric = (up - down) / (2 * FD_EPS)
+        assert_close(np.array(numeric), np.array(float((g * v).sum())), what=f"finite differences, {what}",
+                     **FD_TOL)
+
+
+def assert_c_compiles_cleanly(src: str, tmp_path: Path) -> None:
+    """The generated C passes `gcc -std=c11 -Wall -Wextra -Werror` (with OpenMP, as it is built)."""
+    code = compile_graph(graph_from_source(src)).source
+    (tmp_path / f"{code.prefix}.h").write_text(code.h)
+    c_file = tmp_path / f"{code.prefix}.c"
+    c_file.write_text(code.c)
+    proc = subprocess.run(["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", "-fopenmp", "-c", str(c_file),
+                           "-o", str(tmp_path / "net.o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def error_of(body: str) -> ConvDSLError:
+    """The error a network with these statements gives (no C is compiled)."""
+    with pytest.raises(ConvDSLError) as info:
+        graph_from_source("network E {\n" + body + "\n}\n")
+    return info.value
+
+
+def assert_error_at(body: str, needle: str, *fragments: str) -> None:
+    """The error's caret sits on the first `needle` of the op's line, and its message says `fragments`."""
+    err = error_of(body)
+    lines = ("network E {\n" + body).splitlines()
+    line = lines[err.span.line - 1]
+    assert needle in line, f"the error points at line {err.span.line}: {line!r}\n{err}"
+    assert err.span.col == line.index(needle) + 1, f"caret at column {err.span.col}, not on `{needle}`:\n{err}"
+    for fragment in fragments:
+        assert fragment in err.message, f"{fragment!r} not in: {err.message}"
+
+
+def layer_stats(body: str) -> dict:
+    """label → LayerStats of `check`, for a network with these statements."""
+    graph = graph_from_source("network S {\n" + body + "\n}\n")
+    return {row.label: row for row in collect(graph).layers}
+
+
+# ---- PyTorch references shared by several op files --------------------------------------
+
+def torch_pad(x: torch.Tensor, pads) -> torch.Tensor:
+    """Zero padding given as ((before, after) per spatial axis), first axis first."""
+    flat = []
+    for before, after in reversed(pads):
+        flat += [before, after]
+    return F.pad(x, flat)
+
+
+def unshared_reference(x, params, *, kernel, stride, pads, tile=None):
+    """§3.1/§3.2 from F.unfold: Z[o, j, k] = Σ cols[(c, m, n), (j, k)] · W[o, j mod t, k mod t, c, m, n].
+    1-D maps get a size-1 height. `tile` None means local (one kernel set per position)."""
+    w, b = params["weight"], params.get("bias")
+    rank = x.dim() - 2
+    if rank == 1:
+        x, kernel, stride, pads = x.unsqueeze(2), (1, *kernel), (1, *stride), ((0, 0), *pads)
+        w = w.unsqueeze(1)
+        b = b.unsqueeze(1) if b is not None else None
+        tile = (1, *tile) if tile is not None else None
+    cols = F.unfold(torch_pad(x, pads), kernel, stride=stride)            # [N, C·kh·kw, L]
+    n, out = x.shape[0], w.shape[0]
+    oh = (x.shape[2] + sum(pads[0]) - kernel[0]) // stride[0] + 1
+    ow = (x.shape[3] + sum(pads[1]) - kernel[1]) // stride[1] + 1
+    if tile is not None:
+        rows = torch.arange(oh) % tile[0]
+        cols_idx = torch.arange(ow) % tile[1]
+        w = w[:, rows][:, :, cols_idx]                                      # [out, oh, ow, in, kh, kw]
+        if b is not None:
+            b = b[:, rows][:, :, cols_idx]
+    y = torch.einsum("ncl,olc->nol", cols, w.reshape(out, oh * ow, -1)).reshape(n, out, oh, ow)
+    if b is not None:
+        y = y + b
+    return y.squeeze(2) if rank == 1 else y
