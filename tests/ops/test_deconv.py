@@ -1,0 +1,111 @@
+"""deconv (§3.11): transposed convolution against F.conv_transpose1d/2d/3d."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch.nn.functional as F
+
+from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
+                     finite_differences, layer_stats, run_cases, source)
+
+CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def reference(x, params, **kw):
+    return CONV_TRANSPOSE[x.dim() - 2](x, params["weight"], params.get("bias"), **kw)
+
+
+CASES = (
+    Case("2d-up2", (3, 4, 4), "deconv(2, kernel=2, stride=2)", dict(stride=2)),
+    Case("2d-everything", (4, 5, 6),
+         "deconv(6, kernel=(3, 4), stride=(2, 3), pad=(1, 2), output_pad=(1, 0), groups=2, dilation=(1, 2))",
+         dict(stride=(2, 3), padding=(1, 2), output_padding=(1, 0), groups=2, dilation=(1, 2))),
+    Case("1d-nobias", (2, 7), "deconv(3, kernel=5, stride=3, pad=2, output_pad=2, bias=false)",
+         dict(stride=3, padding=2, output_padding=2)),
+    Case("3d", (2, 3, 4, 3), "deconv(2, kernel=(2, 3, 2), stride=(1, 2, 2), pad=(0, 1, 0), output_pad=(0, 1, 1))",
+         dict(stride=(1, 2, 2), padding=(0, 1, 0), output_padding=(0, 1, 1))),
+    # output_pad may reach the dilation when it is larger than the stride (PyTorch's rule)
+    Case("output-pad-below-dilation", (2, 5, 5), "deconv(2, kernel=3, dilation=2, output_pad=1)",
+         dict(dilation=2, output_padding=1)),
+    Case("frozen-groups", (4, 3, 3), "deconv(6, kernel=3, groups=2, frozen=true)", dict(groups=2)),
+    Case("runtime-size", (3, 4, 5), "deconv(2, kernel=3, stride=2, pad=1, output_pad=1)",
+         dict(stride=2, padding=1, output_padding=1), dims=(3, "H", "W"), shape2=(3, 6, 3)),
+)
+IDS = [c.id for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    module = compile_cases(CASES)
+    rng = np.random.default_rng(21)
+    net = module.Model(seed=0)
+    for p in net.params.values():
+        p[...] = rng.standard_normal(p.shape)
+    return {1: run_cases(module, CASES, 1, rng, net=net), 3: run_cases(module, CASES, 3, rng, net=net, variant=1)}
+
+
+@pytest.mark.parametrize("batch", (1, 3))
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_forward_and_gradients_match_torch(runs, index, batch):
+    compare_with_torch(runs[batch], index, CASES[index], reference)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_nhwc_layout(index):
+    module = compile_cases(CASES, layout="NHWC")
+    run = run_cases(module, CASES, 2, np.random.default_rng(22), layout="NHWC")
+    compare_with_torch(run, index, CASES[index], reference)
+
+
+def test_finite_differences_float64():
+    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(23))
+
+
+def test_parameter_shapes_and_frozen():
+    net = compile_cases(CASES).Model(seed=0)
+    shapes = {k: v.shape for k, v in net.params.items()}
+    assert shapes["L1.weight"] == (4, 3, 3, 4) and shapes["L1.bias"] == (6,)       # [in, out/groups, *k]
+    assert shapes["L2.weight"] == (2, 3, 5) and "L2.bias" not in shapes
+    assert shapes["L3.weight"] == (2, 2, 2, 3, 2)
+    assert "L5.weight" not in net.grads and "L5.bias" not in net.grads and "L0.weight" in net.grads
+
+
+def test_check_reports_shape_params_macs_and_receptive_field():
+    stats = layer_stats("input x: [4, 5, 6]\n y = x -> deconv(6, kernel=(3, 4), stride=(2, 3), pad=(1, 2),"
+                        " output_pad=(1, 0), groups=2)\n output y")
+    row = stats["deconv1"]
+    assert row.shape == "[6, 10, 15]"        # (in − 1)·s − 2·pad + (k − 1) + output_pad + 1
+    assert row.params == 4 * 3 * 3 * 4 + 6
+    assert row.macs == 4 * 3 * 3 * 4 * 5 * 6               # in · out/groups · kernel · input positions
+    assert row.describe == "deconv(6, k=3×4, s=2×3, pad=1×2, output_pad=1×0, g=2)"
+    # Down by 4 then up by 2 twice: an output cell of a stride-2 kernel-2 deconv comes from one
+    # cell of its input, and the following 3×3 conv steps on the original grid again.
+    stats = layer_stats("input x: [1, 16, 16]\n y = x -> maxpool(2) -> maxpool(2) -> deconv(1, kernel=2, stride=2)"
+                        " -> deconv(1, kernel=4, stride=2, pad=1) -> conv(1, kernel=3, pad=same)\n output y")
+    assert stats["maxpool2"].receptive_field == "4×4"
+    assert stats["deconv1"].receptive_field == "4×4"       # span 1 cell, jump 4 → 2
+    assert stats["deconv2"].receptive_field == "6×6"       # span ceil(4/2) = 2 cells of jump 2 → jump 1
+    assert stats["conv1"].receptive_field == "8×8"         # 6 + (3 − 1)·1
+
+
+@pytest.mark.parametrize("body, needle, fragments", [
+    ("input x: [3, 8, 8]\n y = x -> deconv(4, kernel=3, stride=2, output_pad=2)\n output y", "2)",
+     ("`output_pad` must be smaller than the stride or the dilation",)),
+    ("input x: [3, 8, 8]\n y = x -> deconv(4, kernel=3, output_pad=(0, 1))\n output y", "(0, 1)",
+     ("`output_pad` must be smaller",)),
+    ("input x: [3, 2, 2]\n y = x -> deconv(4, kernel=1, pad=1)\n output y", "1)",
+     ("output would be 0×0", "use a smaller pad")),
+    ("input x: [3, 8, 8]\n y = x -> deconv(4, kernel=3, pad=same)\n output y", "same",
+     ("integer or a tuple", "ConvTranspose")),
+    ("input x: [3, 8, 8]\n y = x -> deconv(4, kernel=3, groups=2)\n output y", "2)",
+     ("groups=2 must divide both the input channels (3)",)),
+    ("input x: [3, 8, 8]\n y = x -> deconv(4, kernel=3, pad=-1)\n output y", "-1", ("at least 0",)),
+    ("input x: [12]\n y = x -> deconv(4, kernel=3)\n output y", "deconv(", ("feature map",)),
+], ids=["output-pad-stride", "output-pad-tuple", "too-small", "pad-same", "groups", "pad-negative", "flat-input"])
+def test_errors_point_at_the_argument(body, needle, fragments):
+    assert_error_at(body, needle, *fragments)
+
+
+def test_generated_c_has_no_warnings(tmp_path):
+    for dtype in ("f32", "f64"):
+        assert_c_compiles_cleanly(source(CASES, dtype), tmp_path)

@@ -1,0 +1,99 @@
+"""l2pool (§2.2): sqrt of the sum of squares in each window, against sqrt(avg_pool(x²) · window size)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convdsl
+from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
+                     finite_differences, layer_stats, run_cases, source, torch_pad)
+
+AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def reference(x, params, *, window, stride, pads):
+    # Zero padding first, so every window averages over its full size: padded cells add 0.
+    squares = torch_pad(x * x, pads)
+    return torch.sqrt(AVG_POOL[x.dim() - 2](squares, window, stride) * math.prod(window))
+
+
+CASES = (
+    Case("2d-2", (3, 8, 8), "l2pool(2)", dict(window=(2, 2), stride=(2, 2), pads=((0, 0), (0, 0)))),
+    # same: H out 3, total 1 → (0, 1); W out 5, total 2 → (1, 1)
+    Case("2d-odd-same", (2, 6, 9), "l2pool(3, stride=2, pad=same)",
+         dict(window=(3, 3), stride=(2, 2), pads=((0, 1), (1, 1)))),
+    Case("2d-pairs", (2, 5, 6), "l2pool((2, 3), stride=(1, 2), pad=((1, 0), (0, 2)))",
+         dict(window=(2, 3), stride=(1, 2), pads=((1, 0), (0, 2)))),
+    Case("1d", (2, 10), "l2pool(3, stride=2, pad=1)", dict(window=(3,), stride=(2,), pads=((1, 1),))),
+    Case("3d", (2, 4, 5, 4), "l2pool((2, 3, 2), stride=(2, 1, 2))",
+         dict(window=(2, 3, 2), stride=(2, 1, 2), pads=((0, 0), (0, 0), (0, 0)))),
+    # same pads both sizes, 7×5 and 9×3, with (0, 1) on each axis
+    Case("runtime-size", (2, 7, 5), "l2pool(2, pad=same)", dict(window=(2, 2), stride=(2, 2), pads=((0, 1), (0, 1))),
+         dims=(2, "H", "W"), shape2=(2, 9, 3)),
+)
+IDS = [c.id for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    module = compile_cases(CASES)
+    rng = np.random.default_rng(31)
+    return {1: run_cases(module, CASES, 1, rng), 3: run_cases(module, CASES, 3, rng, variant=1)}
+
+
+@pytest.mark.parametrize("batch", (1, 3))
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_forward_and_gradients_match_torch(runs, index, batch):
+    compare_with_torch(runs[batch], index, CASES[index], reference)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_nhwc_layout(index):
+    module = compile_cases(CASES, layout="NHWC")
+    run = run_cases(module, CASES, 2, np.random.default_rng(32), layout="NHWC")
+    compare_with_torch(run, index, CASES[index], reference)
+
+
+def test_finite_differences_float64():
+    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(33))
+
+
+def test_gradient_at_a_zero_output_is_zero():
+    net = convdsl.load_source("network Z {\n dtype f64\n input x: [1, 4, 4]\n y = x -> l2pool(2)\n output y\n}\n")
+    model = net.Model(seed=0)
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, :2, :2] = [[3.0, 0.0], [0.0, -4.0]]           # one window is non-zero, the other three are 0
+    y = model.forward(x)
+    assert y[0, 0].tolist() == [[5.0, 0.0], [0.0, 0.0]]
+    dx = model.backward(np.ones_like(y))
+    assert np.isfinite(dx).all()
+    expected = np.zeros((4, 4))
+    expected[:2, :2] = [[0.6, 0.0], [0.0, -0.8]]            # x / y in the non-zero window, 0 elsewhere
+    np.testing.assert_allclose(dx[0, 0], expected, rtol=1e-12, atol=0)
+
+
+def test_check_reports_macs_and_receptive_field():
+    stats = layer_stats("input x: [3, 9, 9]\n y = x -> conv(4, kernel=3) -> l2pool(3, stride=2)\n output y")
+    row = stats["l2pool1"]
+    assert row.shape == "[4, 3, 3]" and row.params == 0
+    assert row.macs == 4 * 3 * 3 * 9                        # one multiply-add (a square) per window cell
+    assert row.receptive_field == "5×5" and row.describe == "l2pool(3×3, s=2×2)"
+
+
+@pytest.mark.parametrize("body, needle, fragments", [
+    ("input x: [3, 8, 8]\n y = x -> l2pool(2, pad=2)\n output y", "2)", ("smaller than the window",)),
+    ("input x: [3, 8, 8]\n y = x -> l2pool(0)\n output y", "0", ("at least 1",)),
+    ("input x: [3, 2, 2]\n y = x -> l2pool(3)\n output y", "l2pool(", ("output would be 0×0",)),
+    ("input x: [12]\n y = x -> l2pool(2)\n output y", "l2pool(", ("feature map",)),
+], ids=["pad-too-big", "window-0", "too-small", "flat-input"])
+def test_errors_point_at_the_argument(body, needle, fragments):
+    assert_error_at(body, needle, *fragments)
+
+
+def test_generated_c_has_no_warnings(tmp_path):
+    for dtype in ("f32", "f64"):
+        assert_c_compiles_cleanly(source(CASES, dtype), tmp_path)
