@@ -1,0 +1,80 @@
+"""maxout (§5.2): the max over each group of k consecutive channels, C → C/k."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import convdsl
+from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
+                     finite_differences, layer_stats, run_cases, source)
+
+
+def reference(x, params, *, k):
+    n, c = x.shape[:2]
+    return x.reshape(n, c // k, k, *x.shape[2:]).max(dim=2).values
+
+
+CASES = (
+    Case("2d-k3", (6, 5, 7), "maxout(3)", dict(k=3)),
+    Case("1d-k2", (4, 9), "maxout(2)", dict(k=2)),
+    Case("flat-vector", (12,), "maxout(4)", dict(k=4)),       # the classic maxout unit after a dense layer
+    Case("3d-k4", (4, 2, 3, 2), "maxout(4)", dict(k=4)),
+    Case("k1-identity", (3, 4, 4), "maxout(1)", dict(k=1)),
+    Case("runtime-size", (6, 3, 5), "maxout(2)", dict(k=2), dims=(6, "H", "W"), shape2=(6, 4, 2)),
+)
+IDS = [c.id for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    module = compile_cases(CASES)
+    rng = np.random.default_rng(41)
+    return {1: run_cases(module, CASES, 1, rng), 3: run_cases(module, CASES, 3, rng, variant=1)}
+
+
+@pytest.mark.parametrize("batch", (1, 3))
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_forward_and_gradients_match_torch(runs, index, batch):
+    compare_with_torch(runs[batch], index, CASES[index], reference)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_nhwc_layout(index):
+    module = compile_cases(CASES, layout="NHWC")
+    run = run_cases(module, CASES, 2, np.random.default_rng(42), layout="NHWC")
+    compare_with_torch(run, index, CASES[index], reference)
+
+
+def test_finite_differences_float64():
+    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(43))
+
+
+def test_ties_send_the_gradient_to_the_first_channel():
+    net = convdsl.load_source("network M {\n dtype f64\n input x: [4, 2]\n y = x -> maxout(2)\n output y\n}\n").Model()
+    x = np.array([[[1.0, 5.0], [1.0, 2.0], [7.0, 3.0], [7.0, 3.0]]])
+    assert net.forward(x).tolist() == [[[1.0, 5.0], [7.0, 3.0]]]
+    dx = net.backward(np.array([[[10.0, 20.0], [30.0, 40.0]]]))
+    assert dx.tolist() == [[[10.0, 20.0], [0.0, 0.0], [30.0, 40.0], [0.0, 0.0]]]
+
+
+def test_check_row():
+    row = layer_stats("input x: [6, 5, 7]\n y = x -> conv(8, kernel=3) -> maxout(4)\n output y")["maxout1"]
+    assert row.shape == "[2, 3, 5]" and row.params == 0 and row.macs == 0 and row.receptive_field == "3×3"
+    assert row.describe == "maxout(4)"
+    assert layer_stats("layout NHWC\n input x: [5, 7, 6]\n y = x -> maxout(3)\n output y")["maxout1"].shape == \
+        "[5, 7, 2]"
+
+
+@pytest.mark.parametrize("body, needle, fragments", [
+    ("input x: [6, 4, 4]\n y = x -> maxout(4)\n output y", "4)", ("k=4 must divide the input channels", "6 channels")),
+    ("input x: [6, 4, 4]\n y = x -> maxout(0)\n output y", "0", ("at least 1",)),
+    ("input x: [6, 4, 4]\n y = x -> maxout(k=1.5)\n output y", "1.5", ("integer",)),
+    ("input x: [6, 4, 4]\n y = x -> maxout\n output y", "maxout", ("needs the argument `k`",)),
+], ids=["not-dividing", "zero", "float", "missing"])
+def test_errors_point_at_the_argument(body, needle, fragments):
+    assert_error_at(body, needle, *fragments)
+
+
+def test_generated_c_has_no_warnings(tmp_path):
+    for dtype in ("f32", "f64"):
+        assert_c_compiles_cleanly(source(CASES, dtype), tmp_path)

@@ -1,0 +1,79 @@
+"""shuffle (§3.9): ShuffleNet's channel shuffle, view [g, C/g] → transpose → [C/g, g]."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
+                     finite_differences, layer_stats, run_cases, source)
+
+
+def reference(x, params, *, groups):
+    n, c = x.shape[:2]
+    return x.reshape(n, groups, c // groups, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
+
+
+CASES = (
+    Case("2d-g3", (6, 3, 4), "shuffle(3)", dict(groups=3)),
+    Case("2d-g2", (6, 3, 4), "shuffle(2)", dict(groups=2)),
+    Case("1d-g4", (8, 5), "shuffle(4)", dict(groups=4)),
+    Case("flat-vector", (12,), "shuffle(3)", dict(groups=3)),
+    Case("3d-g2", (4, 2, 2, 3), "shuffle(2)", dict(groups=2)),
+    Case("groups-equal-channels", (4, 3, 3), "shuffle(4)", dict(groups=4)),
+    Case("runtime-size", (6, 2, 3), "shuffle(3)", dict(groups=3), dims=(6, "H", "W"), shape2=(6, 5, 1)),
+)
+IDS = [c.id for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    module = compile_cases(CASES)
+    rng = np.random.default_rng(51)
+    return {1: run_cases(module, CASES, 1, rng), 3: run_cases(module, CASES, 3, rng, variant=1)}
+
+
+@pytest.mark.parametrize("batch", (1, 3))
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_forward_and_gradients_match_torch(runs, index, batch):
+    compare_with_torch(runs[batch], index, CASES[index], reference)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_nhwc_layout(index):
+    module = compile_cases(CASES, layout="NHWC")
+    run = run_cases(module, CASES, 2, np.random.default_rng(52), layout="NHWC")
+    compare_with_torch(run, index, CASES[index], reference)
+
+
+def test_finite_differences_float64():
+    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(53))
+
+
+def test_channel_order():
+    # Channel c holds the value c: the groups (0 1)(2 3)(4 5) are dealt out one channel each.
+    net = compile_cases(CASES).Model(seed=0)
+    xs = [np.broadcast_to(np.arange(c.shape[0], dtype=np.float32).reshape(1, -1, *[1] * (len(c.shape) - 1)),
+                          (1, *c.shape)) for c in CASES[:1]]
+    others = [np.zeros((1, *c.shape), np.float32) for c in CASES[1:]]
+    y = net.forward(*xs, *others)[0]
+    assert y[0, :, 0, 0].tolist() == [0, 2, 4, 1, 3, 5]
+
+
+def test_check_row():
+    row = layer_stats("input x: [6, 5, 7]\n y = x -> conv(6, kernel=3, groups=3) -> shuffle(3)\n output y")["shuffle1"]
+    assert row.shape == "[6, 3, 5]" and row.params == 0 and row.macs == 0 and row.receptive_field == "3×3"
+    assert row.describe == "shuffle(3)"
+
+
+@pytest.mark.parametrize("body, needle, fragments", [
+    ("input x: [6, 4, 4]\n y = x -> shuffle(4)\n output y", "4)", ("groups=4 must divide the input channels",)),
+    ("input x: [6, 4, 4]\n y = x -> shuffle(groups=0)\n output y", "0", ("at least 1",)),
+    ("input x: [6, 4, 4]\n y = x -> shuffle(groups=(2, 3))\n output y", "(2, 3)", ("integer",)),
+], ids=["not-dividing", "zero", "tuple"])
+def test_errors_point_at_the_argument(body, needle, fragments):
+    assert_error_at(body, needle, *fragments)
+
+
+def test_generated_c_has_no_warnings(tmp_path):
+    for dtype in ("f32", "f64"):
+        assert_c_compiles_cleanly(source(CASES, dtype), tmp_path)

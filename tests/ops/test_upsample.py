@@ -1,0 +1,92 @@
+"""upsample: nearest and (bi/tri)linear up-sampling by integer factors, against F.interpolate."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch.nn.functional as F
+
+from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
+                     finite_differences, layer_stats, run_cases, source)
+
+
+def reference(x, params, *, factor, mode="nearest"):
+    scale = tuple(float(f) for f in factor)
+    if mode == "nearest":
+        return F.interpolate(x, scale_factor=scale, mode=mode)
+    return F.interpolate(x, scale_factor=scale, mode=mode, align_corners=False)
+
+
+CASES = (
+    Case("2d-nearest", (3, 4, 5), "upsample(2)", dict(factor=(2, 2))),
+    Case("2d-nearest-per-axis", (2, 3, 4), "upsample((2, 3))", dict(factor=(2, 3))),
+    Case("1d-nearest", (2, 5), "upsample(3)", dict(factor=(3,))),
+    Case("3d-nearest", (2, 2, 3, 2), "upsample((2, 1, 3))", dict(factor=(2, 1, 3))),
+    Case("2d-bilinear", (3, 4, 5), "upsample(2, mode=bilinear)", dict(factor=(2, 2), mode="bilinear")),
+    Case("2d-bilinear-odd", (2, 3, 5), "upsample((3, 2), mode=bilinear)", dict(factor=(3, 2), mode="bilinear")),
+    Case("2d-bilinear-one-axis", (2, 5, 4), "upsample((1, 2), mode=bilinear)", dict(factor=(1, 2), mode="bilinear")),
+    Case("1d-linear", (2, 6), "upsample(3, mode=linear)", dict(factor=(3,), mode="linear")),
+    Case("3d-trilinear", (2, 2, 3, 3), "upsample((2, 2, 3), mode=trilinear)",
+         dict(factor=(2, 2, 3), mode="trilinear")),
+    Case("1-pixel-bilinear", (2, 1, 1), "upsample(4, mode=bilinear)", dict(factor=(4, 4), mode="bilinear")),
+    Case("runtime-size", (2, 3, 4), "upsample(2, mode=bilinear)", dict(factor=(2, 2), mode="bilinear"),
+         dims=(2, "H", "W"), shape2=(2, 5, 2)),
+)
+IDS = [c.id for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    module = compile_cases(CASES)
+    rng = np.random.default_rng(61)
+    return {1: run_cases(module, CASES, 1, rng), 3: run_cases(module, CASES, 3, rng, variant=1)}
+
+
+@pytest.mark.parametrize("batch", (1, 3))
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_forward_and_gradients_match_torch(runs, index, batch):
+    compare_with_torch(runs[batch], index, CASES[index], reference)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_nhwc_layout(index):
+    module = compile_cases(CASES, layout="NHWC")
+    run = run_cases(module, CASES, 2, np.random.default_rng(62), layout="NHWC")
+    compare_with_torch(run, index, CASES[index], reference)
+
+
+def test_finite_differences_float64():
+    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(63))
+
+
+def test_check_rows():
+    stats = layer_stats("input x: [3, 8, 8]\n y = x -> maxpool(2) -> upsample(2, mode=bilinear) -> upsample((1, 2))"
+                        " -> conv(1, kernel=3)\n output y")
+    bilinear, nearest = stats["upsample1"], stats["upsample2"]
+    assert bilinear.shape == "[3, 8, 8]" and bilinear.params == 0
+    assert bilinear.macs == 3 * 8 * 8 * 4                   # 4 input cells blended per output value
+    assert bilinear.receptive_field == "4×4"                # 2 + (2 − 1)·2: two neighbours on the coarse grid
+    assert nearest.shape == "[3, 8, 16]" and nearest.macs == 0 and nearest.receptive_field == "4×4"
+    assert nearest.describe == "upsample(1×2)" and bilinear.describe == "upsample(2×2, bilinear)"
+    assert stats["conv1"].receptive_field == "6×5"          # steps of 1 and 1/2 input cell after them
+
+
+@pytest.mark.parametrize("body, needle, fragments", [
+    ("input x: [3, 8]\n y = x -> upsample(2, mode=bilinear)\n output y", "bilinear",
+     ("mode=bilinear does not fit a 1-D map", "mode=linear")),
+    ("input x: [3, 4, 8, 8]\n y = x -> upsample(2, mode=bilinear)\n output y", "bilinear", ("mode=trilinear",)),
+    ("input x: [3, 8, 8]\n y = x -> upsample(2, mode=linear)\n output y", "linear", ("mode=bilinear",)),
+    ("input x: [3, 8, 8]\n y = x -> upsample(2, mode=same)\n output y", "same",
+     ("`mode` must be one of nearest, linear, bilinear, trilinear",)),
+    ("input x: [3, 8, 8]\n y = x -> upsample(0)\n output y", "0", ("at least 1",)),
+    ("input x: [3, 8, 8]\n y = x -> upsample(1.5)\n output y", "1.5", ("integer",)),
+    ("input x: [3, 8, 8]\n y = x -> upsample((2, 2, 2))\n output y", "(2, 2, 2)", ("2 spatial axes",)),
+    ("input x: [12]\n y = x -> upsample(2)\n output y", "upsample(", ("feature map",)),
+], ids=["bilinear-1d", "bilinear-3d", "linear-2d", "unknown-mode", "factor-0", "factor-float", "factor-rank",
+        "flat-input"])
+def test_errors_point_at_the_argument(body, needle, fragments):
+    assert_error_at(body, needle, *fragments)
+
+
+def test_generated_c_has_no_warnings(tmp_path):
+    for dtype in ("f32", "f64"):
+        assert_c_compiles_cleanly(source(CASES, dtype), tmp_path)
