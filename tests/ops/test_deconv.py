@@ -30,6 +30,9 @@ CASES = (
     Case("frozen-groups", (4, 3, 3), "deconv(6, kernel=3, groups=2, frozen=true)", dict(groups=2)),
     Case("runtime-size", (3, 4, 5), "deconv(2, kernel=3, stride=2, pad=1, output_pad=1)",
          dict(stride=2, padding=1, output_padding=1), dims=(3, "H", "W"), shape2=(3, 6, 3)),
+    # big enough for the threaded GEMM and col2im/im2col (C·KK·P > 65536)
+    Case("parallel", (16, 16, 16), "deconv(16, kernel=5, stride=2, pad=2, output_pad=1)",
+         dict(stride=2, padding=2, output_padding=1)),
 )
 IDS = [c.id for c in CASES]
 

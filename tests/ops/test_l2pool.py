@@ -34,6 +34,8 @@ CASES = (
     # same pads both sizes, 7×5 and 9×3, with (0, 1) on each axis
     Case("runtime-size", (2, 7, 5), "l2pool(2, pad=same)", dict(window=(2, 2), stride=(2, 2), pads=((0, 1), (0, 1))),
          dims=(2, "H", "W"), shape2=(2, 9, 3)),
+    # big enough that batch 3 takes the OpenMP path (N·C·outputs > 16384)
+    Case("parallel", (16, 32, 32), "l2pool(2, stride=1)", dict(window=(2, 2), stride=(1, 1), pads=((0, 0), (0, 0)))),
 )
 IDS = [c.id for c in CASES]
 

@@ -24,6 +24,8 @@ CASES = (
          dict(kernel=(4,), stride=(3,), pads=((1, 1),))),
     Case("frozen", (2, 5, 5), "local(2, kernel=3, frozen=true)",
          dict(kernel=(3, 3), stride=(1, 1), pads=((0, 0), (0, 0)))),
+    # big enough that batch 3 takes the OpenMP paths (N·CO·P·CI·KK > 65536)
+    Case("parallel", (4, 12, 12), "local(8, kernel=3)", dict(kernel=(3, 3), stride=(1, 1), pads=((0, 0), (0, 0)))),
 )
 IDS = [c.id for c in CASES]
 

@@ -21,6 +21,7 @@ CASES = (
     Case("3d-k4", (4, 2, 3, 2), "maxout(4)", dict(k=4)),
     Case("k1-identity", (3, 4, 4), "maxout(1)", dict(k=1)),
     Case("runtime-size", (6, 3, 5), "maxout(2)", dict(k=2), dims=(6, "H", "W"), shape2=(6, 4, 2)),
+    Case("parallel", (32, 32, 32), "maxout(4)", dict(k=4)),   # batch 3 takes the OpenMP path
 )
 IDS = [c.id for c in CASES]
 

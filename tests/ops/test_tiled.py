@@ -24,6 +24,9 @@ CASES = (
     Case("runtime-size", (2, 7, 6), "tiled(3, kernel=3, tile=2, pad=same)",
          dict(kernel=(3, 3), stride=(1, 1), pads=((1, 1), (1, 1)), tile=(2, 2)), dims=(2, "H", "W"),
          shape2=(2, 5, 9)),
+    # big enough that batch 3 takes the OpenMP paths (N·CO·P·CI·KK > 65536)
+    Case("parallel", (4, 12, 12), "tiled(8, kernel=3, tile=3)",
+         dict(kernel=(3, 3), stride=(1, 1), pads=((0, 0), (0, 0)), tile=(3, 3))),
 )
 IDS = [c.id for c in CASES]
 

@@ -30,6 +30,9 @@ CASES = (
     Case("1-pixel-bilinear", (2, 1, 1), "upsample(4, mode=bilinear)", dict(factor=(4, 4), mode="bilinear")),
     Case("runtime-size", (2, 3, 4), "upsample(2, mode=bilinear)", dict(factor=(2, 2), mode="bilinear"),
          dims=(2, "H", "W"), shape2=(2, 5, 2)),
+    # big enough that batch 3 takes the OpenMP path (N·C·outputs > 65536)
+    Case("parallel-nearest", (16, 24, 24), "upsample(2)", dict(factor=(2, 2))),
+    Case("parallel-bilinear", (16, 24, 24), "upsample(2, mode=bilinear)", dict(factor=(2, 2), mode="bilinear")),
 )
 IDS = [c.id for c in CASES]
 
