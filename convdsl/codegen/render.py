@@ -192,7 +192,7 @@ def render_c(plan: Plan, backend: Backend = C) -> CSource:
                  "init_text": _init_text(spec), "init_scale": repr(_init_scale(spec)), "const_name": ""}
         if spec.init.kind == "const":
             cname = f"cdsl_const_{idx}"
-            consts.append({"c_name": cname, "name": slot.full_name, "values": _c_number_list(spec.const_values, dtype)})
+            consts.append({"c_name": cname, "name": slot.full_name, "numbers": _c_number_list(spec.const_values, dtype)})
             entry["const_name"] = cname
         params.append(entry)
 

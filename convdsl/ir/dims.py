@@ -91,8 +91,27 @@ def mul(a: Dim, b: Dim) -> Dim:
             return 0
         tb, cb = _as_parts(b)
         return _make({k: v * a for k, v in tb.items()}, cb * a)
-    x, y = sorted((a, b), key=repr)
-    return _make({Atom("mul", args=(x, y)): 1}, 0)
+    # Both symbolic: distribute, so that 4·(3·H)·W reads 12·H·W.
+    ta, ca = _as_parts(a)
+    tb, cb = _as_parts(b)
+    terms: dict = {}
+    for x, cx in ta.items():
+        for y, cy in tb.items():
+            m = _monomial(x, y)
+            terms[m] = terms.get(m, 0) + cx * cy
+    for x, cx in ta.items():
+        terms[x] = terms.get(x, 0) + cx * cb
+    for y, cy in tb.items():
+        terms[y] = terms.get(y, 0) + cy * ca
+    return _make(terms, ca * cb)
+
+
+def _factors(atom: Atom) -> tuple:
+    return atom.args if atom.kind == "mul" else (atom,)
+
+
+def _monomial(x: Atom, y: Atom) -> Atom:
+    return Atom("mul", args=tuple(sorted(_factors(x) + _factors(y), key=repr)))
 
 
 def floordiv(a: Dim, k: int) -> Dim:
@@ -142,7 +161,9 @@ def variables(d: Dim) -> set[str]:
             out.add(atom.name)
         else:
             for arg in atom.args:
-                if not isinstance(arg, int):
+                if isinstance(arg, Atom):
+                    out |= variables(Sym(((arg, 1),), 0))
+                elif not isinstance(arg, int):
                     out |= variables(arg)
     return out
 
@@ -159,7 +180,9 @@ def evaluate(d: Dim, env: dict[str, int]) -> int:
         elif atom.kind == "max":
             v = max(evaluate(atom.args[0], env), evaluate(atom.args[1], env))
         else:
-            v = evaluate(atom.args[0], env) * evaluate(atom.args[1], env)
+            v = 1
+            for factor in atom.args:
+                v *= evaluate(Sym(((factor, 1),), 0), env)
         total += c * v
     return total
 
@@ -177,7 +200,9 @@ def _render(d: Dim, var: Callable[[str], str], fdiv: Callable[[str, int], str],
         elif atom.kind == "max":
             s = fmax(_render(atom.args[0], var, fdiv, fmax), _render(atom.args[1], var, fdiv, fmax))
         else:
-            s = f"{_render_factor(atom.args[0], var, fdiv, fmax)}*{_render_factor(atom.args[1], var, fdiv, fmax)}"
+            s = "*".join(_grouped(f, _render(Sym(((f, 1),), 0), var, fdiv, fmax)) for f in atom.args)
+        if c not in (1, -1):
+            s = _grouped(atom, s)
         if c == 1:
             term = s
         elif c == -1:
@@ -193,9 +218,9 @@ def _render(d: Dim, var: Callable[[str], str], fdiv: Callable[[str, int], str],
     return text
 
 
-def _render_factor(d, var, fdiv, fmax) -> str:
-    s = _render(d, var, fdiv, fmax)
-    return s if isinstance(d, int) or (len(d.terms) == 1 and d.const == 0 and d.terms[0][1] == 1) else f"({s})"
+def _grouped(atom: Atom, text: str) -> str:
+    """Parenthesise a floor division inside a product: 3*(H//2), never 3*H//2."""
+    return f"({text})" if atom.kind == "floordiv" else text
 
 
 def to_text(d: Dim) -> str:
