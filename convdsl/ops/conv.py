@@ -77,7 +77,8 @@ class Conv(OpDef):
 
     def infer(self, in_types, attrs, ctx) -> TensorType:
         (t,) = in_types
-        outs = output_sizes(self.name, t, attrs["pads"], attrs["kernel"], attrs["stride"], attrs["dilation"], ctx)
+        outs = output_sizes(self.name, t, attrs["pads"], attrs["kernel"], attrs["stride"], attrs["dilation"], ctx,
+                            attrs["pad_spec"])
         return TensorType((attrs["out"], *outs))
 
     def param_specs(self, in_types, attrs) -> tuple[ParamSpec, ...]:

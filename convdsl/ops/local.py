@@ -49,13 +49,14 @@ class UnsharedConv(OpDef):
             "bias": expect_bool(attrs["bias"], ctx, "bias"), "init": parse_init(attrs["init"], ctx),
             "frozen": expect_bool(attrs["frozen"], ctx, "frozen"),
         }
-        outs = output_sizes(self.name, t, pads, kernel, stride, ones, ctx)
+        outs = output_sizes(self.name, t, pads, kernel, stride, ones, ctx, attrs["pad"])
         norm["tile"] = self.kernel_sets(attrs, outs, ctx)
         return norm
 
     def infer(self, in_types, attrs, ctx):
         (t,) = in_types
-        outs = output_sizes(self.name, t, attrs["pads"], attrs["kernel"], attrs["stride"], attrs["dilation"], ctx)
+        outs = output_sizes(self.name, t, attrs["pads"], attrs["kernel"], attrs["stride"], attrs["dilation"], ctx,
+                            attrs["pad_spec"])
         return TensorType((attrs["out"], *outs))
 
     def param_specs(self, in_types, attrs):

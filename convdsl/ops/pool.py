@@ -27,7 +27,8 @@ class WindowPool(OpDef):
 
     def infer(self, in_types, attrs, ctx):
         (t,) = in_types
-        outs = output_sizes(self.name, t, attrs["pads"], attrs["kernel"], attrs["stride"], attrs["dilation"], ctx)
+        outs = output_sizes(self.name, t, attrs["pads"], attrs["kernel"], attrs["stride"], attrs["dilation"], ctx,
+                            attrs["pad_spec"])
         return TensorType((t.channels, *outs))
 
     def macs(self, in_types, out, attrs):

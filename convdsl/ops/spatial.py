@@ -83,10 +83,17 @@ def output_size(size: Dim, pads: tuple[Dim, Dim], k_eff: int, stride: int) -> Di
     return D.add(D.floordiv(D.sub(D.add(D.add(size, pads[0]), pads[1]), k_eff), stride), 1)
 
 
-def output_sizes(op: str, t: TensorType, pads, kernel, stride, dilation, ctx: OpContext) -> tuple[Dim, ...]:
-    """Output spatial sizes; a static size below 1 is an error that says what would fix it."""
+def output_sizes(op: str, t: TensorType, pads, kernel, stride, dilation, ctx: OpContext,
+                 pad_spec=None) -> tuple[Dim, ...]:
+    """Output spatial sizes; a static size below 1 is an error that says what would fix it.
+
+    With pad=same the size is ceil(in / stride) by definition; saying so directly keeps
+    run-time sizes readable ((H + 1)//2 rather than the padding formula spelled out)."""
     keff = effective_kernel(kernel, dilation)
-    outs = tuple(output_size(s, p, k, st) for s, p, k, st in zip(t.spatial, pads, keff, stride))
+    if isinstance(pad_spec, Symbol) and pad_spec.name == "same":
+        outs = tuple(D.ceildiv(s, st) for s, st in zip(t.spatial, stride))
+    else:
+        outs = tuple(output_size(s, p, k, st) for s, p, k, st in zip(t.spatial, pads, keff, stride))
     if any(isinstance(o, int) and o < 1 for o in outs):
         shown = "×".join(str(max(o, 0)) if isinstance(o, int) else D.to_text(o) for o in outs)
         insz = "×".join(D.to_text(s) for s in t.spatial)
