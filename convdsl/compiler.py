@@ -12,7 +12,7 @@ from .ir.build import build_graph, load_program
 from .ir.graph import Graph
 from .frontend.parser import parse, parse_file
 from .ops.losses import LOSSES
-from .passes.schedule import Plan, make_plan
+from .passes.schedule import Plan, buffer_layout, make_plan
 from .passes.verify import verify
 
 
@@ -47,6 +47,7 @@ def module_meta(graph: Graph) -> dict:
     inputs = [{"name": i.name, "dims": [dim(d) for d in i.dims]} for i in graph.inputs]
     outputs = [{"name": o.name} for o in graph.outputs]
     params = [(f"{layer.name}.{p.name}", tuple(p.shape), p.trainable) for layer in graph.layers for p in layer.params]
+    buffers = [(b.full_name, tuple(b.spec.shape)) for b in buffer_layout(graph)]
     loss = None
     if graph.loss is not None:
         loss = {"kind": graph.loss.kind, "target_kind": LOSSES[graph.loss.kind].target_kind,
@@ -54,7 +55,7 @@ def module_meta(graph: Graph) -> dict:
     from .codegen.render import module_name
     return {"network": graph.name, "prefix": module_name(graph.name), "dtype": graph.dtype,
             "layout": graph.layout, "inputs": inputs, "outputs": outputs, "sym_dims": list(graph.sym_dims),
-            "params": params, "loss": loss}
+            "params": params, "buffers": buffers, "loss": loss}
 
 
 def build_module(compiled: Compiled) -> types.ModuleType:

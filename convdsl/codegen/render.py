@@ -103,6 +103,12 @@ class ParamView:
 
 
 @dataclass
+class BufferView:
+    data: str
+    size: int
+
+
+@dataclass
 class NodeView:
     fn: str
     label: str
@@ -116,6 +122,8 @@ class NodeView:
     attrs: Any
     k: dict
     real: Any = field(repr=False, default=None)
+    b: dict = field(default_factory=dict)         # buffers of the layer: running_mean …
+    saved: str | None = None                      # per-batch memory kept from forward to backward
 
 
 def _c_float(value: float, dtype: str) -> str:
@@ -150,7 +158,8 @@ def render_c(plan: Plan, backend: Backend = C) -> CSource:
         t = g.values[vid].type
         return TensorView(f"m->value[{vid}]", f"m->value_grad[{vid}]", c(t.channels), c(D.product(t.shape)))
 
-    nodes, helpers = [], []
+    saved_index = {nid: k for k, (nid, _) in enumerate(plan.saved)}
+    nodes, helpers, guards = [], [], []
     for nid in plan.order:
         node = g.nodes[nid]
         op = lookup(node.op)
@@ -164,12 +173,18 @@ def render_c(plan: Plan, backend: Backend = C) -> CSource:
             params[local] = ParamView(f"(m->params + {slot.offset})",
                                       f"(m->grads + {slot.offset})" if slot.spec.trainable else None,
                                       slot.spec.trainable, slot.size, slot.spec.shape)
+        buffers = {local: BufferView(f"(m->buffers + {slot.offset})", slot.size)
+                   for local, slot in plan.layer_buffers(node.layer).items()}
         fn = f"n{nid}_" + checked_identifier(node.label, dotted=True).replace(".", "_")
+        label = checked_identifier(node.label, dotted=True)
         nodes.append(NodeView(
-            fn=fn, label=checked_identifier(node.label, dotted=True), line=node.span.line, op=node.op,
+            fn=fn, label=label, line=node.span.line, op=node.op,
             describe=op.describe(node.attrs), template=backend.op_template(op),
             x=[view(v) for v in node.inputs], y=view(node.output), p=params, attrs=node.attrs,
-            k=op.kernel_context(node.attrs, in_types, out_t, c), real=real))
+            k=op.kernel_context(node.attrs, in_types, out_t, c), real=real, b=buffers,
+            saved=f"m->saved[{saved_index[nid]}]" if nid in saved_index else None))
+        for cond, message in op.training_guards(node.attrs, in_types, out_t, c):
+            guards.append({"cond": cond, "message": f"{node.op} {label} (line {node.span.line}) {message}"})
 
     def boundary(vid: int, index: int, name: str):
         t = g.values[vid].type
@@ -218,6 +233,9 @@ def render_c(plan: Plan, backend: Backend = C) -> CSource:
                 size_checks.append({"expr": c(d), "message": f"the input is too small: the output of {where} "
                                                               f"would be empty ({D.to_text(d)} < 1)"})
     scratch = [c(s) for s in plan.scratch]
+    saved = [{"index": k, "numel": c(n), "node": g.nodes[nid].label} for k, (nid, n) in enumerate(plan.saved)]
+    buffer_table = [{"name": checked_identifier(b.full_name, dotted=True), "offset": b.offset, "size": b.size,
+                     "shape": b.spec.shape, "fill": real(b.spec.fill)} for b in plan.buffers]
     # The slot table is complete only once everything above has been rendered.
     context = {
         "prefix": prefix, "net": g, "source_name": comment_safe(Path(g.source_path).name), "ctype": C_TYPES[dtype],
@@ -225,6 +243,7 @@ def render_c(plan: Plan, backend: Backend = C) -> CSource:
         "nodes": nodes, "helpers": helpers, "values": values, "inputs": inputs, "outputs": outputs,
         "params": params, "param_total": plan.param_total, "consts": consts, "loss": loss,
         "size_checks": size_checks, "scratch": scratch,
+        "buffers": buffer_table, "buffer_total": plan.buffer_total, "saved": saved, "training_guards": guards,
     }
     try:
         body = env.get_template(backend.module_template()).render(dims=c.slot_exprs(), **context)

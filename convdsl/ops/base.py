@@ -43,6 +43,15 @@ class ConstTensor:
 
 
 @dataclass(frozen=True)
+class BufferSpec:
+    """State a layer keeps besides its parameters (batchnorm's running statistics): saved and
+    loaded with the weights, changed by forward, never by training steps."""
+    name: str                        # local to its layer: running_mean …
+    shape: tuple[int, ...]
+    fill: float                      # every element's value in a new model
+
+
+@dataclass(frozen=True)
 class Arg:
     name: str
     default: Any = REQUIRED
@@ -133,6 +142,21 @@ class OpDef:
     def scratch_elements(self, in_types: tuple[TensorType, ...], out: TensorType, attrs: dict) -> Dim:
         """Per-sample scratch memory (elements) the kernel needs, e.g. im2col's column matrix."""
         return 0
+
+    def buffer_specs(self, in_types: tuple[TensorType, ...], attrs: dict) -> tuple[BufferSpec, ...]:
+        """Non-trainable state of the layer (one set per layer, shared like its parameters)."""
+        return ()
+
+    def saved_elements(self, in_types: tuple[TensorType, ...], out: TensorType, attrs: dict) -> Dim:
+        """Per-sample memory (elements) a forward leaves for the backward of the same node,
+        e.g. dropout's mask; the template sees it as `node.saved`."""
+        return 0
+
+    def training_guards(self, attrs: dict, in_types: tuple[TensorType, ...], out: TensorType,
+                        c: Callable[[Dim], str]) -> tuple[tuple[str, str], ...]:
+        """(C condition, message) pairs a training-mode forward checks before running; a false
+        condition makes forward fail with the message (C expressions may use m->batch)."""
+        return ()
 
     def describe(self, attrs: dict) -> str:
         """The op with its key arguments, as `check` prints it."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import Graph, Layer, ParamSpec
-from ..ops.base import lookup
+from ..ops.base import BufferSpec, lookup
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,16 @@ class ParamSlot:
 
 
 @dataclass(frozen=True)
+class BufferSlot:
+    """A layer's non-trainable state (batchnorm's running statistics) in the buffer block."""
+    full_name: str                   # layer.buffer, as Model.buffers names it
+    layer: str
+    spec: BufferSpec
+    offset: int                      # elements from the start of the buffer block
+    size: int
+
+
+@dataclass(frozen=True)
 class Plan:
     graph: Graph
     order: tuple[int, ...]           # node ids, forward order
@@ -31,6 +41,9 @@ class Plan:
     param_total: int
     scratch: tuple[Dim, ...]         # per-sample scratch needs; the module takes the largest
     algorithms: tuple[tuple[int, str], ...]   # node id → algorithm chosen
+    buffers: tuple[BufferSlot, ...] = ()
+    buffer_total: int = 1
+    saved: tuple[tuple[int, Dim], ...] = ()   # node id → per-sample elements its forward keeps for backward
 
     def param(self, full_name: str) -> ParamSlot:
         return next(p for p in self.params if p.full_name == full_name)
@@ -38,10 +51,34 @@ class Plan:
     def layer_params(self, layer_name: str) -> dict[str, ParamSlot]:
         return {p.spec.name: p for p in self.params if p.layer.name == layer_name}
 
+    def layer_buffers(self, layer_name: str) -> dict[str, BufferSlot]:
+        return {b.spec.name: b for b in self.buffers if b.layer == layer_name}
+
 
 def _align(n: int, to: int = 16) -> int:
     # Parameters start on 64-byte boundaries so vector loads of a weight row stay aligned.
     return (n + to - 1) // to * to
+
+
+def buffer_layout(graph: Graph) -> tuple[BufferSlot, ...]:
+    """Every layer's buffers, in the order of the layers' parameters. A shared layer's buffers
+    come from its first use (every use has the same input shape, as its parameters do)."""
+    first_use = {}
+    for node in graph.nodes:
+        first_use.setdefault(node.layer, node)
+    # Layers with parameters in their order; then any parameterless owner of buffers.
+    owners = list(dict.fromkeys([layer.name for layer in graph.layers] + list(first_use)))
+    slots, offset = [], 0
+    for owner in owners:
+        node = first_use.get(owner)
+        if node is None:
+            continue
+        in_types = tuple(graph.values[v].type for v in node.inputs)
+        for spec in lookup(node.op).buffer_specs(in_types, node.attrs):
+            size = D.product(spec.shape)
+            slots.append(BufferSlot(f"{owner}.{spec.name}", owner, spec, offset, size))
+            offset = _align(offset + size)
+    return tuple(slots)
 
 
 def make_plan(graph: Graph) -> Plan:
@@ -54,14 +91,20 @@ def make_plan(graph: Graph) -> Plan:
             offset = _align(offset + size)
     scratch = []
     algorithms = []
+    saved = []
     for node in graph.nodes:
         op = lookup(node.op)
         in_types = tuple(graph.values[v].type for v in node.inputs)
         need = op.scratch_elements(in_types, graph.values[node.output].type, node.attrs)
         if need != 0:
             scratch.append(need)
+        keep = op.saved_elements(in_types, graph.values[node.output].type, node.attrs)
+        if keep != 0:
+            saved.append((node.id, keep))
         algo = node.attrs.get("algo")
         if algo is not None:
             algorithms.append((node.id, "im2col" if algo == "auto" else algo))
+    buffers = buffer_layout(graph)
+    buffer_total = max((b.offset + b.size for b in buffers), default=0)
     return Plan(graph, tuple(n.id for n in graph.nodes), tuple(params), max(offset, 1), tuple(scratch),
-                tuple(algorithms))
+                tuple(algorithms), buffers, max(buffer_total, 1), tuple(saved))

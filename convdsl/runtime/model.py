@@ -66,6 +66,12 @@ class ModelBase:
                 grads[name] = self._view(self._call("grad_data", self._m, i), shape)
         self.params = MappingProxyType(params)
         self.grads = MappingProxyType(grads)
+        # Layer state that is not trained (batchnorm's running statistics): changed by a
+        # training-mode forward, saved and loaded with the parameters.
+        buffers = OrderedDict()
+        for i, (name, shape) in enumerate(meta.get("buffers", ())):
+            buffers[name] = self._view(self._call("buffer_data", self._m, i), shape)
+        self.buffers = MappingProxyType(buffers)
         self._prepared: tuple | None = None
         self._last_outputs: tuple | None = None
         self._forward_key: tuple | None = None
@@ -256,19 +262,24 @@ class ModelBase:
         self._call("set_training", self._m, 0)
         return self
 
+    def _state(self) -> dict[str, np.ndarray]:
+        """Parameters then buffers, by name: what save writes and load restores."""
+        return {**self.params, **self.buffers}
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {name: arr.copy() for name, arr in self.params.items()}
+        return {name: arr.copy() for name, arr in self._state().items()}
 
     def save(self, path) -> None:
-        """Write every parameter to an .npz file, by name."""
+        """Write every parameter and buffer to an .npz file, by name."""
         path = os.fspath(path)
         np.savez(path, **self.state_dict())
 
     def load(self, path) -> None:
-        """Read parameters saved by `save`; names and shapes must match exactly."""
+        """Read parameters and buffers saved by `save`; names and shapes must match exactly."""
+        state = self._state()
         with np.load(os.fspath(path), allow_pickle=False) as data:
             names = set(data.files)
-            expected = set(self.params)
+            expected = set(state)
             if names != expected:
                 missing = sorted(expected - names)
                 extra = sorted(names - expected)
@@ -276,7 +287,7 @@ class ModelBase:
                                  + (f"; missing {missing}" if missing else "")
                                  + (f"; unexpected {extra}" if extra else ""))
             staged = {}
-            for name, arr in self.params.items():
+            for name, arr in state.items():
                 value = data[name]
                 if value.shape != arr.shape:
                     raise ValueError(f"{path}: `{name}` has shape {value.shape}, expected {arr.shape}")
@@ -284,7 +295,7 @@ class ModelBase:
                     raise TypeError(f"{path}: `{name}` has dtype {value.dtype}, expected real numbers")
                 staged[name] = value
         for name, value in staged.items():
-            self.params[name][...] = value
+            state[name][...] = value
 
     def __repr__(self) -> str:
         n = sum(a.size for a in self.params.values())
