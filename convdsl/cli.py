@@ -51,6 +51,25 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .passes.fc_to_conv import convert_file
+    if not args.fc_to_conv:
+        raise ConvDSLError(None, "convert: say which transformation (--fc-to-conv)")
+    if args.weights_out and not args.weights:
+        raise ConvDSLError(None, "convert: --weights-out needs --weights")
+    out = Path(args.output)
+    conversion = convert_file(args.file, out, network=args.network, weights=args.weights,
+                              weights_out=args.weights_out)
+    names = {m.old: m.new for m in conversion.moves}
+    done = ", ".join(f"{d.label} -> {names[f'{d.label}.weight'].rsplit('.', 1)[0]}" for d in conversion.dense
+                     if f"{d.label}.weight" in names)
+    print(f"{conversion.network}: wrote {out} ({done})")
+    if args.weights:
+        target = Path(args.weights_out) if args.weights_out else out.with_suffix(".npz")
+        print(f"{conversion.network}: wrote {target} ({len(conversion.moves)} arrays)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convdsl", description="Compile .cnn networks to C kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="build", help="output folder (default: build)")
     p.add_argument("--network", help="only this network of the file")
     p.set_defaults(run=cmd_compile)
+    p = sub.add_parser("convert", help="transform a network: --fc-to-conv turns its dense head into convolutions")
+    p.add_argument("file")
+    p.add_argument("--fc-to-conv", action="store_true",
+                   help="the dense layers after the last spatial map become equivalent convolutions (§2.5)")
+    p.add_argument("-o", "--output", required=True, help="the new .cnn file")
+    p.add_argument("--weights", help="a weight file of the network (.npz from Model.save) to convert too")
+    p.add_argument("--weights-out", help="where the converted weights go (default: OUTPUT with .npz)")
+    p.add_argument("--network", help="the network to convert, when the file holds several")
+    p.set_defaults(run=cmd_convert)
     return parser
 
 
