@@ -60,9 +60,7 @@ def cmd_convert(args) -> int:
     out = Path(args.output)
     conversion = convert_file(args.file, out, network=args.network, weights=args.weights,
                               weights_out=args.weights_out)
-    names = {m.old: m.new for m in conversion.moves}
-    done = ", ".join(f"{d.label} -> {names[f'{d.label}.weight'].rsplit('.', 1)[0]}" for d in conversion.dense
-                     if f"{d.label}.weight" in names)
+    done = ", ".join(f"{d.label} -> {conversion.new_label(d.label)}" for d in conversion.dense)
     print(f"{conversion.network}: wrote {out} ({done})")
     if args.weights:
         target = Path(args.weights_out) if args.weights_out else out.with_suffix(".npz")
