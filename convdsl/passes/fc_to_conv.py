@@ -26,7 +26,6 @@ import numpy as np
 from ..errors import ConvDSLError
 from ..frontend import ast, unparse
 from ..frontend.parser import KEYWORDS, parse, parse_file
-from ..ir import dims as D
 from ..ir.build import BUILTINS, SYMBOLS, build_graph, load_program
 from ..ir.graph import Graph, Init, Node, TensorType
 from ..ops.base import registry
