@@ -283,7 +283,7 @@ class ModelBase:
             if names != expected:
                 missing = sorted(expected - names)
                 extra = sorted(names - expected)
-                raise ValueError(f"{path}: parameters do not match this network"
+                raise ValueError(f"{path}: parameters and buffers do not match this network"
                                  + (f"; missing {missing}" if missing else "")
                                  + (f"; unexpected {extra}" if extra else ""))
             staged = {}
