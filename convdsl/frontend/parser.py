@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
@@ -20,6 +21,7 @@ _TERMINAL_NAMES = {
     "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
     "COMMA": "','", "COLON": "':'", "EQUAL": "'='", "ARROW": "'->'", "PLUS": "'+'", "MINUS": "'-'",
     "STAR": "'*'", "SLASH": "'/'", "DSLASH": "'//'", "$END": "end of file",
+    "NETWORK": "`network`", "BLOCK": "`block`", "USE": "`use`",
 }
 
 
@@ -230,55 +232,99 @@ def _describe_token(tok: Token) -> str:
     return f"`{tok}`"
 
 
+# When a parser state accepts many tokens, naming them all helps nobody: these are the ones
+# worth saying, in this order, and at most four of them.
+_WORTH_SAYING = ("NAME", "NUMBER", "EQUAL", "COLON", "RPAR", "RSQB", "RBRACE", "LBRACE", "COMMA", "ARROW", "_NL",
+                 "NETWORK", "BLOCK", "USE", "$END")
+_STATEMENT_KEYWORDS = frozenset({"input", "layer", "const", "repeat", "output", "loss", "layout", "dtype", "return"})
+
+
 def _expected_text(expected) -> str:
     names = []
-    for e in sorted(expected):
-        if e.startswith("__ANON") or e in ("COMMENT",):
-            continue
-        n = _TERMINAL_NAMES.get(e)
-        if n is None:
-            n = f"'{e.lower()}'" if e.isupper() else e
-        if n not in names:
-            names.append(n)
-    if not names:
+    for e in _WORTH_SAYING:
+        if e in expected:
+            n = _TERMINAL_NAMES.get(e) or f"`{e.lower()}`"
+            if n not in names:
+                names.append(n)
+    if not names or len(names) > 4:
         return ""
-    if len(names) > 6:
-        names = names[:6] + ["…"]
-    return ", ".join(names)
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _unclosed_bracket(source: Source, upto_line: int, upto_col: int):
+    """The innermost ( or [ still open before a position, as (char, line, col), or None."""
+    stack = []
+    try:
+        for tok in _parser().lex(source.text):
+            if (tok.line, tok.column) >= (upto_line, upto_col):
+                break
+            if tok.type in ("LPAR", "LSQB"):
+                stack.append((str(tok), tok.line, tok.column))
+            elif tok.type in ("RPAR", "RSQB") and stack:
+                stack.pop()
+    except UnexpectedInput:
+        pass
+    return stack[-1] if stack else None
 
 
 def _syntax_error(source: Source, err: UnexpectedInput) -> ConvDSLError:
     line, col = max(err.line, 1), max(err.column, 1)
     if isinstance(err, UnexpectedCharacters):
         ch = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
-        hint = ""
+        msg = f"unexpected character `{ch}`"
         if ch == ";":
-            hint = "; statements end at the end of the line, no `;` needed"
-        elif ch in "{}":
-            hint = ""
-        return ConvDSLError(Span(source, line, col, line, col + 1), f"unexpected character `{ch}`{hint}")
+            msg += "; statements end at the end of the line, no `;` needed"
+        elif ch == '"':
+            msg += '; a string is only used in `use "file.cnn"` and must close on its line'
+        elif ch == ".":
+            msg = "malformed number: a number has at most one decimal point"
+        return ConvDSLError(Span(source, line, col, line, col + 1), msg)
     if isinstance(err, UnexpectedToken):
         tok = err.token
         if tok.type == "$END":
             lines = source.text.splitlines() or [""]
             line, col = len(lines), len(lines[-1]) + 1
             span = Span(source, line, col, line, col + 1)
-            expected = _expected_text(err.expected)
             msg = "unexpected end of file"
             if "RBRACE" in err.expected:
                 msg += ": a `{` is never closed (missing `}`)"
-            elif expected:
-                msg += f": expected {expected}"
+            else:
+                expected = _expected_text(err.expected)
+                if expected:
+                    msg += f"; expected {expected}"
             return ConvDSLError(span, msg)
         width = len(str(tok)) if tok.type != "_NL" else 1
         span = Span(source, tok.line, tok.column, tok.line, tok.column + max(1, width))
+        text = str(tok)
+        if text in KEYWORDS and "NAME" in err.expected:
+            return ConvDSLError(span, f"`{tok}` is a keyword and cannot be used as a name")
+        if text in _STATEMENT_KEYWORDS and "NETWORK" in err.expected:
+            return ConvDSLError(span, f"`{tok}` is a statement: it belongs inside `network NAME {{ … }}` or a block")
+        if tok.type == "NUMBER" and text.startswith(".") and tok.start_pos and \
+                source.text[tok.start_pos - 1].isdigit():
+            return ConvDSLError(span, "malformed number: a number has at most one decimal point")
+        before = source.text[:tok.start_pos].rstrip() if tok.start_pos is not None else ""
+        if before.endswith("->") and "NAME" in err.expected:
+            return ConvDSLError(span, "`->` needs an op after it, on the same line")
+        previous = re.search(r"([A-Za-z_][A-Za-z0-9_]*)$", before)
+        if previous and previous.group(1) in KEYWORDS and text == "=":
+            at = previous.start(1)
+            kw_line = source.text.count("\n", 0, at) + 1
+            kw_col = at - source.text.rfind("\n", 0, at)
+            kw_span = Span(source, kw_line, kw_col, kw_line, kw_col + len(previous.group(1)))
+            return ConvDSLError(kw_span, f"`{previous.group(1)}` is a keyword and cannot be used as a name")
+        opened = _unclosed_bracket(source, tok.line, tok.column)
+        if opened is not None and opened[1] < tok.line:
+            char, oline, ocol = opened
+            closer = ")" if char == "(" else "]"
+            return ConvDSLError(span, f"unexpected {_describe_token(tok)}: the `{char}` opened at line {oline}, "
+                                      f"column {ocol} is never closed (missing `{closer}`)")
         msg = f"unexpected {_describe_token(tok)}"
-        if str(tok) in KEYWORDS and "NAME" in err.expected:
-            msg = f"`{tok}` is a keyword and cannot be used as a name"
-        else:
-            expected = _expected_text(err.expected)
-            if expected:
-                msg += f"; expected {expected}"
+        expected = _expected_text(err.expected)
+        if expected:
+            msg += f"; expected {expected}"
         return ConvDSLError(span, msg)
     if isinstance(err, UnexpectedEOF):
         lines = source.text.splitlines() or [""]
