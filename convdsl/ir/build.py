@@ -257,6 +257,8 @@ class GraphBuilder:
 
     def declare_layer(self, stmt: ast.LayerDecl, scope: Scope) -> LayerRef:
         call = stmt.value
+        if isinstance(call, ast.Name) and lookup(call.id) is not None:
+            call = ast.Call(call.id, (), (), call.span)      # `layer P = globalavgpool`: an op without arguments
         if not isinstance(call, ast.Call):
             raise ConvDSLError(stmt.span, "`layer NAME = …` takes one op, such as conv(32, kernel=3)")
         if call.piped:
