@@ -1,0 +1,208 @@
+"""The generated Model's contract (§7): memory shared with numpy, every array checked,
+nothing a caller passes can crash the process or be misread."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convdsl
+from reference import assert_close
+
+NET = """
+network M {
+    input x: [2, 6, 6]
+    input z: [3]
+    h = x -> conv(3, kernel=3, pad=same) -> relu
+    v = h -> globalavgpool -> dense(3)
+    w = add(v, z)
+    output h, w
+}
+"""
+SHARED = """
+network R {
+    input x: [2, H, W]
+    layer U = conv(2, kernel=3, pad=same)
+    repeat 3 {
+        x = x -> U -> tanh
+    }
+    output x
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def module():
+    return convdsl.load_source(NET)
+
+
+@pytest.fixture
+def net(module):
+    return module.Model(seed=0)
+
+
+def inputs(batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((batch, 2, 6, 6)).astype(np.float32),
+            rng.standard_normal((batch, 3)).astype(np.float32))
+
+
+def test_params_share_memory_with_the_model(net):
+    x, z = inputs()
+    h0, _ = net.forward(x, z)
+    net.params["conv1.weight"][...] = 0
+    net.params["conv1.bias"][...] = 1
+    h1, _ = net.forward(x, z)
+    np.testing.assert_array_equal(h1, np.ones_like(h0))
+    with pytest.raises(TypeError):
+        net.params["conv1.weight"] = np.zeros((3, 2, 3, 3))          # the mapping itself is read-only
+    assert list(net.params) == ["conv1.weight", "conv1.bias", "dense1.weight", "dense1.bias"]
+
+
+def test_grads_are_overwritten_by_each_backward(net):
+    x, z = inputs()
+    h, w = net.forward(x, z)
+    net.backward(np.ones_like(h), np.ones_like(w))
+    first = net.grads["conv1.weight"].copy()
+    net.backward(np.ones_like(h), np.ones_like(w))
+    np.testing.assert_array_equal(net.grads["conv1.weight"], first)
+
+
+def test_several_inputs_and_outputs(net):
+    x, z = inputs()
+    out = net.forward(x, z)
+    assert isinstance(out, tuple) and [o.shape for o in out] == [(2, 3, 6, 6), (2, 3)]
+    grads = net.backward(*[np.ones_like(o) for o in out])
+    assert isinstance(grads, tuple) and grads[0].shape == x.shape and grads[1].shape == z.shape
+    np.testing.assert_array_equal(grads[1], np.ones_like(z))       # d(add)/dz = 1
+
+
+def test_wrong_shapes_say_what_was_expected(net):
+    x, z = inputs()
+    with pytest.raises(ValueError, match=r"expected an array shaped \[N, 2, 6, 6\]"):
+        net.forward(x[0], z)
+    with pytest.raises(ValueError, match="axis 2 must be 6"):
+        net.forward(np.zeros((2, 2, 5, 6), dtype=np.float32), z)
+    with pytest.raises(ValueError, match="batch size"):
+        net.forward(x, z[:1])
+    with pytest.raises(TypeError, match="takes 2 input"):
+        net.forward(x)
+    with pytest.raises(ValueError, match="empty"):
+        net.forward(x[:0], z[:0])
+
+
+def test_other_dtypes_are_converted_or_refused(net):
+    x, z = inputs()
+    ref = net.forward(x, z)
+    for a, b in zip(net.forward(x.astype(np.float64), z.astype(np.float64)), ref):
+        np.testing.assert_array_equal(a, b)
+    ints = net.forward(np.ones_like(x, dtype=np.int32), np.ones_like(z, dtype=np.int64))
+    for a, b in zip(ints, net.forward(np.ones_like(x), np.ones_like(z))):
+        np.testing.assert_array_equal(a, b)
+    for bad in (x.astype(np.complex64), x.astype(object), np.full(x.shape, "a")):
+        with pytest.raises(TypeError):
+            net.forward(bad, z)
+    with pytest.raises(TypeError):
+        net.forward([[1, 2], [3]], z)
+
+
+def test_non_contiguous_inputs_are_not_misread(net):
+    x, z = inputs(batch=4)
+    strided = np.asfortranarray(x)
+    view = np.concatenate([x, x], axis=3)[:, :, :, ::2]           # every other column: a non-contiguous view
+    for a, b in zip(net.forward(strided, z), net.forward(x, z)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(net.forward(view, z), net.forward(np.ascontiguousarray(view), z)):
+        np.testing.assert_array_equal(a, b)
+    reversed_batch = x[::-1]
+    for a, b in zip(net.forward(reversed_batch, z), net.forward(reversed_batch.copy(), z)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_backward_is_checked(module):
+    net = module.Model()
+    with pytest.raises(RuntimeError, match="forward first"):
+        net.backward(np.zeros((2, 3, 6, 6)), np.zeros((2, 3)))
+    x, z = inputs()
+    h, w = net.forward(x, z)
+    with pytest.raises(ValueError, match="expected shape"):
+        net.backward(np.zeros((2, 3, 6, 5)), w)
+    with pytest.raises(TypeError, match="one gradient per output"):
+        net.backward(h)
+
+
+def test_save_and_load_round_trip(tmp_path, module):
+    a, b = module.Model(seed=1), module.Model(seed=2)
+    a.save(tmp_path / "w.npz")
+    b.load(tmp_path / "w.npz")
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+    with np.load(tmp_path / "w.npz", allow_pickle=False) as data:
+        assert sorted(data.files) == sorted(a.params)
+
+
+def test_load_refuses_mismatches_without_writing_anything(tmp_path, module):
+    net = module.Model(seed=3)
+    before = {k: v.copy() for k, v in net.params.items()}
+    good = {k: np.zeros_like(v) for k, v in net.params.items()}
+    for name, broken in [("missing", {k: v for k, v in good.items() if k != "dense1.bias"}),
+                         ("extra", {**good, "other.weight": np.zeros(2)}),
+                         ("shape", {**good, "dense1.weight": np.zeros((2, 2))})]:
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **broken)
+        with pytest.raises(ValueError):
+            net.load(path)
+        for k in before:
+            np.testing.assert_array_equal(net.params[k], before[k])
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, **{**good, "dense1.bias": np.array([object()] * 3, dtype=object)})
+    with pytest.raises(ValueError):
+        net.load(pickled)
+
+
+def test_train_and_eval_modes(net):
+    assert net.training
+    assert net.eval() is net and not net.training
+    assert net.train() is net and net.training
+
+
+def test_seeds(module):
+    a, b, c = module.Model(seed=7), module.Model(seed=7), module.Model(seed=8)
+    np.testing.assert_array_equal(a.params["conv1.weight"], b.params["conv1.weight"])
+    assert not np.array_equal(a.params["conv1.weight"], c.params["conv1.weight"])
+    with pytest.raises(ValueError):
+        module.Model(seed=-1)
+
+
+def test_shared_layer_over_repeat_and_run_time_sizes_match_torch():
+    net = convdsl.load_source(SHARED).Model(seed=0)
+    rng = np.random.default_rng(9)
+    for p in net.params.values():
+        p[...] = rng.standard_normal(p.shape) * 0.5
+    w = torch.tensor(net.params["U.weight"], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(net.params["U.bias"], dtype=torch.float64, requires_grad=True)
+    for shape in [(2, 2, 5, 7), (1, 2, 9, 4)]:                    # one model, two sizes
+        x = rng.standard_normal(shape).astype(np.float32)
+        y = net.forward(x)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx = net.backward(dy)
+        xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        h = xt
+        for _ in range(3):
+            h = torch.tanh(F.conv2d(h, w, b, padding=1))
+        w.grad = b.grad = None
+        h.backward(torch.tensor(dy, dtype=torch.float64))
+        assert_close(y, h.detach().numpy(), what=f"forward {shape}")
+        assert_close(dx, xt.grad.numpy(), what=f"input gradient {shape}")
+        assert_close(net.grads["U.weight"], w.grad.numpy(), what="shared weight gradient: summed over uses")
+        assert_close(net.grads["U.bias"], b.grad.numpy(), what="shared bias gradient")
+
+
+def test_run_time_sizes_too_small_are_errors_not_crashes():
+    module = convdsl.load_source("network V {\n input x: [1, H, W]\n y = x -> conv(2, kernel=5) -> maxpool(2)\n"
+                                 " output y\n}\n")
+    net = module.Model()
+    with pytest.raises(ValueError, match="too small"):
+        net.forward(np.zeros((1, 1, 4, 9), dtype=np.float32))
+    assert net.forward(np.zeros((1, 1, 6, 9), dtype=np.float32)).shape == (1, 2, 1, 2)
