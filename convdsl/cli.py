@@ -1,4 +1,4 @@
-"""The `convdsl` command: check, compile (and, as they arrive, graph, convert, bench)."""
+"""The `convdsl` command: check, compile, graph, convert."""
 from __future__ import annotations
 
 import argparse
@@ -16,15 +16,50 @@ def _graphs(path: str, network: str | None):
     return [graph_from_file(path, n) for n in names]
 
 
+def _warnings(graph, args) -> tuple:
+    """The lint warnings of a graph, less the codes allowed on the command line."""
+    from .passes.lints import CODES, lint
+    allowed = frozenset(code.upper() for group in (args.allow or []) for code in group.replace(",", " ").split())
+    unknown = sorted(allowed - set(CODES))
+    if unknown:
+        raise ConvDSLError(None, f"--allow: unknown warning code(s) {', '.join(unknown)}; known: {', '.join(CODES)}")
+    return lint(graph, allowed)
+
+
+def _report_warnings(warnings, args) -> int:
+    severity = "error" if args.werror else "warning"
+    for w in warnings:
+        print(w.render(severity), file=sys.stderr)
+    return 1 if warnings and args.werror else 0
+
+
 def cmd_check(args) -> int:
-    from .passes.stats import collect
-    from .report import text_report
+    import json
     from .codegen.backends import C
+    from .passes.memory import plan_memory
+    from .passes.stats import collect
+    from .report import JSON_VERSION, json_network, text_report
+    documents, status = [], 0
     for i, graph in enumerate(_graphs(args.file, args.network)):
         C.check_supported(graph)
-        if i:
-            print()
-        print(text_report(graph, collect(graph)))
+        warnings = _warnings(graph, args)
+        stats, memory = collect(graph), plan_memory(graph)
+        if args.json:
+            documents.append(json_network(graph, stats, memory, warnings))
+        else:
+            if i:
+                print()
+            print(text_report(graph, stats, memory))
+        status = max(status, _report_warnings(warnings, args))
+    if args.json:
+        print(json.dumps({"convdsl_check": JSON_VERSION, "networks": documents}, indent=2, ensure_ascii=False))
+    return status
+
+
+def cmd_graph(args) -> int:
+    from .graphviz import write_graph
+    for path in write_graph(_graphs(args.file, args.network), Path(args.output)):
+        print(f"wrote {path}")
     return 0
 
 
@@ -35,7 +70,11 @@ def cmd_compile(args) -> int:
     import shutil
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    status = 0
     for graph in _graphs(args.file, args.network):
+        status = max(status, _report_warnings(_warnings(graph, args), args))
+        if status:
+            continue
         compiled = compile_graph(graph)
         src = compiled.source
         (out / f"{src.prefix}.c").write_text(src.c)
@@ -48,7 +87,7 @@ def cmd_compile(args) -> int:
             so_name_literal=repr(so_path.name))
         (out / f"{src.prefix}.py").write_text(py)
         print(f"{graph.name}: wrote {out / (src.prefix + '.c')}, {src.prefix}.h, {src.prefix}.py and {so_path.name}")
-    return 0
+    return status
 
 
 def cmd_convert(args) -> int:
@@ -68,18 +107,31 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _lint_options(p) -> None:
+    p.add_argument("--allow", action="append", metavar="CODE", help="silence a warning code (repeatable)")
+    p.add_argument("--werror", action="store_true", help="treat warnings as errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convdsl", description="Compile .cnn networks to C kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="check a file and report shapes, parameters, MACs, receptive fields")
     p.add_argument("file")
     p.add_argument("--network", help="only this network of the file")
+    p.add_argument("--json", action="store_true", help="the report as JSON (docs/check-report.schema.json)")
+    _lint_options(p)
     p.set_defaults(run=cmd_check)
     p = sub.add_parser("compile", help="write C, header and an importable Python module")
     p.add_argument("file")
     p.add_argument("-o", "--output", default="build", help="output folder (default: build)")
     p.add_argument("--network", help="only this network of the file")
+    _lint_options(p)
     p.set_defaults(run=cmd_compile)
+    p = sub.add_parser("graph", help="draw the network: DOT always, SVG/PNG/PDF with Graphviz installed")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True, help="net.dot, net.svg, net.png or net.pdf")
+    p.add_argument("--network", help="only this network of the file")
+    p.set_defaults(run=cmd_graph)
     p = sub.add_parser("convert", help="transform a network: --fc-to-conv turns its dense head into convolutions")
     p.add_argument("file")
     p.add_argument("--fc-to-conv", action="store_true",

@@ -37,7 +37,7 @@ class Span:
 def render_diagnostic(span: Span | None, severity: str, message: str, notes: tuple[str, ...] = ()) -> str:
     """gcc/rustc form: `FILE:LINE:COL: error: MESSAGE`, then the line and a caret under the span."""
     if span is None:
-        head = f"<unknown>: {severity}: {message}"
+        head = f"convdsl: {severity}: {message}"
         return "\n".join((head, *notes))
     text = span.source.line(span.line)
     out = [f"{span.path}:{span.line}:{span.col}: {severity}: {message}"]

@@ -77,7 +77,7 @@ def load_program(module: ast.Module, _stack: tuple[str, ...] = ()) -> Program:
             if str(target) in _stack:
                 raise ConvDSLError(item.span, f"`use \"{item.path}\"` makes a cycle of files")
             if not target.is_file():
-                raise ConvDSLError(item.span, f"cannot find `{item.path}` (looked at {target})")
+                raise ConvDSLError(item.span, f"cannot find `{item.path}` (looked for {base / item.path})")
             used = load_program(parse_file(target), (*_stack, str(Path(module.path).resolve())))
             for bname, block in used.blocks.items():
                 blocks.setdefault(bname, block)

@@ -20,9 +20,12 @@ class LayerStats:
     shape: str                # output shape in the file's layout
     params: int               # 0 for a later use of a shared layer
     shared_use: bool          # this node reuses weights counted at an earlier node
-    macs: Dim
+    macs: Dim                 # forward multiply-adds per sample
+    backward_macs: Dim        # input gradient (as many as forward) + weight gradient (as many again)
     receptive_field: str      # "5×5", or "all" once every input position is seen
     line: int
+    col: int = 0
+    scope: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class NetworkStats:
     params: int
     trainable_params: int
     macs: Dim
+    backward_macs: Dim
     param_bytes: int
     activation_bytes: Dim     # per sample: every value kept for backward
 
@@ -75,6 +79,7 @@ def collect(graph: Graph) -> NetworkStats:
     layer_params = {layer.name: layer for layer in graph.layers}
     total_params = trainable = 0
     total_macs: Dim = 0
+    total_back: Dim = 0
     for node in graph.nodes:
         op = lookup(node.op)
         out_t = graph.values[node.output].type
@@ -94,12 +99,17 @@ def collect(graph: Graph) -> NetworkStats:
         total_params += params
         macs = op.macs(in_types, out_t, node.attrs)
         total_macs = D.add(total_macs, macs)
+        # Backward computes the input gradient (as many MACs as forward) and, for trainable
+        # weights, the weight gradient (as many again).
+        trains = node.layer in layer_params and any(p.trainable for p in layer_params[node.layer].params)
+        back = D.mul(macs, 2 if trains else 1)
+        total_back = D.add(total_back, back)
         f = fields[node.output]
         rf = "all" if f == "all" else "×".join(str(x) for x in f[0])
         rows.append(LayerStats(node.id, node.label, node.op, op.describe(node.attrs), out_t.text(graph.layout),
-                               params, shared, macs, rf, node.span.line))
+                               params, shared, macs, back, rf, node.span.line, node.span.col, node.scope))
     act: Dim = 0
     for v in graph.values:
         act = D.add(act, D.product(v.type.shape))
-    return NetworkStats(tuple(rows), total_params, trainable, total_macs, total_params * BYTES[graph.dtype],
+    return NetworkStats(tuple(rows), total_params, trainable, total_macs, total_back, total_params * BYTES[graph.dtype],
                         D.mul(act, BYTES[graph.dtype]))
