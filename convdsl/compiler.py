@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
-from pathlib import Path
 
 from .codegen.render import CSource, render_c
-from .errors import ConvDSLError
 from .ir import dims as D
 from .ir.build import build_graph, load_program
 from .ir.graph import Graph

@@ -147,13 +147,10 @@ class GraphBuilder:
             if index is None:
                 raise ConvDSLError(span, "the loss must read one of the network's outputs; add it to `output`")
             loss_decl = LossDecl(kind, vid, index, attrs, span)
-            target = LOSSES[kind]
             vt = self.values[vid].type
-            if kind == "softmax_cross_entropy" and (len(vt.shape) < 1 or vt.shape[0] == 1
-                                                     and not isinstance(vt.shape[0], D.Sym)):
+            if kind == "softmax_cross_entropy" and vt.shape[0] == 1:
                 raise ConvDSLError(span, "softmax_cross_entropy needs at least 2 classes (channels); "
                                          f"the output is {vt.text(self.layout)}")
-            del target
         layers = []
         for slot in self.layer_slots:
             for name in self.slot_members.get(slot, ()):

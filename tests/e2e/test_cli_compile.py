@@ -2,8 +2,6 @@
 uses it, and the written Python module imports and agrees with it."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

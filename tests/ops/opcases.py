@@ -217,3 +217,38 @@ def unshared_reference(x, params, *, kernel, stride, pads, tile=None):
     if b is not None:
         y = y + b
     return y.squeeze(2) if rank == 1 else y
+
+
+def standard_suite(cases, reference, seed: int):
+    """The tests every op file runs, as (fixture, tests…) to bind at module level:
+
+        runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \\
+            standard_suite(CASES, reference, seed=31)
+
+    values and every gradient against `reference` at batch 1 and 3 (batch 3 at each case's second
+    size, with the same weights), the NHWC layout at batch 2, and float64 finite differences."""
+    ids = [c.id for c in cases]
+
+    @pytest.fixture(scope="module")
+    def runs():
+        module = compile_cases(cases)
+        rng = np.random.default_rng(seed)
+        net = module.Model(seed=0)
+        randomize(net, rng)
+        return {1: run_cases(module, cases, 1, rng, net=net), 3: run_cases(module, cases, 3, rng, net=net, variant=1)}
+
+    @pytest.mark.parametrize("batch", (1, 3))
+    @pytest.mark.parametrize("index", range(len(cases)), ids=ids)
+    def test_forward_and_gradients_match_torch(runs, index, batch):
+        compare_with_torch(runs[batch], index, cases[index], reference)
+
+    @pytest.mark.parametrize("index", range(len(cases)), ids=ids)
+    def test_nhwc_layout(index):
+        module = compile_cases(cases, layout="NHWC")
+        run = run_cases(module, cases, 2, np.random.default_rng(seed + 1), layout="NHWC")
+        compare_with_torch(run, index, cases[index], reference)
+
+    def test_finite_differences_float64():
+        finite_differences(compile_cases(cases, dtype="f64"), cases, np.random.default_rng(seed + 2))
+
+    return runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64

@@ -1,12 +1,11 @@
 """deconv (§3.11): transposed convolution against F.conv_transpose1d/2d/3d."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch.nn.functional as F
 
-from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
-                     finite_differences, layer_stats, run_cases, source)
+from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats,
+                     source)
 
 CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -34,34 +33,10 @@ CASES = (
     Case("parallel", (16, 16, 16), "deconv(16, kernel=5, stride=2, pad=2, output_pad=1)",
          dict(stride=2, padding=2, output_padding=1)),
 )
-IDS = [c.id for c in CASES]
 
 
-@pytest.fixture(scope="module")
-def runs():
-    module = compile_cases(CASES)
-    rng = np.random.default_rng(21)
-    net = module.Model(seed=0)
-    for p in net.params.values():
-        p[...] = rng.standard_normal(p.shape)
-    return {1: run_cases(module, CASES, 1, rng, net=net), 3: run_cases(module, CASES, 3, rng, net=net, variant=1)}
-
-
-@pytest.mark.parametrize("batch", (1, 3))
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_forward_and_gradients_match_torch(runs, index, batch):
-    compare_with_torch(runs[batch], index, CASES[index], reference)
-
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_nhwc_layout(index):
-    module = compile_cases(CASES, layout="NHWC")
-    run = run_cases(module, CASES, 2, np.random.default_rng(22), layout="NHWC")
-    compare_with_torch(run, index, CASES[index], reference)
-
-
-def test_finite_differences_float64():
-    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(23))
+runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
+    standard_suite(CASES, reference, seed=21)
 
 
 def test_parameter_shapes_and_frozen():

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
-                     finite_differences, layer_stats, run_cases, source, torch_pad)
+from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats, source,
+                     torch_pad)
 
 AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -37,31 +37,10 @@ CASES = (
     # big enough that batch 3 takes the OpenMP path (N·C·outputs > 16384)
     Case("parallel", (16, 32, 32), "l2pool(2, stride=1)", dict(window=(2, 2), stride=(1, 1), pads=((0, 0), (0, 0)))),
 )
-IDS = [c.id for c in CASES]
 
 
-@pytest.fixture(scope="module")
-def runs():
-    module = compile_cases(CASES)
-    rng = np.random.default_rng(31)
-    return {1: run_cases(module, CASES, 1, rng), 3: run_cases(module, CASES, 3, rng, variant=1)}
-
-
-@pytest.mark.parametrize("batch", (1, 3))
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_forward_and_gradients_match_torch(runs, index, batch):
-    compare_with_torch(runs[batch], index, CASES[index], reference)
-
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_nhwc_layout(index):
-    module = compile_cases(CASES, layout="NHWC")
-    run = run_cases(module, CASES, 2, np.random.default_rng(32), layout="NHWC")
-    compare_with_torch(run, index, CASES[index], reference)
-
-
-def test_finite_differences_float64():
-    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(33))
+runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
+    standard_suite(CASES, reference, seed=31)
 
 
 def test_gradient_at_a_zero_output_is_zero():

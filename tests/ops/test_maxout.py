@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 import convdsl
-from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
-                     finite_differences, layer_stats, run_cases, source)
+from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats, source)
 
 
 def reference(x, params, *, k):
@@ -23,31 +22,10 @@ CASES = (
     Case("runtime-size", (6, 3, 5), "maxout(2)", dict(k=2), dims=(6, "H", "W"), shape2=(6, 4, 2)),
     Case("parallel", (32, 32, 32), "maxout(4)", dict(k=4)),   # batch 3 takes the OpenMP path
 )
-IDS = [c.id for c in CASES]
 
 
-@pytest.fixture(scope="module")
-def runs():
-    module = compile_cases(CASES)
-    rng = np.random.default_rng(41)
-    return {1: run_cases(module, CASES, 1, rng), 3: run_cases(module, CASES, 3, rng, variant=1)}
-
-
-@pytest.mark.parametrize("batch", (1, 3))
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_forward_and_gradients_match_torch(runs, index, batch):
-    compare_with_torch(runs[batch], index, CASES[index], reference)
-
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_nhwc_layout(index):
-    module = compile_cases(CASES, layout="NHWC")
-    run = run_cases(module, CASES, 2, np.random.default_rng(42), layout="NHWC")
-    compare_with_torch(run, index, CASES[index], reference)
-
-
-def test_finite_differences_float64():
-    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(43))
+runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
+    standard_suite(CASES, reference, seed=41)
 
 
 def test_ties_send_the_gradient_to_the_first_channel():

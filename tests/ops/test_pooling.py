@@ -3,12 +3,11 @@ input gradients in both layouts, batch 1 and 3, and float64 finite differences."
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
-from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
-                     finite_differences, run_cases, source, torch_pad)
+from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases, source,
+                     torch_pad)
 
 MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -60,31 +59,10 @@ CASES = (
     Case("avg-parallel", (16, 32, 32), "avgpool(3, stride=1, pad=1)",
          dict(kind="avg", window=3, stride=1, pads=((1, 1), (1, 1)))),
 )
-IDS = [c.id for c in CASES]
 
 
-@pytest.fixture(scope="module")
-def runs():
-    module = compile_cases(CASES)
-    rng = np.random.default_rng(21)
-    return {1: run_cases(module, CASES, 1, rng), 3: run_cases(module, CASES, 3, rng, variant=1)}
-
-
-@pytest.mark.parametrize("batch", (1, 3))
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_forward_and_gradients_match_torch(runs, index, batch):
-    compare_with_torch(runs[batch], index, CASES[index], reference)
-
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_nhwc_layout(index):
-    module = compile_cases(CASES, layout="NHWC")
-    run = run_cases(module, CASES, 2, np.random.default_rng(22), layout="NHWC")
-    compare_with_torch(run, index, CASES[index], reference)
-
-
-def test_finite_differences_float64():
-    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(23))
+runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
+    standard_suite(CASES, reference, seed=21)
 
 
 def test_generated_c_is_warning_free(tmp_path):

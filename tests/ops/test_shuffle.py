@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
-                     finite_differences, layer_stats, run_cases, source)
+from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats,
+                     source)
 
 
 def reference(x, params, *, groups):
@@ -22,31 +22,10 @@ CASES = (
     Case("groups-equal-channels", (4, 3, 3), "shuffle(4)", dict(groups=4)),
     Case("runtime-size", (6, 2, 3), "shuffle(3)", dict(groups=3), dims=(6, "H", "W"), shape2=(6, 5, 1)),
 )
-IDS = [c.id for c in CASES]
 
 
-@pytest.fixture(scope="module")
-def runs():
-    module = compile_cases(CASES)
-    rng = np.random.default_rng(51)
-    return {1: run_cases(module, CASES, 1, rng), 3: run_cases(module, CASES, 3, rng, variant=1)}
-
-
-@pytest.mark.parametrize("batch", (1, 3))
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_forward_and_gradients_match_torch(runs, index, batch):
-    compare_with_torch(runs[batch], index, CASES[index], reference)
-
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_nhwc_layout(index):
-    module = compile_cases(CASES, layout="NHWC")
-    run = run_cases(module, CASES, 2, np.random.default_rng(52), layout="NHWC")
-    compare_with_torch(run, index, CASES[index], reference)
-
-
-def test_finite_differences_float64():
-    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(53))
+runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
+    standard_suite(CASES, reference, seed=51)
 
 
 def test_channel_order():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import convdsl
-from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
-                     finite_differences, layer_stats, run_cases, source, unshared_reference)
+from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats,
+                     source, unshared_reference)
 from reference import F64, assert_close
 
 CASES = (
@@ -28,35 +28,10 @@ CASES = (
     Case("parallel", (4, 12, 12), "tiled(8, kernel=3, tile=3)",
          dict(kernel=(3, 3), stride=(1, 1), pads=((0, 0), (0, 0)), tile=(3, 3))),
 )
-IDS = [c.id for c in CASES]
 
 
-@pytest.fixture(scope="module")
-def runs():
-    module = compile_cases(CASES)
-    rng = np.random.default_rng(11)
-    net = module.Model(seed=0)
-    for p in net.params.values():
-        p[...] = rng.standard_normal(p.shape)
-    # batch 3 runs the run-time-size case at its second size, with the same weights
-    return {1: run_cases(module, CASES, 1, rng, net=net), 3: run_cases(module, CASES, 3, rng, net=net, variant=1)}
-
-
-@pytest.mark.parametrize("batch", (1, 3))
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_forward_and_gradients_match_torch(runs, index, batch):
-    compare_with_torch(runs[batch], index, CASES[index], unshared_reference)
-
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_nhwc_layout(index):
-    module = compile_cases(CASES, layout="NHWC")
-    run = run_cases(module, CASES, 2, np.random.default_rng(12), layout="NHWC")
-    compare_with_torch(run, index, CASES[index], unshared_reference)
-
-
-def test_finite_differences_float64():
-    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(13))
+runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
+    standard_suite(CASES, unshared_reference, seed=11)
 
 
 EQUIVALENCE = """

@@ -1,12 +1,10 @@
 """upsample: nearest and (bi/tri)linear up-sampling by integer factors, against F.interpolate."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch.nn.functional as F
 
-from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
-                     finite_differences, layer_stats, run_cases, source)
+from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats, source)
 
 
 def reference(x, params, *, factor, mode="nearest"):
@@ -34,31 +32,10 @@ CASES = (
     Case("parallel-nearest", (16, 24, 24), "upsample(2)", dict(factor=(2, 2))),
     Case("parallel-bilinear", (16, 24, 24), "upsample(2, mode=bilinear)", dict(factor=(2, 2), mode="bilinear")),
 )
-IDS = [c.id for c in CASES]
 
 
-@pytest.fixture(scope="module")
-def runs():
-    module = compile_cases(CASES)
-    rng = np.random.default_rng(61)
-    return {1: run_cases(module, CASES, 1, rng), 3: run_cases(module, CASES, 3, rng, variant=1)}
-
-
-@pytest.mark.parametrize("batch", (1, 3))
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_forward_and_gradients_match_torch(runs, index, batch):
-    compare_with_torch(runs[batch], index, CASES[index], reference)
-
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_nhwc_layout(index):
-    module = compile_cases(CASES, layout="NHWC")
-    run = run_cases(module, CASES, 2, np.random.default_rng(62), layout="NHWC")
-    compare_with_torch(run, index, CASES[index], reference)
-
-
-def test_finite_differences_float64():
-    finite_differences(compile_cases(CASES, dtype="f64"), CASES, np.random.default_rng(63))
+runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
+    standard_suite(CASES, reference, seed=61)
 
 
 def test_check_rows():
