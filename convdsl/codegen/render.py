@@ -124,6 +124,7 @@ class NodeView:
     real: Any = field(repr=False, default=None)
     b: dict = field(default_factory=dict)         # buffers of the layer: running_mean …
     saved: str | None = None                      # per-batch memory kept from forward to backward
+    algorithm: str | None = None                  # the plan's choice for ops that have several
 
 
 def _c_float(value: float, dtype: str) -> str:
@@ -182,7 +183,8 @@ def render_c(plan: Plan, backend: Backend = C) -> CSource:
             describe=op.describe(node.attrs), template=backend.op_template(op),
             x=[view(v) for v in node.inputs], y=view(node.output), p=params, attrs=node.attrs,
             k=op.kernel_context(node.attrs, in_types, out_t, c), real=real, b=buffers,
-            saved=f"m->saved[{saved_index[nid]}]" if nid in saved_index else None))
+            saved=f"m->saved[{saved_index[nid]}]" if nid in saved_index else None,
+            algorithm=plan.algorithm(nid)))
         for cond, message in op.training_guards(node.attrs, in_types, out_t, c):
             guards.append({"cond": cond, "message": f"{node.op} {label} (line {node.span.line}) {message}"})
 

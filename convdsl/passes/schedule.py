@@ -48,6 +48,9 @@ class Plan:
     def param(self, full_name: str) -> ParamSlot:
         return next(p for p in self.params if p.full_name == full_name)
 
+    def algorithm(self, node_id: int) -> str | None:
+        return dict(self.algorithms).get(node_id)
+
     def layer_params(self, layer_name: str) -> dict[str, ParamSlot]:
         return {p.spec.name: p for p in self.params if p.layer.name == layer_name}
 
@@ -81,6 +84,17 @@ def buffer_layout(graph: Graph) -> tuple[BufferSlot, ...]:
     return tuple(slots)
 
 
+def choose_algorithm(node) -> str | None:
+    """How a convolution runs. im2col + GEMM in general; with one input channel per group
+    (depthwise) the GEMMs would have a single row, so a direct loop over the window wins."""
+    algo = node.attrs.get("algo")
+    if algo is None:
+        return None
+    if algo == "auto" and node.attrs["groups"] > 1 and node.attrs["in"] == node.attrs["groups"]:
+        return "direct"
+    return "im2col"
+
+
 def make_plan(graph: Graph) -> Plan:
     params = []
     offset = 0
@@ -95,15 +109,15 @@ def make_plan(graph: Graph) -> Plan:
     for node in graph.nodes:
         op = lookup(node.op)
         in_types = tuple(graph.values[v].type for v in node.inputs)
+        algo = choose_algorithm(node)
+        if algo is not None:
+            algorithms.append((node.id, algo))
         need = op.scratch_elements(in_types, graph.values[node.output].type, node.attrs)
-        if need != 0:
+        if need != 0 and algo != "direct":
             scratch.append(need)
         keep = op.saved_elements(in_types, graph.values[node.output].type, node.attrs)
         if keep != 0:
             saved.append((node.id, keep))
-        algo = node.attrs.get("algo")
-        if algo is not None:
-            algorithms.append((node.id, "im2col" if algo == "auto" else algo))
     buffers = buffer_layout(graph)
     buffer_total = max((b.offset + b.size for b in buffers), default=0)
     return Plan(graph, tuple(n.id for n in graph.nodes), tuple(params), max(offset, 1), tuple(scratch),
