@@ -120,11 +120,12 @@ def compare_with_torch(run: Run, index: int, case: Case, reference) -> None:
             assert_close(run.grads[full], p.grad.numpy(), what=f"{case.id}: gradient of {name}")
 
 
-def finite_differences(module, cases, rng, batch: int = 2) -> None:
+def finite_differences(module, cases, rng, batch: int = 2, net=None, label: str = "") -> None:
     """d(Σ y·dy) along a random direction of every input and trainable parameter, numeric vs
-    analytic, in a float64 network."""
-    net = module.Model(seed=0)
-    randomize(net, rng)
+    analytic, in a float64 network (a fresh randomised one, or `net` as the caller set it up)."""
+    if net is None:
+        net = module.Model(seed=0)
+        randomize(net, rng)
     xs = [rng.standard_normal((batch, *c.shape)) for c in cases]
     ys = as_tuple(net.forward(*xs))
     dys = [rng.standard_normal(y.shape) for y in ys]
@@ -144,7 +145,7 @@ def finite_differences(module, cases, rng, batch: int = 2) -> None:
         down = objective()
         t += FD_EPS * v
         numeric = (up - down) / (2 * FD_EPS)
-        assert_close(np.array(numeric), np.array(float((g * v).sum())), what=f"finite differences, {what}",
+        assert_close(np.array(numeric), np.array(float((g * v).sum())), what=f"finite differences{label}, {what}",
                      **FD_TOL)
 
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import (FD_EPS, FD_TOL, Case, as_tuple, assert_c_compiles_cleanly, assert_error_at, compile_cases,
-                     layer_stats, randomize, source)
+from opcases import (Case, as_tuple, assert_c_compiles_cleanly, assert_error_at, compile_cases, finite_differences,
+                     layer_stats, randomize,
+                     source)
 from reference import assert_close, to_nchw, to_nhwc
 
 CASES = (
@@ -115,26 +116,8 @@ def test_finite_differences_float64_both_modes():
             net.buffers[f"L{i}.running_var"][...] = rng.uniform(0.5, 2.0, CASES[i].shape[0])
         if not training:
             net.eval()
-        xs = [rng.standard_normal((3, *c.shape)) for c in CASES]
-        ys = as_tuple(net.forward(*xs))
-        dys = [rng.standard_normal(y.shape) for y in ys]
-        dxs = as_tuple(net.backward(*dys))
-        grads = {k: v.copy() for k, v in net.grads.items()}
-
-        def objective() -> float:
-            return float(sum((y * d).sum() for y, d in zip(as_tuple(net.forward(*xs)), dys)))
-
-        tensors = [(f"{c.id}: input", x, dx) for c, x, dx in zip(CASES, xs, dxs)]
-        tensors += [(name, net.params[name], g) for name, g in grads.items()]
-        for what, t, g in tensors:
-            v = rng.standard_normal(t.shape)
-            t += FD_EPS * v
-            up = objective()
-            t -= 2 * FD_EPS * v
-            down = objective()
-            t += FD_EPS * v
-            assert_close(np.array((up - down) / (2 * FD_EPS)), np.array(float((g * v).sum())),
-                         what=f"finite differences ({'training' if training else 'eval'}), {what}", **FD_TOL)
+        finite_differences(module, CASES, rng, batch=3, net=net,
+                           label=f" ({'training' if training else 'eval'})")
 
 
 NET = """network N {
