@@ -4,8 +4,7 @@
 
 Each case is timed as the median of --runs repetitions after warm-up, for both frameworks,
 with PyTorch limited to as many threads as OpenMP gives convdsl. GFLOP/s counts 2 FLOPs per
-MAC of the forward pass (forward+backward: 3× the forward MACs, as `check` counts them for
-layers with weights). The ratio is convdsl's time over PyTorch's: below 1 means faster.
+MAC as `convdsl check` counts them (forward+backward: its forward plus backward MACs). The ratio is convdsl's time over PyTorch's: below 1 means faster.
 """
 from __future__ import annotations
 
@@ -13,9 +12,14 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# Benchmark the checkout this script sits in, not whatever convdsl happens to be installed.
+sys.path.insert(0, str(HERE.parent))
 
 import numpy as np
 import torch
@@ -26,25 +30,31 @@ import convdsl
 from convdsl.compiler import graph_from_source
 from convdsl.passes.stats import collect
 
-HERE = Path(__file__).resolve().parent
+
+WARMUP = 3
 
 
-def median_time(fn, runs: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
+def median_times(ours, theirs, runs: int) -> tuple[float, float]:
+    """Median wall time of each, timed in alternation so that both see the same machine noise."""
+    for _ in range(WARMUP):
+        ours()
+        theirs()
+    a, b = [], []
     for _ in range(runs):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        ours()
+        a.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        theirs()
+        b.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
 
 
 def copy_params(net, modules: dict) -> None:
     with torch.no_grad():
         for name, array in net.params.items():
             layer, param = name.rsplit(".", 1)
-            getattr(modules[layer], param).copy_(torch.from_numpy(array.copy()))
+            getattr(modules[layer.replace(".", "_")], param).copy_(torch.from_numpy(array.copy()))
 
 
 CASES = []
@@ -98,13 +108,35 @@ def dense():
     return single("dense 1024→1024, batch 64", "dense(1024)", (64, 1024), m, m)
 
 
+@case
+def resnet_block():
+    src = """block residual(x, c) {
+    y = x -> conv(c, kernel=3, pad=same) -> relu -> conv(c, kernel=3, pad=same)
+    return add(x, y) -> relu
+}
+network Res {
+    input x: [64, 28, 28]
+    y = x -> residual(64)
+    output y
+}
+"""
+    torch_net = nn.ModuleDict({"residual1_conv1": nn.Conv2d(64, 64, 3, padding=1),
+                               "residual1_conv2": nn.Conv2d(64, 64, 3, padding=1)})
+
+    def forward(x):
+        y = torch_net["residual1_conv2"](F.relu(torch_net["residual1_conv1"](x)))
+        return F.relu(x + y)
+    return "ResNet basic block 64 ch, 28×28, batch 8", src, (8, 64, 28, 28), torch_net, forward, None
+
+
 def run_case(spec, runs: int):
     name, src, shape, torch_net, forward, classes = spec
     module = convdsl.load_source(src)
     net = module.Model(seed=0)
     copy_params(net, torch_net)
     stats = collect(graph_from_source(src))
-    macs = stats.macs * shape[0]
+    fwd_flops = 2 * stats.macs * shape[0]
+    train_flops = 2 * (stats.macs + stats.backward_macs) * shape[0]
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
     xt = torch.from_numpy(x)
@@ -113,10 +145,11 @@ def run_case(spec, runs: int):
     dy = np.ones_like(y)
     dyt = torch.from_numpy(dy)
     rows = []
-    ours = median_time(lambda: net.forward(x), runs)
-    with torch.no_grad():
-        theirs = median_time(lambda: forward(xt), runs)
-    rows.append((name, "forward", ours, theirs, 2 * macs))
+
+    def torch_forward():
+        with torch.no_grad():
+            forward(xt)
+    rows.append((name, "forward", *median_times(lambda: net.forward(x), torch_forward, runs), fwd_flops))
 
     def ours_fb():
         net.forward(x)
@@ -125,7 +158,7 @@ def run_case(spec, runs: int):
     def torch_fb():
         torch_net.zero_grad(set_to_none=True)
         forward(xt.requires_grad_()).backward(dyt)
-    rows.append((name, "forward+backward", median_time(ours_fb, runs), median_time(torch_fb, runs), 6 * macs))
+    rows.append((name, "forward+backward", *median_times(ours_fb, torch_fb, runs), train_flops))
     if classes:
         labels = rng.integers(0, classes, size=shape[0])
         lt = torch.from_numpy(labels)
@@ -135,19 +168,33 @@ def run_case(spec, runs: int):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(forward(xt), lt).backward()
             opt.step()
-        rows.append((name, "train step", median_time(lambda: net.train_step(x, labels, lr=0.01), runs),
-                     median_time(torch_step, runs), 6 * macs))
+        rows.append((name, "train step", *median_times(lambda: net.train_step(x, labels, lr=0.01), torch_step, runs),
+                     train_flops))
     return rows
+
+
+def omp_threads() -> int:
+    """The thread count OpenMP gives convdsl's kernels: OMP_NUM_THREADS, else one per core."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else len(os.sched_getaffinity(0))
+
+
+def command_line() -> str:
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
+    return " ".join(filter(None, [env, "python benchmarks/bench_vs_torch.py", *sys.argv[1:]]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown file to (re)write; '-' for none")
+    parser.add_argument("--only", default="", help="comma-separated case names to run (e.g. conv3x3,dense)")
     args = parser.parse_args()
-    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    threads = omp_threads()
     torch.set_num_threads(threads)
-    rows = [r for spec in CASES for r in run_case(spec(), args.runs)]
+    print(f"threads: {threads} (OpenMP for convdsl; torch.set_num_threads({threads}) for PyTorch)", flush=True)
+    wanted = {w for w in args.only.split(",") if w}
+    rows = [r for spec in CASES if not wanted or spec.__name__ in wanted for r in run_case(spec(), args.runs)]
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -157,8 +204,9 @@ def main() -> None:
         "# convdsl vs PyTorch", "",
         f"Measured {date.today().isoformat()} on {cpu}, {os.cpu_count()} cores; {threads} threads for both "
         f"(OpenMP for convdsl, torch.set_num_threads for PyTorch {torch.__version__}). Median of {args.runs} runs "
-        "after 3 warm-up runs; float32; NCHW.", "",
-        "Produced by:", "", f"    python benchmarks/bench_vs_torch.py --runs {args.runs}", "",
+        f"after {WARMUP} warm-up runs, the two timed in alternation; float32; NCHW. GFLOP/s counts 2 FLOPs per MAC "
+        "as `convdsl check` counts them (forward+backward and train step: forward + backward MACs).", "",
+        "Produced by:", "", f"    {command_line()}", "",
         "| case | pass | convdsl ms | PyTorch ms | ratio (convdsl / PyTorch) | convdsl GFLOP/s | PyTorch GFLOP/s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -167,6 +215,8 @@ def main() -> None:
                      f"{flops / ours / 1e9:.2f} | {flops / theirs / 1e9:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
+    if args.out == "-":
+        return
     out = Path(args.out)
     # Keep the hand-written analysis below the table when the table is refreshed.
     previous = out.read_text() if out.exists() else ""
