@@ -2,9 +2,10 @@
 
     python benchmarks/bench_vs_torch.py [--runs 30] [--out benchmarks/RESULTS.md]
 
-Each case is timed as the median of --runs repetitions after warm-up, for both frameworks,
-with PyTorch limited to as many threads as OpenMP gives convdsl. GFLOP/s counts 2 FLOPs per
-MAC as `convdsl check` counts them (forward+backward: its forward plus backward MACs). The ratio is convdsl's time over PyTorch's: below 1 means faster.
+Each case is timed as the median of --runs repetitions after warm-up, the two frameworks in
+alternation, with PyTorch limited to as many threads as OpenMP gives convdsl. GFLOP/s counts 2
+FLOPs per MAC as `convdsl check` counts them (forward+backward: its forward plus backward MACs).
+The ratio is the median over the pairs of convdsl's time over PyTorch's: below 1 means faster.
 """
 from __future__ import annotations
 
@@ -32,22 +33,32 @@ from convdsl.passes.stats import collect
 
 
 WARMUP = 3
+# Both sides run OpenMP thread pools (PyTorch ships its own libgomp) whose idle threads spin for
+# a while after each parallel region; a short pause before each timed call keeps one side's
+# spinning threads from taking the cores the other side is being timed on.
+PAUSE_S = 0.003
 
 
-def median_times(ours, theirs, runs: int) -> tuple[float, float]:
-    """Median wall time of each, timed in alternation so that both see the same machine noise."""
+def timed(fn) -> float:
+    time.sleep(PAUSE_S)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_times(ours, theirs, runs: int) -> tuple[float, float, float]:
+    """Median wall time of each, timed in alternation, and the median of the pairs' ratios.
+    This machine's speed shifts by up to ~1.35x for seconds at a time (the host's other load):
+    the two calls of a pair see the same state, so the ratio of pairs is steadier than either
+    median alone."""
     for _ in range(WARMUP):
         ours()
         theirs()
     a, b = [], []
     for _ in range(runs):
-        start = time.perf_counter()
-        ours()
-        a.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        theirs()
-        b.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+        a.append(timed(ours))
+        b.append(timed(theirs))
+    return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
 
 
 def copy_params(net, modules: dict) -> None:
@@ -197,31 +208,37 @@ def main() -> None:
     rows = [r for spec in CASES if not wanted or spec.__name__ in wanted for r in run_case(spec(), args.runs)]
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        info = open("/proc/cpuinfo").read().splitlines()
+        cpu = next(l.split(":", 1)[1].strip() for l in info if l.startswith("model name"))
+        flags = set(next(l.split(":", 1)[1] for l in info if l.startswith("flags")).split())
+        widest = next((f for f in ("avx512f", "avx2", "avx", "sse2") if f in flags), None)
+        if widest:
+            cpu += f" ({widest.upper()})"
     except (OSError, StopIteration):
         pass
     lines = [
         "# convdsl vs PyTorch", "",
         f"Measured {date.today().isoformat()} on {cpu}, {os.cpu_count()} cores; {threads} threads for both "
         f"(OpenMP for convdsl, torch.set_num_threads for PyTorch {torch.__version__}). Median of {args.runs} runs "
-        f"after {WARMUP} warm-up runs, the two timed in alternation; float32; NCHW. GFLOP/s counts 2 FLOPs per MAC "
+        f"after {WARMUP} warm-up runs, the two timed in alternation; the ratio is the median of the pairs' "
+        "ratios; float32; NCHW. GFLOP/s counts 2 FLOPs per MAC "
         "as `convdsl check` counts them (forward+backward and train step: forward + backward MACs).", "",
         "Produced by:", "", f"    {command_line()}", "",
         "| case | pass | convdsl ms | PyTorch ms | ratio (convdsl / PyTorch) | convdsl GFLOP/s | PyTorch GFLOP/s |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, what, ours, theirs, flops in rows:
-        lines.append(f"| {name} | {what} | {ours * 1e3:.3f} | {theirs * 1e3:.3f} | {ours / theirs:.2f} | "
+    for name, what, ours, theirs, ratio, flops in rows:
+        lines.append(f"| {name} | {what} | {ours * 1e3:.3f} | {theirs * 1e3:.3f} | {ratio:.2f} | "
                      f"{flops / ours / 1e9:.2f} | {flops / theirs / 1e9:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out == "-":
         return
     out = Path(args.out)
-    # Keep the hand-written analysis below the table when the table is refreshed.
+    # Keep the hand-written sections (## headings) below the table when the table is refreshed.
     previous = out.read_text() if out.exists() else ""
-    marker = "\n## Where this stands"
-    Path(args.out).write_text(text + (previous[previous.index(marker):] if marker in previous else ""))
+    marker = "\n## "
+    out.write_text(text + (previous[previous.index(marker):] if marker in previous else ""))
 
 
 if __name__ == "__main__":
