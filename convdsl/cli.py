@@ -34,25 +34,43 @@ def _report_warnings(warnings, args) -> int:
 
 
 def cmd_check(args) -> int:
+    if args.json:
+        return _check_json(args)
+    from .codegen.backends import C
+    from .passes.memory import plan_memory
+    from .passes.stats import collect
+    from .report import text_report
+    status = 0
+    for i, graph in enumerate(_graphs(args.file, args.network)):
+        C.check_supported(graph)
+        warnings = _warnings(graph, args)
+        if i:
+            print()
+        print(text_report(graph, collect(graph), plan_memory(graph)))
+        status = max(status, _report_warnings(warnings, args))
+    return status
+
+
+def _check_json(args) -> int:
+    """The report as one JSON document on stdout, errors included; stderr as without --json."""
     import json
     from .codegen.backends import C
     from .passes.memory import plan_memory
     from .passes.stats import collect
-    from .report import JSON_VERSION, json_network, text_report
-    documents, status = [], 0
-    for i, graph in enumerate(_graphs(args.file, args.network)):
-        C.check_supported(graph)
-        warnings = _warnings(graph, args)
-        stats, memory = collect(graph), plan_memory(graph)
-        if args.json:
-            documents.append(json_network(graph, stats, memory, warnings))
-        else:
-            if i:
-                print()
-            print(text_report(graph, stats, memory))
-        status = max(status, _report_warnings(warnings, args))
-    if args.json:
-        print(json.dumps({"convdsl_check": JSON_VERSION, "networks": documents}, indent=2, ensure_ascii=False))
+    from .report import json_document, json_network
+    documents, errors, status = [], [], 0
+    try:
+        for graph in _graphs(args.file, args.network):
+            C.check_supported(graph)
+            warnings = _warnings(graph, args)
+            documents.append(json_network(graph, collect(graph), plan_memory(graph), warnings,
+                                          "error" if args.werror else "warning"))
+            status = max(status, _report_warnings(warnings, args))
+    except ConvDSLError as e:
+        errors.append(e)
+        print(str(e), file=sys.stderr)
+        status = 1
+    print(json.dumps(json_document(documents, errors), indent=2, ensure_ascii=False))
     return status
 
 

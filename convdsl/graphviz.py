@@ -2,18 +2,35 @@
 shape, edges for the data flow, block instances as clusters."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 from .errors import ConvDSLError
-from .ir.graph import Graph
+from .ir.graph import Graph, Node
 from .ops.base import lookup
 
 
 def quote(text: str) -> str:
     """A DOT string literal: backslashes and quotes escaped, newlines as DOT line breaks."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def instance_path(node: Node) -> list[str]:
+    """The block instances a node sits in, outermost first: `inception1`, `outer1.inner2`.
+
+    node.scope names the blocks; the label's leading parts name their instances (a block's `conv3`
+    in its first instance is `inception1.conv3`). A shared `layer` declared outside the block keeps
+    its own label and is drawn outside the instance."""
+    parts = node.label.split(".")
+    path = []
+    for depth, block in enumerate(node.scope):
+        if depth < len(parts) - 1 and re.fullmatch(re.escape(block) + r"\d+", parts[depth]):
+            path.append(".".join(parts[:depth + 1]))
+        else:
+            break
+    return path
 
 
 def to_dot(graph: Graph) -> str:
@@ -28,14 +45,11 @@ def to_dot(graph: Graph) -> str:
     # Nest the nodes of block instances in clusters, one per instance path.
     tree: dict = {}
     for node in graph.nodes:
-        path = []
-        parts = node.label.split(".")[:-1]
-        for depth in range(len(parts)):
-            path.append(".".join(parts[:depth + 1]))
         level = tree
-        for p in path:
-            level = level.setdefault(p, {})
+        for instance in instance_path(node):
+            level = level.setdefault(instance, {})
         level.setdefault("__nodes__", []).append(node)
+    blocks = {path: block for node in graph.nodes for path, block in zip(instance_path(node), node.scope)}
 
     def emit(level: dict, indent: str) -> None:
         for node in level.get("__nodes__", []):
@@ -47,7 +61,7 @@ def to_dot(graph: Graph) -> str:
             if name == "__nodes__":
                 continue
             lines.append(f"{indent}subgraph {quote('cluster_' + name)} {{")
-            lines.append(f"{indent}    label={quote(name)}; style=dashed;")
+            lines.append(f"{indent}    label={quote(f'{name} (block {blocks[name]})')}; style=dashed;")
             emit(sub, indent + "    ")
             lines.append(f"{indent}}}")
 
@@ -60,7 +74,8 @@ def to_dot(graph: Graph) -> str:
             lines.append(f"    {src} -> n{node.id};")
     for o in graph.outputs:
         v = graph.values[o.value]
-        src = f"n{v.producer}" if v.producer is not None else quote("in:" + o.name)
+        src = f"n{v.producer}" if v.producer is not None else quote("in:" + next(
+            i.name for i in graph.inputs if i.value == o.value))
         lines.append(f"    {quote('out:' + o.name)} [shape=ellipse, fillcolor=\"#e3f2dc\", "
                      f"label={quote('output ' + o.name)}];")
         lines.append(f"    {src} -> {quote('out:' + o.name)};")

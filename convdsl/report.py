@@ -4,7 +4,7 @@ The JSON form is versioned and described by docs/check-report.schema.json.
 """
 from __future__ import annotations
 
-from .errors import Diagnostic
+from .errors import ConvDSLError, Diagnostic
 from .ir import dims as D
 from .ir.dims import Dim
 from .ir.graph import Graph
@@ -48,10 +48,10 @@ def text_report(graph: Graph, stats: NetworkStats, memory: MemoryPlan) -> str:
     lines += [
         "",
         f"parameters:  {stats.params:,} ({stats.trainable_params:,} trainable), {human_bytes(stats.param_bytes)}",
-        f"MACs:        {number(stats.macs)} forward, {number(stats.backward_macs)} backward per sample "
-        f"(FLOPs {number(stats.flops)} forward)",
-        f"activations: peak {human_bytes(memory.peak_inference_bytes)} per sample running forward only{peak_at}; "
-        f"{human_bytes(memory.training_bytes)} per sample when training (every value and its gradient kept)",
+        f"MACs:        {number(stats.macs)} forward ({number(stats.flops)} FLOPs), {number(stats.backward_macs)} "
+        f"backward, per sample",
+        f"activations: {human_bytes(memory.peak_inference_bytes)} per sample at the peak running forward only"
+        f"{peak_at}; {human_bytes(memory.training_bytes)} per sample training (every value and its gradient kept)",
     ]
     return "\n".join(lines)
 
@@ -68,13 +68,20 @@ def _json_shape(graph: Graph, vid: int) -> list:
     return [_json_dim(d) for d in dims]
 
 
-def _json_diagnostic(d: Diagnostic, severity: str = "warning") -> dict:
+def json_diagnostic(d: Diagnostic | ConvDSLError, severity: str = "warning") -> dict:
+    """A warning (with its code) or an error (code null) as the JSON report writes it."""
     return {"severity": severity, "code": d.code, "message": d.message,
             "file": d.span.path if d.span else None, "line": d.span.line if d.span else None,
             "column": d.span.col if d.span else None}
 
 
-def json_network(graph: Graph, stats: NetworkStats, memory: MemoryPlan, diagnostics) -> dict:
+def json_document(networks: list[dict], errors: list[ConvDSLError] = ()) -> dict:
+    return {"convdsl_check": JSON_VERSION, "networks": networks,
+            "errors": [json_diagnostic(e, "error") for e in errors]}
+
+
+def json_network(graph: Graph, stats: NetworkStats, memory: MemoryPlan, diagnostics,
+                 severity: str = "warning") -> dict:
     layers = []
     for r, node in zip(stats.layers, graph.nodes):
         layers.append({
@@ -97,7 +104,9 @@ def json_network(graph: Graph, stats: NetworkStats, memory: MemoryPlan, diagnost
             "macs_forward": _json_dim(stats.macs), "macs_backward": _json_dim(stats.backward_macs),
             "flops_forward": _json_dim(stats.flops),
             "peak_activation_bytes_forward": _json_dim(memory.peak_inference_bytes),
+            "peak_activation_layer": (graph.nodes[memory.peak_node].label if memory.peak_node is not None
+                                      else None),
             "activation_bytes_training": _json_dim(memory.training_bytes),
         },
-        "diagnostics": [_json_diagnostic(d) for d in diagnostics],
+        "diagnostics": [json_diagnostic(d, severity) for d in diagnostics],
     }

@@ -1,24 +1,26 @@
 """Design warnings from the textbook's advice: a pass over the checked IR that returns Diagnostics.
 
-Each rule is one function registered with @rule; none edits the graph. A warning is silenced
-for one op by a comment `# convdsl: allow W101` on the op's line, or for a run by
-`convdsl check --allow W101`.
+Each rule is one function registered with @rule (code, name); `lint` runs every registered rule
+in turn. No rule edits the graph. A warning is silenced for one op by a comment
+`# convdsl: allow W101` at the end of the op's line or alone on the line just above it, and for a
+run by `convdsl check --allow W101`. docs/language.md §5 lists the codes and states each rule.
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Iterator
 
 from ..errors import Diagnostic
 from ..ir import dims as D
 from ..ir.graph import Graph, Node
-from ..ops.base import Symbol
 
-# Ops that keep every position where it is (and the channel count): looking through them finds
-# the conv that feeds a later one.
-POSITIONWISE = frozenset({"relu", "sigmoid", "tanh", "leaky_relu", "batchnorm", "dropout", "softmax"})
+# Ops that change each value on its own (or per channel): they keep positions and channel groups.
+ELEMENTWISE = frozenset({"relu", "sigmoid", "tanh", "leaky_relu", "batchnorm", "dropout"})
+# Ops that keep every position where it is; these also mix or reorder the channels of a position.
+POSITIONWISE = ELEMENTWISE | {"softmax", "shuffle", "maxout"}
+POOLS = frozenset({"maxpool", "avgpool", "l2pool"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ RULES: list[Rule] = []
 
 def rule(code: str, name: str):
     def register(fn):
+        if any(r.code == code for r in RULES):
+            raise ValueError(f"lint code {code} registered twice")
         RULES.append(Rule(code, name, fn))
         return fn
     return register
@@ -45,142 +49,217 @@ def producer(g: Graph, vid: int) -> Node | None:
     return None if p is None else g.nodes[p]
 
 
-def consumers(g: Graph, vid: int) -> list[Node]:
-    return [n for n in g.nodes if vid in n.inputs]
+def only_feeds(g: Graph, node: Node, reader: Node) -> bool:
+    """`node`'s output is read by `reader` alone and is not a network output."""
+    return (all(o.value != node.output for o in g.outputs)
+            and [n.id for n in g.consumers(node.output)] == [reader.id])
 
 
-def feeding_conv(g: Graph, node: Node, through: frozenset = POSITIONWISE) -> tuple[Node | None, list[Node]]:
-    """The conv whose output reaches `node`'s first input through `through` ops only, and those ops."""
-    passed = []
-    current = producer(g, node.inputs[0]) if node.inputs else None
-    while current is not None and current.op in through:
-        passed.append(current)
-        current = producer(g, current.inputs[0])
-    if current is not None and current.op in ("conv", "depthwise"):
-        return current, passed
-    return None, passed
+def x(values: Iterable) -> str:
+    return "×".join(map(str, values))
 
 
-def kernel_text(k) -> str:
-    return "×".join(map(str, k))
+def ints(values: Iterable) -> str:
+    return ", ".join(map(str, values))
 
 
-def is_same(node: Node) -> bool:
-    spec = node.attrs.get("pad_spec")
-    return isinstance(spec, Symbol) and spec.name == "same"
+def percent(ratio: float) -> str:
+    return f"{round(100 * ratio)}%"
 
 
-def is_valid(node: Node) -> bool:
+def is_depthwise(node: Node) -> bool:
+    """A convolution with one input channel per group: `depthwise`, or `conv` with groups = in."""
+    return node.op == "depthwise" or (node.op == "conv" and node.attrs["groups"] > 1
+                                      and node.attrs["groups"] == node.attrs["in"])
+
+
+def is_pointwise_conv(node: Node) -> bool:
+    return node.op == "conv" and all(k == 1 for k in node.attrs["kernel"]) and \
+        all(s == 1 for s in node.attrs["stride"])
+
+
+def pads_zero(node: Node) -> bool:
     return all(p == (0, 0) for p in node.attrs.get("pads", ()))
 
 
-def stride_arg(stride) -> str:
-    return f"stride={stride[0]}" if len(set(stride)) == 1 else f"stride=({', '.join(map(str, stride))})"
+# ---- §3.11 dilated stacks: W101, W102 -------------------------------------------------------
+
+def is_stack_member(node: Node) -> bool:
+    return node.op in ("conv", "depthwise") and all(s == 1 for s in node.attrs["stride"]) and \
+        any(k > 1 for k in node.attrs["kernel"])
 
 
-def ordinal(n: int) -> str:
-    return {2: "2nd", 3: "3rd"}.get(n, f"{n}th")
+def previous_member(g: Graph, node: Node) -> Node | None:
+    """The stride-1 spatial conv that feeds `node` through position-wise ops and 1×1 convs."""
+    current = producer(g, node.inputs[0])
+    while current is not None and (current.op in POSITIONWISE or is_pointwise_conv(current)):
+        current = producer(g, current.inputs[0])
+    return current if current is not None and is_stack_member(current) else None
 
-
-# ---- §3.11 dilated stacks -------------------------------------------------------------------
 
 def dilated_stacks(g: Graph) -> list[list[Node]]:
-    """Chains of stride-1 convs with kernels > 1 (1×1 convs and position-wise ops in between),
-    at least one of them dilated: the stacks the hybrid-dilation rules speak of."""
-    through = POSITIONWISE
-    previous: dict[int, Node] = {}
-    for node in g.nodes:
-        if node.op == "conv" and all(s == 1 for s in node.attrs["stride"]):
-            current = producer(g, node.inputs[0])
-            while current is not None and (current.op in through or (
-                    current.op == "conv" and all(k == 1 for k in current.attrs["kernel"]))):
-                current = producer(g, current.inputs[0])
-            if current is not None and current.op == "conv" and all(s == 1 for s in current.attrs["stride"]):
-                previous[node.id] = current
-    spatial = [n for n in g.nodes if n.op == "conv" and any(k > 1 for k in n.attrs["kernel"])]
-    has_next = {previous[n.id].id for n in spatial if n.id in previous}
+    """Chains of stride-1 convs with a kernel > 1 (position-wise ops and 1×1 convs between them),
+    at least two long and with one conv dilated: the stacks the hybrid-dilation rules speak of.
+    Each chain is as long as it goes; a conv that feeds several chains starts each of them."""
+    members = [n for n in g.nodes if is_stack_member(n)]
+    before = {n.id: previous_member(g, n) for n in members}
+    has_next = {p.id for p in before.values() if p is not None}
     stacks = []
-    for end in spatial:
+    for end in members:
         if end.id in has_next:
             continue
         chain = [end]
-        while chain[-1].id in previous:
-            before = previous[chain[-1].id]
-            if not any(k > 1 for k in before.attrs["kernel"]):
-                break
-            chain.append(before)
+        while before[chain[-1].id] is not None:
+            chain.append(before[chain[-1].id])
         chain.reverse()
         if len(chain) >= 2 and any(r > 1 for n in chain for r in n.attrs["dilation"]):
             stacks.append(chain)
     return stacks
 
 
-def hdc_max_distance(rates: list[int]) -> int:
-    """The HDC condition's M_2: the largest gap between the input positions the stack samples,
-    M_n = r_n, M_i = max(M_{i+1} − 2r_i, M_{i+1} − 2(M_{i+1} − r_i), r_i)."""
-    m = rates[-1]
-    for r in reversed(rates[1:-1]):
-        m = max(m - 2 * r, m - 2 * (m - r), r)
-    return m
+def axis_rates(stack: list[Node], axis: int) -> list[int]:
+    """The dilation rates of the convs that have a kernel > 1 along `axis`."""
+    return [n.attrs["dilation"][axis] for n in stack if n.attrs["kernel"][axis] > 1]
+
+
+def field_offsets(stack: list[Node], axis: int) -> set[int]:
+    """The input positions along `axis` that reach one output of the stack, counted from the first
+    position of its field: every sum of one tap offset r·m (m = 0 … k−1) per conv."""
+    reach = {0}
+    for n in stack:
+        k, r = n.attrs["kernel"][axis], n.attrs["dilation"][axis]
+        reach = {p + r * m for p in reach for m in range(k)}
+    return reach
+
+
+def same_on_every_axis(values: list) -> bool:
+    return all(v == values[0] for v in values)
+
+
+def axis_phrase(axes: list[int], rank: int) -> str:
+    if rank == 1 or len(axes) == rank:
+        return "on each axis" if rank > 1 else ""
+    names = ("depth", "height", "width")[3 - rank:]
+    return "along the " + " and ".join(names[a] for a in axes)
 
 
 @rule("W101", "dilation-gridding")
 def dilation_gridding(g: Graph):
     for stack in dilated_stacks(g):
-        rates = [n.attrs["dilation"][0] for n in stack]
-        factor = 0
-        for r in rates:
-            factor = math.gcd(factor, r)
-        if factor > 1:
-            last = stack[-1]
-            yield Diagnostic(last.span, "W101",
-                             f"dilation rates {', '.join(map(str, rates))} share the factor {factor}: an output sees "
-                             f"only every {ordinal(factor)} input position on each axis (gridding, §3.11); use rates "
-                             f"without a common factor, such as 1, 2, 5")
+        rank = len(stack[0].attrs["kernel"])
+        factors = [math.gcd(*axis_rates(stack, a)) if axis_rates(stack, a) else 1 for a in range(rank)]
+        axes = [a for a in range(rank) if factors[a] > 1]
+        if not axes:
+            continue
+        a = axes[0]
+        rates = axis_rates(stack, a)
+        f = factors[a]
+        seen = math.prod(factors)
+        where = axis_phrase(axes, rank)
+        rates_text = ints(rates) if same_on_every_axis([axis_rates(stack, b) for b in axes]) else \
+            "; ".join(ints(axis_rates(stack, b)) for b in axes)
+        yield Diagnostic(stack[-1].span, "W101",
+                         f"dilation rates {rates_text} share the factor {f}: only every {ordinal(f)} input "
+                         f"position{' ' + where if where else ''} reaches an output, so {seen - 1} in {seen} "
+                         f"inputs are never seen (gridding, §3.11); use rates without a common factor, such "
+                         f"as 1, 2, 5")
+
+
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 @rule("W102", "dilation-order")
 def dilation_order(g: Graph):
     for stack in dilated_stacks(g):
-        rates = [n.attrs["dilation"][0] for n in stack]
-        if math.gcd(*rates) > 1:
-            continue                     # W101 says it
+        rank = len(stack[0].attrs["kernel"])
+        if any(math.gcd(*axis_rates(stack, a)) > 1 for a in range(rank) if axis_rates(stack, a)):
+            continue                     # W101 says what is wrong
+        # Undilated convs after the dilated ones only fill gaps: the rule is about the dilated part.
+        dilated = list(stack)
+        while dilated and all(r == 1 for r in dilated[-1].attrs["dilation"]):
+            dilated.pop()
         last = stack[-1]
-        k = last.attrs["kernel"][0]
-        if rates[-1] != max(rates):
+        disordered = [a for a in range(rank)
+                      if len(axis_rates(dilated, a)) >= 2 and axis_rates(dilated, a)[-1] != max(axis_rates(dilated, a))]
+        if disordered:
             yield Diagnostic(last.span, "W102",
-                             f"dilation rates {', '.join(map(str, rates))}: the last rate should be the largest "
-                             f"(hybrid dilated convolution, §3.11)")
+                             f"dilation rates {ints(axis_rates(stack, disordered[0]))}: the last dilated conv "
+                             f"should have the largest rate (hybrid dilated convolution, §3.11), as in 1, 2, 5")
             continue
-        gap = hdc_max_distance(rates)
-        if gap > k:
-            yield Diagnostic(last.span, "W102",
-                             f"dilation rates {', '.join(map(str, rates))} leave holes: the stack samples input "
-                             f"positions up to {gap} apart, more than the kernel size {k} (hybrid dilated "
-                             f"convolution, §3.11); make the earlier rates larger or the last one smaller")
+        holes = {a: holes_of(stack, a) for a in range(rank)}
+        axes = [a for a in range(rank) if holes[a][1]]
+        if not axes:
+            continue
+        a = axes[0]
+        width, gaps, centred = holes[a]
+        if centred:
+            listed = f"{ints(gaps[:-1])} and {gaps[-1]}" if len(gaps) > 1 else str(gaps[0])
+            where = f"the inputs {listed} position{'' if gaps == [1] else 's'} away from its centre on either " \
+                    f"side are never seen"
+        else:
+            where = f"positions {ints(gaps)} of them are never seen"
+        same = all(holes[b] == holes[a] and axis_rates(stack, b) == axis_rates(stack, a) for b in axes)
+        axis_text = axis_phrase(axes if same else [a], rank)
+        yield Diagnostic(last.span, "W102",
+                         f"dilation rates {ints(axis_rates(stack, a))} leave holes: an output spans {width} input "
+                         f"positions{' ' + axis_text if axis_text else ''}, and {where} (hybrid dilated "
+                         f"convolution, §3.11); make the earlier rates larger or the last one smaller, as in "
+                         f"1, 2, 5 with 3×3 kernels")
 
 
-# ---- §3.4, §3.5 kernel sizes ----------------------------------------------------------------
+def holes_of(stack: list[Node], axis: int) -> tuple[int, list[int], bool]:
+    """(field width, the positions inside it no output reaches, whether they are counted from the
+    centre) along one axis. With odd kernels the field is symmetric and positions are distances
+    from its centre; otherwise they count from 1 at the field's start."""
+    reach = field_offsets(stack, axis)
+    width = max(reach) + 1
+    missing = sorted(set(range(width)) - reach)
+    if all(n.attrs["kernel"][axis] % 2 == 1 for n in stack):
+        centre = (width - 1) // 2
+        return width, sorted({abs(h - centre) for h in missing}), True
+    return width, [h + 1 for h in missing], False
+
+
+# ---- §3.4, §3.5 kernel sizes: W103, W104 ----------------------------------------------------
 
 def square_2d(node: Node) -> int | None:
+    """n for an undilated n×n 2-D conv that is not depthwise."""
     k = node.attrs.get("kernel", ())
-    if node.op == "conv" and len(k) == 2 and k[0] == k[1] and all(r == 1 for r in node.attrs["dilation"]):
+    if node.op == "conv" and not is_depthwise(node) and len(k) == 2 and k[0] == k[1] and \
+            all(r == 1 for r in node.attrs["dilation"]):
         return k[0]
     return None
+
+
+def channels_text(node: Node) -> str:
+    return f"{node.attrs['in']}→{node.attrs['out']} channels"
 
 
 @rule("W103", "large-kernel")
 def large_kernel(g: Graph):
     for node in g.nodes:
         n = square_2d(node)
-        if n is not None and n >= 5 and n % 2 == 1:
-            count = (n - 1) // 2
-            ratio = round(100 * count * 9 / (n * n))
-            article = "an" if str(n).startswith(("8", "11", "18")) else "a"
-            yield Diagnostic(node.span, "W103",
-                             f"{article} {n}×{n} kernel: {count} stacked 3×3 convs see the same {n}×{n} field with "
-                             f"{ratio}% of the parameters, and add {count - 1} more non-linearit"
-                             f"{'y' if count == 2 else 'ies'} (§3.4)")
+        if n is None or n < 5 or n % 2 == 0:
+            continue
+        m = (n - 1) // 2                                 # §3.4: k − 1 = m·(3 − 1)
+        cin, cout = node.attrs["in"], node.attrs["out"]
+        book = 9 * m / (n * n)
+        # The replacement: the first 3×3 takes in→out channels, the others out→out.
+        here = 9 * (cin + (m - 1) * cout) / (cin * n * n)
+        if here >= 1:
+            continue                                     # not fewer parameters for these channels
+        article = "an" if n in (8, 11, 18) or 80 <= n < 90 else "a"
+        gain = "add 1 more non-linearity" if m == 2 else f"add {m - 1} more non-linearities"
+        if cin == cout:
+            stack, amount = f"{m} stacked 3×3 convs", f"{percent(book)} of the parameters ({m}·3·3 / {n}·{n}, §3.4)"
+        else:
+            stack = f"{m} stacked 3×3 convs ({cin}→{cout}, then {cout}→{cout} channels)"
+            amount = f"{percent(here)} of the parameters (§3.4's {percent(book)} holds when channels in = out)"
+        yield Diagnostic(node.span, "W103",
+                         f"{article} {n}×{n} kernel: {stack} see the same {n}×{n} field with {amount}, and "
+                         f"{gain}")
 
 
 @rule("W104", "asymmetric-kernel")
@@ -190,97 +269,186 @@ def asymmetric_kernel(g: Graph):
         if n is None or n < 5:
             continue
         size = g.values[node.inputs[0]].type.spatial
-        if all(isinstance(s, int) and 12 <= s <= 20 for s in size):
-            yield Diagnostic(node.span, "W104",
-                             f"a {n}×{n} kernel on a {size[0]}×{size[1]} map: 1×{n} then {n}×1 see the same field "
-                             f"with 2/{n} = {round(200 / n)}% of the parameters, and work well on 12–20 sized "
-                             f"maps (§3.5)")
+        if not all(isinstance(s, int) and 12 <= s <= 20 for s in size):
+            continue
+        cin, cout = node.attrs["in"], node.attrs["out"]
+        here = (cin + cout) / (n * cin)                 # 1×n: in→out, then n×1: out→out
+        if here >= 1:
+            continue
+        if cin == cout:
+            split, amount = f"1×{n} then {n}×1", f"2/{n} = {percent(2 / n)} of the parameters"
+        else:
+            split = f"1×{n} ({cin}→{cout} channels) then {n}×1 ({cout}→{cout})"
+            amount = f"{percent(here)} of the parameters (§3.5's 2/{n} = {percent(2 / n)} holds when channels in = out)"
+        yield Diagnostic(node.span, "W104",
+                         f"a {n}×{n} kernel on a {x(size)} map: {split} see the same field with {amount}, and the "
+                         f"split works well on maps of 12 to 20 (§3.5)")
 
 
-# ---- §1.2.4 wasted positions ----------------------------------------------------------------
+# ---- §1.2.4 computed, then thrown away: W105 ------------------------------------------------
 
 @rule("W105", "subsampled-output")
 def subsampled_output(g: Graph):
     for node in g.nodes:
-        if node.op not in ("maxpool", "avgpool", "conv") or any(k != 1 for k in node.attrs["kernel"]):
+        if node.op not in POOLS | {"conv"} or any(k != 1 for k in node.attrs["kernel"]):
             continue
-        if all(s == 1 for s in node.attrs["stride"]):
+        stride = node.attrs["stride"]
+        if all(s == 1 for s in stride) or not pads_zero(node):
             continue
-        conv, _ = feeding_conv(g, node)
-        if conv is None or any(s != 1 for s in conv.attrs["stride"]):
+        reader, current = node, producer(g, node.inputs[0])
+        while current is not None and current.op in POSITIONWISE and only_feeds(g, current, reader):
+            reader, current = current, producer(g, current.inputs[0])
+        if current is None or current.op not in ("conv", "depthwise") or not only_feeds(g, current, reader):
             continue
-        kept = math.prod(node.attrs["stride"])
-        yield Diagnostic(conv.span, "W105",
-                         f"{conv.label} computes every position, but {node.label} (window 1, stride "
-                         f"{kernel_text(node.attrs['stride'])}) keeps only 1 in {kept} (§1.2.4): give "
-                         f"{conv.label} {stride_arg(node.attrs['stride'])} instead")
+        if any(s != 1 for s in current.attrs["stride"]):
+            continue
+        kept = math.prod(stride)
+        stride_arg = f"stride={stride[0]}" if len(set(stride)) == 1 else f"stride=({ints(stride)})"
+        if node.op == "conv":
+            what, fix = f"{node.label} (1×1, stride {x(stride)}) reads", f"and {node.label} stride=1"
+        else:
+            what, fix = f"{node.label} (window 1, stride {x(stride)}) keeps", f"and drop {node.label}"
+        yield Diagnostic(current.span, "W105",
+                         f"{current.label} computes every position, but {what} only 1 in {kept} of them "
+                         f"(§1.2.4: a full convolution then subsampling wastes the work); give {current.label} "
+                         f"{stride_arg} {fix}")
 
 
-# ---- §1.2.2, §3.4.7 padding -----------------------------------------------------------------
+# ---- §1.2.2, §3.4.7 padding: W106, W107 -----------------------------------------------------
+
+def valid_window(node: Node) -> bool:
+    return node.op in ("conv", "depthwise") and pads_zero(node) and any(k > 1 for k in node.attrs["kernel"])
+
 
 @rule("W106", "valid-shrinks-to-one")
 def valid_shrinks_to_one(g: Graph):
     for node in g.nodes:
-        if node.op not in ("conv", "depthwise", "maxpool", "avgpool", "l2pool") or not is_valid(node):
-            continue
-        if all(k == 1 for k in node.attrs["kernel"]):
+        if not valid_window(node):
             continue
         before = g.values[node.inputs[0]].type.spatial
         after = g.values[node.output].type.spatial
-        if any(a == 1 and isinstance(b, int) and b > 1 for a, b in zip(after, before)):
-            yield Diagnostic(node.span, "W106",
-                             f"valid padding shrinks the map to {'×'.join(map(str, after))} here (§1.2.2: each "
-                             f"valid k×k window removes k−1 positions); use pad=same to keep the map and go deeper")
+        if not any(a == 1 and isinstance(b, int) and b > 1 for a, b in zip(after, before)):
+            continue
+        stack = [node]
+        current = producer(g, node.inputs[0])
+        while current is not None and (current.op in POSITIONWISE or valid_window(current)):
+            if valid_window(current):
+                stack.append(current)
+            current = producer(g, current.inputs[0])
+        if len(stack) < 2:
+            continue                     # one layer that covers its map: a dense layer as a conv (§2.5)
+        stack.reverse()
+        sizes = [g.values[stack[0].inputs[0]].type.spatial] + [g.values[n.output].type.spatial for n in stack]
+        if not all(isinstance(s, int) for size in sizes for s in size):
+            continue
+        path = " → ".join(x(s) for s in sizes)
+        kernels = {k for n in stack for k in n.attrs["kernel"]}
+        formula = ""
+        if len(kernels) == 1 and all(s == 1 for n in stack for s in n.attrs["stride"]) and \
+                all(r == 1 for n in stack for r in n.attrs["dilation"]) and len(set(sizes[0])) == 1:
+            (k,) = kernels
+            formula = f", m − (k−1)·d = {sizes[0][0]} − {k - 1}·{len(stack)} = 1"
+        yield Diagnostic(node.span, "W106",
+                         f"valid padding shrinks the map {path} over {len(stack)} convs (§1.2.2: each removes "
+                         f"k−1 positions per axis{formula}), so nothing deeper can convolve it; pad=same keeps "
+                         f"the size")
 
 
 @rule("W107", "even-kernel-same")
 def even_kernel_same(g: Graph):
     for node in g.nodes:
-        k = node.attrs.get("kernel")
-        if k and is_same(node) and any(x % 2 == 0 for x in k) and node.op in ("conv", "depthwise", "separable"):
-            yield Diagnostic(node.span, "W107",
-                             f"an even {kernel_text(k)} kernel with pad=same needs asymmetric padding (the extra "
-                             f"zero goes at the end, §3.4.7); prefer an odd kernel")
+        if node.op not in ("conv", "depthwise"):
+            continue
+        k = node.attrs["kernel"]
+        spec = node.attrs["pad_spec"]
+        if getattr(spec, "name", None) != "same" or all(n % 2 for n in k):
+            continue
+        uneven = [(b, a) for b, a in node.attrs["pads"] if isinstance(b, int) and isinstance(a, int) and b != a]
+        if not uneven:
+            continue
+        b, a = uneven[0]
+        yield Diagnostic(node.span, "W107",
+                         f"an even {x(k)} kernel with pad=same pads unevenly ({b} before, {a} after): each "
+                         f"output's window is centred half a position off its own (§3.4.7); an odd kernel such as "
+                         f"3×3 pads both sides alike")
 
 
-# ---- §3.9 group convs -----------------------------------------------------------------------
+# ---- §3.9 group convs: W108 -----------------------------------------------------------------
+
+def group_conv(node: Node) -> bool:
+    return node.op == "conv" and node.attrs["groups"] > 1 and not is_depthwise(node)
+
+
+def groups_seen(g1: int, g2: int, channels: int) -> int:
+    """How many of the first conv's g1 output groups one group of the second conv (g2 groups)
+    reads, at most."""
+    size1, size2 = channels // g1, channels // g2
+    return max(len({c // size1 for c in range(j * size2, (j + 1) * size2)}) for j in range(g2))
+
 
 @rule("W108", "groups-without-shuffle")
 def groups_without_shuffle(g: Graph):
     for node in g.nodes:
-        if node.op != "conv" or node.attrs["groups"] == 1:
+        if not group_conv(node):
             continue
         current = producer(g, node.inputs[0])
-        while current is not None and (current.op in POSITIONWISE or current.op in ("depthwise", "maxpool",
-                                                                                      "avgpool")):
+        while current is not None and (current.op in ELEMENTWISE or current.op in POOLS or is_depthwise(current)):
             current = producer(g, current.inputs[0])
-        if current is not None and current.op == "conv" and current.attrs["groups"] > 1:
-            yield Diagnostic(node.span, "W108",
-                             f"{current.label} and {node.label} are group convs with no shuffle between them: each "
-                             f"output group only ever sees its own input group (§3.9); put `shuffle("
-                             f"{node.attrs['groups']})` between them")
+        if current is None or not group_conv(current):
+            continue
+        g1, g2 = current.attrs["groups"], node.attrs["groups"]
+        seen = groups_seen(g1, g2, node.attrs["in"])
+        if seen >= g1:
+            continue
+        yield Diagnostic(node.span, "W108",
+                         f"{node.label} (groups={g2}) reads {current.label} (groups={g1}) with no shuffle between "
+                         f"them: each group of {node.label} sees the channels of only {seen} of {current.label}'s "
+                         f"{g1} groups (§3.9); put shuffle({g1}) after {current.label}")
 
 
-# ---- §2.4, §2.5, §3.1 parameter budgets -----------------------------------------------------
+# ---- §2.4, §2.5, §3.1, §3.2 parameter budgets: W109, W110 -----------------------------------
+
+def layer_params(g: Graph, name: str) -> int:
+    return sum(D.product(p.shape) for p in g.layer(name).params)
+
 
 def total_params(g: Graph) -> int:
     return sum(D.product(p.shape) for layer in g.layers for p in layer.params)
 
 
+def flattened_map(g: Graph, node: Node):
+    """The map a dense layer reads (flattened), or None when it reads a vector."""
+    current = producer(g, node.inputs[0])
+    while current is not None and current.op in ELEMENTWISE:
+        current = producer(g, current.inputs[0])
+    if current is None or current.op != "flatten":
+        return None
+    t = g.values[current.inputs[0]].type
+    return t if t.spatial and t.is_static() else None
+
+
 @rule("W109", "dense-heavy")
 def dense_heavy(g: Graph):
     total = total_params(g)
+    if total < 1000:
+        return
     seen = set()
     for node in g.nodes:
         if node.op != "dense" or node.layer in seen:
             continue
         seen.add(node.layer)
-        own = sum(D.product(p.shape) for p in g.layer(node.layer).params)
-        if total >= 1000 and own * 2 > total:
-            yield Diagnostic(node.span, "W109",
-                             f"{node.label} holds {100 * own // total}% of the network's {total:,} "
-                             f"parameters (§2.4); global average pooling before it, or `convdsl convert "
-                             f"--fc-to-conv` (§2.5), would take most of them away")
+        own = layer_params(g, node.layer)
+        source = flattened_map(g, node)
+        if own * 2 <= total or source is None or D.product(source.spatial) < 2:
+            continue
+        positions = D.product(source.spatial)
+        out = node.attrs["out"]
+        yield Diagnostic(node.span, "W109",
+                         f"{node.label} holds {100 * own // total}% of the network's {total:,} parameters (§2.4): "
+                         f"it reads a {source.text(g.layout)} map, so global average pooling before it would need "
+                         f"{positions}× fewer weights ({source.channels * out:,} instead of "
+                         f"{source.channels * positions * out:,}); `convdsl convert --fc-to-conv` keeps them "
+                         f"but lets the network slide over larger inputs (§2.5)")
 
 
 @rule("W110", "unshared-heavy")
@@ -291,32 +459,59 @@ def unshared_heavy(g: Graph):
         weight = next(p for p in g.layer(node.layer).params if p.name == "weight")
         own = D.product(weight.shape)
         shared = node.attrs["out"] * node.attrs["in"] * math.prod(node.attrs["kernel"])
-        if own >= 10 * shared:
-            yield Diagnostic(node.span, "W110",
-                             f"{node.label} has {own:,} weights, {own // shared}× the {shared:,} of the conv it "
-                             f"replaces (§3.1, §3.2); `tiled` with a small tile, or a conv, needs far fewer")
+        if own < 10 * shared:
+            continue
+        sets = x(node.attrs["tile"])
+        if node.op == "local":
+            what, fix = f"one kernel set for each of its {sets} output positions", "`tiled` with a small tile (§3.2)"
+        else:
+            what, fix = f"{sets} kernel sets", "a smaller tile"
+        yield Diagnostic(node.span, "W110",
+                         f"{node.label} has {own:,} weights, {what}: {own // shared}× the {shared:,} of a conv "
+                         f"with the same kernel (§3.1, §3.2); {fix}, or a conv, needs far fewer")
 
 
 # ---- running the rules ----------------------------------------------------------------------
 
-_ALLOW = re.compile(r"#\s*convdsl:\s*allow\s+([A-Z0-9,\s]+)")
+CODES = {r.code: r.name for r in RULES}
+
+_ALLOW = re.compile(r"#\s*convdsl:\s*allow\s+(W\d+(?:[\s,]+W\d+)*)")
+
+
+def allowed_codes(text: str) -> set[str]:
+    match = _ALLOW.search(text)
+    return set(re.split(r"[\s,]+", match.group(1))) if match else set()
 
 
 def allowed_on_line(diag: Diagnostic) -> bool:
+    """`# convdsl: allow CODE` at the end of the op's line, or alone on the line just above it."""
     if diag.span is None:
         return False
-    match = _ALLOW.search(diag.span.source.line(diag.span.line))
-    return bool(match) and diag.code in re.split(r"[,\s]+", match.group(1).strip())
+    source = diag.span.source
+    if diag.code in allowed_codes(source.line(diag.span.line)):
+        return True
+    above = source.line(diag.span.line - 1) if diag.span.line > 1 else ""
+    return above.lstrip().startswith("#") and diag.code in allowed_codes(above)
 
 
 def lint(g: Graph, allow: frozenset[str] = frozenset()) -> tuple[Diagnostic, ...]:
-    """Every warning of every rule, in source order, less those allowed per line or per run."""
+    """Every warning of every rule, in source order, less those allowed per line or per run.
+
+    An op inside a block or a `repeat` body is one line of source but several layers; a rule that
+    fires at several of them is reported once, at that line, with a note saying how often."""
     found = [d for r in RULES if r.code not in allow for d in r.check(g)]
     found = [d for d in found if not allowed_on_line(d)]
-    unique = {(d.code, d.span.path if d.span else "", d.span.line if d.span else 0,
-               d.span.col if d.span else 0, d.message): d for d in found}
-    return tuple(sorted(unique.values(), key=lambda d: (d.span.path, d.span.line, d.span.col, d.code)
+    groups: dict[tuple, list[Diagnostic]] = {}
+    for d in found:
+        key = (d.code, d.span.path, d.span.line, d.span.col) if d.span else (d.code, "", 0, 0, d.message)
+        groups.setdefault(key, []).append(d)
+    out = []
+    for same in groups.values():
+        first = same[0]
+        if len(same) > 1:
+            first = replace(first, notes=(*first.notes, f"note: {len(same)} layers made from this line (block "
+                                                        f"instances or repeat rounds) warn alike; shown once, "
+                                                        f"for the first"))
+        out.append(first)
+    return tuple(sorted(out, key=lambda d: (d.span.path, d.span.line, d.span.col, d.code)
                         if d.span else ("", 0, 0, d.code)))
-
-
-CODES = {r.code: r.name for r in RULES}
