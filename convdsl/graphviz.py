@@ -34,7 +34,7 @@ def instance_path(node: Node) -> list[str]:
 
 
 def to_dot(graph: Graph) -> str:
-    lines = [f"digraph {quote(graph.name)} {{", "    rankdir=TB;",
+    lines = [f"digraph {quote(graph.name)} {{", "    rankdir=TB;", '    graph [fontname="Helvetica"];',
              '    node [shape=box, style="rounded,filled", fillcolor="#f4f4f4", fontname="Helvetica"];']
     outputs = {o.value: o.name for o in graph.outputs}
     for i in graph.inputs:

@@ -20,7 +20,7 @@ def number(d: Dim) -> str:
 
 def human_bytes(d: Dim) -> str:
     if not isinstance(d, int):
-        return f"{D.to_text(d)} B"
+        return f"{D.to_text(d)} bytes"
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if d >= size:
             return f"{d / size:.2f} {unit}"
