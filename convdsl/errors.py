@@ -11,9 +11,11 @@ class Source:
     text: str = field(repr=False)
 
     def line(self, lineno: int) -> str:
-        lines = self.text.splitlines()
+        # Lines as the lexer counts them: only \n ends one (str.splitlines would also split on
+        # \f, \v, \x85, U+2028 … and quote a different line than the one reported).
+        lines = self.text.split("\n")
         if 1 <= lineno <= len(lines):
-            return lines[lineno - 1]
+            return lines[lineno - 1].rstrip("\r")
         return ""
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
+import unicodedata
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from .. import resources
@@ -18,9 +20,9 @@ KEYWORDS = frozenset({"network", "block", "use", "input", "layer", "const", "rep
 # What a user would call each terminal, for "expected ..." messages.
 _TERMINAL_NAMES = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "_NL": "a new line",
-    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
-    "COMMA": "','", "COLON": "':'", "EQUAL": "'='", "ARROW": "'->'", "PLUS": "'+'", "MINUS": "'-'",
-    "STAR": "'*'", "SLASH": "'/'", "DSLASH": "'//'", "$END": "end of file",
+    "LPAR": "`(`", "RPAR": "`)`", "LSQB": "`[`", "RSQB": "`]`", "LBRACE": "`{`", "RBRACE": "`}`",
+    "COMMA": "`,`", "COLON": "`:`", "EQUAL": "`=`", "ARROW": "`->`", "PLUS": "`+`", "MINUS": "`-`",
+    "STAR": "`*`", "SLASH": "`/`", "DSLASH": "`//`", "$END": "end of file",
     "NETWORK": "`network`", "BLOCK": "`block`", "USE": "`use`",
 }
 
@@ -194,7 +196,12 @@ class _ToAst(Transformer):
     def number(self, items):
         (tok,) = items
         text = str(tok)
-        value = int(text) if text.isdigit() else float(text)
+        try:
+            value = int(text) if text.isdigit() else float(text)
+        except ValueError:      # Python refuses to convert integers of more than 4300 digits
+            raise ConvDSLError(self._span_tok(tok), f"number too long ({len(text)} digits)") from None
+        if not math.isfinite(value):
+            raise ConvDSLError(self._span_tok(tok), f"number `{text}` is too large for a float")
         return ast.Num(value, self._span_tok(tok))
 
     @v_args(meta=True)
@@ -240,6 +247,9 @@ _STATEMENT_KEYWORDS = frozenset({"input", "layer", "const", "repeat", "output", 
 
 
 def _expected_text(expected) -> str:
+    if len(expected) == 1:          # only one way on: say it, whatever it is
+        (only,) = expected
+        return _TERMINAL_NAMES.get(only) or f"`{only.lower()}`"
     names = []
     for e in _WORTH_SAYING:
         if e in expected:
@@ -269,26 +279,105 @@ def _unclosed_bracket(source: Source, upto_line: int, upto_col: int):
     return stack[-1] if stack else None
 
 
+def _never_closed(opened) -> str:
+    char, line, col = opened
+    closer = ")" if char == "(" else "]"
+    return f"the `{char}` opened at line {line}, column {col} is never closed (missing `{closer}`)"
+
+
+def _show_char(ch: str) -> str:
+    """A character as a message can show it: visible ASCII as itself, anything else with its code point."""
+    if ch.isascii() and ch.isprintable() and ch != " ":
+        return f"`{ch}`"
+    code = f"U+{ord(ch):04X}"
+    name = unicodedata.name(ch, "")
+    if name:
+        code += f" {name}"
+    return f"`{ch}` ({code})" if ch.isprintable() and not ch.isspace() else code
+
+
+def _char_hint(ch: str) -> str:
+    """Why a character the lexer refused is probably there, and what to write instead."""
+    category = unicodedata.category(ch)
+    if ch == ";":
+        return "; statements end at the end of the line, no `;` needed"
+    if ch == '"':
+        return '; a string is only used in `use "file.cnn"` and must close on its line'
+    if ch in "'\u2018\u2019\u201c\u201d":
+        return '; a file name is written in plain double quotes: `use "file.cnn"`'
+    if ch == "\\":
+        return "; a chain continues on a line that starts with `->`, and any line continues inside ( ) and [ ]"
+    if category == "Nd":
+        return "; write numbers with the digits 0-9"
+    if category.startswith("L"):
+        return "; names use the letters A-Z and a-z, digits and `_`"
+    if category in ("Zs", "Cf") or ch == "\x00":
+        return "; it is invisible (often pasted in with the text): delete it"
+    return ""
+
+
+def _word_at(text: str, pos: int) -> tuple[int, str]:
+    """The run of name and number characters around pos (3.4.5, 3x3, conv1.weight), as (start, word)."""
+    def inside(i):
+        c = text[i]
+        if c.isascii() and (c.isalnum() or c in "_."):
+            return True
+        return c in "+-" and i >= 2 and text[i - 1] in "eE" and (text[i - 2].isdigit() or text[i - 2] == ".")
+    start, end = pos, pos
+    while start > 0 and inside(start - 1):
+        start -= 1
+    while end < len(text) and text[end] != "\n" and inside(end):
+        end += 1
+    return start, text[start:end]
+
+
+def _line_text(source: Source, line: int) -> str:
+    """Line `line` as Lark counts lines: only \\n ends one."""
+    lines = source.text.split("\n")
+    return lines[line - 1] if 1 <= line <= len(lines) else ""
+
+
+def _end_of_file(source: Source) -> Span:
+    """Just after the last character that is not a line break, where a user looks for what is missing."""
+    body = source.text.rstrip("\r\n")
+    line = body.count("\n") + 1
+    col = len(body) - (body.rfind("\n") + 1) + 1
+    return Span(source, line, col, line, col + 1)
+
+
+def _malformed_number(word: str) -> str:
+    if word.count(".") > 1:
+        return f"malformed number `{word}`: a number has at most one decimal point"
+    size = re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)", word)
+    if size:
+        h, w = size.groups()
+        return f"malformed number `{word}`; a size is written `({h}, {w})`" + (f" or just `{h}`" if h == w else "")
+    return f"malformed number `{word}`; numbers are decimal, like 16, 0.5 or 1e-3"
+
+
 def _syntax_error(source: Source, err: UnexpectedInput) -> ConvDSLError:
     line, col = max(err.line, 1), max(err.column, 1)
     if isinstance(err, UnexpectedCharacters):
         ch = source.text[err.pos_in_stream] if err.pos_in_stream < len(source.text) else "?"
-        msg = f"unexpected character `{ch}`"
-        if ch == ";":
-            msg += "; statements end at the end of the line, no `;` needed"
-        elif ch == '"':
-            msg += '; a string is only used in `use "file.cnn"` and must close on its line'
-        elif ch == ".":
-            msg = "malformed number: a number has at most one decimal point"
-        return ConvDSLError(Span(source, line, col, line, col + 1), msg)
+        msg = f"unexpected character {_show_char(ch)}{_char_hint(ch)}"
+        start, width = col, 1
+        if ch == ".":
+            at, word = _word_at(source.text, err.pos_in_stream)
+            if word[0].isdigit() or (word[0] == "." and len(word) > 1):      # 3.4. or 1e3.
+                start, width = col - (err.pos_in_stream - at), len(word)
+                msg = _malformed_number(word)
+            elif word != ".":
+                msg += "; a name cannot contain `.`"
+        return ConvDSLError(Span(source, line, start, line, start + width), msg)
     if isinstance(err, UnexpectedToken):
         tok = err.token
         if tok.type == "$END":
-            lines = source.text.splitlines() or [""]
-            line, col = len(lines), len(lines[-1]) + 1
-            span = Span(source, line, col, line, col + 1)
+            span = _end_of_file(source)
             msg = "unexpected end of file"
-            if "RBRACE" in err.expected:
+            opened = _unclosed_bracket(source, span.line + 1, 1)
+            if opened is not None:
+                msg += ": " + _never_closed(opened)
+            elif "RBRACE" in err.expected:
                 msg += ": a `{` is never closed (missing `}`)"
             else:
                 expected = _expected_text(err.expected)
@@ -298,16 +387,40 @@ def _syntax_error(source: Source, err: UnexpectedInput) -> ConvDSLError:
         width = len(str(tok)) if tok.type != "_NL" else 1
         span = Span(source, tok.line, tok.column, tok.line, tok.column + max(1, width))
         text = str(tok)
+        prefix = source.text[:tok.start_pos] if tok.start_pos is not None else ""
+        before = re.sub(r"#[^\"\n]*$", "", prefix).rstrip()        # the text before, without a comment
         if text in KEYWORDS and "NAME" in err.expected:
             return ConvDSLError(span, f"`{tok}` is a keyword and cannot be used as a name")
         if text in _STATEMENT_KEYWORDS and "NETWORK" in err.expected:
             return ConvDSLError(span, f"`{tok}` is a statement: it belongs inside `network NAME {{ … }}` or a block")
-        if tok.type == "NUMBER" and text.startswith(".") and tok.start_pos and \
-                source.text[tok.start_pos - 1].isdigit():
-            return ConvDSLError(span, "malformed number: a number has at most one decimal point")
-        before = source.text[:tok.start_pos].rstrip() if tok.start_pos is not None else ""
+        glued = (tok.type == "NUMBER" and text.startswith(".") and re.search(r"[A-Za-z0-9_.]$", prefix)) or \
+            (tok.type == "NAME" and re.search(r"[0-9.]$", prefix))
+        if glued:                          # 3.4.5, 3x3, 0x10, 1_000, 2e, x.5: one word the lexer split in two
+            at, word = _word_at(source.text, tok.start_pos)
+            start = tok.column - (tok.start_pos - at)
+            word_span = Span(source, tok.line, start, tok.line, start + len(word))
+            if not word[0].isdigit() and word[0] != ".":
+                return ConvDSLError(word_span, f"`{word}`: a name cannot contain `.`")
+            return ConvDSLError(word_span, _malformed_number(word))
+        if "NETWORK" in err.expected:
+            if tok.type == "RBRACE":
+                return ConvDSLError(span, "unexpected `}`: no `{` is open here")
+            return ConvDSLError(span, f"unexpected {_describe_token(tok)}; a file holds `network`, `block` and "
+                                      "`use` items")
         if before.endswith("->") and "NAME" in err.expected:
             return ConvDSLError(span, "`->` needs an op after it, on the same line")
+        if set(err.expected) == {"STRING"}:
+            return ConvDSLError(span, '`use` takes a file name in quotes, as in `use "blocks.cnn"`')
+        if tok.type == "_NL" and "LBRACE" in err.expected:
+            header = re.sub(r"#.*", "", _line_text(source, tok.line)).strip()
+            return ConvDSLError(span, f"expected `{{` at the end of this line, as in `{header} {{`")
+        loss = re.search(r"\bloss\s+([A-Za-z_][A-Za-z0-9_]*)$", before)
+        if loss and "LPAR" in err.expected:
+            name = loss.group(1)
+            name_col = loss.start(1) - source.text.rfind("\n", 0, loss.start(1))
+            return ConvDSLError(Span(source, tok.line, name_col, tok.line, name_col + len(name)),
+                                f"`loss` takes a loss function of an output, as in "
+                                f"`loss softmax_cross_entropy({name})`")
         previous = re.search(r"([A-Za-z_][A-Za-z0-9_]*)$", before)
         if previous and previous.group(1) in KEYWORDS and text == "=":
             at = previous.start(1)
@@ -317,34 +430,63 @@ def _syntax_error(source: Source, err: UnexpectedInput) -> ConvDSLError:
             return ConvDSLError(kw_span, f"`{previous.group(1)}` is a keyword and cannot be used as a name")
         opened = _unclosed_bracket(source, tok.line, tok.column)
         if opened is not None and opened[1] < tok.line:
-            char, oline, ocol = opened
-            closer = ")" if char == "(" else "]"
-            return ConvDSLError(span, f"unexpected {_describe_token(tok)}: the `{char}` opened at line {oline}, "
-                                      f"column {ocol} is never closed (missing `{closer}`)")
+            return ConvDSLError(span, f"unexpected {_describe_token(tok)}: {_never_closed(opened)}")
         msg = f"unexpected {_describe_token(tok)}"
+        # After a whole expression the LALR tables accept a jumble of tokens that belong to other
+        # contexts; what can really come next depends on the innermost open bracket.
+        closer = {"(": "RPAR", "[": "RSQB"}.get(opened[0]) if opened else None
+        if closer in err.expected:
+            options = [_TERMINAL_NAMES["COMMA"]] if "COMMA" in err.expected else []
+            return ConvDSLError(span, msg + f"; expected {' or '.join(options + [_TERMINAL_NAMES[closer]])}")
+        if opened is None and {"ARROW", "_NL"} <= set(err.expected):
+            if re.match(r"\s*repeat\b", _line_text(source, tok.line)):
+                return ConvDSLError(span, msg + "; expected `{`")
+            return ConvDSLError(span, msg + "; expected `->` or a new line")
         expected = _expected_text(err.expected)
         if expected:
             msg += f"; expected {expected}"
         return ConvDSLError(span, msg)
     if isinstance(err, UnexpectedEOF):
-        lines = source.text.splitlines() or [""]
-        return ConvDSLError(Span(source, len(lines), len(lines[-1]) + 1), "unexpected end of file")
+        return ConvDSLError(_end_of_file(source), "unexpected end of file")
     return ConvDSLError(Span(source, line, col), "syntax error")
+
+
+# The AST is walked recursively here and in every later stage; a statement nested deeper than this
+# (a chain of more than ~120 ops, say) would exhaust Python's stack, so it is refused up front.
+MAX_NESTING = 128
+
+
+def _check_nesting(source: Source, tree: Tree) -> None:
+    """Refuses a tree deeper than MAX_NESTING, walking it without recursion."""
+    stack = [(tree, 0, tree)]
+    while stack:
+        node, depth, statement = stack.pop()
+        if depth > MAX_NESTING:
+            line, col = getattr(statement.meta, "line", 1), getattr(statement.meta, "column", 1)
+            raise ConvDSLError(Span(source, line, col, line, col + 1),
+                               f"this statement nests more than {MAX_NESTING} levels deep; "
+                               "split it into several statements")
+        for child in node.children:
+            if isinstance(child, Tree):
+                stack.append((child, depth + 1, child if node.data == "body" else statement))
 
 
 def parse(text: str, path: str = "<string>") -> ast.Module:
     """Parse one .cnn file into an ast.Module; every failure is a ConvDSLError with a span."""
+    if text.startswith("\ufeff"):     # a byte-order mark, as some Windows editors write: not text
+        text = text[1:]
     source = Source(str(path), text)
     try:
         tree = _parser().parse(text if text.endswith("\n") else text + "\n")
     except UnexpectedInput as err:
         raise _syntax_error(source, err) from None
+    _check_nesting(source, tree)
     try:
         items = _ToAst(source).transform(tree)
     except VisitError as err:
         if isinstance(err.orig_exc, ConvDSLError):
             raise err.orig_exc from None
-        raise
+        raise err.orig_exc from err      # a bug in this file: show it, not Lark's wrapper
     return ast.Module(items, str(path))
 
 

@@ -114,3 +114,111 @@ def test_empty_file_and_empty_network():
     assert parse("", "e.cnn").items == ()
     (net,) = parse("network E {}\n", "e.cnn").items
     assert net.body == ()
+
+
+def test_newlines_inside_square_brackets_and_crlf():
+    one = body("input x: [1, 28, 28]\nconst k = [[1, 0], [0, 1]]")
+    two = body("input x: [1,\n          28,\n          28]\nconst k = [[1, 0],   # first row\n\n           [0, 1]]")
+    assert strip(one) == strip(two)
+    crlf = parse("network T {\r\n    input x: [1, 8, 8]\r\n    y = x\r\n        -> relu\r\n    output y\r\n}\r\n", "c.cnn")
+    lf = parse("network T {\n    input x: [1, 8, 8]\n    y = x -> relu\n    output y\n}\n", "c.cnn")
+    assert strip(crlf.items) == strip(lf.items)
+
+
+def test_blank_lines_and_comments_between_statements():
+    stmts = body("\n\n  # only a comment\ninput x: [1]   # after a statement\n\n\n# another\noutput x\n# last\n")
+    assert [type(s).__name__ for s in stmts] == ["Input", "Output"]
+    (net,) = parse("# header\n\n\nnetwork T {   # opening\n\n}   # closing\n# tail", "c.cnn").items
+    assert net.name == "T" and net.body == ()
+
+
+def test_shadowing_reads_the_previous_binding():
+    first, second = body("y = x -> relu\ny = y -> sigmoid")
+    assert first.name == second.name == "y"
+    assert strip(second.value) == strip(expr("sigmoid(y)"))
+
+
+def test_repeat_body_and_nested_repeat():
+    (rep,) = body("repeat 3 {\n    s = s -> relu\n    repeat 2 {\n        s = s -> U\n    }\n}")
+    assert rep.count.value == 3
+    assert [type(s).__name__ for s in rep.body] == ["Assign", "Repeat"]
+    assert rep.body[1].count.value == 2 and rep.body[1].body[0].value.func == "U"
+
+
+def test_number_kinds():
+    assert type(expr("3").value) is int and expr("007").value == 7
+    for text, value in (("3.0", 3.0), ("1e3", 1000.0), (".5", 0.5), ("2.", 2.0), ("1E-3", 1e-3), ("2e+2", 200.0)):
+        num = expr(text)
+        assert type(num.value) is float and num.value == pytest.approx(value), text
+    assert expr("-0.5").value == -0.5 and expr("- 3").value == -3
+
+
+def test_negation_of_names_and_precedence():
+    neg = expr("-k")
+    assert isinstance(neg, ast.Neg) and neg.operand.id == "k"
+    e = expr("a * b + c")
+    assert e.op == "+" and e.left.op == "*"
+    e = expr("a + b * c")
+    assert e.op == "+" and e.right.op == "*"
+    e = expr("(a + b) * c")
+    assert e.op == "*" and e.left.op == "+"
+    e = expr("2 - -1")
+    assert e.op == "-" and e.right.value == -1
+    e = expr("channels(x) // r + 1")
+    assert strip(e) == strip(ast.BinOp("+", ast.BinOp("//", ast.Call("channels", (ast.Name("x", None),), (), None),
+                                                      ast.Name("r", None), None), ast.Num(1, None), None))
+
+
+def test_tuples_lists_and_keyword_values():
+    call = expr("conv(x, 8, kernel=(1, 7), pad=((0, 1), (3, 3)), bias=false, init=normal(0.02), weight=K)")
+    kw = {k.name: k.value for k in call.kwargs}
+    assert [i.value for i in kw["kernel"].items] == [1, 7]
+    assert [[i.value for i in pair.items] for pair in kw["pad"].items] == [[0, 1], [3, 3]]
+    assert kw["bias"].value is False and kw["init"].func == "normal" and kw["weight"].id == "K"
+    assert [i.value for i in expr("(3,)").items] == [3]
+    assert strip(expr("(x)")) == strip(expr("x"))              # parentheses alone make no tuple
+    nested = expr("[[[1, -2]], [[0.5, 1e-3]]]")
+    assert nested.items[1].items[0].items[1].value == pytest.approx(1e-3)
+    assert nested.items[0].items[0].items[1].value == -2
+
+
+def test_trailing_commas():
+    assert strip(expr("f(a, b, k=1,)")) == strip(expr("f(a, b, k=1)"))
+    assert strip(expr("[1, 2,]")) == strip(expr("[1, 2]"))
+    (block,) = parse("block b(x, r=2,) {\n return x\n}\n", "b.cnn").items
+    assert [p.name for p in block.params] == ["x", "r"]
+
+
+def test_chain_continuation_and_arguments_across_lines():
+    one = body("s = add(x -> U, s -> softmax -> W) -> relu -> V")
+    two = body("s = add(\n    x -> U,\n    s\n      -> softmax\n      -> W\n)\n    -> relu\n    -> V")
+    assert strip(one) == strip(two)
+
+
+def test_spans_of_statements_and_names():
+    src = "network N {\n    input x: [3, H, W]\n    layer U = conv(4, kernel=3)\n    output y, x\n}\n"
+    (net,) = parse(src, "s.cnn").items
+    inp, layer, out = net.body
+    assert (net.span.line, net.span.col) == (1, 9)
+    assert (inp.span.line, inp.span.col) == (2, 11)
+    assert [(d.span.line, d.span.col) for d in inp.dims] == [(2, 15), (2, 18), (2, 21)]
+    assert (layer.span.line, layer.span.col) == (3, 11) and (layer.value.span.line, layer.value.span.col) == (3, 15)
+    assert [(n.span.line, n.span.col, n.span.end_col) for n in out.names] == [(4, 12, 13), (4, 15, 16)]
+    assert all(s.span.path == "s.cnn" for s in net.body)
+    (block,) = parse("block b(x, r=16) {\n    return x\n}\n", "b.cnn").items
+    assert [(p.span.line, p.span.col) for p in block.params] == [(1, 9), (1, 12)]
+
+
+def test_a_byte_order_mark_is_not_text():
+    (net,) = parse("\ufeffnetwork T {\n    input x: [1]\n    output x\n}\n", "bom.cnn").items
+    assert (net.span.line, net.span.col) == (1, 9)
+
+
+def test_keywords_cannot_be_names_anywhere():
+    for text in ("input = x", "y = layer", "y = conv(x, repeat=2)", "layer input = conv(4, kernel=1)",
+                 "y = x -> output", "true = 1"):
+        with pytest.raises(ConvDSLError, match="keyword"):
+            body(text)
+    for text in ("block b(x, loss=1) {\n return x\n}\n", "network use {\n}\n"):
+        with pytest.raises(ConvDSLError, match="keyword"):
+            parse(text, "k.cnn")
