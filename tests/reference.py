@@ -36,3 +36,84 @@ def to_nhwc(a: np.ndarray) -> np.ndarray:
 def to_nchw(a: np.ndarray) -> np.ndarray:
     """[N, *S, C] → [N, C, *S]"""
     return np.ascontiguousarray(np.moveaxis(a, -1, 1))
+
+
+# ---- padding as the language defines it, built for a PyTorch reference ------------------
+
+def same_pairs(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow / ONNX SAME_UPPER: output ceil(size / stride); an odd total puts the extra
+    zero at the end."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_pairs(spec, sizes, kernel, stride=1, dilation=1) -> tuple[tuple[int, int], ...]:
+    """(before, after) zeros per spatial axis for a `pad=` value written as in a .cnn file:
+    "valid", "same", "full", an int, a tuple of ints, or a tuple of (before, after) pairs.
+    Kernel, stride and dilation are an int or one value per axis."""
+    rank = len(sizes)
+
+    def axes(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank
+
+    kernel, stride, dilation = axes(kernel), axes(stride), axes(dilation)
+    if spec == "valid":
+        return ((0, 0),) * rank
+    if spec == "same":
+        return tuple(same_pairs(n, k, s, r) for n, k, s, r in zip(sizes, kernel, stride, dilation))
+    if spec == "full":
+        return tuple((r * (k - 1), r * (k - 1)) for k, r in zip(kernel, dilation))
+    if isinstance(spec, int):
+        return ((spec, spec),) * rank
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in spec)
+
+
+def pad_spatial(x, pairs, value: float = 0.0):
+    """F.pad with (before, after) per spatial axis, first spatial axis first."""
+    import torch.nn.functional as F
+    flat = []
+    for before, after in reversed(tuple(pairs)):
+        flat += [before, after]
+    return F.pad(x, flat, value=value)
+
+
+def torch_params(net, names=None) -> dict:
+    """The model's parameters as float64 leaf tensors that collect gradients."""
+    import torch
+    return {k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+            for k, v in net.params.items() if names is None or k in names}
+
+
+def as_tuple(v) -> tuple:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def check_finite_differences(net, xs, rng, *, eps: float = 1e-6, directions: int = 2, rtol=1e-6, atol=1e-8,
+                             what: str = ""):
+    """Central differences of L = Σ_k <y_k, dy_k> in a float64 model along random directions of
+    every input and every trainable parameter, against the analytic gradients of backward."""
+    xs = [np.array(x, dtype=np.float64) for x in xs]
+    ys = as_tuple(net.forward(*xs))
+    dys = [rng.standard_normal(y.shape) for y in ys]
+    dxs = as_tuple(net.backward(*dys))
+    grads = {k: v.copy() for k, v in net.grads.items()}
+
+    def objective() -> float:
+        return float(sum((y * d).sum() for y, d in zip(as_tuple(net.forward(*xs)), dys)))
+
+    tensors = [(f"input {i}", x, dx) for i, (x, dx) in enumerate(zip(xs, dxs))]
+    tensors += [(name, net.params[name], g) for name, g in grads.items()]
+    for name, t, g in tensors:
+        for _ in range(directions):
+            v = rng.standard_normal(t.shape)
+            saved = t.copy()
+            t += eps * v
+            up = objective()
+            t[...] = saved - eps * v
+            down = objective()
+            t[...] = saved
+            numeric = (up - down) / (2 * eps)
+            analytic = float((g * v).sum())
+            assert_close(np.array(numeric), np.array(analytic), rtol=rtol, atol=atol,
+                         what=f"{what} finite differences of {name}")

@@ -1,0 +1,299 @@
+"""conv, depthwise and separable (§1.2, §3.8, §4) against F.conv1d/2d/3d: values, input, weight
+and bias gradients for every padding form, strides, dilation, groups, flip, odd sizes, batch 1
+and 3, both layouts; frozen layers, const weights, initialisers and parameter names.
+
+Each case's op text and its reference are made from the same Python values, so that the two
+cannot drift apart; the reference turns `pad=` into (before, after) zeros itself (F.pad), with
+TensorFlow/ONNX SAME_UPPER for `same`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convdsl
+from convdsl.compiler import graph_from_source, module_meta
+from opcases import Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, run_cases, source
+from reference import assert_close, pad_pairs, pad_spatial, torch_params
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def dsl(value) -> str:
+    """A Python value written as a .cnn argument: 3, (1, 2), ((0, 1),), same, true."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        inner = ", ".join(dsl(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return str(value)
+
+
+def conv_case(id, shape, out, kernel, *, kind="conv", dims=None, shape2=None, **kw) -> Case:
+    """One conv/depthwise/separable case: the op as written, and the same values for the reference."""
+    args = [dsl(kernel)] if kind == "depthwise" else [str(out), f"kernel={dsl(kernel)}"]
+    args += [f"{k}={dsl(v)}" for k, v in kw.items()]
+    return Case(id, shape, f"{kind}({', '.join(args)})", dict(kind=kind, kernel=kernel, **kw), dims=dims,
+                shape2=shape2)
+
+
+def reference(x, params, *, kind, kernel, stride=1, pad="valid", dilation=1, groups=1, flip=False, bias=True,
+              multiplier=1, frozen=False, layout="NCHW"):
+    """PyTorch's conv on the input padded with F.pad; depthwise is groups = channels; separable is
+    a bias-free depthwise conv then a 1×1 conv with the bias."""
+    rank = x.dim() - 2
+    pairs = pad_pairs(pad, tuple(x.shape[2:]), kernel, stride, dilation)
+    xp = pad_spatial(x, pairs)
+    if kind == "separable":
+        h = CONV[rank](xp, params["dw.weight"], None, stride=stride, dilation=dilation, groups=x.shape[1])
+        return CONV[rank](h, params["pw.weight"], params.get("pw.bias"))
+    w = params["weight"]
+    if flip:
+        w = torch.flip(w, dims=tuple(range(2, w.dim())))     # the mathematical convolution (§1.1.1)
+    if kind == "depthwise":
+        groups = x.shape[1]
+    return CONV[rank](xp, w, params.get("bias"), stride=stride, dilation=dilation, groups=groups)
+
+
+CASES = (
+    # 1-D
+    conv_case("1d-stride", (3, 12), 4, 3, stride=2),
+    conv_case("1d-same-odd-total", (2, 10), 3, 4, stride=3, pad="same"),         # total 3 → (1, 2)
+    conv_case("1d-full-dilated", (2, 7), 2, 3, dilation=2, pad="full"),
+    conv_case("1d-groups-nobias-tuple", (4, 9), 6, 2, groups=2, bias=False, pad=(1,)),
+    conv_case("1d-pairs-flip", (3, 8), 2, 3, pad=((2, 0),), flip=True),
+    # 2-D: every padding form
+    conv_case("2d-valid", (3, 7, 6), 4, 3),
+    conv_case("2d-same-odd-both-axes", (3, 8, 10), 4, (2, 3), stride=(1, 2), pad="same"),   # (0, 1), (0, 1)
+    conv_case("2d-same-dilated-strided", (2, 11, 9), 3, 3, stride=2, dilation=2, pad="same"),
+    conv_case("2d-same-even-kernel", (2, 5, 6), 3, 4, pad="same"),                        # (1, 2) on both axes
+    conv_case("2d-int-pad-stride", (3, 7, 7), 5, 3, stride=2, pad=2),
+    conv_case("2d-per-axis", (2, 6, 9), 3, (3, 1), stride=(1, 3), pad=(1, 0)),
+    conv_case("2d-pairs-wider-than-kernel", (2, 5, 6), 3, 2, pad=((0, 2), (3, 1))),
+    conv_case("2d-full", (3, 4, 5), 2, (3, 2), pad="full"),
+    conv_case("2d-dilation", (2, 10, 9), 4, 2, dilation=(3, 4)),
+    conv_case("2d-groups-dilation-stride", (6, 11, 10), 9, 3, groups=3, stride=2, dilation=2, pad="same",
+              bias=False),
+    conv_case("2d-flip", (2, 6, 7), 3, (2, 3), flip=True, pad=1),
+    conv_case("2d-flip-groups-stride", (4, 5, 5), 4, 3, groups=2, flip=True, stride=2),
+    conv_case("2d-kernel-is-input", (3, 5, 4), 6, (5, 4)),
+    conv_case("2d-stride-beyond-kernel", (2, 9, 9), 2, 2, stride=4),
+    conv_case("2d-pointwise-stride", (5, 6, 7), 4, 1, stride=2),
+    conv_case("2d-pointwise-groups", (6, 3, 5), 4, 1, groups=2),
+    conv_case("2d-frozen", (3, 6, 5), 2, 3, frozen=True, pad="same"),
+    # 3-D
+    conv_case("3d-same-mixed", (2, 5, 6, 7), 3, (3, 2, 3), stride=(2, 1, 2), dilation=(1, 2, 1), pad="same"),
+    conv_case("3d-groups-pairs-nobias", (4, 4, 5, 3), 4, 2, groups=2, pad=((1, 0), (0, 1), (1, 1)), bias=False),
+    conv_case("3d-flip", (2, 3, 4, 5), 2, (2, 3, 2), flip=True),
+    conv_case("3d-full-stride", (1, 3, 3, 4), 2, 2, pad="full", stride=(1, 2, 3)),
+    # depthwise: one input channel per group (the direct loop), multiplier 1 and 2
+    conv_case("depthwise-m1", (3, 7, 8), None, 3, kind="depthwise", pad="same", stride=2),
+    conv_case("depthwise-m2", (2, 6, 9), None, (3, 2), kind="depthwise", multiplier=2, dilation=2,
+              pad=((2, 1), (0, 3))),
+    conv_case("depthwise-1d-m2-same-odd", (3, 10), None, 4, kind="depthwise", multiplier=2, pad="same"),
+    conv_case("depthwise-3d-flip", (2, 4, 5, 6), None, 3, kind="depthwise", stride=(1, 2, 2), pad=1, flip=True),
+    conv_case("depthwise-nobias-full", (2, 4, 4), None, 3, kind="depthwise", multiplier=3, bias=False, pad="full"),
+    conv_case("conv-groups-is-channels", (3, 6, 6), 6, 3, groups=3),
+    # separable: depthwise (stride, pad, dilation) then a 1×1 conv with the bias
+    conv_case("separable-2d", (4, 7, 6), 5, 3, kind="separable", stride=2, pad="same"),
+    conv_case("separable-1d-dilated-nobias", (3, 11), 2, 3, kind="separable", dilation=2, bias=False),
+    # large enough for several GEMM panels (C·K > 128, positions > 2048) and the threaded paths
+    conv_case("large-depth", (34, 14, 14), 40, 3, pad=1),
+    conv_case("large-positions", (2, 48, 47), 3, 3, pad="same"),
+    conv_case("large-depthwise", (24, 30, 30), None, 5, kind="depthwise", pad="same"),
+    # run-time sizes: one model, the batch-3 run at a second size
+    conv_case("runtime-same-stride", (3, 9, 7), 4, 3, stride=2, pad="same", dims=(3, "H", "W"), shape2=(3, 6, 10)),
+    conv_case("runtime-1d-depthwise", (2, 9), None, 3, kind="depthwise", pad="same", stride=2, dims=(2, "L"),
+              shape2=(2, 14)),
+)
+IDS = [c.id for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    module = compile_cases(CASES)
+    rng = np.random.default_rng(101)
+    net = module.Model(seed=0)
+    for p in net.params.values():
+        p[...] = rng.standard_normal(p.shape)
+    return {1: run_cases(module, CASES, 1, rng, net=net), 3: run_cases(module, CASES, 3, rng, net=net, variant=1)}
+
+
+@pytest.fixture(scope="module")
+def nhwc_run():
+    module = compile_cases(CASES, layout="NHWC")
+    return run_cases(module, CASES, 2, np.random.default_rng(102), layout="NHWC")
+
+
+@pytest.mark.parametrize("batch", (1, 3))
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_forward_and_gradients_match_torch(runs, index, batch):
+    compare_with_torch(runs[batch], index, CASES[index], reference)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+def test_nhwc_layout_matches_torch(nhwc_run, index):
+    compare_with_torch(nhwc_run, index, CASES[index], reference)
+
+
+def test_frozen_case_has_no_gradient_entries(runs):
+    index = IDS.index("2d-frozen")
+    assert f"L{index}.weight" in runs[1].params and f"L{index}.bias" in runs[1].params
+    assert not any(name.startswith(f"L{index}.") for name in runs[1].grads)
+
+
+def test_parameter_shapes_follow_the_reference():
+    meta = module_meta(graph_from_source(source(CASES)))
+    shapes = {name: shape for name, shape, _ in meta["params"]}
+    assert shapes[f"L{IDS.index('2d-groups-dilation-stride')}.weight"] == (9, 2, 3, 3)
+    assert f"L{IDS.index('2d-groups-dilation-stride')}.bias" not in shapes
+    assert shapes[f"L{IDS.index('depthwise-m2')}.weight"] == (4, 1, 3, 2)
+    assert shapes[f"L{IDS.index('3d-flip')}.weight"] == (2, 2, 2, 3, 2)
+    sep = IDS.index("separable-2d")
+    assert {k: v for k, v in shapes.items() if k.startswith(f"L{sep}.")} == {
+        f"L{sep}.dw.weight": (4, 1, 3, 3), f"L{sep}.pw.weight": (5, 4, 1, 1), f"L{sep}.pw.bias": (5,)}
+    sep1 = IDS.index("separable-1d-dilated-nobias")
+    assert {k: v for k, v in shapes.items() if k.startswith(f"L{sep1}.")} == {
+        f"L{sep1}.dw.weight": (3, 1, 3), f"L{sep1}.pw.weight": (2, 3, 1)}
+
+
+def test_generated_c_has_no_warnings(tmp_path):
+    assert_c_compiles_cleanly(source(CASES), tmp_path)
+
+
+# ---- frozen layers, const weights, initialisers, names ----------------------------------
+
+SETUP = """
+network K {
+    input x: [2, 6, 6]
+    input big: [64, 3, 3]
+    const sobel = [[[[1, 0, -1], [2, 0, -2], [1, 0, -1]], [[0, 1, 0], [1, -4, 1], [0, 1, 0]]]]
+    e = x -> conv(1, kernel=3, weight=sobel, bias=false)
+    f = x -> conv(1, kernel=3, weight=sobel, flip=true, frozen=true)
+    h = x -> conv(4, kernel=3, pad=same, frozen=true) -> relu -> dense(3)
+    a = big -> conv(64, kernel=3)
+    b = big -> conv(64, kernel=3, init=xavier)
+    c = big -> conv(64, kernel=3, init=normal(0.05))
+    d = big -> conv(64, kernel=3, init=uniform(0.3))
+    z = big -> conv(8, kernel=1, init=zeros)
+    o = big -> conv(8, kernel=1, init=ones)
+    g = big -> dense(300)
+    s = big -> separable(16, kernel=3, init=ones)
+    gq = big -> conv(64, kernel=3, groups=4)
+    dq = big -> depthwise(3, multiplier=4)
+    output h, e, f, a, b, c, d, z, o, g, s, gq, dq
+    loss mse(h)
+}
+"""
+SOBEL = np.array([[[[1, 0, -1], [2, 0, -2], [1, 0, -1]], [[0, 1, 0], [1, -4, 1], [0, 1, 0]]]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def setup_module_():
+    return convdsl.load_source(SETUP)
+
+
+def test_names_and_order_of_parameters(setup_module_):
+    net = setup_module_.Model(seed=0)
+    assert list(net.params) == [
+        "conv1.weight", "conv2.weight", "conv2.bias", "conv3.weight", "conv3.bias", "dense1.weight", "dense1.bias",
+        "conv4.weight", "conv4.bias", "conv5.weight", "conv5.bias", "conv6.weight", "conv6.bias",
+        "conv7.weight", "conv7.bias", "conv8.weight", "conv8.bias", "conv9.weight", "conv9.bias",
+        "dense2.weight", "dense2.bias", "separable1.dw.weight", "separable1.pw.weight", "separable1.pw.bias",
+        "conv10.weight", "conv10.bias", "depthwise1.weight", "depthwise1.bias"]
+    frozen = {"conv2.weight", "conv2.bias", "conv3.weight", "conv3.bias"}
+    assert list(net.grads) == [k for k in net.params if k not in frozen]
+    assert net.params["dense2.weight"].shape == (300, 64 * 9)
+
+
+def test_const_weights_land_in_params_and_compute_like_torch(setup_module_):
+    net = setup_module_.Model(seed=0)
+    np.testing.assert_array_equal(net.params["conv1.weight"], SOBEL)
+    np.testing.assert_array_equal(net.params["conv2.weight"], SOBEL)
+    np.testing.assert_array_equal(net.params["conv2.bias"], [0])
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    big = rng.standard_normal((2, 64, 3, 3)).astype(np.float32)
+    outs = net.forward(x, big)
+    xt = torch.tensor(x, dtype=torch.float64)
+    w = torch.tensor(SOBEL, dtype=torch.float64)
+    assert_close(outs[1], F.conv2d(xt, w).numpy(), what="const kernel")
+    assert_close(outs[2], F.conv2d(xt, torch.flip(w, dims=(2, 3))).numpy(), what="const kernel, flipped")
+
+
+def test_frozen_layers_pass_gradients_but_do_not_train(setup_module_):
+    net = setup_module_.Model(seed=2)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 2, 6, 6)).astype(np.float32)
+    big = rng.standard_normal((3, 64, 3, 3)).astype(np.float32)
+    outs = net.forward(x, big)
+    dys = [rng.standard_normal(o.shape).astype(np.float32) for o in outs]
+    dx, _ = net.backward(*dys)
+    p = torch_params(net, ("conv1.weight", "conv2.weight", "conv2.bias", "conv3.weight", "conv3.bias",
+                           "dense1.weight", "dense1.bias"))
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    h = F.linear(F.relu(F.conv2d(xt, p["conv3.weight"], p["conv3.bias"], padding=1)).flatten(1),
+                 p["dense1.weight"], p["dense1.bias"])
+    e = F.conv2d(xt, p["conv1.weight"])
+    f = F.conv2d(xt, torch.flip(p["conv2.weight"], dims=(2, 3)), p["conv2.bias"])
+    total = sum((t * torch.tensor(d, dtype=torch.float64)).sum() for t, d in zip((h, e, f), dys))
+    total.backward()
+    assert_close(dx, xt.grad.numpy(), what="input gradient through frozen convs")
+    for name in ("conv1.weight", "dense1.weight", "dense1.bias"):
+        assert_close(net.grads[name], p[name].grad.numpy(), what=name)
+
+    before = {k: v.copy() for k, v in net.params.items()}
+    net.train_step(x, big, rng.standard_normal((3, 3)).astype(np.float32), lr=0.5)
+    for name in ("conv2.weight", "conv2.bias", "conv3.weight", "conv3.bias"):
+        np.testing.assert_array_equal(net.params[name], before[name], err_msg=name)
+    assert not np.array_equal(net.params["dense1.weight"], before["dense1.weight"])
+
+
+def test_initialisers_have_the_documented_statistics(setup_module_):
+    p = setup_module_.Model(seed=1).params
+    fan_in = fan_out = 64 * 9
+    he = p["conv4.weight"]
+    assert abs(he.std() / np.sqrt(2 / fan_in) - 1) < 0.1
+    assert abs(he.mean()) < 0.1 * np.sqrt(2 / fan_in)
+    bound = np.sqrt(6 / (fan_in + fan_out))
+    xav = p["conv5.weight"]
+    assert -bound <= xav.min() and xav.max() <= bound
+    assert abs(xav.std() / (bound / np.sqrt(3)) - 1) < 0.1
+    assert abs(p["conv6.weight"].std() / 0.05 - 1) < 0.1
+    uni = p["conv7.weight"]
+    assert -0.3 <= uni.min() and uni.max() <= 0.3 and abs(uni.std() / (0.3 / np.sqrt(3)) - 1) < 0.1
+    assert np.all(p["conv8.weight"] == 0) and np.all(p["conv9.weight"] == 1)
+    assert abs(p["dense2.weight"].std() / np.sqrt(2 / 576) - 1) < 0.1
+    assert np.all(p["separable1.dw.weight"] == 1) and np.all(p["separable1.pw.weight"] == 1)
+    for name in ("conv4.bias", "conv5.bias", "dense2.bias", "separable1.pw.bias"):
+        assert np.all(p[name] == 0), name
+
+
+def test_he_uses_the_fan_in_of_one_group(setup_module_):
+    p = setup_module_.Model(seed=4).params
+    assert p["conv10.weight"].shape == (64, 16, 3, 3) and p["depthwise1.weight"].shape == (256, 1, 3, 3)
+    assert abs(p["conv10.weight"].std() / np.sqrt(2 / (16 * 9)) - 1) < 0.1
+    assert abs(p["depthwise1.weight"].std() / np.sqrt(2 / 9) - 1) < 0.1
+
+
+def test_nhwc_conv_on_channel_last_arrays_matches_torch():
+    """The NHWC layout end to end with the user's own arrays: input [N, H, W, C], output likewise."""
+    module = convdsl.load_source("network L {\n layout NHWC\n input x: [7, 6, 3]\n"
+                                 " y = x -> conv(4, kernel=(3, 2), stride=(2, 1), pad=same)\n output y\n}\n")
+    net = module.Model(seed=3)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 7, 6, 3)).astype(np.float32)
+    y = net.forward(x)
+    assert y.shape == (2, 4, 6, 4)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = net.backward(dy)
+    p = torch_params(net)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    yt = F.conv2d(pad_spatial(xt.permute(0, 3, 1, 2), ((1, 1), (0, 1))), p["conv1.weight"], p["conv1.bias"],
+                  stride=(2, 1)).permute(0, 2, 3, 1)
+    yt.backward(torch.tensor(dy, dtype=torch.float64))
+    assert_close(y, yt.detach().numpy(), what="forward")
+    assert_close(dx, xt.grad.numpy(), what="input gradient")
+    assert_close(net.grads["conv1.weight"], p["conv1.weight"].grad.numpy(), what="weight gradient")
