@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -84,10 +85,9 @@ def cmd_graph(args) -> int:
 def cmd_compile(args) -> int:
     from .compiler import compile_graph, module_meta
     from .codegen.render import comment_safe, environment
-    from .runtime.build import build_extension
+    from .runtime.build import build_extension, file_digest
     import shutil
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     status = 0
     for graph in _graphs(args.file, args.network):
         status = max(status, _report_warnings(_warnings(graph, args), args))
@@ -95,17 +95,32 @@ def cmd_compile(args) -> int:
             continue
         compiled = compile_graph(graph)
         src = compiled.source
-        (out / f"{src.prefix}.c").write_text(src.c)
-        (out / f"{src.prefix}.h").write_text(src.h)
         ext_name, so_path = build_extension(src.prefix, src.c, src.h, src.cdef)
-        shutil.copyfile(so_path, out / so_path.name)
-        py = environment().get_template("python/module.py.j2").render(
-            network=graph.name, source_name=comment_safe(Path(graph.source_path).name), prefix=src.prefix,
-            meta_literal=repr(module_meta(graph)), ext_name_literal=repr(ext_name),
-            so_name_literal=repr(so_path.name))
-        (out / f"{src.prefix}.py").write_text(py)
+        with _writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{src.prefix}.c").write_text(src.c)
+            (out / f"{src.prefix}.h").write_text(src.h)
+            shutil.copyfile(so_path, out / so_path.name)
+            size, sha256 = file_digest(out / so_path.name)
+            py = environment().get_template("python/module.py.j2").render(
+                network=graph.name, source_name=comment_safe(Path(graph.source_path).name), prefix=src.prefix,
+                meta_literal=repr(module_meta(graph)), ext_name_literal=repr(ext_name),
+                so_name_literal=repr(so_path.name), so_size=size, so_sha256_literal=repr(sha256))
+            (out / f"{src.prefix}.py").write_text(py)
         print(f"{graph.name}: wrote {out / (src.prefix + '.c')}, {src.prefix}.h, {src.prefix}.py and {so_path.name}")
     return status
+
+
+@contextlib.contextmanager
+def _writing(out: Path):
+    """An output folder that cannot be written (a file of that name, no space left, a name
+    too long for the system) is an error message, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or out
+        reason = "it is a file, not a folder" if out.is_file() else (e.strerror or str(e))
+        raise ConvDSLError(None, f"cannot write the compiled network to {where}: {reason}") from None
 
 
 def cmd_convert(args) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass
 
-from .codegen.render import CSource, render_c
+from .codegen.render import CSource, check_module_names, render_c
 from .ir import dims as D
 from .ir.build import build_graph, load_program
 from .ir.graph import Graph
@@ -14,16 +14,23 @@ from .passes.schedule import Plan, buffer_layout, make_plan
 from .passes.verify import verify
 
 
+def _program(module):
+    """A parsed file's program, refused when its networks' module names would break imports."""
+    program = load_program(module)
+    check_module_names(program.networks)
+    return program
+
+
 def graph_from_source(text: str, path: str = "<string>", network: str | None = None) -> Graph:
-    return verify(build_graph(load_program(parse(text, path)), network))
+    return verify(build_graph(_program(parse(text, path)), network))
 
 
 def graph_from_file(path, network: str | None = None) -> Graph:
-    return verify(build_graph(load_program(parse_file(path)), network))
+    return verify(build_graph(_program(parse_file(path)), network))
 
 
 def networks_in_file(path) -> tuple[str, ...]:
-    return tuple(n.name for n in load_program(parse_file(path)).networks)
+    return tuple(n.name for n in _program(parse_file(path)).networks)
 
 
 @dataclass(frozen=True)

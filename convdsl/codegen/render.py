@@ -6,6 +6,7 @@ sizes — and never writes C itself: every line of C lives in templates/.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,48 @@ def comment_safe(text: str) -> str:
 def module_name(network: str) -> str:
     """The generated module's name: the network name, lower-cased (a validated identifier)."""
     return checked_identifier(network.lower())
+
+
+# Modules that a generated `build/<name>.py` must not hide: convdsl itself, what it needs at
+# run time (with their own dependencies), and what its tests and examples import. The standard
+# library comes from sys.stdlib_module_names. A fixed list, not "whatever is importable here",
+# so that a file compiles or not the same way on every machine.
+DEPENDENCY_MODULES = frozenset({
+    "convdsl", "numpy", "cffi", "_cffi_backend", "pycparser", "lark", "jinja2", "markupsafe",
+    "setuptools", "pkg_resources", "_distutils_hack", "pip",
+    "torch", "pytest", "_pytest", "hypothesis", "jsonschema", "sklearn", "scipy",
+})
+
+
+def _hidden_module(module: str) -> str | None:
+    """What importing `module` from the build folder would hide, said for a message; None if nothing."""
+    if module == "convdsl":
+        return "`convdsl` itself, which the generated module imports"
+    if module in sys.stdlib_module_names or module == "__main__":
+        return f"the standard library's `{module}`"
+    if module in DEPENDENCY_MODULES:
+        return f"`{module}`, which convdsl or its users import"
+    return None
+
+
+def check_module_names(networks) -> None:
+    """Every network of a file must become a module of its own that imports as itself: not one
+    that hides another module (`network os` would make `import os` load the network), and not
+    one that two networks share (`Net` and `NET` would both write `net.py`).
+    `networks` are the file's ast.Network items; errors point at the name."""
+    seen: dict[str, object] = {}
+    for net in networks:
+        module = net.name.lower()
+        hidden = _hidden_module(module)
+        if hidden is not None:
+            raise ConvDSLError(net.span, f"network `{net.name}` would be a Python module named `{module}`, "
+                                         f"which would hide {hidden}; rename the network, e.g. `{net.name}Net`")
+        if module in seen:
+            first = seen[module]
+            raise ConvDSLError(net.span, f"networks `{first.name}` (line {first.span.line}) and `{net.name}` "
+                                         f"would both be the Python module `{module}` (module names are the "
+                                         f"network names lower-cased); rename one, e.g. `{net.name}2`")
+        seen[module] = net
 
 
 def _environment() -> jinja2.Environment:

@@ -4,15 +4,24 @@ The cache key covers everything that changes the binary: the C source and declar
 the compiler flags and version, the CPU (for -march=native) and the Python ABI. A build
 happens in a temporary folder on the cache's filesystem and is moved into place with
 os.replace, so concurrent processes either see a complete module or none.
+
+A cached file is trusted only if it matches its manifest (`<module>.so.manifest.json`: size
+and sha256, written after the module and published last). A truncated, emptied or garbled
+module — a full disk, a crash mid-copy, a stray tool — is rebuilt instead of being loaded,
+where it would raise SIGBUS, SIGILL or an ImportError on every later run. Hashing a module
+of a few hundred KB costs well under a millisecond; a module already imported by this
+process is not hashed again.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
-import io
 import hashlib
+import io
 import importlib.machinery
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -35,6 +44,23 @@ def cache_root() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "convdsl"
+
+
+def _cache_problem(root: Path, error: Exception) -> ConvDSLError:
+    """A cache folder that cannot be used, said in terms of the setting that chose it."""
+    if isinstance(error, OSError) and root.is_file():
+        reason = "it is a file, not a folder"
+    elif isinstance(error, OSError):
+        reason = error.strerror or str(error)
+        if error.filename and os.fspath(error.filename) != str(root):
+            reason += f" ({error.filename})"
+    else:
+        reason = str(error)                      # a NUL byte in the path and the like
+    if os.environ.get("CONVDSL_CACHE_DIR"):
+        return ConvDSLError(None, f"CONVDSL_CACHE_DIR={root} cannot hold the build cache: {reason}; "
+                                  f"point it at a writable folder, or unset it")
+    return ConvDSLError(None, f"the build cache {root} cannot be used: {reason}; "
+                              f"set CONVDSL_CACHE_DIR to a writable folder")
 
 
 def compiler() -> str:
@@ -69,69 +95,130 @@ def cache_key(*texts: str) -> str:
     h = hashlib.sha256()
     for part in (*texts, "\0".join(C_FLAGS + LINK_FLAGS), _compiler_version(compiler()), _cpu_id(),
                  sys.implementation.cache_tag or "", sysconfig.get_config_var("EXT_SUFFIX") or "",
-                 cffi.__version__, "convdsl-build-2"):
+                 cffi.__version__, "convdsl-build-3"):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
 
 
+# The network's name is part of the module's name only up to here: the cache key makes the
+# name unique, and a file name has at most 255 bytes.
+NAME_IN_PATH = 40
+
+
 def extension_path(prefix: str, key: str) -> tuple[str, Path]:
-    ext_name = f"_{prefix}_{key[:16]}"
+    ext_name = f"_{prefix[:NAME_IN_PATH]}_{key[:16]}"
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     return ext_name, cache_root() / key[:2] / key / f"{ext_name}{suffix}"
 
 
+def manifest_path(target: Path) -> Path:
+    return target.with_name(target.name + ".manifest.json")
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read through one open file."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _matches_manifest(target: Path) -> bool:
+    """Whether the cached module is whole: its size and hash are the ones recorded at build."""
+    try:
+        recorded = json.loads(manifest_path(target).read_text())
+        size, sha256 = file_digest(target)
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("size") == size and recorded.get("sha256") == sha256
+
+
 def build_extension(prefix: str, c_source: str, header: str, cdef: str) -> tuple[str, Path]:
-    """Return (extension module name, path to the shared object), compiling only on a cache miss."""
+    """Return (extension module name, path to the shared object), compiling only on a cache miss
+    or when the cached module does not match its manifest."""
     key = cache_key(c_source, header, cdef)
     ext_name, target = extension_path(prefix, key)
-    if target.exists():
+    if str(target) in _LOADED or _matches_manifest(target):
         return ext_name, target
-    import cffi
     root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
     try:
-        (work / f"{prefix}.h").write_text(header)
-        (work / f"{prefix}.c").write_text(c_source)
-        ffi = cffi.FFI()
-        ffi.cdef(cdef)
-        ffi.set_source(ext_name, f'#include "{prefix}.h"\n#include "{prefix}.c"\n')
-        wrapper = work / f"{ext_name}.c"
-        with contextlib.redirect_stdout(io.StringIO()):    # cffi announces "generating …"
-            ffi.emit_c_code(str(wrapper))
-        built = work / target.name
-        cmd = [compiler(), *C_FLAGS, f"-I{sysconfig.get_paths()['include']}", f"-I{work}", str(wrapper),
-               "-o", str(built), *LINK_FLAGS]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise ConvDSLError(None, f"cannot run the C compiler `{cmd[0]}`: {e}") from None
-        if proc.returncode != 0:
-            log = root / f"failed-{key[:16]}.log"
-            log.write_text(" ".join(cmd) + "\n\n" + proc.stderr)
-            raise ConvDSLError(None, f"internal error: the C compiler rejected the generated code for {prefix} "
-                                     f"(this is a convdsl bug; the compiler's output is in {log})")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(built, target)        # atomic: readers see all of the file or none of it
-        for name in (f"{prefix}.c", f"{prefix}.h"):
-            tmp = work / name
-            try:
-                os.replace(tmp, target.parent / name)
-            except OSError:
-                pass
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
+    except (OSError, ValueError) as e:
+        raise _cache_problem(root, e) from None
+    try:
+        _build_in(work, prefix, ext_name, key, target, c_source, header, cdef)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG and len(prefix) > NAME_IN_PATH:
+            raise ConvDSLError(None, f"the network name is too long to build ({len(prefix)} characters): "
+                                     f"the C source includes `<name>.h`, a file name the system refuses; "
+                                     f"shorten the name") from None
+        raise _cache_problem(root, e) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ext_name, target
 
 
+def _build_in(work: Path, prefix: str, ext_name: str, key: str, target: Path,
+              c_source: str, header: str, cdef: str) -> None:
+    import cffi
+    (work / f"{prefix}.h").write_text(header)     # the generated C includes it by this name
+    (work / "network.c").write_text(c_source)
+    ffi = cffi.FFI()
+    ffi.cdef(cdef)
+    ffi.set_source(ext_name, f'#include "{prefix}.h"\n#include "network.c"\n')
+    wrapper = f"{ext_name}.c"
+    with contextlib.redirect_stdout(io.StringIO()):    # cffi announces "generating …"
+        ffi.emit_c_code(str(work / wrapper))
+    # Relative names, run inside the build folder: the temporary folder's name does not end
+    # up in the binary, so every build of one key is byte for byte the same file.
+    cmd = [compiler(), *C_FLAGS, f"-I{sysconfig.get_paths()['include']}", "-I.", wrapper,
+           "-o", target.name, *LINK_FLAGS]
+    try:
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConvDSLError(None, f"cannot run the C compiler `{cmd[0]}`: {e}") from None
+    if proc.returncode != 0:
+        log = cache_root() / f"failed-{key[:16]}.log"
+        log.write_text(" ".join(cmd) + "\n\n" + proc.stderr)
+        raise ConvDSLError(None, f"internal error: the C compiler rejected the generated code for {prefix} "
+                                 f"(this is a convdsl bug; the compiler's output is in {log})")
+    built = work / target.name
+    size, sha256 = file_digest(built)
+    (work / "manifest.json").write_text(json.dumps({"file": target.name, "size": size, "sha256": sha256}))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for name, published in (("network.c", "network.c"), (f"{prefix}.h", "network.h")):
+        with contextlib.suppress(OSError):        # copies to read; the module does not need them
+            os.replace(work / name, target.parent / published)
+    # Atomic, the module first and its manifest last: a reader that finds a manifest finds the
+    # whole module it describes (or, mid-rebuild, a module it does not describe: a rebuild).
+    os.replace(built, target)
+    os.replace(work / "manifest.json", manifest_path(target))
+
+
 _LOADED: dict[str, object] = {}
 
 
-def load_extension(ext_name: str, path: Path):
-    """Import a compiled extension from its file; one module object per file per process."""
+def load_extension(ext_name: str, path: Path, size: int | None = None, sha256: str | None = None):
+    """Import a compiled extension from its file; one module object per file per process.
+
+    With `size` and `sha256` (what `convdsl compile` writes into the generated module), a
+    damaged file is refused with an ImportError instead of being handed to the loader."""
     key = str(path)
     if key not in _LOADED:
+        if size is not None or sha256 is not None:
+            try:
+                found = file_digest(Path(path))
+            except OSError as e:
+                raise ImportError(f"cannot read the compiled network {path}: {e.strerror}") from None
+            if found != (size, sha256):
+                raise ImportError(f"{path} is damaged ({found[0]} bytes, expected {size}; "
+                                  f"its sha256 differs from the one recorded at compile time): "
+                                  f"run `convdsl compile` again")
         loader = importlib.machinery.ExtensionFileLoader(ext_name, key)
         spec = importlib.util.spec_from_file_location(ext_name, key, loader=loader)
         module = importlib.util.module_from_spec(spec)

@@ -2,6 +2,7 @@
 uses it, and the written Python module imports and agrees with it."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,27 @@ def test_check_prints_lenet_parameter_count():
     proc = run([sys.executable, "-m", "convdsl", "check", str(LENET)])
     assert proc.returncode == 0, proc.stderr
     assert "parameters:  61,706" in proc.stdout
+
+
+def test_the_written_module_refuses_a_damaged_library(compiled, tmp_path):
+    """The .py carries the size and sha256 of its .so: a truncated copy is an ImportError
+    that says what to do, not a SIGBUS."""
+    copy = tmp_path / "copy"
+    shutil.copytree(compiled, copy)
+    (so,) = copy.glob("_lenet5_*.so")
+    so.write_bytes(so.read_bytes()[: so.stat().st_size // 2])
+    proc = run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(copy)!r}); import lenet5"],
+               cwd=str(tmp_path))
+    assert proc.returncode == 1, f"exit status {proc.returncode}"
+    assert f"ImportError: {so} is damaged" in proc.stderr
+    assert "run `convdsl compile` again" in proc.stderr
+
+
+def test_an_output_path_that_is_a_file_is_a_clear_error(tmp_path):
+    taken = tmp_path / "build"
+    taken.write_text("not a folder")
+    proc = run([sys.executable, "-m", "convdsl", "compile", str(LENET), "-o", str(taken)])
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"convdsl: error: cannot write the compiled network to {taken}: "
+                                  "it is a file, not a folder"), proc.stderr
+    assert "Traceback" not in proc.stderr

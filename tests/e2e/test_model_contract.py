@@ -206,3 +206,81 @@ def test_run_time_sizes_too_small_are_errors_not_crashes():
     with pytest.raises(ValueError, match="too small"):
         net.forward(np.zeros((1, 1, 4, 9), dtype=np.float32))
     assert net.forward(np.zeros((1, 1, 6, 9), dtype=np.float32)).shape == (1, 2, 1, 2)
+
+
+def test_load_refuses_values_that_do_not_fit_the_models_dtype(tmp_path, module):
+    net = module.Model(seed=3)
+    before = {k: v.copy() for k, v in net.params.items()}
+    state = {k: v.astype(np.float64) for k, v in net.params.items()}
+    state["dense1.weight"][1, 2] = 1e300                          # finite in f64, inf in f32
+    np.savez(tmp_path / "big.npz", **state)
+    with pytest.raises(ValueError, match=r"`dense1.weight` holds 1e\+300, which does not fit in float32"):
+        net.load(tmp_path / "big.npz")
+    for k in before:
+        np.testing.assert_array_equal(net.params[k], before[k])
+    # Values that were not finite to begin with (a diverged run) load as they are.
+    state["dense1.weight"][1, 2] = np.inf
+    state["dense1.bias"][0] = np.nan
+    np.savez(tmp_path / "diverged.npz", **state)
+    net.load(tmp_path / "diverged.npz")
+    assert np.isinf(net.params["dense1.weight"][1, 2]) and np.isnan(net.params["dense1.bias"][0])
+
+
+def test_load_of_something_other_than_an_npz_says_what_it_takes(tmp_path, module):
+    net = module.Model(seed=3)
+    np.save(tmp_path / "one.npy", net.params["conv1.weight"])
+    with pytest.raises(ValueError, match=r"one\.npy holds a single array \(\.npy\); load takes the \.npz file written by save"):
+        net.load(tmp_path / "one.npy")
+    (tmp_path / "junk.npz").write_bytes(b"not numpy at all")
+    with pytest.raises(ValueError, match=r"junk\.npz: not an \.npz file written by save"):
+        net.load(tmp_path / "junk.npz")
+
+
+def test_odd_inputs_give_clean_errors(net):
+    x, z = inputs()
+    with pytest.raises(ValueError, match=r"got shape \(\)"):               # was reported as (1,)
+        net.forward(np.float32(1), z)
+    with pytest.raises(ValueError, match=r"input `x`: 1e\+300 does not fit in float32"):
+        net.forward(np.full(x.shape, 1e300), z)                          # was inf, silently
+    with pytest.raises(TypeError, match="masked array"):
+        net.forward(np.ma.masked_array(x, mask=x > 0), z)                # the mask was dropped
+    h, w = net.forward(x, z)
+    with pytest.raises(ValueError, match="gradient of output `w`: 1e\\+300 does not fit"):
+        net.backward(np.ones_like(h), np.full(w.shape, 1e300))
+    # A batch far larger than memory is refused by prepare before anything is copied
+    # (numpy's copy of this broadcast view came first: a MemoryError).
+    huge = np.broadcast_to(x[:1], (2 ** 40, *x.shape[1:]))
+    with pytest.raises(ValueError, match="batch size|activations"):
+        net.forward(huge, np.broadcast_to(z[:1], (2 ** 40, 3)))
+
+
+def test_odd_inputs_that_are_fine_are_read_right(net):
+    x, z = inputs()
+    ref = net.forward(x, z)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    raw = bytearray(x.nbytes + 1)                                      # a float array at an odd address
+    unaligned = np.frombuffer(raw, dtype=np.uint8)[1:].view(np.float32).reshape(x.shape)
+    unaligned[...] = x
+    assert not unaligned.flags.aligned
+    for variant in (frozen, unaligned):
+        for a, b in zip(net.forward(variant, z), ref):
+            np.testing.assert_array_equal(a, b)
+    half = x.astype(np.float16)
+    for a, b in zip(net.forward(half, z), net.forward(half.astype(np.float32), z)):
+        np.testing.assert_array_equal(a, b)
+    ones = net.forward(np.ones(x.shape, dtype=bool), z)
+    for a, b in zip(ones, net.forward(np.ones_like(x), z)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_learning_rates(module):
+    from fractions import Fraction
+    net = convdsl.load_source(NET.replace("output h, w", "output h, w\n    loss mse(w)")).Model(seed=0)
+    x, z = inputs()
+    assert np.isfinite(net.train_step(x, z, np.zeros((2, 3)), lr=Fraction(1, 100)))
+    for bad in (10 ** 400, float("nan"), "0.1", None, True):
+        with pytest.raises(ValueError, match="lr must be a finite number"):
+            net.train_step(x, z, np.zeros((2, 3)), lr=bad)
+    with pytest.raises(TypeError, match="target"):
+        net.train_step(x, z, None, lr=0.1)

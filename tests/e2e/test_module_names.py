@@ -1,0 +1,55 @@
+"""A network's module name (its name lower-cased) must import as that network: not hide a
+standard-library module or a dependency, and not be shared by two networks of one file."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import convdsl
+from convdsl import ConvDSLError
+
+BODY = "{\n    input x: [3, 8, 8]\n    y = x -> relu\n    output y\n}\n"
+
+
+@pytest.mark.parametrize("name, hidden", [("os", "the standard library's `os`"),
+                                          ("Json", "the standard library's `json`"),
+                                          ("numpy", "`numpy`, which convdsl"),
+                                          ("Cffi", "`cffi`, which convdsl"),
+                                          ("Convdsl", "`convdsl` itself")])
+def test_a_module_name_that_hides_another_module_is_refused(name, hidden):
+    with pytest.raises(ConvDSLError) as info:
+        convdsl.load_source(f"network {name} " + BODY, path="net.cnn")
+    e = info.value
+    assert (e.span.line, e.span.col, e.span.end_col) == (1, 9, 9 + len(name))
+    assert f"would be a Python module named `{name.lower()}`" in e.message
+    assert hidden in e.message
+    assert f"e.g. `{name}Net`" in e.message
+
+
+def test_module_names_that_differ_only_in_case_collide():
+    text = f"network Net {BODY}\nnetwork NET {BODY}"
+    with pytest.raises(ConvDSLError) as info:
+        convdsl.load_source(text, network="Net", path="two.cnn")
+    e = info.value
+    assert (e.span.line, e.span.col) == (7, 9)
+    assert "`Net` (line 1) and `NET` would both be the Python module `net`" in e.message
+
+
+def test_compile_writes_nothing_for_a_refused_name(tmp_path):
+    src = tmp_path / "os.cnn"
+    src.write_text("network os " + BODY)
+    out = tmp_path / "build"
+    proc = subprocess.run([sys.executable, "-m", "convdsl", "compile", str(src), "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"{src}:1:9: error: network `os` would be a Python module named `os`")
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_names_near_a_module_name_are_fine():
+    mod = convdsl.load_source("network OsNet " + BODY)
+    assert mod.META["prefix"] == "osnet"
