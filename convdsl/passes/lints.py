@@ -166,10 +166,10 @@ def dilation_gridding(g: Graph):
         rates_text = ints(rates) if same_on_every_axis([axis_rates(stack, b) for b in axes]) else \
             "; ".join(ints(axis_rates(stack, b)) for b in axes)
         yield warning(stack[-1], "W101",
-                         f"dilation rates {rates_text} share the factor {f}: only every {ordinal(f)} input "
-                         f"position{' ' + where if where else ''} reaches an output, so {seen - 1} in {seen} "
-                         f"inputs are never seen (gridding, §3.11); use rates without a common factor, such "
-                         f"as 1, 2, 5")
+                      f"dilation rates {rates_text} share the factor {f}: only every {ordinal(f)} input "
+                      f"position{' ' + where if where else ''} reaches an output, so {seen - 1} in {seen} "
+                      f"inputs are never seen (gridding, §3.11); use rates without a common factor, such "
+                      f"as 1, 2, 5")
 
 
 def ordinal(n: int) -> str:
@@ -192,8 +192,8 @@ def dilation_order(g: Graph):
                       if len(axis_rates(dilated, a)) >= 2 and axis_rates(dilated, a)[-1] != max(axis_rates(dilated, a))]
         if disordered:
             yield warning(last, "W102",
-                             f"dilation rates {ints(axis_rates(stack, disordered[0]))}: the last dilated conv "
-                             f"should have the largest rate (hybrid dilated convolution, §3.11), as in 1, 2, 5")
+                          f"dilation rates {ints(axis_rates(stack, disordered[0]))}: the last dilated conv "
+                          f"should have the largest rate (hybrid dilated convolution, §3.11), as in 1, 2, 5")
             continue
         holes = {a: holes_of(stack, a) for a in range(rank)}
         axes = [a for a in range(rank) if holes[a][1]]
@@ -210,10 +210,10 @@ def dilation_order(g: Graph):
         same = all(holes[b] == holes[a] and axis_rates(stack, b) == axis_rates(stack, a) for b in axes)
         axis_text = axis_phrase(axes if same else [a], rank)
         yield warning(last, "W102",
-                         f"dilation rates {ints(axis_rates(stack, a))} leave holes: an output spans {width} input "
-                         f"positions{' ' + axis_text if axis_text else ''}, and {where} (hybrid dilated "
-                         f"convolution, §3.11); make the earlier rates larger or the last one smaller, as in "
-                         f"1, 2, 5 with 3×3 kernels")
+                      f"dilation rates {ints(axis_rates(stack, a))} leave holes: an output spans {width} input "
+                      f"positions{' ' + axis_text if axis_text else ''}, and {where} (hybrid dilated "
+                      f"convolution, §3.11); make the earlier rates larger or the last one smaller, as in "
+                      f"1, 2, 5 with 3×3 kernels")
 
 
 def holes_of(stack: list[Node], axis: int) -> tuple[int, list[int], bool]:
@@ -265,8 +265,8 @@ def large_kernel(g: Graph):
             stack = f"{m} stacked 3×3 convs ({cin}→{cout}, then {cout}→{cout} channels)"
             amount = f"{percent(here)} of the parameters (§3.4's {percent(book)} holds when channels in = out)"
         yield warning(node, "W103",
-                         f"{article} {n}×{n} kernel: {stack} see the same {n}×{n} field with {amount}, and "
-                         f"{gain}")
+                      f"{article} {n}×{n} kernel: {stack} see the same {n}×{n} field with {amount}, and "
+                      f"{gain}")
 
 
 @rule("W104", "asymmetric-kernel")
@@ -288,8 +288,8 @@ def asymmetric_kernel(g: Graph):
             split = f"1×{n} ({cin}→{cout} channels) then {n}×1 ({cout}→{cout})"
             amount = f"{percent(here)} of the parameters (§3.5's 2/{n} = {percent(2 / n)} holds when channels in = out)"
         yield warning(node, "W104",
-                         f"a {n}×{n} kernel on a {x(size)} map: {split} see the same field with {amount}, and the "
-                         f"split works well on maps of 12 to 20 (§3.5)")
+                      f"a {n}×{n} kernel on a {x(size)} map: {split} see the same field with {amount}, and the "
+                      f"split works well on maps of 12 to 20 (§3.5)")
 
 
 # ---- §1.2.4 computed, then thrown away: W105 ------------------------------------------------
@@ -316,9 +316,9 @@ def subsampled_output(g: Graph):
         else:
             what, fix = f"{node.label} (window 1, stride {x(stride)}) keeps", f"and drop {node.label}"
         yield warning(current, "W105",
-                         f"{current.label} computes every position, but {what} only 1 in {kept} of them "
-                         f"(§1.2.4: a full convolution then subsampling wastes the work); give {current.label} "
-                         f"{stride_arg} {fix}")
+                      f"{current.label} computes every position, but {what} only 1 in {kept} of them "
+                      f"(§1.2.4: a full convolution then subsampling wastes the work); give {current.label} "
+                      f"{stride_arg} {fix}")
 
 
 # ---- §1.2.2, §3.4.7 padding: W106, W107 -----------------------------------------------------
@@ -356,9 +356,9 @@ def valid_shrinks_to_one(g: Graph):
             (k,) = kernels
             formula = f", m − (k−1)·d = {sizes[0][0]} − {k - 1}·{len(stack)} = 1"
         yield warning(node, "W106",
-                         f"valid padding shrinks the map {path} over {len(stack)} convs (§1.2.2: each removes "
-                         f"k−1 positions per axis{formula}), so nothing deeper can convolve it; pad=same keeps "
-                         f"the size")
+                      f"valid padding shrinks the map {path} over {len(stack)} convs (§1.2.2: each removes "
+                      f"k−1 positions per axis{formula}), so nothing deeper can convolve it; pad=same keeps "
+                      f"the size")
 
 
 @rule("W107", "even-kernel-same")
@@ -375,9 +375,9 @@ def even_kernel_same(g: Graph):
             continue
         b, a = uneven[0]
         yield warning(node, "W107",
-                         f"an even {x(k)} kernel with pad=same pads unevenly ({b} before, {a} after): each "
-                         f"output's window is centred half a position off its own (§3.4.7); an odd kernel such as "
-                         f"3×3 pads both sides alike")
+                      f"an even {x(k)} kernel with pad=same pads unevenly ({b} before, {a} after): each "
+                      f"output's window is centred half a position off its own (§3.4.7); an odd kernel such as "
+                      f"3×3 pads both sides alike")
 
 
 # ---- §3.9 group convs: W108 -----------------------------------------------------------------
@@ -408,9 +408,9 @@ def groups_without_shuffle(g: Graph):
         if seen >= g1:
             continue
         yield warning(node, "W108",
-                         f"{node.label} (groups={g2}) reads {current.label} (groups={g1}) with no shuffle between "
-                         f"them: each group of {node.label} sees the channels of only {seen} of {current.label}'s "
-                         f"{g1} groups (§3.9); put shuffle({g1}) after {current.label}")
+                      f"{node.label} (groups={g2}) reads {current.label} (groups={g1}) with no shuffle between "
+                      f"them: each group of {node.label} sees the channels of only {seen} of {current.label}'s "
+                      f"{g1} groups (§3.9); put shuffle({g1}) after {current.label}")
 
 
 # ---- §2.4, §2.5, §3.1, §3.2 parameter budgets: W109, W110 -----------------------------------
@@ -451,11 +451,11 @@ def dense_heavy(g: Graph):
         positions = D.product(source.spatial)
         out = node.attrs["out"]
         yield warning(node, "W109",
-                         f"{node.label} holds {100 * own // total}% of the network's {total:,} parameters (§2.4): "
-                         f"it reads a {source.text(g.layout)} map, so global average pooling before it would need "
-                         f"{positions}× fewer weights ({source.channels * out:,} instead of "
-                         f"{source.channels * positions * out:,}); `convdsl convert --fc-to-conv` keeps them "
-                         f"but lets the network slide over larger inputs (§2.5)")
+                      f"{node.label} holds {100 * own // total}% of the network's {total:,} parameters (§2.4): "
+                      f"it reads a {source.text(g.layout)} map, so global average pooling before it would need "
+                      f"{positions}× fewer weights ({source.channels * out:,} instead of "
+                      f"{source.channels * positions * out:,}); `convdsl convert --fc-to-conv` keeps them "
+                      f"but lets the network slide over larger inputs (§2.5)")
 
 
 @rule("W110", "unshared-heavy")
@@ -474,8 +474,8 @@ def unshared_heavy(g: Graph):
         else:
             what, fix = f"{sets} kernel sets", "a smaller tile"
         yield warning(node, "W110",
-                         f"{node.label} has {own:,} weights, {what}: {own // shared}× the {shared:,} of a conv "
-                         f"with the same kernel (§3.1, §3.2); {fix}, or a conv, needs far fewer")
+                      f"{node.label} has {own:,} weights, {what}: {own // shared}× the {shared:,} of a conv "
+                      f"with the same kernel (§3.1, §3.2); {fix}, or a conv, needs far fewer")
 
 
 # ---- the loss: W111 ---------------------------------------------------------------------------
