@@ -4,7 +4,7 @@ The JSON form is versioned and described by docs/check-report.schema.json.
 """
 from __future__ import annotations
 
-from .errors import ConvDSLError, Diagnostic
+from .errors import ConvDSLError, Diagnostic, Note, note_text
 from .ir import dims as D
 from .ir.dims import Dim
 from .ir.graph import Graph
@@ -68,16 +68,24 @@ def _json_shape(graph: Graph, vid: int) -> list:
     return [_json_dim(d) for d in dims]
 
 
+def json_note(note) -> dict:
+    """A note: its text, and its place when it points somewhere (the call of a block instance)."""
+    span = note.span if isinstance(note, Note) else None
+    return {"message": note_text(note), "file": span.path if span else None, "line": span.line if span else None,
+            "column": span.col if span else None}
+
+
 def json_diagnostic(d: Diagnostic | ConvDSLError, severity: str = "warning") -> dict:
     """A warning (with its code) or an error (code null) as the JSON report writes it."""
     return {"severity": severity, "code": d.code, "message": d.message,
             "file": d.span.path if d.span else None, "line": d.span.line if d.span else None,
-            "column": d.span.col if d.span else None}
+            "column": d.span.col if d.span else None, "notes": [json_note(n) for n in d.notes]}
 
 
 def json_document(networks: list[dict], errors: list[ConvDSLError] = ()) -> dict:
+    """Each error of a ConvDSLErrors is listed on its own."""
     return {"convdsl_check": JSON_VERSION, "networks": networks,
-            "errors": [json_diagnostic(e, "error") for e in errors]}
+            "errors": [json_diagnostic(one, "error") for e in errors for one in e.errors]}
 
 
 def json_network(graph: Graph, stats: NetworkStats, memory: MemoryPlan, diagnostics,

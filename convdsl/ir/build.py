@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConvDSLError, Span, did_you_mean
+from ..errors import ConvDSLError, Note, Span, block_note, did_you_mean, raise_errors
 from ..frontend import ast
 from ..frontend.parser import parse, parse_file
-from ..ops.base import ConstTensor, OpContext, Symbol, SymbolCall, describe_value, lookup, registry
-from ..ops.losses import LOSSES
+from ..frontend.unparse import expr as expr_text
+from ..ops.base import (Arg, ConstTensor, OpContext, Symbol, SymbolCall, alias_names, describe_value, lookup,
+                        op_alias, op_relative, registry)
+from ..ops.losses import LOSSES, is_other_loss, loss_alias
 from . import dims as D
 from .graph import Graph, InputDecl, Layer, LossDecl, Node, OutputDecl, TensorType, Value
 
@@ -26,6 +28,9 @@ SYMBOL_FUNCS = frozenset({"normal", "uniform"})
 BUILTINS = ("channels", "height", "width", "depth")
 MAX_REPEAT = 1000
 MAX_NODES = 100_000
+MAX_ERRORS = 20          # errors reported from one network before the builder stops
+# First input dims that name the batch: an input's shape is one sample's (the batch is implicit).
+BATCH_NAMES = frozenset({"n", "b", "bs", "batch", "batch_size", "batchsize", "nbatch"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,17 @@ class LayerRef:
     keywords: tuple[tuple[str, Any], ...]
     arg_spans: tuple[tuple[str, Span], ...]
     span: Span
+
+
+@dataclass(frozen=True)
+class Failed:
+    """What a name is bound to when the statement that defines it failed: a later use is not
+    reported again (it would only repeat the first error in other words)."""
+    name: str
+
+
+class CascadeError(ConvDSLError):
+    """A use of a Failed name; the builder drops it, since the failed definition is reported."""
 
 
 @dataclass
@@ -117,6 +133,7 @@ class GraphBuilder:
         self.loss: tuple | None = None
         self.sym_dims: list[str] = []
         self.block_stack: list[str] = []
+        self.block_calls: list[Span] = []         # where each block of block_stack was called
         self.composite: tuple[str, str, Span] | None = None   # (label, slot, span) of the op being expanded
 
     # ---- entry -------------------------------------------------------------------------
@@ -137,7 +154,7 @@ class GraphBuilder:
                 else:
                     self.dtype = stmt.value
         scope = Scope()
-        self.run_body(net.body, scope, in_block=False)
+        self.run_network_body(net.body, scope)
         if not self.outputs:
             raise ConvDSLError(net.span, f"network {net.name} has no `output` statement")
         loss_decl = None
@@ -164,6 +181,34 @@ class GraphBuilder:
     def run_body(self, body, scope: Scope, in_block: bool) -> None:
         for stmt in body:
             self.run_stmt(stmt, scope, in_block)
+
+    def run_network_body(self, body, scope: Scope) -> None:
+        """The network's statements, each on its own: a statement that fails is reported and the
+        next one runs, so one check shows several independent mistakes (up to MAX_ERRORS), in
+        source order. What a failed statement would have bound is marked Failed, and the errors
+        of later statements that only use such a name are dropped: they would cascade."""
+        errors: list[ConvDSLError] = []
+        for i, stmt in enumerate(body):
+            try:
+                self.run_stmt(stmt, scope, in_block=False)
+            except CascadeError:
+                self.mark_failed(stmt, scope)
+            except ConvDSLError as e:
+                self.mark_failed(stmt, scope)
+                if not any((f.span, f.message) == (e.span, e.message) for f in errors):
+                    errors.append(e)
+                if len(errors) == MAX_ERRORS and i + 1 < len(body):
+                    raise_errors(errors, stopped_after=MAX_ERRORS)
+        raise_errors(errors)
+
+    def mark_failed(self, stmt, scope: Scope) -> None:
+        """Bind every name the failed statement defines (a repeat body's too) to Failed."""
+        if isinstance(stmt, ast.Repeat):
+            for inner in stmt.body:
+                self.mark_failed(inner, scope)
+        elif isinstance(stmt, (ast.Assign, ast.LayerDecl, ast.ConstDecl, ast.Input)):
+            scope.bindings[stmt.name] = Failed(stmt.name)
+            scope.kinds.setdefault(stmt.name, "value")
 
     def bind(self, scope: Scope, name: str, value, kind: str, span: Span) -> None:
         old = scope.kinds.get(name)
@@ -231,6 +276,7 @@ class GraphBuilder:
             raise ConvDSLError(getattr(stmt, "span", None), f"unknown statement {type(stmt).__name__}")
 
     def declare_input(self, stmt: ast.Input, scope: Scope) -> None:
+        self.check_no_batch_dim(stmt)
         written: list = []
         for d in stmt.dims:
             if isinstance(d, ast.Num) and isinstance(d.value, int) and d.value >= 1:
@@ -252,6 +298,41 @@ class GraphBuilder:
         self.inputs.append(InputDecl(stmt.name, vid, tuple(written), stmt.span))
         self.bind(scope, stmt.name, TensorRef(vid), "input", stmt.span)
 
+    def check_no_batch_dim(self, stmt: ast.Input) -> None:
+        """`input x: [N, 3, 32, 32]`: a first dim named like a batch (N, B, batch …) is the classic
+        slip of writing the batch, which is implicit. As a run-time channel count (NCHW) or, in NHWC,
+        a run-time size of a 1-D map ([L, C]), such a name would be odd but legal, so an NHWC input
+        needs 3 dims or more before this is said."""
+        first = stmt.dims[0] if stmt.dims else None
+        if not isinstance(first, ast.Name) or first.id.lower() not in BATCH_NAMES:
+            return
+        if len(stmt.dims) < (2 if self.layout == "NCHW" else 3):
+            return
+        raise ConvDSLError(first.span, f"`{first.id}` looks like the batch size, but the batch is implicit: an "
+                                       f"input's shape is one sample's; write `input {stmt.name}: "
+                                       f"{self.dims_text(stmt.dims[1:])}`")
+
+    @staticmethod
+    def dims_text(dims) -> str:
+        return "[" + ", ".join(expr_text(d) for d in dims) + "]"
+
+    def leading_name_note(self, in_types) -> Note | None:
+        """For an op that failed on a map whose channel count is a run-time size: if that size is
+        an input's first dim, written as a name before fixed dims ([X, 3, 32, 32]), it may be a
+        batch written by mistake. Said as a note at the input, since it may also be meant."""
+        if self.layout != "NCHW":
+            return None
+        for decl in self.inputs:
+            dims = decl.dims
+            if len(dims) >= 2 and isinstance(dims[0], D.Sym) and isinstance(dims[1], int) and \
+                    any(t.rank >= 1 and t.channels == dims[0] for t in in_types):
+                name = D.to_text(dims[0])
+                rest = "[" + ", ".join(D.to_text(d) for d in dims[1:]) + "]"
+                return Note(f"input `{decl.name}` at {decl.span} has the run-time size `{name}` as its first "
+                            f"dim, the channels; if `{name}` is the batch, leave it out (the batch is implicit): "
+                            f"`input {decl.name}: {rest}`", decl.span)
+        return None
+
     def declare_layer(self, stmt: ast.LayerDecl, scope: Scope) -> LayerRef:
         call = stmt.value
         if isinstance(call, ast.Name) and lookup(call.id) is not None:
@@ -266,10 +347,11 @@ class GraphBuilder:
             if call.func in self.program.blocks:
                 raise ConvDSLError(call.span, "`layer` takes a single op, not a block")
             raise self.unknown_callable(call.func, call.span, scope)
-        positional = tuple(self.eval(a, scope) for a in call.args)
+        positional = tuple(self.eval_arg(a, scope, op.args[i] if i < len(op.args) else None)
+                           for i, a in enumerate(call.args))
         if any(isinstance(v, TensorRef) for v in positional):
             raise ConvDSLError(call.span, "a layer declaration takes the op alone, without its input")
-        keywords = tuple((k.name, self.eval(k.value, scope)) for k in call.kwargs)
+        keywords = tuple((k.name, self.eval_arg(k.value, scope, op_arg(op, k.name))) for k in call.kwargs)
         spans = tuple((k.name, k.value.span) for k in call.kwargs)
         spans += tuple((a.name, e.span) for a, e in zip(op.args, call.args))
         self.reserve_slot(stmt.name)
@@ -300,15 +382,30 @@ class GraphBuilder:
         if self.loss is not None:
             raise ConvDSLError(stmt.span, "a network has one loss")
         if call.func not in LOSSES:
-            hint = did_you_mean(call.func, LOSSES)
-            raise ConvDSLError(call.span, f"unknown loss `{call.func}`" +
-                               (f"; did you mean `{hint}`?" if hint else f" (known: {', '.join(LOSSES)})"))
+            raise ConvDSLError(call.span, self.unknown_loss(call.func))
         if len(call.args) != 1 or call.kwargs:
             raise ConvDSLError(call.span, f"{call.func} takes one argument: the output it reads")
         ref = self.eval(call.args[0], scope)
         if not isinstance(ref, TensorRef):
             raise ConvDSLError(call.args[0].span, f"{call.func} reads a tensor")
         self.loss = (call.func, ref.value, {}, call.span)
+
+    @staticmethod
+    def unknown_loss(name: str) -> str:
+        """Only a plain misspelling or another library's name for the same loss is suggested: a
+        different loss (binary cross-entropy, mae) is not the one the user wants."""
+        known = f"(known: {', '.join(LOSSES)})"
+        alias = loss_alias(name)
+        if alias is not None:
+            return f"unknown loss `{name}`; did you mean `{alias.name}`?"
+        if is_other_loss(name):
+            return f"unknown loss `{name}`: it is not in the language {known}"
+        hint = did_you_mean(name, LOSSES)
+        if hint:
+            return f"unknown loss `{name}`; did you mean `{hint}`?"
+        if lookup(name) is not None:
+            return f"`{name}` is an op, not a loss {known}"
+        return f"unknown loss `{name}` {known}"
 
     # ---- expressions -------------------------------------------------------------------
     def eval(self, e, scope: Scope):
@@ -317,9 +414,11 @@ class GraphBuilder:
         if isinstance(e, ast.Bool):
             return e.value
         if isinstance(e, ast.Str):
-            raise ConvDSLError(e.span, "a string is only allowed in `use \"file.cnn\"`")
+            raise self.string_error(e, scope)
         if isinstance(e, ast.Name):
             bound = scope.lookup(e.id)
+            if isinstance(bound, Failed):
+                raise CascadeError(e.span, f"`{e.id}` is not defined: its statement failed")
             if bound is not None:
                 return bound
             if e.id in SYMBOLS:
@@ -330,7 +429,8 @@ class GraphBuilder:
         if isinstance(e, ast.TupleLit):
             return tuple(self.eval(i, scope) for i in e.items)
         if isinstance(e, ast.ListLit):
-            raise ConvDSLError(e.span, "a list is only allowed in `input` shapes and `const` values")
+            raise ConvDSLError(e.span, "a list is only allowed in `input` shapes and `const` values; for one "
+                                       f"value per axis write a tuple: `{tuple_text(e)}`")
         if isinstance(e, ast.Neg):
             v = self.eval(e.operand, scope)
             self.expect_number(v, e.operand.span)
@@ -375,24 +475,72 @@ class GraphBuilder:
     def _div_zero(e):
         raise ConvDSLError(e.span, "division by zero")
 
-    def undefined(self, name: str, span: Span, scope: Scope) -> ConvDSLError:
-        candidates = list(scope.bindings) + list(SYMBOLS)
-        hint = did_you_mean(name, candidates)
-        return ConvDSLError(span, f"undefined name `{name}`" + (f"; did you mean `{hint}`?" if hint else ""))
+    def eval_arg(self, e, scope: Scope, arg: Arg | None):
+        """An op's argument: as eval, but an undefined bare name is explained with what the
+        argument takes (`pad=reflect` lists the padding forms)."""
+        if isinstance(e, ast.Name) and scope.lookup(e.id) is None and e.id not in SYMBOLS and \
+                e.id not in self.program.blocks and lookup(e.id) is None:
+            raise self.undefined(e.id, e.span, scope, arg)
+        if isinstance(e, ast.Str):
+            raise self.string_error(e, scope, arg)
+        return self.eval(e, scope)
 
-    def unknown_callable(self, name: str, span: Span, scope: Scope) -> ConvDSLError:
-        candidates = list(registry()) + list(self.program.blocks) + \
-            [n for n, k in scope.kinds.items() if k == "layer"] + list(BUILTINS)
+    def undefined(self, name: str, span: Span, scope: Scope, arg: Arg | None = None) -> ConvDSLError:
+        candidates = [n for n, v in scope.bindings.items() if not isinstance(v, Failed)] + list(SYMBOLS)
         hint = did_you_mean(name, candidates)
-        if name in LOSSES:
-            return ConvDSLError(span, f"`{name}` is a loss; write it in a `loss` statement")
+        takes = f"`{arg.name}` is {arg.forms}" if arg is not None and arg.forms else ""
+        if arg is not None and name in arg.lacks:
+            return ConvDSLError(span, f"undefined name `{name}`: {arg.lacks_why}" + (f"; {takes}" if takes else ""))
+        if hint:
+            return ConvDSLError(span, f"undefined name `{name}`; did you mean `{hint}`?")
+        return ConvDSLError(span, f"undefined name `{name}`" + (f": {takes}" if takes else ""))
+
+    def string_error(self, e: ast.Str, scope: Scope, arg: Arg | None = None) -> ConvDSLError:
+        """`pad="same"`: the language's words are written bare; say so when the text is one."""
+        message = "a string is only allowed in `use \"file.cnn\"`"
+        word = e.value
+        if word.isidentifier() and (word in SYMBOLS or scope.lookup(word) is not None):
+            return ConvDSLError(e.span, f"{message}; write `{word}` without quotes")
+        if arg is not None and word in arg.lacks:
+            return ConvDSLError(e.span, f"{message}, and {arg.lacks_why}" +
+                                (f"; `{arg.name}` is {arg.forms}" if arg.forms else ""))
+        if arg is not None and arg.forms:
+            return ConvDSLError(e.span, f"{message}; `{arg.name}` is {arg.forms}")
+        return ConvDSLError(e.span, message)
+
+    def unknown_callable(self, name: str, span: Span, scope: Scope, piped: bool = True) -> ConvDSLError:
+        """An unknown op: another library's name for one of ours (Linear → dense), the closest of
+        ours to one the language lacks (relu6 → relu), or a misspelling of an op, block or layer
+        in scope; nothing when nothing is close. The built-ins channels/height/width/depth are
+        offered only for a call that is not in a chain (they are not ops)."""
+        loss = LOSSES.get(name) or loss_alias(name)
+        if loss is not None:
+            return ConvDSLError(span, f"`{name}` is a loss; write it in a `loss` statement"
+                                + ("" if loss.name == name else f": `loss {loss.name}(…)`"))
         if scope.lookup(name) is not None:
             return ConvDSLError(span, f"`{name}` is a {scope.kinds.get(name, 'value')}, not an op")
-        return ConvDSLError(span, f"unknown op `{name}`" + (f"; did you mean `{hint}`?" if hint else ""))
+        alias = op_alias(name)
+        if alias is not None:
+            return ConvDSLError(span, f"unknown op `{name}`; did you mean `{alias.name}`?")
+        relative = op_relative(name)
+        if relative is not None:
+            return ConvDSLError(span, f"unknown op `{name}`: it is not in the language yet; `{relative.name}` is "
+                                      f"the closest")
+        targets = dict(alias_names())            # a name → the op it suggests
+        targets.update({n: n for n in registry()})
+        targets.update({n: n for n in self.program.blocks})
+        targets.update({n: n for n, k in scope.kinds.items()
+                        if k == "layer" and not isinstance(scope.bindings.get(n), Failed)})
+        if not piped:
+            targets.update({n: n for n in BUILTINS})
+        hint = did_you_mean(name, targets)
+        return ConvDSLError(span, f"unknown op `{name}`" + (f"; did you mean `{targets[hint]}`?" if hint else ""))
 
     def eval_call(self, call: ast.Call, scope: Scope):
         name = call.func
         bound = scope.lookup(name)
+        if isinstance(bound, Failed):
+            raise CascadeError(call.span, f"`{name}` is not defined: its statement failed")
         if isinstance(bound, LayerRef):
             return self.apply_layer(bound, call, scope)
         if bound is not None:
@@ -409,7 +557,11 @@ class GraphBuilder:
             if call.kwargs:
                 raise ConvDSLError(call.kwargs[0].span, f"{name}(…) takes positional arguments only")
             return SymbolCall(name, args)
-        raise self.unknown_callable(name, call.span, scope)
+        # Its arguments first: in `x -> Conv2d(8, kernel=3) -> BatchNorm2d` the first slip is reported
+        # first, although the chain nests it inside the second.
+        for a in call.args:
+            self.eval(a, scope)
+        raise self.unknown_callable(name, call.span, scope, piped=call.piped)
 
     def eval_builtin(self, call: ast.Call, scope: Scope):
         if len(call.args) != 1 or call.kwargs:
@@ -427,11 +579,14 @@ class GraphBuilder:
         return t.spatial[-axis]
 
     # ---- applying ops, layers and blocks -------------------------------------------------
-    def split_args(self, call: ast.Call, scope: Scope, min_inputs: int, max_inputs):
-        """Evaluate a call's arguments: leading tensors are its inputs, the rest are attributes."""
-        values = [self.eval(a, scope) for a in call.args]
+    def split_args(self, call: ast.Call, scope: Scope, min_inputs: int, max_inputs, op=None):
+        """Evaluate a call's arguments: leading tensors are its inputs, the rest are attributes.
+        With the op, a mistake in how an argument is written says what that argument takes."""
         inputs, attrs, attr_exprs = [], [], []
-        for v, expr in zip(values, call.args):
+        for expr in call.args:
+            arg = op.args[len(attrs)] if op is not None and len(inputs) >= min_inputs and \
+                len(attrs) < len(op.args) else None
+            v = self.eval_arg(expr, scope, arg) if arg is not None else self.eval(expr, scope)
             if isinstance(v, TensorRef):
                 if attrs:
                     raise ConvDSLError(expr.span, "tensors come first in a call, before the other arguments")
@@ -447,7 +602,7 @@ class GraphBuilder:
             raise ConvDSLError(call.span, f"{call.func} takes {max_inputs} input tensor(s), got {len(inputs)}")
         keywords = {}
         for k in call.kwargs:
-            v = self.eval(k.value, scope)
+            v = self.eval_arg(k.value, scope, op_arg(op, k.name)) if op is not None else self.eval(k.value, scope)
             if isinstance(v, TensorRef):
                 raise ConvDSLError(k.value.span, f"`{k.name}` cannot be a tensor")
             keywords[k.name] = v
@@ -464,7 +619,7 @@ class GraphBuilder:
         return f"{scope.prefix}{base}{n}"
 
     def apply_op_call(self, op, call: ast.Call, scope: Scope) -> TensorRef:
-        inputs, positional, pos_exprs, keywords = self.split_args(call, scope, op.min_inputs, op.max_inputs)
+        inputs, positional, pos_exprs, keywords = self.split_args(call, scope, op.min_inputs, op.max_inputs, op)
         spans = {k.name: k.value.span for k in call.kwargs}
         for a, expr in zip(op.args, pos_exprs):
             spans[a.name] = expr.span
@@ -491,6 +646,11 @@ class GraphBuilder:
             if expanded is not None:
                 return expanded
             return self._make_node(op, inputs, attrs, ctx, label, slot, scope)
+        except ConvDSLError as e:
+            note = self.leading_name_note(tuple(self.values[r.value].type for r in inputs))
+            if note is None or isinstance(e, CascadeError):
+                raise
+            raise e.with_notes(note) from None
         finally:
             self.composite = saved
 
@@ -523,7 +683,7 @@ class GraphBuilder:
         nid = len(self.nodes)
         vid = self.new_value(out_type, nid, "")
         self.nodes.append(Node(nid, op.name, tuple(r.value for r in inputs), vid, norm, label, layer_name,
-                               ctx.call_span, tuple(self.block_stack)))
+                               ctx.call_span, tuple(self.block_stack), tuple(self.block_calls)))
         return TensorRef(vid)
 
     def attach_params(self, op, label: str, slot: str, specs, ctx: OpContext) -> str:
@@ -574,10 +734,17 @@ class GraphBuilder:
         if not isinstance(given[param_names[0]], TensorRef):
             raise ConvDSLError(call.span, f"the first argument of block `{block.name}` must be a tensor")
         self.block_stack.append(block.name)
+        self.block_calls.append(call.span)
         try:
             self.run_body(block.body, inner, in_block=True)
+        except CascadeError:
+            raise
+        except ConvDSLError as e:
+            # The error points into the block's body; say which use of the block it comes from.
+            raise e.with_notes(block_note(block.name, call.span)) from None
         finally:
             self.block_stack.pop()
+            self.block_calls.pop()
         if inner.returned is None:
             raise ConvDSLError(block.span, f"block `{block.name}` has no `return`")
         return inner.returned
@@ -586,6 +753,16 @@ class GraphBuilder:
         vid = len(self.values)
         self.values.append(Value(vid, t, producer, name))
         return vid
+
+
+def op_arg(op, name: str) -> Arg | None:
+    return next((a for a in op.args if a.name == name), None)
+
+
+def tuple_text(e: ast.ListLit) -> str:
+    """A list literal written as the tuple it should be: [3, 3] → (3, 3), [[1, 0]] → ((1, 0),)."""
+    items = [tuple_text(i) if isinstance(i, ast.ListLit) else expr_text(i) for i in e.items]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
 def build_graph(program: Program, network: str | None = None) -> Graph:

@@ -68,7 +68,8 @@ class Node:
     label: str                       # display name: conv1, U, inception1.conv3
     layer: str                       # the owner of its parameters (shared layers reuse one)
     span: Span
-    scope: tuple[str, ...] = ()      # block instances it sits in, outermost first
+    scope: tuple[str, ...] = ()      # names of the blocks it sits in, outermost first
+    block_calls: tuple[Span, ...] = ()   # where each block of `scope` was called, outermost first
 
     def __post_init__(self):
         if not isinstance(self.attrs, MappingProxyType):

@@ -13,24 +13,30 @@ class Pointwise(OpDef):
 @register
 class Relu(Pointwise):
     name = "relu"
+    relatives = ("relu6", "elu", "selu", "gelu", "silu", "swish", "mish", "softplus", "hardswish", "celu")
     summary = "max(x, 0)"
 
 
 @register
 class Sigmoid(Pointwise):
     name = "sigmoid"
+    aliases = ("logistic",)
+    relatives = ("hardsigmoid",)
     summary = "1 / (1 + e^-x)"
 
 
 @register
 class Tanh(Pointwise):
     name = "tanh"
+    relatives = ("hardtanh", "softsign")
     summary = "tanh(x)"
 
 
 @register
 class LeakyRelu(Pointwise):
     name = "leaky_relu"
+    aliases = ("lrelu",)
+    relatives = ("prelu", "rrelu")
     summary = "x if x > 0 else alpha·x"
     args = (Arg("alpha", 0.01),)
 
@@ -44,6 +50,7 @@ class LeakyRelu(Pointwise):
 @register
 class Softmax(OpDef):
     name = "softmax"
+    relatives = ("log_softmax", "logsoftmax", "softmin")
     summary = "softmax over channels, at every position of a map"
 
     def kernel_context(self, attrs, in_types, out, c):

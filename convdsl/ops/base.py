@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -16,6 +17,17 @@ from ..ir.dims import Dim
 from ..ir.graph import Init, ParamSpec, TensorType
 
 REQUIRED = object()
+
+# Keyword names of PyTorch and Keras layers, with the argument names they are here (the first one
+# the op has): `padding=` is answered with `pad`, `filters=` with `out`.
+KEYWORD_ALIASES: dict[str, tuple[str, ...]] = {
+    "filters": ("out",), "out_channels": ("out",), "units": ("out",), "out_features": ("out",),
+    "kernel_size": ("kernel", "window"), "pool_size": ("window",), "strides": ("stride",),
+    "padding": ("pad",), "dilation_rate": ("dilation",), "use_bias": ("bias",),
+    "kernel_initializer": ("init",), "depth_multiplier": ("multiplier",), "output_padding": ("output_pad",),
+    "rate": ("p",), "negative_slope": ("alpha",), "scale_factor": ("factor",), "size": ("factor",),
+    "interpolation": ("mode",), "epsilon": ("eps",),
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,9 @@ class Arg:
     name: str
     default: Any = REQUIRED
     doc: str = ""
+    forms: str = ""                  # what values it takes, for messages: "valid, same, full, …"
+    lacks: tuple[str, ...] = ()      # values other libraries take here that the language lacks
+    lacks_why: str = ""              # said when one of `lacks` is written: "reflect padding is …"
 
 
 class OpContext:
@@ -91,6 +106,13 @@ class OpDef:
     template: ClassVar[str | None] = None        # template file stem; defaults to the op's name
     c_helpers: ClassVar[tuple[str, ...]] = ()    # shared C helpers the template calls (lib/<h>.c.j2)
     summary: ClassVar[str] = ""
+    # Names PyTorch, Keras or ONNX give this op, so that `Linear` or `Conv2d` is answered with
+    # `dense` or `conv`. Case, underscores and a 1d/2d/3d are ignored when comparing (see `normal_name`),
+    # so `MaxPool2d` and `max_pool` find maxpool without being listed.
+    aliases: ClassVar[tuple[str, ...]] = ()
+    # Ops of those libraries that the language lacks and for which this one is the closest
+    # (relu6 → relu): answered with "not in the language yet; relu is the closest".
+    relatives: ClassVar[tuple[str, ...]] = ()
 
     # -- arguments
     def bind(self, positional: list, keywords: dict, ctx: OpContext) -> dict:
@@ -106,7 +128,8 @@ class OpDef:
             bound[arg.name] = value
         for key, value in keywords.items():
             if key not in names:
-                hint = did_you_mean(key, names)
+                hint = next((n for n in KEYWORD_ALIASES.get(key.lower(), ()) if n in names), None) or \
+                    did_you_mean(key, names)
                 msg = f"{self.name} has no argument `{key}`"
                 msg += f"; did you mean `{hint}`?" if hint else (f" (it takes: {', '.join(names)})" if names else "")
                 raise ctx.error(msg, arg=key)
@@ -203,6 +226,32 @@ def registry() -> dict[str, OpDef]:
 
 def lookup(name: str) -> OpDef | None:
     return registry().get(name)
+
+
+def normal_name(name: str) -> str:
+    """A name as other libraries' spellings are compared: lower case, no underscores, no 1d/2d/3d
+    (`MaxPool2d`, `max_pool_2d` and `maxpool` are one name)."""
+    return re.sub(r"(?<=[a-z])[123]d", "", name.lower().replace("_", ""))
+
+
+def op_alias(name: str) -> OpDef | None:
+    """The op that another library's name stands for: `Linear` → dense, `Conv2d` → conv."""
+    key = normal_name(name)
+    for op in registry().values():
+        if key == normal_name(op.name) or key in map(normal_name, op.aliases):
+            return op
+    return None
+
+
+def op_relative(name: str) -> OpDef | None:
+    """The closest op to one the language lacks: `relu6` → relu."""
+    key = normal_name(name)
+    return next((op for op in registry().values() if key in map(normal_name, op.relatives)), None)
+
+
+def alias_names() -> dict[str, str]:
+    """Every alias spelled as listed, with the op it stands for (for misspelling hints)."""
+    return {alias: op.name for op in registry().values() for alias in op.aliases}
 
 
 # ---- argument validators shared by many ops ----------------------------------------------

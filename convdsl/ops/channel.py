@@ -44,6 +44,7 @@ class Maxout(OpDef):
 @register
 class Shuffle(OpDef):
     name = "shuffle"
+    aliases = ("channel_shuffle",)
     summary = "channel shuffle of ShuffleNet: [g, C/g] → [C/g, g] (§3.9)"
     args = (Arg("groups"),)
 

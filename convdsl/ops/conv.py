@@ -9,12 +9,13 @@ from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec, TensorType
 from .base import (Arg, ConstTensor, OpContext, OpDef, Symbol, describe_value, expect_bool, expect_int,
                    expect_symbol, parse_init, register)
-from .spatial import effective_kernel, input_rank_check, output_sizes, per_axis, resolve_padding, window_context
+from .spatial import (effective_kernel, input_rank_check, output_sizes, pad_arg, per_axis, resolve_padding,
+                      window_context)
 
 ALGOS = ("auto", "im2col")
 
 _WINDOW_ARGS = (
-    Arg("stride", 1), Arg("pad", Symbol("valid")), Arg("dilation", 1),
+    Arg("stride", 1), pad_arg(), Arg("dilation", 1),
 )
 _LAYER_ARGS = (
     Arg("bias", True), Arg("flip", False), Arg("init", Symbol("he")), Arg("frozen", False),
@@ -29,6 +30,7 @@ def _kernel_text(k: tuple[int, ...]) -> str:
 @register
 class Conv(OpDef):
     name = "conv"
+    aliases = ("convolution", "conv_nd")
     summary = "convolution (cross-correlation; flip=true for the mathematical one)"
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("groups", 1), *_LAYER_ARGS)
     template = "conv"
@@ -130,6 +132,7 @@ class Conv(OpDef):
 @register
 class Depthwise(Conv):
     name = "depthwise"
+    aliases = ("depthwise_conv", "depthwise_convolution")
     summary = "depthwise convolution: conv with groups = input channels (§3.8)"
     args = (Arg("kernel"), Arg("multiplier", 1), *_WINDOW_ARGS, *_LAYER_ARGS)
 
@@ -147,6 +150,7 @@ class Depthwise(Conv):
 class Separable(OpDef):
     """Expands at build time into `<name>.dw` (depthwise, no bias) then `<name>.pw` (1×1 conv)."""
     name = "separable"
+    aliases = ("separable_conv", "separable_convolution")
     summary = "depthwise then 1×1 conv with the bias, as in Keras (§3.8)"
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("bias", True), Arg("init", Symbol("he")),
             Arg("frozen", False))

@@ -21,9 +21,12 @@ def _x(values) -> str:
 @register
 class Deconv(OpDef):
     name = "deconv"
+    aliases = ("conv_transpose", "transposed_conv", "deconvolution")
     summary = "transposed convolution (PyTorch ConvTranspose): learned up-sampling (§3.11)"
-    args = (Arg("out"), Arg("kernel"), Arg("stride", 1), Arg("pad", 0), Arg("output_pad", 0), Arg("groups", 1),
-            Arg("dilation", 1), Arg("bias", True), Arg("init", Symbol("he")), Arg("frozen", False))
+    args = (Arg("out"), Arg("kernel"), Arg("stride", 1),
+            Arg("pad", 0, forms="an integer or a tuple per axis (it trims the output, as in PyTorch)"),
+            Arg("output_pad", 0), Arg("groups", 1), Arg("dilation", 1), Arg("bias", True), Arg("init", Symbol("he")),
+            Arg("frozen", False))
     c_helpers = ("gemm", "im2col")
 
     def normalize(self, attrs, in_types, ctx):

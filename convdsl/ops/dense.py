@@ -9,6 +9,7 @@ from .base import Arg, OpDef, Symbol, expect_bool, expect_int, parse_init, regis
 @register
 class Flatten(OpDef):
     name = "flatten"
+    relatives = ("reshape", "view")
     summary = "→ [C·H·W] in the layout's order (C,H,W for NCHW; H,W,C for NHWC)"
 
     def normalize(self, attrs, in_types, ctx):
@@ -27,6 +28,7 @@ class Flatten(OpDef):
 @register
 class Dense(OpDef):
     name = "dense"
+    aliases = ("linear", "fc", "fully_connected", "inner_product", "gemm")
     summary = "fully connected: y = W·x + b; a map input is flattened first"
     args = (Arg("out"), Arg("bias", True), Arg("init", Symbol("he")), Arg("frozen", False))
     c_helpers = ("gemm",)

@@ -9,6 +9,7 @@ from .base import OpDef, register
 @register
 class Add(OpDef):
     name = "add"
+    aliases = ("sum", "plus")
     summary = "element-wise sum of tensors of one shape"
     min_inputs, max_inputs = 2, None
 
@@ -27,6 +28,7 @@ class Add(OpDef):
 @register
 class Concat(OpDef):
     name = "concat"
+    aliases = ("concatenate", "cat")
     summary = "join along channels"
     min_inputs, max_inputs = 2, None
 
@@ -49,6 +51,7 @@ class Concat(OpDef):
 @register
 class Scale(OpDef):
     name = "scale"
+    relatives = ("multiply", "mul")
     summary = "x[c] · s[c]: s is [C] or [C, 1, 1]"
     min_inputs, max_inputs = 2, 2
 

@@ -9,6 +9,7 @@ from .pool import WindowPool
 @register
 class L2Pool(WindowPool):
     name = "l2pool"
+    aliases = ("lp_pool",)
     summary = "sqrt of the sum of squares in each window; padded cells add nothing"
 
     def macs(self, in_types, out, attrs):

@@ -9,9 +9,9 @@ from __future__ import annotations
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec, TensorType
 from .base import Arg, OpContext, OpDef, Symbol, describe_value, expect_bool, expect_int, parse_init, register
-from .spatial import as3d, output_sizes, per_axis, resolve_padding, window_context
+from .spatial import as3d, output_sizes, pad_arg, per_axis, resolve_padding, window_context
 
-_TAIL_ARGS = (Arg("stride", 1), Arg("pad", Symbol("valid")), Arg("bias", True), Arg("init", Symbol("he")),
+_TAIL_ARGS = (Arg("stride", 1), pad_arg(), Arg("bias", True), Arg("init", Symbol("he")),
               Arg("frozen", False))
 
 
@@ -102,6 +102,7 @@ class UnsharedConv(OpDef):
 @register
 class Local(UnsharedConv):
     name = "local"
+    aliases = ("locally_connected",)
     summary = "locally connected: a kernel of its own at every output position (§3.1)"
     args = (Arg("out"), Arg("kernel"), *_TAIL_ARGS)
 

@@ -16,6 +16,8 @@ from .base import Arg, BufferSpec, OpDef, expect_float, register
 @register
 class BatchNorm(OpDef):
     name = "batchnorm"
+    aliases = ("batch_norm", "batch_normalization", "bn")
+    relatives = ("layer_norm", "group_norm", "instance_norm", "layer_normalization", "group_normalization")
     summary = "batch normalisation: batch statistics in training mode, running ones in inference mode"
     args = (Arg("eps", 1e-5), Arg("momentum", 0.1))
 
@@ -66,6 +68,7 @@ class BatchNorm(OpDef):
 @register
 class Dropout(OpDef):
     name = "dropout"
+    relatives = ("alpha_dropout", "spatial_dropout")
     summary = "inverted dropout: keep with probability 1 - p and scale by 1/(1 - p) in training mode"
     args = (Arg("p"),)
     c_helpers = ("counter_rng",)

@@ -4,12 +4,12 @@ from __future__ import annotations
 from ..ir import dims as D
 from ..ir.graph import TensorType
 from .base import Arg, OpDef, Symbol, register
-from .spatial import input_rank_check, output_sizes, per_axis, resolve_padding, window_context
+from .spatial import input_rank_check, output_sizes, pad_arg, per_axis, resolve_padding, window_context
 
 
 class WindowPool(OpDef):
     """A window sliding over each channel on its own; padded cells never count."""
-    args = (Arg("window"), Arg("stride", None), Arg("pad", Symbol("valid")))
+    args = (Arg("window"), Arg("stride", None), pad_arg())
 
     def normalize(self, attrs, in_types, ctx):
         (t,) = in_types
@@ -53,12 +53,15 @@ class WindowPool(OpDef):
 @register
 class MaxPool(WindowPool):
     name = "maxpool"
+    aliases = ("max_pooling",)
+    relatives = ("fractional_max_pool",)
     summary = "max over each window; a padded cell never wins"
 
 
 @register
 class AvgPool(WindowPool):
     name = "avgpool"
+    aliases = ("average_pooling", "avg_pooling", "average_pool")
     summary = "mean over each window; padding is not counted"
 
 
@@ -82,10 +85,12 @@ class GlobalPool(OpDef):
 @register
 class GlobalAvgPool(GlobalPool):
     name = "globalavgpool"
+    aliases = ("adaptive_avg_pool", "global_average_pooling", "global_average_pool", "global_avg_pool", "gap")
     summary = "mean over all positions → [C, 1, 1]"
 
 
 @register
 class GlobalMaxPool(GlobalPool):
     name = "globalmaxpool"
+    aliases = ("adaptive_max_pool", "global_max_pooling", "global_max_pool")
     summary = "max over all positions → [C, 1, 1]"

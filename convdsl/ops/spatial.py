@@ -10,14 +10,28 @@ from typing import Callable
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import TensorType
-from .base import OpContext, Symbol, describe_value, spatial_rank_error
+from .base import Arg, OpContext, Symbol, describe_value, spatial_rank_error
+
+PAD_FORMS = ("valid, same or full, an integer (that many zeros on every side), a tuple per axis such as "
+             "(1, 2), or (before, after) pairs such as ((1, 0), (2, 1))")
+
+
+def pad_arg(default=Symbol("valid")) -> Arg:
+    """The `pad` argument of the conv and pool family, with what it takes for messages."""
+    return Arg("pad", default, forms=PAD_FORMS,
+               lacks=("reflect", "reflection", "replicate", "replication", "circular", "symmetric", "edge", "wrap"),
+               lacks_why="reflect, replicate and circular padding are not in the language (padding adds zeros)")
+
+
+def axes_text(rank: int) -> str:
+    return f"{rank} spatial axis" if rank == 1 else f"{rank} spatial axes"
 
 
 def per_axis(value, rank: int, ctx: OpContext, arg: str, minimum: int = 1) -> tuple[int, ...]:
     """An int for every axis, or a tuple with one int per axis."""
     items = value if isinstance(value, tuple) else (value,) * rank
     if len(items) != rank:
-        raise ctx.error(f"`{arg}` has {len(items)} values but the input has {rank} spatial axes", arg=arg)
+        raise ctx.error(f"`{arg}` has {len(items)} values but the input has {axes_text(rank)}", arg=arg)
     for v in items:
         if isinstance(v, bool) or not isinstance(v, int):
             raise ctx.error(f"`{arg}` must be an integer or a tuple of integers, got {describe_value(value)}",
@@ -53,17 +67,22 @@ def resolve_padding(pad, sizes: tuple[Dim, ...], kernel, stride, dilation, ctx: 
                     before = D.floordiv(total, 2)
                     out.append((before, D.sub(total, before)))
             return tuple(out)
-        raise ctx.error(f"`{arg}` must be valid, same, full, an integer or a tuple, got `{pad.name}`", arg=arg)
+        raise ctx.error(f"`{arg}` is {PAD_FORMS}; got `{pad.name}`", arg=arg)
     if isinstance(pad, bool):
-        raise ctx.error(f"`{arg}` must be valid, same, full, an integer or a tuple, got {describe_value(pad)}",
-                        arg=arg)
+        raise ctx.error(f"`{arg}` is {PAD_FORMS}; got {describe_value(pad)}", arg=arg)
     if isinstance(pad, int):
         if pad < 0:
             raise ctx.error(f"`{arg}` cannot be negative, got {pad}", arg=arg)
         return tuple((pad, pad) for _ in range(rank))
     if isinstance(pad, tuple):
         if len(pad) != rank:
-            raise ctx.error(f"`{arg}` has {len(pad)} entries but the input has {rank} spatial axes", arg=arg)
+            if rank == 1 and len(pad) == 2 and all(isinstance(p, int) and not isinstance(p, bool) for p in pad):
+                # ((4, 0)) is (4, 0) in brackets: two axes' padding, not one (before, after) pair.
+                raise ctx.error(f"`{arg}` has 2 entries but the input has 1 spatial axis; a single (before, after) "
+                                f"pair is written `(({pad[0]}, {pad[1]}),)`: the trailing comma makes a tuple of "
+                                f"one pair, where (({pad[0]}, {pad[1]})) is ({pad[0]}, {pad[1]}) in brackets",
+                                arg=arg)
+            raise ctx.error(f"`{arg}` has {len(pad)} entries but the input has {axes_text(rank)}", arg=arg)
         out = []
         for p in pad:
             if isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
@@ -75,8 +94,7 @@ def resolve_padding(pad, sizes: tuple[Dim, ...], kernel, stride, dilation, ctx: 
                 raise ctx.error(f"`{arg}` entries must be non-negative integers or (before, after) pairs, "
                                 f"got {describe_value(p)}", arg=arg)
         return tuple(out)
-    raise ctx.error(f"`{arg}` must be valid, same, full, an integer or a tuple, got {describe_value(pad)}",
-                    arg=arg)
+    raise ctx.error(f"`{arg}` is {PAD_FORMS}; got {describe_value(pad)}", arg=arg)
 
 
 def output_size(size: Dim, pads: tuple[Dim, Dim], k_eff: int, stride: int) -> Dim:

@@ -20,6 +20,7 @@ MODES = ("nearest", "linear", "bilinear", "trilinear")
 @register
 class Upsample(OpDef):
     name = "upsample"
+    aliases = ("upsampling", "interpolate", "resize", "upsample_nearest", "upsample_bilinear")
     summary = "up-sampling by an integer factor: nearest, or (bi/tri)linear with align_corners=false"
     args = (Arg("factor"), Arg("mode", Symbol("nearest")))
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
-from ..errors import Diagnostic
+from ..errors import Diagnostic, Note, block_note
 from ..ir import dims as D
 from ..ir.graph import Graph, Node
 
@@ -43,6 +43,13 @@ def rule(code: str, name: str):
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+def warning(node: Node, code: str, message: str, notes: tuple = ()) -> Diagnostic:
+    """A warning at the op `node` was made from, with a note for each block instance it sits in
+    (innermost first, as for errors): the line alone does not say which use of a block it is."""
+    calls = tuple(block_note(block, call) for block, call in zip(reversed(node.scope), reversed(node.block_calls)))
+    return Diagnostic(node.span, code, message, (*notes, *calls))
+
 
 def producer(g: Graph, vid: int) -> Node | None:
     p = g.values[vid].producer
@@ -158,11 +165,11 @@ def dilation_gridding(g: Graph):
         where = axis_phrase(axes, rank)
         rates_text = ints(rates) if same_on_every_axis([axis_rates(stack, b) for b in axes]) else \
             "; ".join(ints(axis_rates(stack, b)) for b in axes)
-        yield Diagnostic(stack[-1].span, "W101",
-                         f"dilation rates {rates_text} share the factor {f}: only every {ordinal(f)} input "
-                         f"position{' ' + where if where else ''} reaches an output, so {seen - 1} in {seen} "
-                         f"inputs are never seen (gridding, §3.11); use rates without a common factor, such "
-                         f"as 1, 2, 5")
+        yield warning(stack[-1], "W101",
+                      f"dilation rates {rates_text} share the factor {f}: only every {ordinal(f)} input "
+                      f"position{' ' + where if where else ''} reaches an output, so {seen - 1} in {seen} "
+                      f"inputs are never seen (gridding, §3.11); use rates without a common factor, such "
+                      f"as 1, 2, 5")
 
 
 def ordinal(n: int) -> str:
@@ -184,9 +191,9 @@ def dilation_order(g: Graph):
         disordered = [a for a in range(rank)
                       if len(axis_rates(dilated, a)) >= 2 and axis_rates(dilated, a)[-1] != max(axis_rates(dilated, a))]
         if disordered:
-            yield Diagnostic(last.span, "W102",
-                             f"dilation rates {ints(axis_rates(stack, disordered[0]))}: the last dilated conv "
-                             f"should have the largest rate (hybrid dilated convolution, §3.11), as in 1, 2, 5")
+            yield warning(last, "W102",
+                          f"dilation rates {ints(axis_rates(stack, disordered[0]))}: the last dilated conv "
+                          f"should have the largest rate (hybrid dilated convolution, §3.11), as in 1, 2, 5")
             continue
         holes = {a: holes_of(stack, a) for a in range(rank)}
         axes = [a for a in range(rank) if holes[a][1]]
@@ -202,11 +209,11 @@ def dilation_order(g: Graph):
             where = f"positions {ints(gaps)} of them are never seen"
         same = all(holes[b] == holes[a] and axis_rates(stack, b) == axis_rates(stack, a) for b in axes)
         axis_text = axis_phrase(axes if same else [a], rank)
-        yield Diagnostic(last.span, "W102",
-                         f"dilation rates {ints(axis_rates(stack, a))} leave holes: an output spans {width} input "
-                         f"positions{' ' + axis_text if axis_text else ''}, and {where} (hybrid dilated "
-                         f"convolution, §3.11); make the earlier rates larger or the last one smaller, as in "
-                         f"1, 2, 5 with 3×3 kernels")
+        yield warning(last, "W102",
+                      f"dilation rates {ints(axis_rates(stack, a))} leave holes: an output spans {width} input "
+                      f"positions{' ' + axis_text if axis_text else ''}, and {where} (hybrid dilated "
+                      f"convolution, §3.11); make the earlier rates larger or the last one smaller, as in "
+                      f"1, 2, 5 with 3×3 kernels")
 
 
 def holes_of(stack: list[Node], axis: int) -> tuple[int, list[int], bool]:
@@ -257,9 +264,9 @@ def large_kernel(g: Graph):
         else:
             stack = f"{m} stacked 3×3 convs ({cin}→{cout}, then {cout}→{cout} channels)"
             amount = f"{percent(here)} of the parameters (§3.4's {percent(book)} holds when channels in = out)"
-        yield Diagnostic(node.span, "W103",
-                         f"{article} {n}×{n} kernel: {stack} see the same {n}×{n} field with {amount}, and "
-                         f"{gain}")
+        yield warning(node, "W103",
+                      f"{article} {n}×{n} kernel: {stack} see the same {n}×{n} field with {amount}, and "
+                      f"{gain}")
 
 
 @rule("W104", "asymmetric-kernel")
@@ -280,9 +287,9 @@ def asymmetric_kernel(g: Graph):
         else:
             split = f"1×{n} ({cin}→{cout} channels) then {n}×1 ({cout}→{cout})"
             amount = f"{percent(here)} of the parameters (§3.5's 2/{n} = {percent(2 / n)} holds when channels in = out)"
-        yield Diagnostic(node.span, "W104",
-                         f"a {n}×{n} kernel on a {x(size)} map: {split} see the same field with {amount}, and the "
-                         f"split works well on maps of 12 to 20 (§3.5)")
+        yield warning(node, "W104",
+                      f"a {n}×{n} kernel on a {x(size)} map: {split} see the same field with {amount}, and the "
+                      f"split works well on maps of 12 to 20 (§3.5)")
 
 
 # ---- §1.2.4 computed, then thrown away: W105 ------------------------------------------------
@@ -308,10 +315,10 @@ def subsampled_output(g: Graph):
             what, fix = f"{node.label} (1×1, stride {x(stride)}) reads", f"and {node.label} stride=1"
         else:
             what, fix = f"{node.label} (window 1, stride {x(stride)}) keeps", f"and drop {node.label}"
-        yield Diagnostic(current.span, "W105",
-                         f"{current.label} computes every position, but {what} only 1 in {kept} of them "
-                         f"(§1.2.4: a full convolution then subsampling wastes the work); give {current.label} "
-                         f"{stride_arg} {fix}")
+        yield warning(current, "W105",
+                      f"{current.label} computes every position, but {what} only 1 in {kept} of them "
+                      f"(§1.2.4: a full convolution then subsampling wastes the work); give {current.label} "
+                      f"{stride_arg} {fix}")
 
 
 # ---- §1.2.2, §3.4.7 padding: W106, W107 -----------------------------------------------------
@@ -348,10 +355,10 @@ def valid_shrinks_to_one(g: Graph):
                 all(r == 1 for n in stack for r in n.attrs["dilation"]) and len(set(sizes[0])) == 1:
             (k,) = kernels
             formula = f", m − (k−1)·d = {sizes[0][0]} − {k - 1}·{len(stack)} = 1"
-        yield Diagnostic(node.span, "W106",
-                         f"valid padding shrinks the map {path} over {len(stack)} convs (§1.2.2: each removes "
-                         f"k−1 positions per axis{formula}), so nothing deeper can convolve it; pad=same keeps "
-                         f"the size")
+        yield warning(node, "W106",
+                      f"valid padding shrinks the map {path} over {len(stack)} convs (§1.2.2: each removes "
+                      f"k−1 positions per axis{formula}), so nothing deeper can convolve it; pad=same keeps "
+                      f"the size")
 
 
 @rule("W107", "even-kernel-same")
@@ -367,10 +374,10 @@ def even_kernel_same(g: Graph):
         if not uneven:
             continue
         b, a = uneven[0]
-        yield Diagnostic(node.span, "W107",
-                         f"an even {x(k)} kernel with pad=same pads unevenly ({b} before, {a} after): each "
-                         f"output's window is centred half a position off its own (§3.4.7); an odd kernel such as "
-                         f"3×3 pads both sides alike")
+        yield warning(node, "W107",
+                      f"an even {x(k)} kernel with pad=same pads unevenly ({b} before, {a} after): each "
+                      f"output's window is centred half a position off its own (§3.4.7); an odd kernel such as "
+                      f"3×3 pads both sides alike")
 
 
 # ---- §3.9 group convs: W108 -----------------------------------------------------------------
@@ -400,10 +407,10 @@ def groups_without_shuffle(g: Graph):
         seen = groups_seen(g1, g2, node.attrs["in"])
         if seen >= g1:
             continue
-        yield Diagnostic(node.span, "W108",
-                         f"{node.label} (groups={g2}) reads {current.label} (groups={g1}) with no shuffle between "
-                         f"them: each group of {node.label} sees the channels of only {seen} of {current.label}'s "
-                         f"{g1} groups (§3.9); put shuffle({g1}) after {current.label}")
+        yield warning(node, "W108",
+                      f"{node.label} (groups={g2}) reads {current.label} (groups={g1}) with no shuffle between "
+                      f"them: each group of {node.label} sees the channels of only {seen} of {current.label}'s "
+                      f"{g1} groups (§3.9); put shuffle({g1}) after {current.label}")
 
 
 # ---- §2.4, §2.5, §3.1, §3.2 parameter budgets: W109, W110 -----------------------------------
@@ -443,12 +450,12 @@ def dense_heavy(g: Graph):
             continue
         positions = D.product(source.spatial)
         out = node.attrs["out"]
-        yield Diagnostic(node.span, "W109",
-                         f"{node.label} holds {100 * own // total}% of the network's {total:,} parameters (§2.4): "
-                         f"it reads a {source.text(g.layout)} map, so global average pooling before it would need "
-                         f"{positions}× fewer weights ({source.channels * out:,} instead of "
-                         f"{source.channels * positions * out:,}); `convdsl convert --fc-to-conv` keeps them "
-                         f"but lets the network slide over larger inputs (§2.5)")
+        yield warning(node, "W109",
+                      f"{node.label} holds {100 * own // total}% of the network's {total:,} parameters (§2.4): "
+                      f"it reads a {source.text(g.layout)} map, so global average pooling before it would need "
+                      f"{positions}× fewer weights ({source.channels * out:,} instead of "
+                      f"{source.channels * positions * out:,}); `convdsl convert --fc-to-conv` keeps them "
+                      f"but lets the network slide over larger inputs (§2.5)")
 
 
 @rule("W110", "unshared-heavy")
@@ -466,9 +473,27 @@ def unshared_heavy(g: Graph):
             what, fix = f"one kernel set for each of its {sets} output positions", "`tiled` with a small tile (§3.2)"
         else:
             what, fix = f"{sets} kernel sets", "a smaller tile"
-        yield Diagnostic(node.span, "W110",
-                         f"{node.label} has {own:,} weights, {what}: {own // shared}× the {shared:,} of a conv "
-                         f"with the same kernel (§3.1, §3.2); {fix}, or a conv, needs far fewer")
+        yield warning(node, "W110",
+                      f"{node.label} has {own:,} weights, {what}: {own // shared}× the {shared:,} of a conv "
+                      f"with the same kernel (§3.1, §3.2); {fix}, or a conv, needs far fewer")
+
+
+# ---- the loss: W111 ---------------------------------------------------------------------------
+
+@rule("W111", "softmax-before-loss")
+def softmax_before_loss(g: Graph):
+    loss = g.loss
+    if loss is None or loss.kind != "softmax_cross_entropy":
+        return
+    node = producer(g, loss.value)
+    if node is None or node.op != "softmax":
+        return
+    yield warning(node, "W111",
+                  f"softmax_cross_entropy applies softmax itself: with {node.label} before it, the scores go "
+                  f"through softmax twice, so the loss sees probabilities squeezed between 0 and 1 and trains "
+                  f"slowly; give the loss the scores (the input of this softmax), and for probabilities at "
+                  f"inference output `probs = scores -> softmax` as well",
+                  (Note(f"the loss is at {loss.span}", loss.span),))
 
 
 # ---- running the rules ----------------------------------------------------------------------

@@ -110,6 +110,43 @@ def test_json_warnings_and_errors():
     assert "did you mean `maxpool`?" in error["message"] and "error:" in proc.stderr
 
 
+def test_json_lists_several_errors_with_their_notes():
+    proc = cli("check", "--json", "tests/golden/error_three_errors.cnn")
+    document = json.loads(proc.stdout)
+    VALIDATOR.validate(document)
+    assert proc.returncode == 1 and document["networks"] == []
+    assert [(e["line"], e["column"], e["notes"]) for e in document["errors"]] == [(5, 46, []), (7, 30, []), (8, 41, [])]
+    assert proc.stderr.count(": error: ") == 3
+    (error,) = json.loads(cli("check", "--json", "tests/golden/error_block_note.cnn").stdout)["errors"]
+    assert error["notes"] == [
+        {"message": "in block `unit` called at tests/golden/error_block_note.cnn:7:17",
+         "file": "tests/golden/error_block_note.cnn", "line": 7, "column": 17},
+        {"message": "in block `stage` called at tests/golden/error_block_note.cnn:12:14",
+         "file": "tests/golden/error_block_note.cnn", "line": 12, "column": 14}]
+
+
+def test_json_warnings_carry_their_notes():
+    proc = cli("check", "--json", "tests/golden/lint_in_block.cnn")
+    document = json.loads(proc.stdout)
+    VALIDATOR.validate(document)
+    (warning,) = document["networks"][0]["diagnostics"]
+    assert [(n["line"], n["column"]) for n in warning["notes"]] == [(6, 49), (10, 14)]
+    (warning,) = json.loads(cli("check", "--json", "tests/golden/lint_double_softmax.cnn").stdout)["networks"][0][
+        "diagnostics"]
+    assert warning["code"] == "W111"
+    assert warning["notes"] == [{"message": "the loss is at tests/golden/lint_double_softmax.cnn:6:10",
+                                 "file": "tests/golden/lint_double_softmax.cnn", "line": 6, "column": 10}]
+
+
+def test_a_note_that_points_nowhere_has_no_place():
+    from convdsl.report import json_note
+    assert json_note("note: 2 layers made from this line warn alike") == {
+        "message": "2 layers made from this line warn alike", "file": None, "line": None, "column": None}
+    VALIDATOR.validate({"convdsl_check": 1, "networks": [], "errors": [
+        {"severity": "error", "code": None, "message": "m", "file": None, "line": None, "column": None,
+         "notes": [json_note("note: n")]}]})
+
+
 def test_text_report_has_both_directions_and_the_memory():
     out = cli("check", "examples/lenet5.cnn").stdout
     assert re.search(r"^layer\s+op\s+output\s+params\s+MACs\s+backward MACs\s+FLOPs\s+RF\s+line$", out, flags=re.M)

@@ -225,10 +225,14 @@ network N {
     first, second = lint(graph)
     assert (first.code, first.span.line, first.span.col, second.span.col) == ("W108", 3, 17, 49)
     assert first.message.startswith("gg2.conv1 (groups=4) reads gg1.conv2")
-    assert first.notes == ("note: 2 layers made from this line (block instances or repeat rounds) warn alike; "
-                           "shown once, for the first",)
+    # The block note names the use the shown warning comes from; the count covers the others.
+    assert [str(n) for n in first.notes] == [
+        "note: in block `gg` called at <string>:7:20",
+        "note: 2 layers made from this line (block instances or repeat rounds) warn alike; shown once, for the first"]
+    assert (first.notes[0].span.line, first.notes[0].span.col) == (7, 20)
     assert second.message.startswith("gg1.conv2 (groups=4) reads gg1.conv1")
-    assert second.notes[0].startswith("note: 3 layers made from this line")
+    assert str(second.notes[0]) == "note: in block `gg` called at <string>:7:14"
+    assert second.notes[1].startswith("note: 3 layers made from this line")
 
 
 def test_allowed_per_run():
