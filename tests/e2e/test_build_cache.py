@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import convdsl
 from convdsl.runtime import build
@@ -20,6 +21,7 @@ network CacheProbe {{
 """
 
 
+@pytest.mark.slow
 def test_four_processes_compiling_one_network_all_succeed(tmp_path):
     """Each process builds in its own temporary folder and os.replace()s the result into place:
     none may see a half-written module, whatever order they finish in."""
@@ -60,6 +62,7 @@ def test_a_cache_hit_does_not_run_the_compiler(tmp_path, monkeypatch):
     np.testing.assert_array_equal(first.Model(seed=2).forward(x), again.Model(seed=2).forward(x))
 
 
+@pytest.mark.slow
 def test_the_key_covers_the_source(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVDSL_CACHE_DIR", str(tmp_path))
     a = convdsl.load_source(NET.format(c=3))

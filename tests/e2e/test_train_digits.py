@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_train_digits_reaches_97_percent():
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "train_digits.py")], capture_output=True,
                           text=True, timeout=300)
