@@ -84,11 +84,12 @@ def cmd_graph(args) -> int:
 def cmd_compile(args) -> int:
     from .compiler import compile_graph, module_meta
     from .codegen.render import comment_safe, environment
-    from .runtime.build import build_extension
+    from .runtime.build import C_FLAGS, build_extension
     import shutil
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     status = 0
+    written = []
     for graph in _graphs(args.file, args.network):
         status = max(status, _report_warnings(_warnings(graph, args), args))
         if status:
@@ -104,8 +105,28 @@ def cmd_compile(args) -> int:
             meta_literal=repr(module_meta(graph)), ext_name_literal=repr(ext_name),
             so_name_literal=repr(so_path.name))
         (out / f"{src.prefix}.py").write_text(py)
+        written.append((graph.name, src.prefix))
         print(f"{graph.name}: wrote {out / (src.prefix + '.c')}, {src.prefix}.h, {src.prefix}.py and {so_path.name}")
+    if written:
+        _write_makefile(out, Path(args.file).name, written, C_FLAGS)
     return status
+
+
+def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_flags: tuple[str, ...]) -> None:
+    """A Makefile beside the C files: static and shared libraries and a demo program, built with
+    the flags of convdsl's own builds (OpenMP and PIC are the Makefile's business)."""
+    from .codegen.render import comment_safe, environment
+    one = len(written) == 1
+    networks = [{"name": name, "prefix": prefix, "demo_target": "demo" if one else f"{prefix}_demo"}
+                for name, prefix in written]
+    libraries = [f"lib{prefix}.{kind}" for _, prefix in written for kind in ("a", "so")]
+    text = environment().get_template("c/Makefile.j2").render(
+        networks=networks, libraries=libraries, source_name=comment_safe(source),
+        optimise_flags=[f for f in c_flags if f not in ("-fopenmp", "-fPIC")])
+    (out / "Makefile").write_text(text)
+    demo = "make demo" if one else f"make {networks[0]['demo_target']}"
+    print(f"wrote {out / 'Makefile'}: `make -C {out}` builds {', '.join(libraries)}; "
+          f"`{demo} DEMO=program.c` links a C program against it")
 
 
 def cmd_convert(args) -> int:
