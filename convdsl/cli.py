@@ -124,9 +124,8 @@ def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_fl
         networks=networks, libraries=libraries, source_name=comment_safe(source),
         optimise_flags=[f for f in c_flags if f not in ("-fopenmp", "-fPIC")])
     (out / "Makefile").write_text(text)
-    demo = "make demo" if one else f"make {networks[0]['demo_target']}"
     print(f"wrote {out / 'Makefile'}: `make -C {out}` builds {', '.join(libraries)}; "
-          f"`{demo} DEMO=program.c` links a C program against it")
+          f"`make -C {out} {networks[0]['demo_target']} DEMO=program.c` links a C program against it")
 
 
 def cmd_convert(args) -> int:
