@@ -85,10 +85,11 @@ def cmd_graph(args) -> int:
 def cmd_compile(args) -> int:
     from .compiler import compile_graph, module_meta
     from .codegen.render import comment_safe, environment
-    from .runtime.build import build_extension, file_digest
+    from .runtime.build import C_FLAGS, build_extension, file_digest
     import shutil
     out = Path(args.output)
     status = 0
+    written = []
     for graph in _graphs(args.file, args.network):
         status = max(status, _report_warnings(_warnings(graph, args), args))
         if status:
@@ -107,7 +108,11 @@ def cmd_compile(args) -> int:
                 meta_literal=repr(module_meta(graph)), ext_name_literal=repr(ext_name),
                 so_name_literal=repr(so_path.name), so_size=size, so_sha256_literal=repr(sha256))
             (out / f"{src.prefix}.py").write_text(py)
+        written.append((graph.name, src.prefix))
         print(f"{graph.name}: wrote {out / (src.prefix + '.c')}, {src.prefix}.h, {src.prefix}.py and {so_path.name}")
+    if written:
+        with _writing(out):
+            _write_makefile(out, Path(args.file).name, written, C_FLAGS)
     return status
 
 
@@ -121,6 +126,22 @@ def _writing(out: Path):
         where = e.filename or out
         reason = "it is a file, not a folder" if out.is_file() else (e.strerror or str(e))
         raise ConvDSLError(None, f"cannot write the compiled network to {where}: {reason}") from None
+
+
+def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_flags: tuple[str, ...]) -> None:
+    """A Makefile beside the C files: static and shared libraries and a demo program, built with
+    the flags of convdsl's own builds (OpenMP and PIC are the Makefile's business)."""
+    from .codegen.render import comment_safe, environment
+    one = len(written) == 1
+    networks = [{"name": name, "prefix": prefix, "demo_target": "demo" if one else f"{prefix}_demo"}
+                for name, prefix in written]
+    libraries = [f"lib{prefix}.{kind}" for _, prefix in written for kind in ("a", "so")]
+    text = environment().get_template("c/Makefile.j2").render(
+        networks=networks, libraries=libraries, source_name=comment_safe(source),
+        optimise_flags=[f for f in c_flags if f not in ("-fopenmp", "-fPIC")])
+    (out / "Makefile").write_text(text)
+    print(f"wrote {out / 'Makefile'}: `make -C {out}` builds {', '.join(libraries)}; "
+          f"`make -C {out} {networks[0]['demo_target']} DEMO=program.c` links a C program against it")
 
 
 def cmd_convert(args) -> int:
@@ -145,18 +166,59 @@ def _lint_options(p) -> None:
     p.add_argument("--werror", action="store_true", help="treat warnings as errors")
 
 
+FILE_HELP = "a .cnn source file (the language: docs/language.md)"
+
+ENVIRONMENT = """\
+environment:
+  OMP_NUM_THREADS    threads the compiled kernels run on (OpenMP; default: every core)
+  CONVDSL_CACHE_DIR  where compiled modules are cached (default: $XDG_CACHE_HOME/convdsl,
+                     else ~/.cache/convdsl); safe to delete
+  CC                 the C compiler (default: cc); it needs OpenMP, as gcc has
+"""
+
+EPILOG = """\
+examples:
+  convdsl check examples/lenet5.cnn          shapes, parameters, MACs, receptive fields, warnings
+  convdsl compile examples/lenet5.cnn -o build/ && make -C build
+  convdsl compile --help                     what compile writes
+
+""" + ENVIRONMENT
+
+COMPILE_EPILOG = """\
+For each network NAME of FILE (lower-cased), OUTPUT receives:
+  NAME.c, NAME.h       the C library, with no Python in it (examples/c_api_demo.c uses it)
+  NAME.py, _NAME_*.so  an importable Python module: sys.path.insert(0, OUTPUT); import NAME
+  Makefile             `make -C OUTPUT` builds libNAME.a and libNAME.so (-O3 -march=native,
+                       OpenMP); `make -C OUTPUT demo DEMO=program.c` builds OUTPUT/NAME_demo
+                       from a C program (DEMO is relative to OUTPUT)
+
+""" + ENVIRONMENT
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convdsl", description="Compile .cnn networks to C kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="check a file and report shapes, parameters, MACs, receptive fields")
-    p.add_argument("file")
+    from . import __version__
+    parser = argparse.ArgumentParser(
+        prog="convdsl", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Check .cnn network files and compile them to C kernels (forward, backward and\n"
+                    "training), wrapped as a Python module and as a plain C library.")
+    parser.add_argument("--version", action="version", version=f"convdsl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("check", help="check a file and report shapes, parameters, MACs, receptive fields",
+                       description="Check FILE and print, per layer, shapes, parameters, MACs and receptive\n"
+                                   "fields, then totals and warnings. Exit status 1 on an error (or on a\n"
+                                   "warning, with --werror).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=ENVIRONMENT)
+    p.add_argument("file", metavar="FILE", help=FILE_HELP)
     p.add_argument("--network", help="only this network of the file")
     p.add_argument("--json", action="store_true", help="the report as JSON (docs/check-report.schema.json)")
     _lint_options(p)
     p.set_defaults(run=cmd_check)
-    p = sub.add_parser("compile", help="write C, header and an importable Python module")
-    p.add_argument("file")
-    p.add_argument("-o", "--output", default="build", help="output folder (default: build)")
+    p = sub.add_parser("compile", help="write the C library, a Makefile and an importable Python module",
+                       description="Compile FILE to C and write it to OUTPUT with a Makefile and an importable\n"
+                                   "Python module.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMPILE_EPILOG)
+    p.add_argument("file", metavar="FILE", help=FILE_HELP)
+    p.add_argument("-o", "--output", metavar="OUTPUT", default="build", help="output folder (default: build)")
     p.add_argument("--network", help="only this network of the file")
     _lint_options(p)
     p.set_defaults(run=cmd_compile)
@@ -166,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", help="only this network of the file")
     p.set_defaults(run=cmd_graph)
     p = sub.add_parser("convert", help="transform a network: --fc-to-conv turns its dense head into convolutions")
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help=FILE_HELP)
     p.add_argument("--fc-to-conv", action="store_true",
                    help="the dense layers after the last spatial map become equivalent convolutions (§2.5)")
     p.add_argument("-o", "--output", required=True, help="the new .cnn file")

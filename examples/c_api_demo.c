@@ -1,11 +1,13 @@
 /* c_api_demo.c — the generated C library used from plain C, with no Python involved.
  *
- *   convdsl compile examples/lenet5.cnn -o build/
- *   cc -std=c11 -O2 -fopenmp -Ibuild examples/c_api_demo.c build/lenet5.c -lm -o lenet5_demo
- *   ./lenet5_demo
+ *   convdsl compile examples/lenet5.cnn -o build/         # writes build/Makefile too
+ *   make -C build demo DEMO=../examples/c_api_demo.c      # builds build/lenet5_demo
+ *   ./build/lenet5_demo [weights.npz]
  *
- * It runs LeNet-5 forward on two synthetic images, backward with dL/dy = 1, one training
- * step, and prints the logits, a gradient checksum and the loss. */
+ * It creates LeNet-5 with the parameters drawn from seed 0 or, given a file written by
+ * Model.save in Python, with those weights; then runs forward on two synthetic images,
+ * backward with dL/dy = 1, one training step, and prints the logits, a gradient checksum
+ * and the loss. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,12 +16,24 @@
 
 #define BATCH 2
 
-int main(void)
+int main(int argc, char **argv)
 {
+    if (argc > 2) {
+        fprintf(stderr, "usage: %s [weights.npz]\n", argv[0]);
+        return 2;
+    }
     lenet5_model *net = lenet5_create(0);
     if (!net) {
         fprintf(stderr, "out of memory\n");
         return 1;
+    }
+    if (argc == 2) {
+        if (lenet5_load_weights(net, argv[1]) != 0) {
+            fprintf(stderr, "load_weights: %s\n", lenet5_last_error(net));
+            lenet5_destroy(net);
+            return 1;
+        }
+        fprintf(stderr, "weights: %s\n", argv[1]);
     }
     if (lenet5_prepare(net, BATCH, NULL) != 0) {
         fprintf(stderr, "prepare: %s\n", lenet5_last_error(net));

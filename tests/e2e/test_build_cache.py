@@ -23,6 +23,7 @@ network CacheProbe {{
 """
 
 
+@pytest.mark.slow
 def test_four_processes_compiling_one_network_all_succeed(tmp_path):
     """Each process builds in its own temporary folder and os.replace()s the result into place:
     none may see a half-written module, whatever order they finish in."""
@@ -63,6 +64,7 @@ def test_a_cache_hit_does_not_run_the_compiler(tmp_path, monkeypatch):
     np.testing.assert_array_equal(first.Model(seed=2).forward(x), again.Model(seed=2).forward(x))
 
 
+@pytest.mark.slow
 def test_the_key_covers_the_source(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVDSL_CACHE_DIR", str(tmp_path))
     a = convdsl.load_source(NET.format(c=3))

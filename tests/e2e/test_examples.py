@@ -20,6 +20,7 @@ def concrete_shape(dims, batch):
     return (batch, *(d if isinstance(d, int) else RUN_TIME_SIZE for d in dims))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path,network", CASES, ids=[f"{p.stem}:{n}" for p, n in CASES])
 def test_example_checks_compiles_and_runs(path, network):
     graph = graph_from_file(path, network)

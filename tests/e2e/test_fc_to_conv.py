@@ -64,6 +64,7 @@ def convert_with_cli(tmp_path, source: str, name: str = "net"):
     return net.eval(), fcn.eval(), out.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ("NCHW", "NHWC"))
 def test_same_output_at_the_training_size_and_a_sliding_window_beyond(tmp_path, layout):
     dims = "[3, 12, 10]" if layout == "NCHW" else "[12, 10, 3]"
@@ -91,6 +92,7 @@ def test_same_output_at_the_training_size_and_a_sliding_window_beyond(tmp_path, 
             assert_close(scores[:, :, i, j], net.forward(to_file(crop)), what=f"window ({i}, {j})")
 
 
+@pytest.mark.slow
 def test_one_dimensional_maps(tmp_path):
     net, fcn, text = convert_with_cli(tmp_path, HEAD_1D, "one_d")
     assert "input x: [2, L]" in text and "conv(5, kernel=8) -> tanh" in text and "-> conv(3, kernel=1)" in text
@@ -99,6 +101,7 @@ def test_one_dimensional_maps(tmp_path):
     assert fcn.forward(np.zeros((1, 2, 30), dtype=np.float32)).shape == (1, 3, 6)
 
 
+@pytest.mark.slow
 def test_a_layer_declared_dense_after_a_global_pool(tmp_path):
     src = """network G {
     input x: [3, 9, 9]
@@ -193,6 +196,7 @@ def test_weights_out_names_the_file(tmp_path):
         assert data["conv2.weight"].shape == (5, 4, 8) and data["conv3.weight"].shape == (3, 5, 1)
 
 
+@pytest.mark.slow
 def test_digits_example_quick(tmp_path):
     spec = importlib.util.spec_from_file_location("fc_to_conv_digits", REPO / "examples" / "fc_to_conv_digits.py")
     example = importlib.util.module_from_spec(spec)

@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from random_features import run  # noqa: E402
 
 
+@pytest.mark.slow
 def test_only_the_output_layer_learns():
     acc, frozen, net = run(epochs=10, seed=0, quiet=True)
     assert set(net.grads) == {"dense1.weight", "dense1.bias"}
