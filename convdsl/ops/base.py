@@ -91,6 +91,10 @@ class OpDef:
     template: ClassVar[str | None] = None        # template file stem; defaults to the op's name
     c_helpers: ClassVar[tuple[str, ...]] = ()    # shared C helpers the template calls (lib/<h>.c.j2)
     summary: ClassVar[str] = ""
+    # Computes each position of its one input on its own (at inference) into an output of the
+    # same shape: activations, batchnorm, dropout, a channel shuffle. `convdsl graph` draws such
+    # an op in the box of the layer before it; a trait, so no list of op names is kept elsewhere.
+    positionwise: ClassVar[bool] = False
 
     # -- arguments
     def bind(self, positional: list, keywords: dict, ctx: OpContext) -> dict:
