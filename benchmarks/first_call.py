@@ -5,6 +5,9 @@ Run from the repository root (it benchmarks this checkout, not an installed conv
 
     OMP_NUM_THREADS=2 python benchmarks/first_call.py [--runs 5] [--batch 32] [--last 20] [FILE.cnn]
 
+FILE.cnn (default benchmarks/mobilenet_v2_like.cnn, MobileNetV2's layout at 96×96) needs one
+input of fixed size and one output.
+
 Each run starts a fresh Model in a fresh process, so the allocator and the OpenMP thread pool
 start cold as they do for a user; the module itself is compiled (or found in the cache) first.
 Besides wall time (median, min, max over the runs) it prints each step's minor page faults (the
@@ -28,11 +31,11 @@ DEFAULT = REPO / "benchmarks" / "mobilenet_v2_like.cnn"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 STEPS = ("Model()", "first forward", "second forward", "forward after batch change",
          "forward back at the first batch", "first backward", "second backward",
-         "eval: forward at a new batch")
+         "train_step", "train_step after batch change", "eval: forward at a new batch")
 
 
 def one_run(path: str, batch: int, last: int) -> dict[str, float]:
-    """One cold run in this process: the seconds each step took."""
+    """One cold run in this process: (wall seconds, page faults, kernel seconds) of each step."""
     import numpy as np
     import convdsl
     module = convdsl.load(path)
@@ -60,6 +63,14 @@ def one_run(path: str, batch: int, last: int) -> dict[str, float]:
     timed("first backward", lambda: net.backward(dy))
     net.forward(x)
     timed("second backward", lambda: net.backward(dy))
+    loss = module.Model._meta["loss"]
+    if loss is not None:                     # a network without a loss has no train_step
+        if loss["target_kind"] == "labels":  # a class per sample, or per position of a map
+            target = rng.integers(0, y.shape[1], size=(batch, *y.shape[2:]))
+        else:
+            target = rng.standard_normal(y.shape).astype(np.float32)
+        timed("train_step", lambda: net.train_step(x, target, lr=0.01))
+        timed("train_step after batch change", lambda: net.train_step(x_last, target[:last], lr=0.01))
     net.eval()
     timed("eval: forward at a new batch", lambda: net.forward(x[: batch // 2 + 1]))
     return times
@@ -85,7 +96,7 @@ def main() -> None:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; median of {args.runs} fresh processes")
     print(f"  {'step':32s} {'median':>9s}    {'min':>7s} {'max':>8s}   {'page faults':>11s} {'(MiB)':>6s}"
           f"   {'kernel time':>11s}")
-    for step in STEPS:
+    for step in (s for s in STEPS if s in runs[0]):
         values = [r[step][0] for r in runs]
         faults = statistics.median(r[step][1] for r in runs)
         kernel = statistics.median(r[step][2] for r in runs)
