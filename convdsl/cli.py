@@ -77,7 +77,8 @@ def _check_json(args) -> int:
 
 def cmd_graph(args) -> int:
     from .graphviz import write_graph
-    for path in write_graph(_graphs(args.file, args.network), Path(args.output)):
+    for path in write_graph(_graphs(args.file, args.network), Path(args.output), rankdir=args.rankdir,
+                            fold=not args.no_fold, collapse=args.collapse):
         print(f"wrote {path}")
     return 0
 
@@ -226,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True, help="net.dot, net.svg, net.png or net.pdf")
     p.add_argument("--network", help="only this network of the file")
+    p.add_argument("--rankdir", choices=("TB", "LR", "BT", "RL"), default="TB",
+                   help="direction of the data flow: top to bottom (default), left to right, bottom to top, "
+                        "right to left")
+    p.add_argument("--collapse", action="store_true",
+                   help="draw each block instance as one box with the shapes going in and out")
+    p.add_argument("--no-fold", action="store_true",
+                   help="a box for every op (by default relu, batchnorm, dropout and the other position-wise "
+                        "ops are drawn in the box of the layer before them)")
     p.set_defaults(run=cmd_graph)
     p = sub.add_parser("convert", help="transform a network: --fc-to-conv turns its dense head into convolutions")
     p.add_argument("file", metavar="FILE", help=FILE_HELP)

@@ -6,6 +6,8 @@ from .base import Arg, OpDef, expect_float, register
 
 
 class Pointwise(OpDef):
+    positionwise = True
+
     def kernel_context(self, attrs, in_types, out, c):
         return {"numel": c(D.product(out.shape))}
 
@@ -52,6 +54,7 @@ class Softmax(OpDef):
     name = "softmax"
     relatives = ("log_softmax", "logsoftmax", "softmin")
     summary = "softmax over channels, at every position of a map"
+    positionwise = True            # the channels of one position, each position on its own
 
     def kernel_context(self, attrs, in_types, out, c):
         t = in_types[0]

@@ -113,6 +113,10 @@ class OpDef:
     # Ops of those libraries that the language lacks and for which this one is the closest
     # (relu6 → relu): answered with "not in the language yet; relu is the closest".
     relatives: ClassVar[tuple[str, ...]] = ()
+    # Computes each position of its one input on its own (at inference) into an output of the
+    # same shape: activations, batchnorm, dropout, a channel shuffle. `convdsl graph` draws such
+    # an op in the box of the layer before it; a trait, so no list of op names is kept elsewhere.
+    positionwise: ClassVar[bool] = False
 
     # -- arguments
     def bind(self, positional: list, keywords: dict, ctx: OpContext) -> dict:

@@ -47,6 +47,7 @@ class Shuffle(OpDef):
     aliases = ("channel_shuffle",)
     summary = "channel shuffle of ShuffleNet: [g, C/g] → [C/g, g] (§3.9)"
     args = (Arg("groups"),)
+    positionwise = True            # a permutation of the channels of each position
 
     def normalize(self, attrs, in_types, ctx):
         return {"groups": _channel_split(self.name, in_types[0], attrs["groups"], "groups", ctx)}

@@ -20,6 +20,7 @@ class BatchNorm(OpDef):
     relatives = ("layer_norm", "group_norm", "instance_norm", "layer_normalization", "group_normalization")
     summary = "batch normalisation: batch statistics in training mode, running ones in inference mode"
     args = (Arg("eps", 1e-5), Arg("momentum", 0.1))
+    positionwise = True            # at inference y = a·x + b per channel; training adds batch statistics
 
     def normalize(self, attrs, in_types, ctx):
         (t,) = in_types
@@ -72,6 +73,7 @@ class Dropout(OpDef):
     summary = "inverted dropout: keep with probability 1 - p and scale by 1/(1 - p) in training mode"
     args = (Arg("p"),)
     c_helpers = ("counter_rng",)
+    positionwise = True
 
     def normalize(self, attrs, in_types, ctx):
         return {"p": expect_float(attrs["p"], ctx, "p", lo=0.0, hi=1.0, hi_open=True)}
