@@ -11,10 +11,9 @@ from lark import Lark, Token, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.visitors import Transformer_NonRecursive
 
-from .. import resources
-from .. import limits
-from ..limits import power_text
+from .. import limits, resources
 from ..errors import ConvDSLError, Source, Span
+from ..limits import power_text
 from . import ast
 
 KEYWORDS = frozenset({"network", "block", "use", "input", "layer", "const", "repeat", "output",
@@ -220,8 +219,8 @@ class _ToAst(Transformer_NonRecursive):
             if kind == "num":
                 if len(numbers) == limits.MAX_CONST_ELEMENTS:
                     raise ConvDSLError(Span(self.source, tok.line, tok.column, tok.line, tok.column + 1),
-                                       f"this list holds more than {power_text(limits.MAX_CONST_ELEMENTS)} numbers, the "
-                                       "most a const may hold")
+                                       f"this list holds more than {power_text(limits.MAX_CONST_ELEMENTS)} "
+                                       "numbers, the most a const may hold")
                 span = Span(self.source, line, col, line, col + len(piece))
                 value = _number_value(piece, span)
                 if minus_at is not None:
@@ -264,7 +263,7 @@ class _ToAst(Transformer_NonRecursive):
 
 
 def _number_value(text: str, span: Span) -> int | float:
-    """A NUMBER token's value; integers beyond ±limits.MAX_INT and floats beyond double range are refused."""
+    """A NUMBER token's value; integers beyond limits.MAX_INT and floats beyond double range are refused."""
     try:
         value = int(text) if text.isdigit() else float(text)
     except ValueError:      # Python refuses to convert integers of more than 4300 digits

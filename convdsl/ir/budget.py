@@ -93,9 +93,10 @@ class Budget:
         if not t.is_static():
             if bound >= limits.SIZE_BOUND:
                 raise ConvDSLError(span, f"{what} {self.shape_text(t)} could hold {_amount(bound)} elements per "
-                                         f"sample with run-time sizes up to {power_text(limits.MAX_RUNTIME_SIZE)} (the most "
-                                         f"a module accepts), beyond the limit of {power_text(limits.SIZE_BOUND)} on any "
-                                         "size; give some of its sizes a fixed value")
+                                         f"sample with run-time sizes up to {power_text(limits.MAX_RUNTIME_SIZE)} "
+                                         f"(the most a module accepts), beyond the limit of "
+                                         f"{power_text(limits.SIZE_BOUND)} on any size; give some of its sizes a "
+                                         "fixed value")
             return
         if bound > limits.MAX_ACTIVATION_ELEMENTS or self.activation + bound > limits.MAX_ACTIVATION_ELEMENTS:
             what = f"{what} {self.shape_text(t)}"       # only spelled out when it is said

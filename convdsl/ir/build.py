@@ -15,7 +15,7 @@ from typing import Any
 from .. import limits
 from ..errors import ConvDSLError, Span, did_you_mean
 from ..frontend import ast
-from ..frontend.parser import bad_byte_position, decode_source, parse, parse_file
+from ..frontend.parser import bad_byte_position, decode_source, parse
 from ..ops.base import ConstTensor, OpContext, Symbol, SymbolCall, describe_value, lookup, registry
 from ..ops.losses import LOSSES
 from . import dims as D
@@ -27,8 +27,8 @@ SYMBOLS = frozenset({"valid", "same", "full", "he", "xavier", "zeros", "ones", "
                      "trilinear", "auto", "im2col"})
 SYMBOL_FUNCS = frozenset({"normal", "uniform"})
 BUILTINS = ("channels", "height", "width", "depth")
-# What `first` is when a call's first argument is not already evaluated (it did not come in
-# through `->`, or it is evaluated here): see GraphBuilder.eval_chain.
+# The default of `first` in the methods below: the call's first argument is not evaluated yet
+# (only a chain link's is, by GraphBuilder.eval_chain).
 NOT_PIPED = object()
 
 
@@ -173,7 +173,7 @@ class GraphBuilder:
                     self.layout = stmt.value
                 else:
                     self.dtype = stmt.value
-        self.budget = Budget(self.layout)
+        self.budget = Budget(self.layout)       # anew, now that the layout its messages use is known
         scope = Scope()
         self.run_body(net.body, scope, in_block=False)
         if not self.outputs:

@@ -338,4 +338,5 @@ def test_huge_rates_and_kernels_are_analysed_without_enumerating_the_field(monke
     y = x -> conv(4, kernel=3, pad=same) -> conv(4, kernel=3, pad=same, dilation=16777216)
     output y""")
     assert msg.startswith("dilation rates 1, 16777216 leave holes: an output spans 33554435 input positions, and "
-                          "the inputs 16777214 positions away from its centre on either side, and others, are never seen")
+                          "the inputs 16777214 positions away from its centre on either side, and others, are "
+                          "never seen")
