@@ -10,11 +10,8 @@ from .errors import ConvDSLError
 
 
 def _graphs(path: str, network: str | None):
-    from .compiler import graph_from_file, networks_in_file
-    names = [network] if network else list(networks_in_file(path))
-    if not names:
-        raise ConvDSLError(None, f"{path}: no `network` in this file")
-    return [graph_from_file(path, n) for n in names]
+    from .compiler import graphs_from_file
+    return list(graphs_from_file(path, network))
 
 
 def _warnings(graph, args) -> tuple:

@@ -5,6 +5,7 @@ import types
 from dataclasses import dataclass
 
 from .codegen.render import CSource, check_module_names, render_c
+from .errors import ConvDSLError
 from .ir import dims as D
 from .ir.build import build_graph, load_program
 from .ir.graph import Graph
@@ -27,6 +28,17 @@ def graph_from_source(text: str, path: str = "<string>", network: str | None = N
 
 def graph_from_file(path, network: str | None = None) -> Graph:
     return verify(build_graph(_program(parse_file(path)), network))
+
+
+def graphs_from_file(path, network: str | None = None) -> tuple[Graph, ...]:
+    """The named network of a file, or every one of them, from one parse of the file (and of the
+    files it uses): a file of many networks is not re-read once per network."""
+    program = _program(parse_file(path))
+    if network is not None:
+        return (verify(build_graph(program, network)),)
+    if not program.networks:
+        raise ConvDSLError(None, f"{path}: no `network` in this file")
+    return tuple(verify(build_graph(program, n.name)) for n in program.networks)
 
 
 def networks_in_file(path) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -10,10 +11,15 @@ class Source:
     path: str
     text: str = field(repr=False)
 
-    def line(self, lineno: int) -> str:
+    @cached_property
+    def _lines(self) -> list[str]:
+        # Split once: quoting a line (for every warning of a big file) must not rescan the text.
         # Lines as the lexer counts them: only \n ends one (str.splitlines would also split on
         # \f, \v, \x85, U+2028 … and quote a different line than the one reported).
-        lines = self.text.split("\n")
+        return self.text.split("\n")
+
+    def line(self, lineno: int) -> str:
+        lines = self._lines
         if 1 <= lineno <= len(lines):
             return lines[lineno - 1].rstrip("\r")
         return ""

@@ -7,11 +7,13 @@ import re
 import unicodedata
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, Tree, v_args
+from lark import Lark, Token, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.visitors import Transformer_NonRecursive
 
-from .. import resources
+from .. import limits, resources
 from ..errors import ConvDSLError, Source, Span
+from ..limits import power_text
 from . import ast
 
 KEYWORDS = frozenset({"network", "block", "use", "input", "layer", "const", "repeat", "output",
@@ -60,8 +62,9 @@ def _parser() -> Lark:
                 propagate_positions=True, maybe_placeholders=True)
 
 
-class _ToAst(Transformer):
-    """Builds ast nodes from the Lark tree; desugars `a -> f(b)` into f(a, b)."""
+class _ToAst(Transformer_NonRecursive):
+    """Builds ast nodes from the Lark tree; desugars `a -> f(b)` into f(a, b). Non-recursive: a
+    chain of thousands of `->` is a tree thousands deep."""
 
     def __init__(self, source: Source):
         super().__init__()
@@ -74,6 +77,10 @@ class _ToAst(Transformer):
     def _name(self, tok: Token) -> str:
         if str(tok) in KEYWORDS:  # cannot happen through the lexer, kept as a guard
             raise ConvDSLError(self._span_tok(tok), f"`{tok}` is a keyword and cannot be a name")
+        if len(tok) > limits.MAX_NAME_LENGTH:
+            # Names end up in file, module and C names; an overlong one would fail far from here.
+            raise ConvDSLError(self._span_tok(tok), f"this name is {len(tok):,} characters long; a name has at "
+                                                    f"most {limits.MAX_NAME_LENGTH}")
         return str(tok)
 
     @staticmethod
@@ -195,14 +202,38 @@ class _ToAst(Transformer):
 
     def number(self, items):
         (tok,) = items
+        span = self._span_tok(tok)
+        return ast.Num(_number_value(str(tok), span), span)
+
+    def number_list(self, items):
+        """A NUMBER_LIST token, `[1, -2, 0.5]`: the same ListLit of Nums the `list` rule would make
+        (a negative number's span starts at its `-`, as `neg` makes it), read with one regular
+        expression instead of a parser step per number."""
+        (tok,) = items
         text = str(tok)
-        try:
-            value = int(text) if text.isdigit() else float(text)
-        except ValueError:      # Python refuses to convert integers of more than 4300 digits
-            raise ConvDSLError(self._span_tok(tok), f"number too long ({len(text)} digits)") from None
-        if not math.isfinite(value):
-            raise ConvDSLError(self._span_tok(tok), f"number `{text}` is too large for a float")
-        return ast.Num(value, self._span_tok(tok))
+        line, col = tok.line, tok.column
+        numbers: list[ast.Num] = []
+        minus_at = None
+        for m in _LIST_PIECE.finditer(text):
+            kind, piece = m.lastgroup, m.group()
+            if kind == "num":
+                if len(numbers) == limits.MAX_CONST_ELEMENTS:
+                    raise ConvDSLError(Span(self.source, tok.line, tok.column, tok.line, tok.column + 1),
+                                       f"this list holds more than {power_text(limits.MAX_CONST_ELEMENTS)} "
+                                       "numbers, the most a const may hold")
+                span = Span(self.source, line, col, line, col + len(piece))
+                value = _number_value(piece, span)
+                if minus_at is not None:
+                    value, span = -value, Span(self.source, *minus_at, minus_at[0], minus_at[1] + 1)
+                numbers.append(ast.Num(value, span))
+                minus_at = None
+            elif kind == "minus":
+                minus_at = (line, col)
+            if kind == "newline":
+                line, col = line + 1, 1
+            else:
+                col += len(piece)
+        return ast.ListLit(tuple(numbers), Span(self.source, tok.line, tok.column, tok.line, tok.column + 1))
 
     @v_args(meta=True)
     def true(self, meta, items):
@@ -229,6 +260,24 @@ class _ToAst(Transformer):
     def list(self, meta, items):
         return ast.ListLit(tuple(i for i in items if i is not None),
                            Span(self.source, meta.line, meta.column, meta.line, meta.column + 1))
+
+
+def _number_value(text: str, span: Span) -> int | float:
+    """A NUMBER token's value; integers beyond limits.MAX_INT and floats beyond double range are refused."""
+    try:
+        value = int(text) if text.isdigit() else float(text)
+    except ValueError:      # Python refuses to convert integers of more than 4300 digits
+        raise ConvDSLError(span, f"number too long ({len(text)} digits)") from None
+    if isinstance(value, int) and value > limits.MAX_INT:
+        raise ConvDSLError(span, f"integer `{text}` is too large: integers are at most {power_text(limits.MAX_INT)}")
+    if not math.isfinite(value):
+        raise ConvDSLError(span, f"number `{text}` is too large for a float")
+    return value
+
+
+# The pieces of a NUMBER_LIST token, as the lexer would cut them (NUMBER as in the grammar).
+_LIST_PIECE = re.compile(r"(?P<num>([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?)|(?P<minus>-)|(?P<newline>\n)"
+                         r"|(?P<comment>#[^\n]*)|(?P<other>[^-0-9.#\n]+)")
 
 
 def _describe_token(tok: Token) -> str:
@@ -333,15 +382,42 @@ def _word_at(text: str, pos: int) -> tuple[int, str]:
 
 def _line_text(source: Source, line: int) -> str:
     """Line `line` as Lark counts lines: only \\n ends one."""
-    lines = source.text.split("\n")
-    return lines[line - 1] if 1 <= line <= len(lines) else ""
+    return source.line(line)
+
+
+def _text_before(text: str, pos: int | None) -> tuple[str, int]:
+    """The end of the text before `pos`, less the comments and blanks it ends with, as (tail,
+    offset of the tail in text). The messages look only at how it ends; keeping the last few
+    hundred characters means no pattern scans a long file, or a long line, from its start."""
+    if pos is None:
+        return "", 0
+    end = pos
+    while True:
+        while end > 0 and text[end - 1].isspace():
+            end -= 1
+        line_start = text.rfind("\n", 0, end) + 1
+        line = text[line_start:end]
+        comment = line.find("#", line.rfind('"') + 1)      # a `#` inside a string starts no comment
+        if comment < 0:
+            break
+        end = line_start + comment
+    start = max(0, end - 400)
+    return text[start:end], start
 
 
 def _end_of_file(source: Source) -> Span:
-    """Just after the last character that is not a line break, where a user looks for what is missing."""
-    body = source.text.rstrip("\r\n")
-    line = body.count("\n") + 1
-    col = len(body) - (body.rfind("\n") + 1) + 1
+    """Just after the last token, where a user looks for what is missing: not after the blank
+    lines, spaces or comments that follow it, where a caret would point at nothing."""
+    last = None
+    try:
+        for tok in _parser().lex(source.text):
+            if tok.type != "_NL":
+                last = tok
+    except UnexpectedInput:
+        pass
+    if last is None:
+        return Span(source, 1, 1, 1, 2)
+    line, col = last.end_line or last.line, last.end_column or last.column + len(last)
     return Span(source, line, col, line, col + 1)
 
 
@@ -387,8 +463,8 @@ def _syntax_error(source: Source, err: UnexpectedInput) -> ConvDSLError:
         width = len(str(tok)) if tok.type != "_NL" else 1
         span = Span(source, tok.line, tok.column, tok.line, tok.column + max(1, width))
         text = str(tok)
-        prefix = source.text[:tok.start_pos] if tok.start_pos is not None else ""
-        before = re.sub(r"#[^\"\n]*$", "", prefix).rstrip()        # the text before, without a comment
+        before, before_at = _text_before(source.text, tok.start_pos)
+        prefix = source.text[max(0, tok.start_pos - 1):tok.start_pos] if tok.start_pos else ""   # the character before
         if text in KEYWORDS and "NAME" in err.expected:
             return ConvDSLError(span, f"`{tok}` is a keyword and cannot be used as a name")
         if text in _STATEMENT_KEYWORDS and "NETWORK" in err.expected:
@@ -417,13 +493,14 @@ def _syntax_error(source: Source, err: UnexpectedInput) -> ConvDSLError:
         loss = re.search(r"\bloss\s+([A-Za-z_][A-Za-z0-9_]*)$", before)
         if loss and "LPAR" in err.expected:
             name = loss.group(1)
-            name_col = loss.start(1) - source.text.rfind("\n", 0, loss.start(1))
+            at = before_at + loss.start(1)
+            name_col = at - source.text.rfind("\n", 0, at)
             return ConvDSLError(Span(source, tok.line, name_col, tok.line, name_col + len(name)),
                                 f"`loss` takes a loss function of an output, as in "
                                 f"`loss softmax_cross_entropy({name})`")
         previous = re.search(r"([A-Za-z_][A-Za-z0-9_]*)$", before)
         if previous and previous.group(1) in KEYWORDS and text == "=":
-            at = previous.start(1)
+            at = before_at + previous.start(1)
             kw_line = source.text.count("\n", 0, at) + 1
             kw_col = at - source.text.rfind("\n", 0, at)
             kw_span = Span(source, kw_line, kw_col, kw_line, kw_col + len(previous.group(1)))
@@ -451,24 +528,24 @@ def _syntax_error(source: Source, err: UnexpectedInput) -> ConvDSLError:
     return ConvDSLError(Span(source, line, col), "syntax error")
 
 
-# The AST is walked recursively here and in every later stage; a statement nested deeper than this
-# (a chain of more than ~120 ops, say) would exhaust Python's stack, so it is refused up front.
-MAX_NESTING = 128
-
-
 def _check_nesting(source: Source, tree: Tree) -> None:
-    """Refuses a tree deeper than MAX_NESTING, walking it without recursion."""
+    """Refuses a statement nested deeper than limits.MAX_NESTING, walking the tree without recursion.
+
+    Nested expressions are walked recursively by the later stages, so their depth is limited. A
+    chain is not nesting: `x -> f -> g` is a tree as deep as the chain is long, but every stage
+    walks a chain link by link, so the left side of a `->` counts as the level of the `->`."""
     stack = [(tree, 0, tree)]
     while stack:
         node, depth, statement = stack.pop()
-        if depth > MAX_NESTING:
+        if depth > limits.MAX_NESTING:
             line, col = getattr(statement.meta, "line", 1), getattr(statement.meta, "column", 1)
             raise ConvDSLError(Span(source, line, col, line, col + 1),
-                               f"this statement nests more than {MAX_NESTING} levels deep; "
+                               f"this statement nests more than {limits.MAX_NESTING} levels deep; "
                                "split it into several statements")
-        for child in node.children:
+        for i, child in enumerate(node.children):
             if isinstance(child, Tree):
-                stack.append((child, depth + 1, child if node.data == "body" else statement))
+                inner = depth if node.data == "pipe" and i == 0 else depth + 1
+                stack.append((child, inner, child if node.data == "body" else statement))
 
 
 def parse(text: str, path: str = "<string>") -> ast.Module:
@@ -490,12 +567,36 @@ def parse(text: str, path: str = "<string>") -> ast.Module:
     return ast.Module(items, str(path))
 
 
+def _universal_newlines(text: str) -> str:
+    # As open() in text mode reads a file: \r\n and a lone \r end a line.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def decode_source(data: bytes) -> str:
+    """A file's bytes as the text the parser reads. Raises UnicodeDecodeError if not UTF-8."""
+    return _universal_newlines(data.decode("utf-8"))
+
+
+def bad_byte_position(data: bytes, offset: int) -> tuple[int, int]:
+    """(line, column) of the first byte that is not UTF-8, as the parser would count them."""
+    before = _universal_newlines(data[:offset].decode("utf-8", errors="replace"))
+    return before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+
+
 def parse_file(path: str | Path) -> ast.Module:
     p = Path(path)
+    if p.is_dir():
+        raise ConvDSLError(None, f"{p} is a folder, not a .cnn file")
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except OSError as e:
         raise ConvDSLError(None, f"cannot read {p}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConvDSLError(None, f"{p}: not a UTF-8 text file") from None
+    try:
+        text = decode_source(data)
+    except UnicodeDecodeError as e:
+        line, col = bad_byte_position(data, e.start)
+        shown = Source(str(p), _universal_newlines(data.decode("utf-8", errors="replace")))
+        raise ConvDSLError(Span(shown, line, col, line, col + 1),
+                           f"this file is not UTF-8 text: byte {e.start} (0x{data[e.start]:02X}) is not valid "
+                           "UTF-8; save it as UTF-8") from None
     return parse(text, str(p))

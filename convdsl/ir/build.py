@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import limits
 from ..errors import ConvDSLError, Note, Span, block_note, did_you_mean, raise_errors
 from ..frontend import ast
-from ..frontend.parser import parse, parse_file
+from ..frontend.parser import bad_byte_position, decode_source, parse, parse_file
 from ..frontend.unparse import expr as expr_text
 from ..ops.base import (Arg, ConstTensor, OpContext, Symbol, SymbolCall, alias_names, describe_value, lookup,
                         op_alias, op_relative, registry)
 from ..ops.losses import LOSSES, is_other_loss, loss_alias
 from . import dims as D
+from .budget import Budget, BudgetExceeded, short_text
 from .graph import Graph, InputDecl, Layer, LossDecl, Node, OutputDecl, TensorType, Value
 
 # Bare names that stand for themselves when nothing else is bound to them.
@@ -31,6 +34,9 @@ MAX_NODES = 100_000
 MAX_ERRORS = 20          # errors reported from one network before the builder stops
 # First input dims that name the batch: an input's shape is one sample's (the batch is implicit).
 BATCH_NAMES = frozenset({"n", "b", "bs", "batch", "batch_size", "batchsize", "nbatch"})
+# The default of `first` in the methods below: the call's first argument is not evaluated yet
+# (only a chain link's is, by GraphBuilder.eval_chain).
+NOT_PIPED = object()
 
 
 @dataclass(frozen=True)
@@ -82,19 +88,31 @@ class Program:
     networks: tuple[ast.Network, ...]
 
 
-def load_program(module: ast.Module, _stack: tuple[str, ...] = ()) -> Program:
+def load_program(module: ast.Module, _stack: tuple[str, ...] = (), _loaded: dict | None = None) -> Program:
+    """The file's blocks and networks, with the blocks of the files it `use`s.
+
+    Each used file is read and parsed once per program, however many files use it: files that
+    each use the next one twice are not re-parsed along every path (2**n times)."""
+    loaded: dict[str, Program] = {} if _loaded is None else _loaded
     blocks: dict[str, ast.Block] = {}
     networks: list[ast.Network] = []
     names: dict[str, Span] = {}
     base = Path(module.path).parent if not module.path.startswith("<") else Path.cwd()
+    here = (*_stack, str(Path(module.path).resolve()))
     for item in module.items:
         if isinstance(item, ast.Use):
             target = (base / item.path).resolve()
-            if str(target) in _stack:
+            if str(target) in here:
                 raise ConvDSLError(item.span, f"`use \"{item.path}\"` makes a cycle of files")
-            if not target.is_file():
-                raise ConvDSLError(item.span, f"cannot find `{item.path}` (looked for {base / item.path})")
-            used = load_program(parse_file(target), (*_stack, str(Path(module.path).resolve())))
+            used = loaded.get(str(target))
+            if used is None:
+                if len(here) > limits.MAX_USE_DEPTH:
+                    raise ConvDSLError(item.span, f"`use` nests more than {limits.MAX_USE_DEPTH} files deep")
+                if len(loaded) >= limits.MAX_FILES:
+                    raise ConvDSLError(item.span, f"the program brings in more than {limits.MAX_FILES} files "
+                                                  "with `use`")
+                used = load_program(_parse_used(item, base / item.path, target), here, loaded)
+                loaded[str(target)] = used
             for bname, block in used.blocks.items():
                 blocks.setdefault(bname, block)
             continue
@@ -109,6 +127,25 @@ def load_program(module: ast.Module, _stack: tuple[str, ...] = ()) -> Program:
         else:
             networks.append(item)
     return Program(module, blocks, tuple(networks))
+
+
+def _parse_used(item: ast.Use, shown: Path, target: Path) -> ast.Module:
+    """The file a `use` names, parsed; what stops it from being read is said at the `use`."""
+    if target.is_dir():
+        raise ConvDSLError(item.span, f"`{item.path}` is a folder ({shown}), not a .cnn file")
+    if not target.is_file():
+        raise ConvDSLError(item.span, f"cannot find `{item.path}` (looked for {shown})")
+    try:
+        data = target.read_bytes()
+    except OSError as e:
+        raise ConvDSLError(item.span, f"cannot read `{item.path}`: {e.strerror}") from None
+    try:
+        text = decode_source(data)
+    except UnicodeDecodeError as e:
+        line, col = bad_byte_position(data, e.start)
+        raise ConvDSLError(item.span, f"`{item.path}` is not UTF-8 text: byte {e.start} (0x{data[e.start]:02X}, "
+                                      f"line {line}, column {col}) is not valid UTF-8") from None
+    return parse(text, str(target))
 
 
 def load_source(text: str, path: str = "<string>") -> Program:
@@ -135,6 +172,8 @@ class GraphBuilder:
         self.block_stack: list[str] = []
         self.block_calls: list[Span] = []         # where each block of block_stack was called
         self.composite: tuple[str, str, Span] | None = None   # (label, slot, span) of the op being expanded
+        self.budget = Budget(self.layout)
+        self.eval_depth = 0
 
     # ---- entry -------------------------------------------------------------------------
     def build(self) -> Graph:
@@ -153,6 +192,7 @@ class GraphBuilder:
                     self.layout = stmt.value
                 else:
                     self.dtype = stmt.value
+        self.budget = Budget(self.layout)       # anew, now that the layout its messages use is known
         scope = Scope()
         self.run_network_body(net.body, scope)
         if not self.outputs:
@@ -180,6 +220,7 @@ class GraphBuilder:
     # ---- statements --------------------------------------------------------------------
     def run_body(self, body, scope: Scope, in_block: bool) -> None:
         for stmt in body:
+            self.budget.statement(stmt.span)
             self.run_stmt(stmt, scope, in_block)
 
     def run_network_body(self, body, scope: Scope) -> None:
@@ -193,6 +234,8 @@ class GraphBuilder:
                 self.run_stmt(stmt, scope, in_block=False)
             except CascadeError:
                 self.mark_failed(stmt, scope)
+            except BudgetExceeded as e:          # every later statement would cross it too
+                raise_errors([*errors, e])
             except ConvDSLError as e:
                 self.mark_failed(stmt, scope)
                 if not any((f.span, f.message) == (e.span, e.message) for f in errors):
@@ -249,9 +292,10 @@ class GraphBuilder:
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ConvDSLError(stmt.count.span, f"repeat needs a positive integer count, "
                                                     f"got {describe_value(count)}")
-            if count > MAX_REPEAT:
-                raise ConvDSLError(stmt.count.span, f"repeat {count} is more than the limit of {MAX_REPEAT}")
+            if count > limits.MAX_REPEAT:
+                raise ConvDSLError(stmt.count.span, f"repeat {count} is more than the limit of {limits.MAX_REPEAT}")
             for _ in range(count):
+                self.budget.statement(stmt.span)      # a round counts even when its body makes nothing
                 self.run_body(stmt.body, scope, in_block)
         elif isinstance(stmt, ast.Output):
             if in_block:
@@ -294,6 +338,7 @@ class GraphBuilder:
         shape = tuple(written)
         if self.layout == "NHWC" and len(shape) > 1:
             shape = (shape[-1], *shape[:-1])     # channel-first inside
+        self.budget.tensor(TensorType(shape), stmt.span, f"input `{stmt.name}`")
         vid = self.new_value(TensorType(shape), None, stmt.name)
         self.inputs.append(InputDecl(stmt.name, vid, tuple(written), stmt.span))
         self.bind(scope, stmt.name, TensorRef(vid), "input", stmt.span)
@@ -358,21 +403,39 @@ class GraphBuilder:
         return LayerRef(stmt.name, call, positional, keywords, spans, stmt.span)
 
     def make_const(self, stmt: ast.ConstDecl) -> ConstTensor:
-        def walk(e, depth):
+        largest = limits.FLOAT_MAX[self.dtype]
+
+        def representable(nums) -> None:
+            # Each value becomes a literal of the network's element type: 1e300 would be inf in f32.
+            for n in nums:
+                if abs(n.value) > largest:
+                    raise ConvDSLError(n.span, f"{n.value:g} does not fit in {self.dtype} (at most "
+                                               f"{largest:.4g} in size)")
+
+        def walk(e):
             if isinstance(e, ast.ListLit):
                 if not e.items:
                     raise ConvDSLError(e.span, "a const cannot hold an empty list")
-                subs = [walk(i, depth + 1) for i in e.items]
-                shapes = {s for s, _ in subs}
-                if len(shapes) != 1:
-                    raise ConvDSLError(e.span, "const rows must all have the same shape (this list is ragged)")
-                return (len(subs), *subs[0][0]), [v for _, vals in subs for v in vals]
+                if all(type(i) is ast.Num for i in e.items):      # a row of numbers: one pass
+                    representable(e.items)
+                    shape, values = (len(e.items),), [float(i.value) for i in e.items]
+                else:
+                    subs = [walk(i) for i in e.items]
+                    shapes = {s for s, _ in subs}
+                    if len(shapes) != 1:
+                        raise ConvDSLError(e.span, "const rows must all have the same shape (this list is ragged)")
+                    shape, values = (len(subs), *subs[0][0]), [v for _, vals in subs for v in vals]
+                if len(values) > limits.MAX_CONST_ELEMENTS:
+                    raise ConvDSLError(e.span, f"this const holds more than "
+                                               f"{limits.power_text(limits.MAX_CONST_ELEMENTS)} numbers")
+                return shape, values
             if isinstance(e, ast.Num):
+                representable((e,))
                 return (), [float(e.value)]
             raise ConvDSLError(e.span, "a const holds numbers in nested lists, like [[1, 0], [0, 1]]")
         if not isinstance(stmt.value, ast.ListLit):
             raise ConvDSLError(stmt.span, "a const holds numbers in nested lists, like [[1, 0], [0, 1]]")
-        shape, values = walk(stmt.value, 0)
+        shape, values = walk(stmt.value)
         return ConstTensor(stmt.name, tuple(shape), tuple(values))
 
     def declare_loss(self, stmt: ast.Loss, scope: Scope, in_block: bool) -> None:
@@ -409,6 +472,22 @@ class GraphBuilder:
 
     # ---- expressions -------------------------------------------------------------------
     def eval(self, e, scope: Scope):
+        # Expressions are evaluated recursively, and a block's body inside the call that applies
+        # it, so nesting adds up across blocks; counting it keeps Python's stack from running out.
+        if self.eval_depth >= limits.MAX_NESTING:
+            stack = self.block_stack if len(self.block_stack) <= 4 else [*self.block_stack[:2], "…",
+                                                                           self.block_stack[-1]]
+            where = f" (blocks applied inside blocks count too: {' → '.join(stack)})" \
+                if len(self.block_stack) > 1 else ""
+            raise ConvDSLError(getattr(e, "span", None), f"expressions nest more than {limits.MAX_NESTING} levels "
+                                                         f"deep here{where}")
+        self.eval_depth += 1
+        try:
+            return self._eval(e, scope)
+        finally:
+            self.eval_depth -= 1
+
+    def _eval(self, e, scope: Scope):
         if isinstance(e, ast.Num):
             return e.value
         if isinstance(e, ast.Bool):
@@ -436,10 +515,45 @@ class GraphBuilder:
             self.expect_number(v, e.operand.span)
             return D.mul(v, -1) if not isinstance(v, float) else -v
         if isinstance(e, ast.BinOp):
-            return self.eval_binop(e, scope)
+            return self.arithmetic_result(self.eval_binop(e, scope), e)
         if isinstance(e, ast.Call):
-            return self.eval_call(e, scope)
+            return self.eval_chain(e, scope) if e.piped else self.eval_call(e, scope)
         raise ConvDSLError(getattr(e, "span", None), "unsupported expression")  # pragma: no cover
+
+    def eval_chain(self, call: ast.Call, scope: Scope):
+        """`a -> f -> g -> …`, link by link without recursion: a chain is as long as the user likes
+        (up to the layer limit), while Python's stack is not."""
+        links = []
+        while isinstance(call, ast.Call) and call.piped and call.args:
+            links.append(call)
+            call = call.args[0]
+        value = self.eval(call, scope)
+        for link in reversed(links):
+            value = self.eval_call(link, scope, first=value)
+        return value
+
+    def eval_args(self, call: ast.Call, scope: Scope, first=NOT_PIPED) -> list:
+        """The values of a call's positional arguments; `first`, when given, is the first one,
+        already evaluated (it came in through `->`)."""
+        values, rest = ([], call.args) if first is NOT_PIPED else ([first], call.args[1:])
+        for a in rest:                   # a loop, not a comprehension: one Python frame less per level
+            values.append(self.eval(a, scope))
+        return values
+
+    @staticmethod
+    def arithmetic_result(value, e: ast.BinOp):
+        """Refuses a result that no size or attribute could use, before a `repeat` grows it further:
+        an integer beyond ±MAX_INT, an inf or a NaN, a run-time size expression over the size limits."""
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ConvDSLError(e.span, f"this arithmetic gives {value}, not a finite number")
+        elif isinstance(value, int):
+            if abs(value) > limits.MAX_INT:
+                raise ConvDSLError(e.span, f"this arithmetic gives {value:,}, beyond the limit of "
+                                           f"±{limits.power_text(limits.MAX_INT)} on integers")
+        else:
+            Budget.size(value, e.span, "this run-time size arithmetic")
+        return value
 
     def expect_number(self, v, span: Span) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float, D.Sym)):
@@ -536,24 +650,24 @@ class GraphBuilder:
         hint = did_you_mean(name, targets)
         return ConvDSLError(span, f"unknown op `{name}`" + (f"; did you mean `{targets[hint]}`?" if hint else ""))
 
-    def eval_call(self, call: ast.Call, scope: Scope):
+    def eval_call(self, call: ast.Call, scope: Scope, first=NOT_PIPED):
         name = call.func
         bound = scope.lookup(name)
         if isinstance(bound, Failed):
             raise CascadeError(call.span, f"`{name}` is not defined: its statement failed")
         if isinstance(bound, LayerRef):
-            return self.apply_layer(bound, call, scope)
+            return self.apply_layer(bound, call, scope, first)
         if bound is not None:
             raise self.unknown_callable(name, call.span, scope)
         if name in BUILTINS:
-            return self.eval_builtin(call, scope)
+            return self.eval_builtin(call, scope, first)
         if name in self.program.blocks:
-            return self.apply_block(self.program.blocks[name], call, scope)
+            return self.apply_block(self.program.blocks[name], call, scope, first)
         op = lookup(name)
         if op is not None:
-            return self.apply_op_call(op, call, scope)
+            return self.apply_op_call(op, call, scope, first)
         if name in SYMBOL_FUNCS:
-            args = tuple(self.eval(a, scope) for a in call.args)
+            args = tuple(self.eval_args(call, scope, first))
             if call.kwargs:
                 raise ConvDSLError(call.kwargs[0].span, f"{name}(…) takes positional arguments only")
             return SymbolCall(name, args)
@@ -563,10 +677,10 @@ class GraphBuilder:
             self.eval(a, scope)
         raise self.unknown_callable(name, call.span, scope, piped=call.piped)
 
-    def eval_builtin(self, call: ast.Call, scope: Scope):
+    def eval_builtin(self, call: ast.Call, scope: Scope, first=NOT_PIPED):
         if len(call.args) != 1 or call.kwargs:
             raise ConvDSLError(call.span, f"{call.func}(t) takes one tensor")
-        ref = self.eval(call.args[0], scope)
+        (ref,) = self.eval_args(call, scope, first)
         if not isinstance(ref, TensorRef):
             raise ConvDSLError(call.args[0].span, f"{call.func}(t) takes a tensor, got {describe_value(ref)}")
         t = self.values[ref.value].type
@@ -579,14 +693,18 @@ class GraphBuilder:
         return t.spatial[-axis]
 
     # ---- applying ops, layers and blocks -------------------------------------------------
-    def split_args(self, call: ast.Call, scope: Scope, min_inputs: int, max_inputs, op=None):
+    def split_args(self, call: ast.Call, scope: Scope, min_inputs: int, max_inputs, op=None, first=NOT_PIPED):
         """Evaluate a call's arguments: leading tensors are its inputs, the rest are attributes.
-        With the op, a mistake in how an argument is written says what that argument takes."""
+        With the op, a mistake in how an argument is written says what that argument takes;
+        `first`, when given, is the first argument's value (it came in through `->`)."""
         inputs, attrs, attr_exprs = [], [], []
-        for expr in call.args:
+        for index, expr in enumerate(call.args):
             arg = op.args[len(attrs)] if op is not None and len(inputs) >= min_inputs and \
                 len(attrs) < len(op.args) else None
-            v = self.eval_arg(expr, scope, arg) if arg is not None else self.eval(expr, scope)
+            if index == 0 and first is not NOT_PIPED:
+                v = first
+            else:
+                v = self.eval_arg(expr, scope, arg) if arg is not None else self.eval(expr, scope)
             if isinstance(v, TensorRef):
                 if attrs:
                     raise ConvDSLError(expr.span, "tensors come first in a call, before the other arguments")
@@ -618,19 +736,20 @@ class GraphBuilder:
         scope.counters[base] = n
         return f"{scope.prefix}{base}{n}"
 
-    def apply_op_call(self, op, call: ast.Call, scope: Scope) -> TensorRef:
-        inputs, positional, pos_exprs, keywords = self.split_args(call, scope, op.min_inputs, op.max_inputs, op)
+    def apply_op_call(self, op, call: ast.Call, scope: Scope, first=NOT_PIPED) -> TensorRef:
+        inputs, positional, pos_exprs, keywords = self.split_args(call, scope, op.min_inputs, op.max_inputs, op,
+                                                                  first)
         spans = {k.name: k.value.span for k in call.kwargs}
         for a, expr in zip(op.args, pos_exprs):
             spans[a.name] = expr.span
         label = self.next_label(scope, op.name)
         return self.apply(op, tuple(inputs), positional, keywords, spans, call.span, call, label, label, scope)
 
-    def apply_layer(self, layer: LayerRef, call: ast.Call, scope: Scope) -> TensorRef:
+    def apply_layer(self, layer: LayerRef, call: ast.Call, scope: Scope, first=NOT_PIPED) -> TensorRef:
         if call.kwargs or len(call.args) != 1:
             raise ConvDSLError(call.span, f"layer `{layer.name}` is applied to one tensor, as `x -> {layer.name}`")
         op = lookup(layer.call.func)
-        inputs, _, _, _ = self.split_args(call, scope, op.min_inputs, op.max_inputs)
+        inputs, _, _, _ = self.split_args(call, scope, op.min_inputs, op.max_inputs, first=first)
         return self.apply(op, tuple(inputs), list(layer.positional), dict(layer.keywords), dict(layer.arg_spans),
                           call.span, layer.call, layer.name, layer.name, scope)
 
@@ -673,11 +792,11 @@ class GraphBuilder:
         return self.values[ref.value].type
 
     def _make_node(self, op, inputs, attrs, ctx: OpContext, label: str, slot: str, scope) -> TensorRef:
-        if len(self.nodes) >= MAX_NODES:
-            raise ConvDSLError(ctx.call_span, f"the network has more than {MAX_NODES} layers")
+        self.budget.node(len(self.nodes), ctx.call_span)
         in_types = tuple(self.values[r.value].type for r in inputs)
         norm = op.normalize(dict(attrs), in_types, ctx)
         out_type = op.infer(in_types, norm, ctx)
+        self.check_sizes(op, in_types, out_type, norm, label, ctx.call_span)
         specs = op.param_specs(in_types, norm)
         layer_name = label if not specs else self.attach_params(op, label, slot, specs, ctx)
         nid = len(self.nodes)
@@ -685,6 +804,18 @@ class GraphBuilder:
         self.nodes.append(Node(nid, op.name, tuple(r.value for r in inputs), vid, norm, label, layer_name,
                                ctx.call_span, tuple(self.block_stack), tuple(self.block_calls)))
         return TensorRef(vid)
+
+    def check_sizes(self, op, in_types, out_type: TensorType, attrs: dict, label: str, span: Span) -> None:
+        """Every size this node hands to the C (its output, run-time paddings, its workspace, what it
+        saves for backward) against the limits, once, here at the op (convdsl/ir/budget.py)."""
+        for d in _run_time_sizes(attrs.values()):
+            self.budget.size(d, span, lambda d=d: f"a size of {label} (`{short_text(d)}`)")
+        self.budget.tensor(out_type, span, f"the output of {label}")
+        self.budget.workspace(op.scratch_elements(in_types, out_type, attrs), span, f"the workspace of {label}")
+        saved = op.saved_elements(in_types, out_type, attrs)
+        self.budget.size(saved, span, f"what {label} saves for backward")
+        if isinstance(saved, int) and saved:
+            self.budget.add_activation(saved, span, f"what {label} saves for backward")
 
     def attach_params(self, op, label: str, slot: str, specs, ctx: OpContext) -> str:
         existing = self.layers.get(label)
@@ -696,17 +827,19 @@ class GraphBuilder:
                                                   f"{here} instead of {first}: its input has a different shape "
                                                   f"than at its first use (line {existing.span.line})")
             return label
+        self.budget.layer(label, specs, ctx.call_span)
         self.layers[label] = Layer(label, op.name, specs, ctx.call_span)
         self.slot_members[slot].append(label)
         return label
 
-    def apply_block(self, block: ast.Block, call: ast.Call, scope: Scope) -> TensorRef:
+    def apply_block(self, block: ast.Block, call: ast.Call, scope: Scope, first=NOT_PIPED) -> TensorRef:
+        self.budget.block_call(call.span)
         if block.name in self.block_stack:
             chain = " → ".join([*self.block_stack[self.block_stack.index(block.name):], block.name])
             raise ConvDSLError(call.span, f"block `{block.name}` calls itself ({chain}); blocks cannot recurse")
         if not block.params:
             raise ConvDSLError(block.span, f"block `{block.name}` needs a first parameter: its input tensor")
-        values = [self.eval(a, scope) for a in call.args]
+        values = self.eval_args(call, scope, first)
         param_names = [p.name for p in block.params]
         if len(set(param_names)) != len(param_names):
             dup = next(n for n in param_names if param_names.count(n) > 1)
@@ -763,6 +896,15 @@ def tuple_text(e: ast.ListLit) -> str:
     """A list literal written as the tuple it should be: [3, 3] → (3, 3), [[1, 0]] → ((1, 0),)."""
     items = [tuple_text(i) if isinstance(i, ast.ListLit) else expr_text(i) for i in e.items]
     return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def _run_time_sizes(values):
+    """The run-time size expressions among attribute values (paddings of pad=same, …)."""
+    for v in values:
+        if isinstance(v, D.Sym):
+            yield v
+        elif isinstance(v, tuple):
+            yield from _run_time_sizes(v)
 
 
 def build_graph(program: Program, network: str | None = None) -> Graph:

@@ -236,6 +236,81 @@ def to_c(d: Dim, var: Callable[[str], str]) -> str:
                    lambda a, b: f"cdsl_max({a}, {b})")
 
 
+def magnitude_bound(d: Dim, size: int, _memo: dict | None = None) -> int:
+    """An upper bound on |d|, and on every partial result of computing d the way to_c writes it,
+    for every value in [1, size] of every variable.
+
+    By structure: a variable is at most `size`; |a // k| ≤ |a| and computing it (a / k, a % k)
+    makes nothing larger than a; |max(a, b)| ≤ max(|a|, |b|); each partial product of a monomial
+    is at most the product of its factors' bounds; and each partial sum of const + Σ c·atom is at
+    most |const| + Σ |c|·bound(atom). Shared subexpressions are bounded once (memo by identity).
+    """
+    if isinstance(d, int):
+        return abs(d)
+    memo = {} if _memo is None else _memo
+    key = id(d)
+    if key in memo:
+        return memo[key][1]
+    total = abs(d.const)
+    for atom, c in d.terms:
+        total += abs(c) * _atom_bound(atom, size, memo)
+    memo[key] = (d, total)          # keeps d alive, so its id is not reused while memo lives
+    return total
+
+
+def _atom_bound(atom: Atom, size: int, memo: dict) -> int:
+    key = id(atom)
+    if key in memo:
+        return memo[key][1]
+    if atom.kind == "var":
+        bound = size
+    elif atom.kind == "floordiv":
+        bound = magnitude_bound(atom.args[0], size, memo)
+    elif atom.kind == "max":
+        bound = max(magnitude_bound(atom.args[0], size, memo), magnitude_bound(atom.args[1], size, memo))
+    else:
+        bound = 1
+        for factor in atom.args:
+            bound *= _atom_bound(factor, size, memo)
+    memo[key] = (atom, bound)
+    return bound
+
+
+def expression_shape(d: Dim, _memo: dict | None = None) -> tuple[int, int]:
+    """(pieces, depth) of an expression written out as a tree: pieces counts its terms and atoms
+    (a subexpression used twice counts twice, as in the text to_c writes), depth how deeply its
+    floor divisions, maxima and products nest. Linear in the shared structure (memo by identity)."""
+    if isinstance(d, int):
+        return 1, 0
+    memo = {} if _memo is None else _memo
+    key = id(d)
+    if key in memo:
+        return memo[key][1]
+    pieces, depth = 1, 0
+    for atom, _ in d.terms:
+        p, dp = _atom_shape(atom, memo)
+        pieces += p
+        depth = max(depth, dp)
+    memo[key] = (d, (pieces, depth))
+    return pieces, depth
+
+
+def _atom_shape(atom: Atom, memo: dict) -> tuple[int, int]:
+    key = id(atom)
+    if key in memo:
+        return memo[key][1]
+    if atom.kind == "var":
+        shape = (1, 0)
+    elif atom.kind == "mul":
+        parts = [_atom_shape(f, memo) for f in atom.args]
+        shape = (1 + sum(p for p, _ in parts), 1 + max(dp for _, dp in parts))
+    else:
+        parts = [expression_shape(a, memo) for a in atom.args if not isinstance(a, int)]
+        shape = (1 + sum(p for p, _ in parts), 1 + max((dp for _, dp in parts), default=0))
+    memo[key] = (atom, shape)
+    return shape
+
+
 def product(dims) -> Dim:
     out: Dim = 1
     for d in dims:

@@ -7,6 +7,7 @@ Everything here is frozen: passes build new objects instead of editing these.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -145,4 +146,14 @@ class Graph:
         raise KeyError(name)
 
     def consumers(self, vid: int) -> tuple[Node, ...]:
-        return tuple(n for n in self.nodes if vid in n.inputs)
+        """The nodes that read a value, in order; from an index built once, so that a pass asking
+        for every node's readers stays linear in the size of the graph."""
+        return self._readers.get(vid, ())
+
+    @cached_property
+    def _readers(self) -> dict[int, tuple[Node, ...]]:
+        readers: dict[int, list[Node]] = {}
+        for n in self.nodes:
+            for vid in dict.fromkeys(n.inputs):          # a node that reads a value twice counts once
+                readers.setdefault(vid, []).append(n)
+        return {vid: tuple(ns) for vid, ns in readers.items()}

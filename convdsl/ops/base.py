@@ -7,12 +7,14 @@ builder, the passes and the code generator only ever talk to ops through this in
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from ..errors import ConvDSLError, Span, did_you_mean
+from ..limits import FLOAT_MAX, MAX_ATTRIBUTE, MAX_INIT_SCALE, power_text
 from ..ir.dims import Dim
 from ..ir.graph import Init, ParamSpec, TensorType
 
@@ -260,23 +262,42 @@ def alias_names() -> dict[str, str]:
 
 # ---- argument validators shared by many ops ----------------------------------------------
 
-def expect_int(value, what: str, ctx: OpContext, arg: str, minimum: int | None = None) -> int:
+def expect_int(value, what: str, ctx: OpContext, arg: str, minimum: int | None = None,
+               maximum: int = MAX_ATTRIBUTE) -> int:
+    """An integer attribute; every one of them becomes a size in C, so it is capped (limits.py)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ctx.error(f"`{arg}` must be an integer, got {describe_value(value)}", arg=arg)
     if minimum is not None and value < minimum:
         raise ctx.error(f"`{arg}` must be at least {minimum}, got {value}", arg=arg)
+    check_attribute_size(value, ctx, arg, maximum)
     return value
+
+
+def check_attribute_size(value: int, ctx: OpContext, arg: str, maximum: int = MAX_ATTRIBUTE) -> None:
+    if value > maximum:
+        raise ctx.error(f"`{arg}` must be at most {power_text(maximum)}, got {value:,}", arg=arg)
 
 
 def expect_float(value, ctx: OpContext, arg: str, lo: float | None = None, hi: float | None = None,
                  hi_open: bool = False) -> float:
+    """A float attribute: finite in the network's element type, and within [lo, hi] (or [lo, hi))."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ctx.error(f"`{arg}` must be a number, got {describe_value(value)}", arg=arg)
     v = float(value)
-    if lo is not None and v < lo or hi is not None and (v >= hi if hi_open else v > hi):
+    expect_finite(v, ctx, arg)
+    # Written as "inside the range" so that a NaN, which compares false with everything, is outside.
+    inside = (lo is None or v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    if not inside:
         rng = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
         raise ctx.error(f"`{arg}` must be in {rng}, got {value}", arg=arg)
     return v
+
+
+def expect_finite(v: float, ctx: OpContext, arg: str) -> None:
+    limit = FLOAT_MAX.get(ctx.dtype, FLOAT_MAX["f64"])
+    if not (math.isfinite(v) and abs(v) <= limit):
+        raise ctx.error(f"`{arg}` must be a finite {ctx.dtype} number (at most {limit:.4g} in size), got {v}",
+                        arg=arg)
 
 
 def expect_bool(value, ctx: OpContext, arg: str) -> bool:
@@ -303,8 +324,12 @@ def parse_init(value, ctx: OpContext, arg: str = "init") -> Init:
         return Init(value.name)
     if isinstance(value, SymbolCall) and value.name in ("normal", "uniform") and len(value.args) == 1 \
             and isinstance(value.args[0], (int, float)) and not isinstance(value.args[0], bool) \
-            and value.args[0] > 0:
+            and 0 < value.args[0] <= MAX_INIT_SCALE:       # so that a NaN is refused too
         return Init(value.name, float(value.args[0]))
+    if isinstance(value, SymbolCall) and len(value.args) == 1 and isinstance(value.args[0], (int, float)) \
+            and not isinstance(value.args[0], bool) and value.args[0] > MAX_INIT_SCALE:
+        raise ctx.error(f"`{arg}`: {value.name}({value.args[0]}) would draw weights beyond what a float holds; "
+                        f"the scale is at most {MAX_INIT_SCALE:g}", arg=arg)
     raise ctx.error(f"`{arg}` must be he, xavier, normal(std), uniform(a), zeros or ones, "
                     f"got {describe_value(value)}", arg=arg)
 

@@ -10,7 +10,7 @@ from typing import Callable
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import TensorType
-from .base import Arg, OpContext, Symbol, describe_value, spatial_rank_error
+from .base import Arg, OpContext, Symbol, check_attribute_size, describe_value, spatial_rank_error
 
 PAD_FORMS = ("valid, same or full, an integer (that many zeros on every side), a tuple per axis such as "
              "(1, 2), or (before, after) pairs such as ((1, 0), (2, 1))")
@@ -38,6 +38,7 @@ def per_axis(value, rank: int, ctx: OpContext, arg: str, minimum: int = 1) -> tu
                             arg=arg)
         if v < minimum:
             raise ctx.error(f"`{arg}` must be at least {minimum}, got {v}", arg=arg)
+        check_attribute_size(v, ctx, arg)
     return tuple(items)
 
 
@@ -73,6 +74,7 @@ def resolve_padding(pad, sizes: tuple[Dim, ...], kernel, stride, dilation, ctx: 
     if isinstance(pad, int):
         if pad < 0:
             raise ctx.error(f"`{arg}` cannot be negative, got {pad}", arg=arg)
+        check_attribute_size(pad, ctx, arg)
         return tuple((pad, pad) for _ in range(rank))
     if isinstance(pad, tuple):
         if len(pad) != rank:
@@ -93,6 +95,8 @@ def resolve_padding(pad, sizes: tuple[Dim, ...], kernel, stride, dilation, ctx: 
             else:
                 raise ctx.error(f"`{arg}` entries must be non-negative integers or (before, after) pairs, "
                                 f"got {describe_value(p)}", arg=arg)
+            for v in out[-1]:
+                check_attribute_size(v, ctx, arg)
         return tuple(out)
     raise ctx.error(f"`{arg}` is {PAD_FORMS}; got {describe_value(pad)}", arg=arg)
 

@@ -187,20 +187,20 @@ def find_head(graph: Graph) -> _Head:
 # ---- rewriting the source ---------------------------------------------------------------
 
 def _walk_exprs(e, found: list) -> None:
-    if isinstance(e, ast.Call):
-        found.append(e)
-        for a in e.args:
-            _walk_exprs(a, found)
-        for k in e.kwargs:
-            _walk_exprs(k.value, found)
-    elif isinstance(e, (ast.TupleLit, ast.ListLit)):
-        for i in e.items:
-            _walk_exprs(i, found)
-    elif isinstance(e, ast.BinOp):
-        _walk_exprs(e.left, found)
-        _walk_exprs(e.right, found)
-    elif isinstance(e, ast.Neg):
-        _walk_exprs(e.operand, found)
+    """Every call in an expression, outermost first; with a stack, not recursion, since a chain
+    of `->` is an expression as deep as it is long."""
+    todo = [e]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, ast.Call):
+            found.append(e)
+            todo += reversed([*e.args, *(k.value for k in e.kwargs)])
+        elif isinstance(e, (ast.TupleLit, ast.ListLit)):
+            todo += reversed(e.items)
+        elif isinstance(e, ast.BinOp):
+            todo += (e.right, e.left)
+        elif isinstance(e, ast.Neg):
+            todo.append(e.operand)
 
 
 def _stmt_exprs(s) -> list:
@@ -251,11 +251,15 @@ def _conv_call(dense_call: ast.Call, node: Node, kernel: tuple[int, ...], has_in
 def _replace(e, edits: dict):
     """The expression with the edited calls replaced (edits: id(call) → new expr or a function)."""
     if isinstance(e, ast.Call):
-        args = tuple(_replace(a, edits) for a in e.args)
-        kwargs = tuple(dataclasses.replace(k, value=_replace(k.value, edits)) for k in e.kwargs)
-        new = dataclasses.replace(e, args=args, kwargs=kwargs)
-        edit = edits.get(id(e))
-        return edit(new) if edit is not None else new
+        # A chain is rebuilt link by link from its start, not by recursion down its length.
+        links = []
+        while isinstance(e, ast.Call) and e.piped and e.args:
+            links.append(e)
+            e = e.args[0]
+        new = _replace_call(e, edits, None) if isinstance(e, ast.Call) else _replace(e, edits)
+        for link in reversed(links):
+            new = _replace_call(link, edits, new)
+        return new
     if isinstance(e, ast.TupleLit):
         return dataclasses.replace(e, items=tuple(_replace(i, edits) for i in e.items))
     if isinstance(e, ast.BinOp):
@@ -263,6 +267,17 @@ def _replace(e, edits: dict):
     if isinstance(e, ast.Neg):
         return dataclasses.replace(e, operand=_replace(e.operand, edits))
     return e
+
+
+def _replace_call(e: ast.Call, edits: dict, first):
+    """One call with its arguments replaced; `first`, when not None, is its first argument, done."""
+    args = tuple(_replace(a, edits) for a in (e.args if first is None else e.args[1:]))
+    if first is not None:
+        args = (first, *args)
+    kwargs = tuple(dataclasses.replace(k, value=_replace(k.value, edits)) for k in e.kwargs)
+    new = dataclasses.replace(e, args=args, kwargs=kwargs)
+    edit = edits.get(id(e))
+    return edit(new) if edit is not None else new
 
 
 def _replace_in_stmt(s, edits: dict):
@@ -370,7 +385,9 @@ def _used_names(module: ast.Module) -> set[str]:
     """Every identifier the file uses, so that new size names clash with none."""
     names = set(KEYWORDS) | set(SYMBOLS) | set(BUILTINS) | set(registry()) | {"normal", "uniform"}
 
-    def walk(x):
+    todo = [module]                      # a stack, not recursion: a chain is as deep as it is long
+    while todo:
+        x = todo.pop()
         if isinstance(x, ast.Name):
             names.add(x.id)
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -380,11 +397,9 @@ def _used_names(module: ast.Module) -> set[str]:
                 v = getattr(x, f.name)
                 if f.name == "name" and isinstance(v, str) or f.name == "func":
                     names.add(v)
-                walk(v)
+                todo.append(v)
         elif isinstance(x, tuple):
-            for v in x:
-                walk(v)
-    walk(module)
+            todo += x
     return names
 
 

@@ -129,14 +129,49 @@ def axis_rates(stack: list[Node], axis: int) -> list[int]:
     return [n.attrs["dilation"][axis] for n in stack if n.attrs["kernel"][axis] > 1]
 
 
+# Fields wider than this (on one axis) are not enumerated position by position: kernels and rates
+# go up to 2**24, and a field of 2**48 positions has no list of holes worth printing.
+MAX_LISTED_FIELD = 1 << 16
+
+
+def field_taps(stack: list[Node], axis: int) -> list[tuple[int, int]]:
+    """(rate, kernel) of every conv with a kernel > 1 along `axis`."""
+    return [(n.attrs["dilation"][axis], n.attrs["kernel"][axis]) for n in stack if n.attrs["kernel"][axis] > 1]
+
+
+def field_width(stack: list[Node], axis: int) -> int:
+    return sum(r * (k - 1) for r, k in field_taps(stack, axis)) + 1
+
+
+def first_hole(stack: list[Node], axis: int) -> int | None:
+    """The first input position (from 0 at the start of the field) that no output of the stack
+    reaches, or None: closed form, whatever the sizes.
+
+    The reached positions are the sums of one tap offset r·m (m = 0 … k−1) per conv, and a sum does
+    not depend on the order of the convs. Taken by increasing rate, the sums so far fill [0, W]
+    (W = Σ r·(k−1) of the convs taken): a conv of rate r ≤ W + 1 keeps them contiguous, up to
+    W + r·(k−1); one of rate r > W + 1 leaves W + 1 unreached, since a sum that uses any tap of it
+    or of a later conv (all of rate ≥ r) is at least r, and the others are at most W."""
+    reach = 0
+    for r, k in sorted(field_taps(stack, axis)):
+        if r > reach + 1:
+            return reach + 1
+        reach += r * (k - 1)
+    return None
+
+
 def field_offsets(stack: list[Node], axis: int) -> set[int]:
     """The input positions along `axis` that reach one output of the stack, counted from the first
-    position of its field: every sum of one tap offset r·m (m = 0 … k−1) per conv."""
-    reach = {0}
-    for n in stack:
-        k, r = n.attrs["kernel"][axis], n.attrs["dilation"][axis]
-        reach = {p + r * m for p in reach for m in range(k)}
-    return reach
+    position of its field: every sum of one tap offset r·m (m = 0 … k−1) per conv. Computed on a
+    bit set, with O(log k) shifts per conv; callers keep the field within MAX_LISTED_FIELD."""
+    reach = 1
+    for r, k in field_taps(stack, axis):
+        taps = 1                         # reach covers shifts 0 … taps−1 of r so far
+        while taps < k:
+            more = min(taps, k - taps)
+            reach |= reach << (more * r)
+            taps += more
+    return {i for i in range(reach.bit_length()) if reach >> i & 1}
 
 
 def same_on_every_axis(values: list) -> bool:
@@ -150,26 +185,65 @@ def axis_phrase(axes: list[int], rank: int) -> str:
     return "along the " + " and ".join(names[a] for a in axes)
 
 
+def dilated_part(stack: list[Node]) -> list[Node]:
+    """The stack up to its last dilated conv: undilated convs after it only fill the grid's gaps."""
+    dilated = list(stack)
+    while dilated and all(r == 1 for r in dilated[-1].attrs["dilation"]):
+        dilated.pop()
+    return dilated
+
+
+def common_factors(stack: list[Node], rank: int, at_least: int = 1) -> list[int]:
+    """Per axis, the common factor of the rates of the convs with a kernel > 1 there (1 when fewer
+    than `at_least` of them)."""
+    return [math.gcd(*axis_rates(stack, a)) if len(axis_rates(stack, a)) >= max(at_least, 1) else 1
+            for a in range(rank)]
+
+
+def gridded_dilated_part(stack: list[Node]) -> list[Node] | None:
+    """The dilated part of a stack that an undilated conv follows, when two or more of its rates
+    along an axis share a factor > 1 (rates 2, 4, 6 then a 3×3 conv): the following conv reaches
+    every input again, but each unit of the dilated layers sees only a grid (§3.11)."""
+    rank = len(stack[0].attrs["kernel"])
+    dilated = dilated_part(stack)
+    if len(dilated) == len(stack) or any(f > 1 for f in common_factors(stack, rank)):
+        return None
+    return dilated if any(f > 1 for f in common_factors(dilated, rank, at_least=2)) else None
+
+
 @rule("W101", "dilation-gridding")
 def dilation_gridding(g: Graph):
     for stack in dilated_stacks(g):
         rank = len(stack[0].attrs["kernel"])
-        factors = [math.gcd(*axis_rates(stack, a)) if axis_rates(stack, a) else 1 for a in range(rank)]
+        factors = common_factors(stack, rank)
+        gridded = stack
+        if not any(f > 1 for f in factors):
+            gridded = gridded_dilated_part(stack)
+            if gridded is None:
+                continue
+            factors = common_factors(gridded, rank, at_least=2)
         axes = [a for a in range(rank) if factors[a] > 1]
-        if not axes:
-            continue
         a = axes[0]
-        rates = axis_rates(stack, a)
+        rates = axis_rates(gridded, a)
         f = factors[a]
         seen = math.prod(factors)
         where = axis_phrase(axes, rank)
-        rates_text = ints(rates) if same_on_every_axis([axis_rates(stack, b) for b in axes]) else \
-            "; ".join(ints(axis_rates(stack, b)) for b in axes)
-        yield warning(stack[-1], "W101",
-                      f"dilation rates {rates_text} share the factor {f}: only every {ordinal(f)} input "
-                      f"position{' ' + where if where else ''} reaches an output, so {seen - 1} in {seen} "
-                      f"inputs are never seen (gridding, §3.11); use rates without a common factor, such "
-                      f"as 1, 2, 5")
+        rates_text = ints(rates) if same_on_every_axis([axis_rates(gridded, b) for b in axes]) else \
+            "; ".join(ints(axis_rates(gridded, b)) for b in axes)
+        if gridded is stack:
+            yield warning(stack[-1], "W101",
+                          f"dilation rates {rates_text} share the factor {f}: only every {ordinal(f)} input "
+                          f"position{' ' + where if where else ''} reaches an output, so {seen - 1} in {seen} "
+                          f"inputs are never seen (gridding, §3.11); use rates without a common factor, such "
+                          f"as 1, 2, 5")
+            continue
+        last, follower = gridded[-1], stack[len(gridded)]
+        yield warning(last, "W101",
+                      f"dilation rates {rates_text} share the factor {f}: each unit of {last.label} sees only "
+                      f"every {ordinal(f)} position of the stack's input{' ' + where if where else ''}, a grid "
+                      f"that misses {seen - 1} in {seen} of them (gridding, §3.11); the undilated "
+                      f"{follower.label} after it re-mixes the phases, but the dilated layers themselves only "
+                      f"see a grid; use rates without a common factor, such as 1, 2, 5")
 
 
 def ordinal(n: int) -> str:
@@ -181,12 +255,10 @@ def ordinal(n: int) -> str:
 def dilation_order(g: Graph):
     for stack in dilated_stacks(g):
         rank = len(stack[0].attrs["kernel"])
-        if any(math.gcd(*axis_rates(stack, a)) > 1 for a in range(rank) if axis_rates(stack, a)):
+        if any(f > 1 for f in common_factors(stack, rank)) or gridded_dilated_part(stack) is not None:
             continue                     # W101 says what is wrong
         # Undilated convs after the dilated ones only fill gaps: the rule is about the dilated part.
-        dilated = list(stack)
-        while dilated and all(r == 1 for r in dilated[-1].attrs["dilation"]):
-            dilated.pop()
+        dilated = dilated_part(stack)
         last = stack[-1]
         disordered = [a for a in range(rank)
                       if len(axis_rates(dilated, a)) >= 2 and axis_rates(dilated, a)[-1] != max(axis_rates(dilated, a))]
@@ -200,13 +272,15 @@ def dilation_order(g: Graph):
         if not axes:
             continue
         a = axes[0]
-        width, gaps, centred = holes[a]
-        if centred:
-            listed = f"{ints(gaps[:-1])} and {gaps[-1]}" if len(gaps) > 1 else str(gaps[0])
-            where = f"the inputs {listed} position{'' if gaps == [1] else 's'} away from its centre on either " \
-                    f"side are never seen"
+        width, gaps, centred, complete = holes[a]
+        if not complete:                 # a huge field: its first hole, found in closed form
+            where = f"the inputs {gaps[0]} positions away from its centre on either side, and others, are never " \
+                    f"seen" if centred else f"position {gaps[0]} of them, and others, are never seen"
+        elif centred:
+            where = f"the inputs {listing(gaps)} position{'' if gaps == [1] else 's'} away from its centre on " \
+                    f"either side are never seen"
         else:
-            where = f"positions {ints(gaps)} of them are never seen"
+            where = f"positions {ints(gaps) if len(gaps) <= 8 else listing(gaps)} of them are never seen"
         same = all(holes[b] == holes[a] and axis_rates(stack, b) == axis_rates(stack, a) for b in axes)
         axis_text = axis_phrase(axes if same else [a], rank)
         yield warning(last, "W102",
@@ -216,17 +290,31 @@ def dilation_order(g: Graph):
                       f"1, 2, 5 with 3×3 kernels")
 
 
-def holes_of(stack: list[Node], axis: int) -> tuple[int, list[int], bool]:
+def holes_of(stack: list[Node], axis: int) -> tuple[int, list[int], bool, bool]:
     """(field width, the positions inside it no output reaches, whether they are counted from the
-    centre) along one axis. With odd kernels the field is symmetric and positions are distances
-    from its centre; otherwise they count from 1 at the field's start."""
+    centre, whether the list is complete) along one axis. With odd kernels the field is symmetric
+    and positions are distances from its centre; otherwise they count from 1 at the field's start.
+    A field wider than MAX_LISTED_FIELD lists only its first hole (found in closed form)."""
+    width = field_width(stack, axis)
+    centred = all(n.attrs["kernel"][axis] % 2 == 1 for n in stack)
+    centre = (width - 1) // 2
+    first = first_hole(stack, axis)
+    if first is None:
+        return width, [], centred, True
+    if width > MAX_LISTED_FIELD:
+        return width, [centre - first if centred else first + 1], centred, False
     reach = field_offsets(stack, axis)
-    width = max(reach) + 1
-    missing = sorted(set(range(width)) - reach)
-    if all(n.attrs["kernel"][axis] % 2 == 1 for n in stack):
-        centre = (width - 1) // 2
-        return width, sorted({abs(h - centre) for h in missing}), True
-    return width, [h + 1 for h in missing], False
+    missing = [h for h in range(width) if h not in reach]
+    if centred:
+        return width, sorted({abs(h - centre) for h in missing}), True, True
+    return width, [h + 1 for h in missing], False, True
+
+
+def listing(values: list[int]) -> str:
+    """`4`, `4 and 5`, `1, 2 and 3`, or the first few of a long list."""
+    if len(values) > 8:
+        return f"{ints(values[:6])} and {len(values) - 6} others"
+    return f"{ints(values[:-1])} and {values[-1]}" if len(values) > 1 else str(values[0])
 
 
 # ---- §3.4, §3.5 kernel sizes: W103, W104 ----------------------------------------------------

@@ -293,11 +293,14 @@ class ModelBase:
             want = (batch, *target_dims)
             if arr.shape != want:
                 raise ValueError(f"labels: expected shape {want}, got {arr.shape}")
-            arr = np.ascontiguousarray(arr, dtype=np.int64)
-            if arr.size and (arr.min() < 0 or arr.max() >= classes):
-                bad = arr[(arr < 0) | (arr >= classes)].flat[0]
-                raise ValueError(f"labels: class {bad} is out of range [0, {classes})")
-            return arr
+            # The range is checked on the labels as given, before int64: 1e20 or 2**64 - 1 would
+            # wrap to a negative class in the conversion and be reported as that.
+            outside = (arr < 0) | (arr >= classes)
+            if outside.any():
+                bad = arr[outside].flat[0]
+                shown = int(bad) if arr.dtype.kind == "f" else bad
+                raise ValueError(f"labels: class {shown} is out of range [0, {classes})")
+            return np.ascontiguousarray(arr, dtype=np.int64)
         arr = self._as_array(target, "target")
         if arr.shape != out_shape:
             raise ValueError(f"target: expected shape {out_shape} (like the output), got {arr.shape}")

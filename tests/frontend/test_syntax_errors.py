@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from convdsl import ConvDSLError
+from convdsl.frontend import ast
 from convdsl.frontend.parser import parse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,10 +83,11 @@ def one_statement(stmt: str) -> str:
 @pytest.mark.parametrize("text,message", [
     (one_statement("y = x -> conv(" + "1" * 5000 + ", kernel=3)"), "number too long (5000 digits)"),
     (one_statement("y = x -> leaky_relu(alpha=1e999)"), "too large for a float"),
-    (one_statement("y = x" + " -> relu" * 1000), "nests more than 128 levels deep"),
-    (one_statement("y = " + "-" * 1000 + "1"), "nests more than 128 levels deep"),
-    (one_statement("const k = " + "[" * 1000 + "1" + "]" * 1000), "nests more than 128 levels deep"),
-    (one_statement("y = conv(x, " + "1 + " * 1000 + "1)"), "nests more than 128 levels deep"),
+    (one_statement("y = " + "relu(" * 1000 + "x" + ")" * 1000), "nests more than 100 levels deep"),
+    (one_statement("y = x -> add(" * 200 + "x" + ")" * 200), "nests more than 100 levels deep"),
+    (one_statement("y = " + "-" * 1000 + "1"), "nests more than 100 levels deep"),
+    (one_statement("const k = " + "[" * 1000 + "1" + "]" * 1000), "nests more than 100 levels deep"),
+    (one_statement("y = conv(x, " + "1 + " * 1000 + "1)"), "nests more than 100 levels deep"),
     (one_statement("y = x -> maxpool(\u0662)"), "U+0662 ARABIC-INDIC DIGIT TWO"),
     (one_statement("y = x\x00"), "U+0000"),
     (one_statement("y = x\u202e"), "U+202E RIGHT-TO-LEFT OVERRIDE"),
@@ -111,8 +113,16 @@ def test_pathological_input_gives_a_located_error(text, message):
     assert message in first
 
 
-def test_the_deepest_accepted_chain_goes_through():
-    parse(one_statement("y = x" + " -> relu" * 120), "long.cnn")
+def test_the_deepest_accepted_nesting_goes_through():
+    parse(one_statement("y = " + "relu(" * 95 + "x" + ")" * 95), "deep.cnn")
+
+
+def test_a_chain_is_not_nesting_however_long():
+    module = parse(one_statement("y = x" + " -> relu" * 5000), "long.cnn")
+    depth, e = 0, module.items[0].body[1].value
+    while isinstance(e, ast.Call):
+        depth, e = depth + 1, e.args[0]
+    assert depth == 5000
 
 
 def test_odd_but_valid_text_parses():

@@ -172,3 +172,13 @@ def test_labels_are_checked():
     with pytest.raises(ValueError, match="lr"):
         net.train_step(x, np.array([0, 1]), lr=float("nan"))
     assert np.isfinite(net.train_step(x, np.array([0.0, 4.0]), lr=0.1))
+
+
+def test_labels_beyond_int64_are_reported_as_given():
+    # Converted to int64 first, 1e20 and 2**64 - 1 would wrap to a negative class.
+    net = convdsl.load_source(CLASSIFIER).Model()
+    x = np.zeros((2, 3, 8, 8), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"class 100000000000000000000 is out of range \[0, 5\)"):
+        net.train_step(x, np.array([0.0, 1e20]), lr=0.1)
+    with pytest.raises(ValueError, match=r"class 18446744073709551615 is out of range \[0, 5\)"):
+        net.train_step(x, np.array([2 ** 64 - 1, 0], dtype=np.uint64), lr=0.1)

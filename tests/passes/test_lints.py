@@ -3,6 +3,7 @@ stays silent on a correct counterpart, and can be allowed per line or per run.""
 from __future__ import annotations
 
 import os
+import random
 import re
 import subprocess
 import sys
@@ -78,12 +79,33 @@ def test_gridding_is_found_per_axis_and_through_1x1_convs():
                           "height reaches an output, so 1 in 2 inputs are never seen")
 
 
-def test_an_undilated_conv_after_the_stack_fills_the_grid():
-    assert codes("""
+def test_an_undilated_conv_after_the_stack_refills_the_grid_but_the_rates_still_grid():
+    # §3.11 calls the rates themselves bad: the conv after them re-mixes the phases, but each unit of
+    # the dilated layers sees a grid. The warning points at the last dilated conv, not the stack's end.
+    (diag,) = lint(graph_from_source("""network N {
     input x: [4, 32, 32]
     y = x -> conv(8, kernel=3, pad=same, dilation=2) -> relu -> conv(8, kernel=3, pad=same, dilation=4) -> relu
           -> conv(8, kernel=3, pad=same)
+    output y
+}
+"""))
+    assert (diag.code, diag.span.line, diag.span.col) == ("W101", 3, 65)
+    assert "re-mixes the phases, but the dilated layers themselves only see a grid" in diag.message
+
+
+def test_one_dilated_conv_before_an_undilated_one_is_not_a_gridded_stack():
+    assert codes("""
+    input x: [4, 32, 32]
+    y = x -> conv(8, kernel=3, pad=same, dilation=2) -> relu -> conv(8, kernel=3, pad=same)
     output y""") == []
+
+
+def test_the_order_rule_stays_quiet_when_the_rates_grid():
+    assert codes("""
+    input x: [4, 32, 32]
+    y = x -> conv(8, kernel=3, pad=same, dilation=6) -> conv(8, kernel=3, pad=same, dilation=2)
+          -> conv(8, kernel=3, pad=same)
+    output y""") == ["W101"]
 
 
 def test_a_pool_or_a_stride_ends_a_dilated_stack():
@@ -284,3 +306,41 @@ def test_allow_and_werror_on_the_command_line():
     assert two.returncode == 0 and two.stderr == ""
     unknown = run_check(path, "--allow", "W999")
     assert unknown.returncode == 1 and "unknown warning code(s) W999" in unknown.stderr
+
+
+# ---- hole analysis: exact on small fields, closed form on huge ones --------------------------------
+
+def brute_force_reach(taps):
+    """Every sum of one tap offset r·m (m < k) per conv: the definition, enumerated."""
+    reach = {0}
+    for r, k in taps:
+        reach = {p + r * m for p in reach for m in range(k)}
+    return reach
+
+
+def test_the_hole_analysis_matches_the_definition():
+    from types import SimpleNamespace
+    from convdsl.passes.lints import field_offsets, first_hole
+    rng = random.Random(3)
+    for _ in range(2000):
+        taps = [(rng.randint(1, 12), rng.randint(2, 6)) for _ in range(rng.randint(1, 4))]
+        stack = [SimpleNamespace(attrs={"kernel": (k,), "dilation": (r,)}) for r, k in taps]
+        reach = brute_force_reach(taps)
+        missing = sorted(set(range(max(reach) + 1)) - reach)
+        assert field_offsets(stack, 0) == reach
+        assert first_hole(stack, 0) == (missing[0] if missing else None)
+
+
+def test_huge_rates_and_kernels_are_analysed_without_enumerating_the_field(monkeypatch):
+    import convdsl.passes.lints as lints
+
+    def enumerate_field(stack, axis):
+        raise AssertionError("a field of millions of positions was enumerated")
+    monkeypatch.setattr(lints, "field_offsets", enumerate_field)
+    (msg,) = messages("""
+    input x: [4, 8]
+    y = x -> conv(4, kernel=3, pad=same) -> conv(4, kernel=3, pad=same, dilation=16777216)
+    output y""")
+    assert msg.startswith("dilation rates 1, 16777216 leave holes: an output spans 33554435 input positions, and "
+                          "the inputs 16777214 positions away from its centre on either side, and others, are "
+                          "never seen")
