@@ -48,6 +48,24 @@ def module_name(network: str) -> str:
     return checked_identifier(network.lower())
 
 
+# Names in the generated C file, and why no two can be equal whatever the .cnn file says:
+#   public API   `<prefix>_<suffix>`: the prefix is the network name lower-cased and every suffix
+#                (create, loss, forward, …, real, model) is lower case, so a public name never
+#                holds an upper-case letter;
+#   helpers      `cdsl_<lower case>` fixed in templates/c, `real`, `model_t`: none ends in
+#                `_<public suffix>` and `real` has no `_`, so none is `<prefix>_<suffix>` for any
+#                prefix (tests/e2e/test_identifiers.py checks every template for both rules);
+#   layers       `cdsl_L<node id>_<label>` below: the upper-case `L` keeps them apart from every
+#                public name and every helper, and the id, followed by `_` and a label that cannot
+#                start with a digit, keeps two layers apart; `cdsl_` keeps them off C keywords and
+#                every library name (no header uses that prefix).
+# Nothing else from the file becomes an identifier: value, input and parameter names reach the
+# C only inside comments and string literals.
+def layer_function(node_id: int, label: str) -> str:
+    """The stem of one layer's kernels: `cdsl_L3_inception1_conv3` (+ `_forward`, …)."""
+    return f"cdsl_L{node_id}_" + checked_identifier(label, dotted=True).replace(".", "_")
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resources.templates_dir())),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
@@ -176,7 +194,7 @@ def render_c(plan: Plan, backend: Backend = C) -> CSource:
                                       slot.spec.trainable, slot.size, slot.spec.shape)
         buffers = {local: BufferView(f"(m->buffers + {slot.offset})", slot.size)
                    for local, slot in plan.layer_buffers(node.layer).items()}
-        fn = f"n{nid}_" + checked_identifier(node.label, dotted=True).replace(".", "_")
+        fn = layer_function(nid, node.label)
         label = checked_identifier(node.label, dotted=True)
         nodes.append(NodeView(
             fn=fn, label=label, line=node.span.line, op=node.op,
