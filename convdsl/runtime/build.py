@@ -30,6 +30,9 @@ from ..errors import ConvDSLError
 # is exported by Python's PyMODINIT_FUNC). Exported, a network named `pthread` had its
 # `pthread_create` bound to libc's at load time, and the first call crashed.
 C_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-wrapv", "-fPIC", "-fvisibility=hidden")
+# The generated code compiles without a warning under these; any warning a build still prints is
+# shown as a CompilerWarning (an error in the test suite), never dropped. They change no code.
+WARNING_FLAGS = ("-Wall", "-Wextra")
 LINK_FLAGS = ("-shared", "-fopenmp", "-lm")
 # CONVDSL_SANITIZE=1 builds every module with AddressSanitizer and UndefinedBehaviorSanitizer
 # (-O1 keeps the reports' stacks readable). The generated C then puts poisoned guard zones
@@ -46,8 +49,8 @@ def sanitizing() -> bool:
 def c_flags() -> tuple[str, ...]:
     """The compile flags of a build now: C_FLAGS, or with the sanitizers their -O3 replaced."""
     if sanitizing():
-        return tuple(f for f in C_FLAGS if not f.startswith("-O")) + SANITIZE_FLAGS
-    return C_FLAGS
+        return tuple(f for f in C_FLAGS if not f.startswith("-O")) + SANITIZE_FLAGS + WARNING_FLAGS
+    return C_FLAGS + WARNING_FLAGS
 
 
 def link_flags() -> tuple[str, ...]:
