@@ -102,6 +102,8 @@ CASES = (
     conv_case("depthwise-1d-m2-same-odd", (3, 10), None, 4, kind="depthwise", multiplier=2, pad="same"),
     conv_case("depthwise-3d-flip", (2, 4, 5, 6), None, 3, kind="depthwise", stride=(1, 2, 2), pad=1, flip=True),
     conv_case("depthwise-nobias-full", (2, 4, 4), None, 3, kind="depthwise", multiplier=3, bias=False, pad="full"),
+    # wider than 64 taps: read from the weights, no copy of the row's taps on a thread's stack
+    conv_case("depthwise-1d-wide-kernel-flip", (2, 80), None, 70, kind="depthwise", pad="same", flip=True),
     conv_case("conv-groups-is-channels", (3, 6, 6), 6, 3, groups=3),
     # separable: depthwise (stride, pad, dilation) then a 1×1 conv with the bias
     conv_case("separable-2d", (4, 7, 6), 5, 3, kind="separable", stride=2, pad="same"),
