@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from convdsl.runtime.build import c_flags, cache_key, link_flags
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "sanitize.sh"
 REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer")
@@ -22,6 +24,15 @@ def sanitized(args, tmp_path: Path, timeout: int) -> subprocess.CompletedProcess
     env.pop("CONVDSL_CACHE_DIR", None)
     return subprocess.run(["sh", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env=env)
+
+
+def test_sanitized_builds_have_flags_and_a_cache_key_of_their_own(monkeypatch):
+    monkeypatch.delenv("CONVDSL_SANITIZE", raising=False)
+    plain_key, plain_flags = cache_key("source"), c_flags()
+    monkeypatch.setenv("CONVDSL_SANITIZE", "1")
+    assert cache_key("source") != plain_key
+    assert "-fsanitize=address,undefined" in c_flags() and "-O3" not in c_flags() and "-O3" in plain_flags
+    assert "-fsanitize=address,undefined" in link_flags()
 
 
 def assert_clean(proc: subprocess.CompletedProcess) -> None:
