@@ -79,9 +79,8 @@ NETWORKS = {
                           " y = x -> l -> relu\n output y\n loss mse(y)\n}\n",
     # layers named like the helpers, C keywords and libc functions; a network named like a C type
     "float-with-helper-names": "network float {\n input x: [1, 4, 4]\n layer real = conv(2, kernel=3, pad=same)\n"
-                               " layer int = conv(2, kernel=1)\n layer main = conv(2, kernel=3, pad=same)\n"
-                               " layer free = conv(2, kernel=1)\n layer model_t = conv(2, kernel=1)\n"
-                               " layer cdsl_gemm = conv(2, kernel=3, pad=same)\n layer cdsl_L0_real = conv(2, kernel=1)\n"
+                               " layer int = relu\n layer main = tanh\n layer free = conv(2, kernel=1)\n"
+                               " layer model_t = sigmoid\n layer cdsl_gemm = relu\n layer cdsl_L0_real = relu\n"
                                " y = x -> real -> int -> main -> free -> model_t -> cdsl_gemm -> cdsl_L0_real\n"
                                " output y\n loss mse(y)\n}\n",
     "model_t": "network model_t {\n input x: [1, 4, 4]\n layer cdsl = conv(2, kernel=1)\n y = x -> cdsl\n"

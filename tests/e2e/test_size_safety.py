@@ -59,14 +59,14 @@ def test_a_static_size_beyond_int64_is_refused_at_compile_time():
 
 
 def test_sizes_beyond_int_range_compile_cleanly_and_hit_the_memory_limit(tmp_path):
-    """6.4e9 elements per sample: 64-bit literals in the C (no warning), and prepare's memory
+    """6.4e11 elements per sample: 64-bit literals in the C (no warning), and prepare's memory
     check refuses the batch with the true size."""
-    src = "network Wide {\n    input x: [1, 2, 2]\n    y = x -> upsample(40000)\n    output y\n}\n"
+    src = "network Wide {\n    input x: [1, 2, 2]\n    y = x -> upsample(400000)\n    output y\n}\n"
     code = compile_graph(graph_from_source(src)).source.c
-    assert "INT64_C(6400000000)" in code
+    assert "INT64_C(640000000000)" in code
     assert_c_compiles_cleanly(src, tmp_path)
     net = convdsl.load_source(src).Model(seed=0)
-    with pytest.raises(ValueError, match=r"would need 51\.2 GB of activations, more than the limit"):
+    with pytest.raises(ValueError, match=r"would need 5\.12e\+03 GB of activations, more than the limit"):
         net.forward(np.ones((1, 1, 2, 2), np.float32))
 
 
