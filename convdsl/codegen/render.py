@@ -112,9 +112,11 @@ class DimRenderer:
     """Renders dims to C: ints as literals, run-time expressions as slots filled by prepare.
 
     prepare computes every slot with each + and * checked for int64 overflow (checked_c), so a
-    kernel only ever sees sizes that are exact; since every tensor's element count is itself a
-    slot (or a literal) and prepare bounds each count by the memory limit, every index a kernel
-    forms from these sizes — a product of extents of one tensor — stays below that count."""
+    kernel only ever sees sizes that are exact. Every tensor's element count is itself a slot
+    (or a literal), and prepare keeps the arena — each count times the batch, added up — below
+    both 2^63 bytes and the memory limit, so every index a kernel forms from these sizes (a
+    product of extents of one tensor) fits int64. Products across tensors, such as a layer's
+    multiply-adds, are estimated in double in the templates."""
 
     def __init__(self, sym_dims: tuple[str, ...]):
         self.sym_index = {name: i for i, name in enumerate(sym_dims)}
