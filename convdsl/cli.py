@@ -136,7 +136,7 @@ def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_fl
     libraries = [f"lib{prefix}.{kind}" for _, prefix in written for kind in ("a", "so")]
     text = environment().get_template("c/Makefile.j2").render(
         networks=networks, libraries=libraries, source_name=comment_safe(source),
-        optimise_flags=[f for f in c_flags if f not in ("-fopenmp", "-fPIC")])
+        optimise_flags=[f for f in c_flags if f not in ("-fopenmp", "-fPIC") and not f.startswith("-fvisibility")])
     (out / "Makefile").write_text(text)
     print(f"wrote {out / 'Makefile'}: `make -C {out}` builds {', '.join(libraries)}; "
           f"`make -C {out} {networks[0]['demo_target']} DEMO=program.c` links a C program against it")

@@ -91,11 +91,53 @@ def check_module_names(networks) -> None:
         seen[module] = net
 
 
+# Names in the generated C file, and why no two can be equal whatever the .cnn file says:
+#   public API   `<prefix>_<suffix>`: the prefix is the network name lower-cased and every suffix
+#                (create, loss, forward, …, real, model) is lower case, so a public name never
+#                holds an upper-case letter;
+#   helpers      `cdsl_<lower case>` fixed in templates/c, `real`, `model_t`: none ends in
+#                `_<public suffix>` and `real` has no `_`, so none is `<prefix>_<suffix>` for any
+#                prefix (tests/e2e/test_identifiers.py checks every template for both rules);
+#   layers       `cdsl_L<node id>_<label>` below: the upper-case `L` keeps them apart from every
+#                public name and every helper, and the id, followed by `_` and a label that cannot
+#                start with a digit, keeps two layers apart; `cdsl_` keeps them off C keywords and
+#                every library name (no header uses that prefix).
+# Nothing else from the file becomes an identifier: value, input and parameter names reach the
+# C only inside comments and string literals.
+def layer_function(node_id: int, label: str) -> str:
+    """The stem of one layer's kernels: `cdsl_L3_inception1_conv3` (+ `_forward`, …)."""
+    return f"cdsl_L{node_id}_" + checked_identifier(label, dotted=True).replace(".", "_")
+
+
+INT64_MAX = 2 ** 63 - 1
+INT32_MAX = 2 ** 31 - 1
+
+
+def c_int(n: int) -> str:
+    """An integer as C: a plain literal within int range, `INT64_C(n)` beyond it, so that every
+    size reads as 64-bit in any expression; past int64 it cannot be written at all (gcc once
+    said "integer constant is too large" and wrapped it, and no one saw the warning)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ConvDSLError(None, f"internal error: {n!r} is not an integer for generated code")
+    if not -INT64_MAX <= n <= INT64_MAX:
+        raise ConvDSLError(None, f"the number {n} is too large for the generated code: sizes, counts and "
+                                 f"offsets must stay below 2^63")
+    return str(n) if -INT32_MAX <= n <= INT32_MAX else f"INT64_C({n})"
+
+
+def _finalize(value):
+    """Every `{{ … }}` of a template goes through here: integers only as c_int writes them."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return c_int(value)
+    return value
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resources.templates_dir())),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             trim_blocks=False, lstrip_blocks=False, autoescape=False)
+                             trim_blocks=False, lstrip_blocks=False, autoescape=False, finalize=_finalize)
     env.filters["ident"] = checked_identifier
+    env.filters["c_int"] = c_int
     return env
 
 
@@ -110,7 +152,14 @@ def environment() -> jinja2.Environment:
 
 
 class DimRenderer:
-    """Renders dims to C: ints as literals, run-time expressions as slots filled by prepare."""
+    """Renders dims to C: ints as literals, run-time expressions as slots filled by prepare.
+
+    prepare computes every slot with each + and * checked for int64 overflow (checked_c), so a
+    kernel only ever sees sizes that are exact. Every tensor's element count is itself a slot
+    (or a literal), and prepare keeps the arena — each count times the batch, added up — below
+    both 2^63 bytes and the memory limit, so every index a kernel forms from these sizes (a
+    product of extents of one tensor) fits int64. Products across tensors, such as a layer's
+    multiply-adds, are estimated in double in the templates."""
 
     def __init__(self, sym_dims: tuple[str, ...]):
         self.sym_index = {name: i for i, name in enumerate(sym_dims)}
@@ -118,14 +167,53 @@ class DimRenderer:
 
     def __call__(self, d: Dim) -> str:
         if isinstance(d, int):
-            return str(d)
+            return c_int(d)
         if d not in self.slots:
             self.slots[d] = len(self.slots)
         return f"m->dim[{self.slots[d]}]"
 
     def slot_exprs(self):
-        return [{"index": i, "expr": D.to_c(d, lambda n: f"m->sym[{self.sym_index[n]}]"), "text": D.to_text(d)}
+        return [{"index": i, "expr": checked_c(d, lambda n: f"m->sym[{self.sym_index[n]}]"), "text": D.to_text(d)}
                 for d, i in self.slots.items()]
+
+
+def checked_c(d: Dim, var) -> str:
+    """A run-time size as C in which every sum and product goes through cdsl_add / cdsl_mul, which
+    set `overflow` instead of wrapping (prepare refuses the sizes then). `var(name)` renders a
+    run-time size."""
+    if isinstance(d, int):
+        return c_int(d)
+    total = None
+    for atom, coeff in d.terms:
+        term = _checked_atom(atom, var)
+        if total is not None and coeff < 0:          # written as a subtraction, as a person would
+            magnitude = term if coeff == -1 else f"cdsl_mul(&overflow, {c_int(-coeff)}, {term})"
+            total = f"cdsl_sub(&overflow, {total}, {magnitude})"
+            continue
+        if coeff != 1:
+            term = f"cdsl_mul(&overflow, {c_int(coeff)}, {term})"
+        total = term if total is None else f"cdsl_add(&overflow, {total}, {term})"
+    if d.const > 0:
+        return f"cdsl_add(&overflow, {total}, {c_int(d.const)})"
+    if d.const < 0:
+        return f"cdsl_sub(&overflow, {total}, {c_int(-d.const)})"
+    return total
+
+
+def _checked_atom(atom: D.Atom, var) -> str:
+    if atom.kind == "var":
+        return var(atom.name)
+    if atom.kind == "floordiv":
+        inner, k = atom.args
+        return f"cdsl_floordiv({checked_c(inner, var)}, {c_int(k)})"
+    if atom.kind == "max":
+        a, b = atom.args
+        return f"cdsl_max({checked_c(a, var)}, {checked_c(b, var)})"
+    factors = [_checked_atom(f, var) for f in atom.args]            # mul: a product of atoms
+    product = factors[0]
+    for f in factors[1:]:
+        product = f"cdsl_mul(&overflow, {product}, {f})"
+    return product
 
 
 @dataclass
@@ -189,9 +277,29 @@ class CSource:
     cdef: str
 
 
+def _check_sizes_fit(plan: Plan) -> None:
+    """Every size the C holds as a number must fit int64: per-sample element counts (prepare then
+    multiplies them by the batch with overflow checks) and the parameter block; said at the layer."""
+    g = plan.graph
+    for v in g.values:
+        node = g.nodes[v.producer] if v.producer is not None else None
+        try:
+            checked_c(D.product(v.type.shape), lambda name: name)
+        except ConvDSLError:
+            what = f"the output of {node.label}" if node is not None else "this input"
+            raise ConvDSLError(node.span if node is not None else g.span,
+                               f"{what} would have {D.to_text(D.product(v.type.shape))} elements per sample, "
+                               f"more than 64-bit sizes can count (2^63)") from None
+    for slot in plan.params:
+        if slot.offset + slot.size > INT64_MAX:
+            raise ConvDSLError(slot.layer.span, f"the parameters up to `{slot.full_name}` would have "
+                                                f"{slot.offset + slot.size} elements, more than 64-bit sizes can count")
+
+
 def render_c(plan: Plan, backend: Backend = C) -> CSource:
     g: Graph = plan.graph
     backend.check_supported(g)
+    _check_sizes_fit(plan)
     prefix = module_name(g.name)
     dtype = g.dtype
     c = DimRenderer(g.sym_dims)
@@ -219,7 +327,7 @@ def render_c(plan: Plan, backend: Backend = C) -> CSource:
                                       slot.spec.trainable, slot.size, slot.spec.shape)
         buffers = {local: BufferView(f"(m->buffers + {slot.offset})", slot.size)
                    for local, slot in plan.layer_buffers(node.layer).items()}
-        fn = f"n{nid}_" + checked_identifier(node.label, dotted=True).replace(".", "_")
+        fn = layer_function(nid, node.label)
         label = checked_identifier(node.label, dotted=True)
         nodes.append(NodeView(
             fn=fn, label=label, line=node.span.line, op=node.op,

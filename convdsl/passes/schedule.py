@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..ir import dims as D
 from ..ir.dims import Dim
-from ..ir.graph import Graph, Layer, ParamSpec
+from ..ir.graph import Graph, Layer, ParamSpec, TensorType
 from ..ops.base import BufferSpec, lookup
 
 
@@ -84,14 +84,30 @@ def buffer_layout(graph: Graph) -> tuple[BufferSlot, ...]:
     return tuple(slots)
 
 
-def choose_algorithm(node) -> str | None:
+def reads_input_as_columns(attrs: dict, in_type: TensorType, out_type: TensorType) -> bool:
+    """True when a convolution's column matrix is its input, unchanged: every kernel extent and
+    stride 1 (dilation then moves nothing), no padding before or after any axis, so the output
+    grid is the input grid. Decided from the attributes, never from rendered C."""
+    return (all(k == 1 for k in attrs["kernel"]) and all(s == 1 for s in attrs["stride"])
+            and all(before == 0 and after == 0 for before, after in attrs["pads"])
+            and tuple(out_type.spatial) == tuple(in_type.spatial))
+
+
+# Algorithms that need no column matrix, so no per-sample scratch.
+_NO_COLUMNS = frozenset({"direct", "gemm_1x1"})
+
+
+def choose_algorithm(node, in_type: TensorType | None = None, out_type: TensorType | None = None) -> str | None:
     """How a convolution runs. im2col + GEMM in general; with one input channel per group
-    (depthwise) the GEMMs would have a single row, so a direct loop over the window wins."""
+    (depthwise) the GEMMs would have a single row, so a direct loop over the window wins; a 1×1
+    convolution without stride or padding is one GEMM on the input itself (`gemm_1x1`)."""
     algo = node.attrs.get("algo")
     if algo is None:
         return None
     if algo == "auto" and node.attrs["groups"] > 1 and node.attrs["in"] == node.attrs["groups"]:
         return "direct"
+    if in_type is not None and out_type is not None and reads_input_as_columns(node.attrs, in_type, out_type):
+        return "gemm_1x1"
     return "im2col"
 
 
@@ -109,11 +125,12 @@ def make_plan(graph: Graph) -> Plan:
     for node in graph.nodes:
         op = lookup(node.op)
         in_types = tuple(graph.values[v].type for v in node.inputs)
-        algo = choose_algorithm(node)
+        out_type = graph.values[node.output].type
+        algo = choose_algorithm(node, in_types[0] if in_types else None, out_type)
         if algo is not None:
             algorithms.append((node.id, algo))
-        need = op.scratch_elements(in_types, graph.values[node.output].type, node.attrs)
-        if need != 0 and algo != "direct":
+        need = op.scratch_elements(in_types, out_type, node.attrs)
+        if need != 0 and algo not in _NO_COLUMNS:
             scratch.append(need)
         keep = op.saved_elements(in_types, graph.values[node.output].type, node.attrs)
         if keep != 0:

@@ -29,13 +29,46 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import warnings
 from pathlib import Path
 
 from ..errors import ConvDSLError
 
 # -fno-wrapv: Python's own CFLAGS carry -fwrapv, which stopped gcc from vectorising conv loops.
-C_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-wrapv", "-fPIC")
+# -fvisibility=hidden: the network's C API stays inside the extension (cffi's module entry point
+# is exported by Python's PyMODINIT_FUNC). Exported, a network named `pthread` had its
+# `pthread_create` bound to libc's at load time, and the first call crashed.
+C_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-wrapv", "-fPIC", "-fvisibility=hidden")
+# The generated code compiles without a warning under these; any warning a build still prints is
+# shown as a CompilerWarning (an error in the test suite), never dropped. They change no code.
+WARNING_FLAGS = ("-Wall", "-Wextra")
 LINK_FLAGS = ("-shared", "-fopenmp", "-lm")
+# CONVDSL_SANITIZE=1 builds every module with AddressSanitizer and UndefinedBehaviorSanitizer
+# (-O1 keeps the reports' stacks readable). The generated C then puts poisoned guard zones
+# between the regions of its activation arena, so that an overrun from one region into the
+# next is reported too. Loading such a module needs libasan first in the process: see
+# tests/sanitize.sh and docs/testing.md.
+SANITIZE_FLAGS = ("-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer")
+
+
+def sanitizing() -> bool:
+    return os.environ.get("CONVDSL_SANITIZE", "") not in ("", "0")
+
+
+def c_flags() -> tuple[str, ...]:
+    """The compile flags of a build now: C_FLAGS, or with the sanitizers their -O3 replaced."""
+    if sanitizing():
+        return tuple(f for f in C_FLAGS if not f.startswith("-O")) + SANITIZE_FLAGS + WARNING_FLAGS
+    return C_FLAGS + WARNING_FLAGS
+
+
+def link_flags() -> tuple[str, ...]:
+    return LINK_FLAGS + (("-fsanitize=address,undefined",) if sanitizing() else ())
+
+
+class CompilerWarning(UserWarning):
+    """The C compiler accepted the generated code but warned about it: a convdsl bug to report
+    (the test suite turns this warning into an error)."""
 
 
 def cache_root() -> Path:
@@ -93,7 +126,7 @@ def _cpu_id() -> str:
 def cache_key(*texts: str) -> str:
     import cffi
     h = hashlib.sha256()
-    for part in (*texts, "\0".join(C_FLAGS + LINK_FLAGS), _compiler_version(compiler()), _cpu_id(),
+    for part in (*texts, "\0".join(c_flags() + link_flags()), _compiler_version(compiler()), _cpu_id(),
                  sys.implementation.cache_tag or "", sysconfig.get_config_var("EXT_SUFFIX") or "",
                  cffi.__version__, "convdsl-build-3"):
         h.update(part.encode())
@@ -176,8 +209,8 @@ def _build_in(work: Path, prefix: str, ext_name: str, key: str, target: Path,
         ffi.emit_c_code(str(work / wrapper))
     # Relative names, run inside the build folder: the temporary folder's name does not end
     # up in the binary, so every build of one key is byte for byte the same file.
-    cmd = [compiler(), *C_FLAGS, f"-I{sysconfig.get_paths()['include']}", "-I.", wrapper,
-           "-o", target.name, *LINK_FLAGS]
+    cmd = [compiler(), *c_flags(), f"-I{sysconfig.get_paths()['include']}", "-I.", wrapper,
+           "-o", target.name, *link_flags()]
     try:
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -187,6 +220,13 @@ def _build_in(work: Path, prefix: str, ext_name: str, key: str, target: Path,
         log.write_text(" ".join(cmd) + "\n\n" + proc.stderr)
         raise ConvDSLError(None, f"internal error: the C compiler rejected the generated code for {prefix} "
                                  f"(this is a convdsl bug; the compiler's output is in {log})")
+    # A warning is never dropped: the generated code is meant to compile without one.
+    if "warning:" in proc.stderr:
+        log = cache_root() / f"warnings-{key[:16]}.log"
+        log.write_text(" ".join(cmd) + "\n\n" + proc.stderr)
+        warnings.warn(CompilerWarning(f"the C compiler warned about the generated code for {prefix} "
+                                      f"(a convdsl bug; its output is in {log}):\n{proc.stderr.strip()[:2000]}"),
+                      stacklevel=3)
     built = work / target.name
     size, sha256 = file_digest(built)
     (work / "manifest.json").write_text(json.dumps({"file": target.name, "size": size, "sha256": sha256}))

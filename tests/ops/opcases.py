@@ -6,9 +6,7 @@ differences. Nothing here computes an expected value from the code under test.
 """
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from convdsl import ConvDSLError
 from convdsl.compiler import compile_graph, graph_from_source
 from convdsl.passes.stats import collect
 from reference import assert_close, to_nchw, to_nhwc
+from ccheck import assert_c_compiles_cleanly  # noqa: F401  (the op tests import it from here)
 
 # Central differences in float64: the error is rounding (~1e-16·|L| / eps) plus eps²·L''' — far
 # below these bounds for the small, well-scaled tensors used here.
@@ -147,17 +146,6 @@ def finite_differences(module, cases, rng, batch: int = 2, net=None, label: str 
         numeric = (up - down) / (2 * FD_EPS)
         assert_close(np.array(numeric), np.array(float((g * v).sum())), what=f"finite differences{label}, {what}",
                      **FD_TOL)
-
-
-def assert_c_compiles_cleanly(src: str, tmp_path: Path) -> None:
-    """The generated C passes `gcc -std=c11 -Wall -Wextra -Werror` (with OpenMP, as it is built)."""
-    code = compile_graph(graph_from_source(src)).source
-    (tmp_path / f"{code.prefix}.h").write_text(code.h)
-    c_file = tmp_path / f"{code.prefix}.c"
-    c_file.write_text(code.c)
-    proc = subprocess.run(["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", "-fopenmp", "-c", str(c_file),
-                           "-o", str(tmp_path / "net.o")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
 
 
 def error_of(body: str) -> ConvDSLError:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import convdsl
 from convdsl.compiler import graph_from_source, module_meta
+from convdsl.passes.schedule import make_plan
 from opcases import Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, run_cases, source
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
 
@@ -82,6 +83,12 @@ CASES = (
     conv_case("2d-stride-beyond-kernel", (2, 9, 9), 2, 2, stride=4),
     conv_case("2d-pointwise-stride", (5, 6, 7), 4, 1, stride=2),
     conv_case("2d-pointwise-groups", (6, 3, 5), 4, 1, groups=2),
+    # 1×1 padded only after an axis: the output grid is larger than the input, so the input is
+    # not the column matrix (issue 7: the plan once looked at the padding before each axis only)
+    conv_case("2d-pointwise-pad-after", (3, 5, 6), 4, 1, pad=((0, 0), (0, 2))),
+    conv_case("1d-pointwise-pad-after", (3, 7), 2, 1, pad=((0, 3),)),
+    conv_case("2d-pointwise-groups-pad-after", (6, 4, 5), 4, 1, groups=2, pad=((0, 1), (0, 0))),
+    conv_case("3d-pointwise-pad-after-nobias", (2, 3, 2, 4), 3, 1, pad=((0, 0), (0, 0), (0, 1)), bias=False),
     conv_case("2d-frozen", (3, 6, 5), 2, 3, frozen=True, pad="same"),
     # 3-D
     conv_case("3d-same-mixed", (2, 5, 6, 7), 3, (3, 2, 3), stride=(2, 1, 2), dilation=(1, 2, 1), pad="same"),
@@ -95,6 +102,8 @@ CASES = (
     conv_case("depthwise-1d-m2-same-odd", (3, 10), None, 4, kind="depthwise", multiplier=2, pad="same"),
     conv_case("depthwise-3d-flip", (2, 4, 5, 6), None, 3, kind="depthwise", stride=(1, 2, 2), pad=1, flip=True),
     conv_case("depthwise-nobias-full", (2, 4, 4), None, 3, kind="depthwise", multiplier=3, bias=False, pad="full"),
+    # wider than 64 taps: read from the weights, no copy of the row's taps on a thread's stack
+    conv_case("depthwise-1d-wide-kernel-flip", (2, 80), None, 70, kind="depthwise", pad="same", flip=True),
     conv_case("conv-groups-is-channels", (3, 6, 6), 6, 3, groups=3),
     # separable: depthwise (stride, pad, dilation) then a 1×1 conv with the bias
     conv_case("separable-2d", (4, 7, 6), 5, 3, kind="separable", stride=2, pad="same"),
@@ -107,6 +116,9 @@ CASES = (
     conv_case("runtime-same-stride", (3, 9, 7), 4, 3, stride=2, pad="same", dims=(3, "H", "W"), shape2=(3, 6, 10)),
     conv_case("runtime-1d-depthwise", (2, 9), None, 3, kind="depthwise", pad="same", stride=2, dims=(2, "L"),
               shape2=(2, 14)),
+    conv_case("runtime-pointwise", (3, 5, 4), 4, 1, dims=(3, "A", "B"), shape2=(3, 7, 2)),
+    conv_case("runtime-pointwise-pad-after", (3, 5, 4), 2, 1, pad=((0, 2), (0, 0)), dims=(3, "C", "E"),
+              shape2=(3, 3, 6)),
 )
 IDS = [c.id for c in CASES]
 
@@ -157,6 +169,18 @@ def test_parameter_shapes_follow_the_reference():
     sep1 = IDS.index("separable-1d-dilated-nobias")
     assert {k: v for k, v in shapes.items() if k.startswith(f"L{sep1}.")} == {
         f"L{sep1}.dw.weight": (3, 1, 3), f"L{sep1}.pw.weight": (2, 3, 1)}
+
+
+def test_the_plan_takes_the_1x1_shortcut_only_when_the_input_is_the_column_matrix():
+    """From the attributes: kernel and stride 1 and no padding before or after any axis."""
+    plan = make_plan(graph_from_source(source(CASES)))
+    by_label = {node.label: plan.algorithm(node.id) for node in plan.graph.nodes}
+    algorithm = {case.id: by_label[f"L{i}"] for i, case in enumerate(CASES) if f"L{i}" in by_label}
+    for case_id in ("2d-pointwise-groups", "runtime-pointwise"):
+        assert algorithm[case_id] == "gemm_1x1", case_id
+    for case_id in ("2d-pointwise-pad-after", "1d-pointwise-pad-after", "2d-pointwise-groups-pad-after",
+                    "3d-pointwise-pad-after-nobias", "runtime-pointwise-pad-after", "2d-pointwise-stride"):
+        assert algorithm[case_id] == "im2col", case_id
 
 
 def test_generated_c_has_no_warnings(tmp_path):

@@ -1,0 +1,59 @@
+"""No generated C draws a compiler warning. Every real build compiles with -Wall -Wextra and shows
+whatever the compiler prints as a CompilerWarning, which tests/conftest.py turns into an error:
+so each module any test builds (every example, every op test network in each dtype and layout it
+is built in) is checked as it is built. Here: that a warning does come out, and — slow — the
+stricter `-std=c11 -Wall -Wextra -Werror` (tests/ccheck.py) over the examples and every op test
+file's cases in both dtypes and both layouts."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from ccheck import assert_generated_c_compiles_cleanly
+from convdsl.compiler import compile_graph, graph_from_file, graph_from_source, networks_in_file
+from convdsl.runtime.build import CompilerWarning, build_extension
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = [(path, name) for path in sorted((REPO / "examples").glob("*.cnn")) for name in networks_in_file(path)]
+OPS = REPO / "tests" / "ops"
+OP_FILES = sorted(p for p in OPS.glob("test_*.py") if "\nCASES = (" in p.read_text())
+
+
+def test_a_build_that_draws_a_warning_says_so():
+    """gcc's "integer constant is too large" (the literal is 2^64) was once printed and dropped."""
+    code = compile_graph(graph_from_source("network Warns {\n input x: [1, 2, 2]\n y = x -> relu\n output y\n}\n")).source
+    c_text = code.c + "\nstatic const long long cdsl_probe_literal = 18446744073709551616;\n"
+    with pytest.warns(CompilerWarning, match="integer constant is too large"):
+        build_extension(code.prefix, c_text, code.h, code.cdef)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,network", EXAMPLES, ids=[f"{p.stem}:{n}" for p, n in EXAMPLES])
+def test_every_example_compiles_without_a_warning(path, network, tmp_path):
+    assert_generated_c_compiles_cleanly(compile_graph(graph_from_file(path, network)).source, tmp_path)
+
+
+def op_cases(path: Path):
+    """The CASES of one op test file (and MAP_CASES where it has them), imported from its file."""
+    if str(OPS) not in sys.path:
+        sys.path.insert(0, str(OPS))
+    spec = importlib.util.spec_from_file_location(f"_warnings_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return tuple(module.CASES) + tuple(getattr(module, "MAP_CASES", ()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", OP_FILES, ids=[p.stem for p in OP_FILES])
+def test_every_op_test_network_compiles_without_a_warning(path, tmp_path):
+    cases = op_cases(path)
+    from opcases import source           # importable once op_cases put tests/ops on the path
+    assert cases
+    for dtype, layout in (("f32", "NCHW"), ("f64", "NHWC")):
+        src = source(cases, dtype, layout)
+        out = tmp_path / f"{dtype}-{layout}"
+        out.mkdir()
+        assert_generated_c_compiles_cleanly(compile_graph(graph_from_source(src)).source, out)
