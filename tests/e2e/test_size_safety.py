@@ -58,9 +58,23 @@ def test_a_static_size_beyond_int64_is_refused_at_compile_time():
     assert info.value.span is not None and info.value.span.line == 3, str(info.value)
 
 
-def test_sizes_beyond_int_range_compile_cleanly_and_hit_the_memory_limit(tmp_path):
+# The front end refuses all of these sizes at check time (tests/ir/test_limits.py). The tests here
+# lift its limits so that what they test is the generated C's own line of defence: prepare's
+# overflow-checked sizes and its memory check, which must hold even if a size got past check.
+LIFT_CHECK_LIMITS = """
+from convdsl import limits
+limits.SIZE_BOUND = limits.MAX_ACTIVATION_ELEMENTS = 2 ** 300
+limits.MAX_ATTRIBUTE = 2 ** 40
+"""
+
+
+def test_sizes_beyond_int_range_compile_cleanly_and_hit_the_memory_limit(tmp_path, monkeypatch):
     """6.4e11 elements per sample: 64-bit literals in the C (no warning), and prepare's memory
     check refuses the batch with the true size."""
+    from convdsl import limits
+    monkeypatch.setattr(limits, "SIZE_BOUND", 2 ** 300)
+    monkeypatch.setattr(limits, "MAX_ACTIVATION_ELEMENTS", 2 ** 300)
+    monkeypatch.setattr(limits, "MAX_ATTRIBUTE", 2 ** 40)
     src = "network Wide {\n    input x: [1, 2, 2]\n    y = x -> upsample(400000)\n    output y\n}\n"
     code = compile_graph(graph_from_source(src)).source.c
     assert "INT64_C(640000000000)" in code
@@ -70,7 +84,7 @@ def test_sizes_beyond_int_range_compile_cleanly_and_hit_the_memory_limit(tmp_pat
         net.forward(np.ones((1, 1, 2, 2), np.float32))
 
 
-RUN_TIME_OVERFLOW = """
+RUN_TIME_OVERFLOW = LIFT_CHECK_LIMITS + """
 import numpy as np, convdsl
 src = '''network Big {
     input x: [1, D, H, W]
@@ -94,7 +108,7 @@ def test_run_time_sizes_whose_tensor_overflows_int64_are_refused_by_prepare():
     assert "refused: the sizes D = 16, H = 64, W = 64 make a tensor of more than 2^63 elements" in proc.stdout
 
 
-CHANNELS_OVERFLOW = """
+CHANNELS_OVERFLOW = LIFT_CHECK_LIMITS + """
 import numpy as np, convdsl
 src = '''network Many {
     input x: [1, H, W]
@@ -117,7 +131,7 @@ def test_many_channels_times_run_time_sizes_are_refused_by_prepare():
     assert "refused: the sizes H = 4, W = 4 make a tensor of more than 2^63 elements" in proc.stdout
 
 
-BYTES_OVERFLOW = """
+BYTES_OVERFLOW = LIFT_CHECK_LIMITS + """
 import numpy as np, convdsl
 src = "network Two {\\n input x: [1, H, W]\\n y = x -> upsample(1048576) -> globalmaxpool\\n output y\\n}\\n"
 net = convdsl.load_source(src).Model(seed=0)
