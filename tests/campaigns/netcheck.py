@@ -1,0 +1,315 @@
+"""Run one campaign case against the compiled module and compare everything with the reference.
+
+What is compared, in order: the parameter and buffer lists (names, shapes, order, which are
+trainable), initial values that the file fixes (const weights, zeros/ones, biases, batchnorm),
+then with random parameters: forward values, input gradients and parameter gradients at batch 1
+(or the refusal PyTorch makes of a training-mode batchnorm with one value per channel) and at
+batch 2-3 on the second size; batchnorm's running statistics after each training-mode forward;
+for a network with a loss, Model.loss and one train_step against a PyTorch SGD step. The
+reference is netlang's interpreter in float64 with autograd; nothing here asks the code under
+test for an expected value.
+"""
+from __future__ import annotations
+
+import math
+import traceback
+
+import numpy as np
+import torch
+
+import convdsl
+from convdsl import ConvDSLError
+from netgen import check_case
+from netlang import Case, DropoutKeys, Interp, Invalid, render, torch_loss
+
+TOL = {"f32": dict(rtol=1e-4, atol=1e-5), "f64": dict(rtol=1e-7, atol=1e-9)}
+
+
+class CampaignFailure(AssertionError):
+    """The compiled network disagrees with the reference. `kind` names what disagreed."""
+
+    def __init__(self, kind: str, detail: str):
+        self.kind = kind
+        self.detail = detail
+        super().__init__(f"[{kind}] {detail}")
+
+
+def compare(kind: str, actual, expected, tol: dict, what: str) -> None:
+    """Equal within tol after dividing both by max(1, the reference's largest magnitude)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        raise CampaignFailure(kind, f"{what}: shape {actual.shape}, reference {expected.shape}")
+    if not np.all(np.isfinite(actual)):
+        raise CampaignFailure(kind, f"{what}: non-finite values {actual.ravel()[~np.isfinite(actual.ravel())][:4]}")
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    err = np.abs(actual - expected) / scale
+    bound = tol["atol"] + tol["rtol"] * np.abs(expected) / scale
+    if np.any(err > bound):
+        i = int(np.argmax(err - bound))
+        idx = np.unravel_index(i, actual.shape)
+        raise CampaignFailure(kind, f"{what}: {int(np.sum(err > bound))} of {actual.size} values differ; at {idx} "
+                                    f"got {actual[idx]!r}, reference {expected[idx]!r} (scale {scale:g})")
+
+
+def to_file(a: np.ndarray, layout: str) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(a, 1, -1)) if layout == "NHWC" and a.ndim > 2 else a
+
+
+def from_file(a: np.ndarray, layout: str) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(a, -1, 1)) if layout == "NHWC" and a.ndim > 2 else a
+
+
+def as_tuple(v) -> tuple:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def input_shapes(case: Case, sizes: dict) -> dict:
+    """Channel-first per-sample shapes of the inputs at these run-time sizes."""
+    from netlang import Input
+    out = {}
+    for s in case.program.body:
+        if isinstance(s, Input):
+            dims = [d if isinstance(d, int) else sizes[d] for d in s.dims]
+            if case.program.layout == "NHWC" and len(dims) > 1:
+                dims = [dims[-1], *dims[:-1]]
+            out[s.name] = tuple(dims)
+    return out
+
+
+def weight_scale(name: str, shape: tuple, predicted) -> float:
+    """A std that keeps activations near 1: 1/sqrt(inputs per output) for weights."""
+    local = name.rsplit(".", 1)[-1]
+    if local == "bias":
+        return 0.5
+    if len(shape) <= 1:
+        return 0.5
+    fan = math.prod(shape[1:])
+    spec = predicted.pspecs[name]
+    if len(shape) >= 4 and spec.local == "weight" and name in _unshared_names(predicted):
+        # local/tiled [out, *positions, in, *kernel]: one output reads in·kernel values.
+        rank = (len(shape) - 2) // 2
+        fan = math.prod(shape[1 + rank:])
+    return 1.0 / math.sqrt(max(fan, 1))
+
+
+def _unshared_names(predicted) -> set:
+    names = set()
+    for op, label, _ in predicted.events:
+        if op in ("local", "tiled"):
+            names.add(f"{label}.weight")
+    return names
+
+
+class Runner:
+    def __init__(self, case: Case, module=None):
+        self.case = case
+        self.program = case.program
+        self.text = render(case.program)
+        self.dtype = np.float64 if case.program.dtype == "f64" else np.float32
+        self.tol = TOL[case.program.dtype]
+        self.layout = case.program.layout
+        self.module = module
+        self.rng = np.random.default_rng(case.seed)
+
+    # -- the reference
+    def reference(self, xs: dict, params: dict, buffers: dict, keys: DropoutKeys):
+        """Outputs (channel-first torch tensors) of the reference with these inputs and parameters."""
+        it = Interp(self.program, [xs], training=self.case.training, param_source=lambda n, s: params[n],
+                    buffer_source=lambda n, shape, fill: buffers[n], dropout=keys)
+        it.run()
+        return it
+
+    def leaves(self, net):
+        params = {k: torch.tensor(np.array(v), dtype=torch.float64, requires_grad=k in net.grads)
+                  for k, v in net.params.items()}
+        buffers = {k: torch.tensor(np.array(v), dtype=torch.float64) for k, v in net.buffers.items()}
+        return params, buffers
+
+    # -- the steps
+    def compile(self):
+        try:
+            self.predicted = check_case(self.case)
+        except Invalid as e:
+            raise CampaignFailure("generator", f"the case is not valid by the reference's rules: {e}") from None
+        if self.module is None:
+            try:
+                self.module = convdsl.load_source(self.text)
+            except ConvDSLError as e:
+                raise CampaignFailure("rejected", f"a valid network was refused:\n{e}") from None
+            except Exception:
+                raise CampaignFailure("compile-crash", traceback.format_exc(limit=8)) from None
+        return self.module
+
+    def check_lists(self) -> None:
+        meta = self.module.META
+        want = self.predicted.param_list()
+        got = [(n, tuple(s), t) for n, s, t in meta["params"]]
+        if got != want:
+            raise CampaignFailure("params", f"parameters (name, shape, trainable) in order:\n  got       {got}\n"
+                                            f"  reference {want}")
+        want_b = [(n, tuple(t.shape)) for n, t in self.predicted.buffers.items()]
+        got_b = [(n, tuple(s)) for n, s in meta["buffers"]]
+        if got_b != want_b:
+            raise CampaignFailure("buffers", f"buffers in order: got {got_b}, reference {want_b}")
+
+    def check_initial(self, net) -> None:
+        for name, spec in self.predicted.pspecs.items():
+            p = np.array(net.params[name], dtype=np.float64)
+            kind = spec.init[0]
+            if not np.all(np.isfinite(p)):
+                raise CampaignFailure("init", f"{name} starts with non-finite values")
+            if kind == "const":
+                want = np.array(spec.init[1], dtype=self.dtype).astype(np.float64).reshape(spec.shape)
+                compare("init", p, want, dict(rtol=0, atol=0), f"{name} starts as its const")
+            elif kind in ("zeros", "ones"):
+                compare("init", p, np.full(spec.shape, 0.0 if kind == "zeros" else 1.0), dict(rtol=0, atol=0),
+                        f"{name} starts as {kind}")
+            elif kind == "uniform" and np.abs(p).max(initial=0) > spec.init[1]:
+                raise CampaignFailure("init", f"{name}: uniform({spec.init[1]}) drew {np.abs(p).max()}")
+        for name, t in self.predicted.buffers.items():
+            fill = 0.0 if name.endswith("running_mean") else 1.0
+            compare("init", np.array(net.buffers[name]), np.full(tuple(t.shape), fill), dict(rtol=0, atol=0),
+                    f"buffer {name} starts at {fill}")
+
+    def randomize(self, net) -> None:
+        for name, p in net.params.items():
+            std = weight_scale(name, p.shape, self.predicted)
+            values = self.rng.standard_normal(p.shape) * std
+            if name.endswith("weight") and len(p.shape) == 1:
+                values = 1.0 + 0.3 * self.rng.standard_normal(p.shape)       # batchnorm's scale
+            p[...] = values
+        if not self.case.training:
+            for name, b in net.buffers.items():
+                b[...] = (self.rng.uniform(0.5, 2.0, b.shape) if name.endswith("running_var")
+                          else 0.5 * self.rng.standard_normal(b.shape))
+
+    def new_model(self):
+        net = self.module.Model(seed=self.case.seed % (2 ** 63))
+        if not self.case.training:
+            net.eval()
+        return net
+
+    def draw_inputs(self, sizes: dict, batch: int) -> dict:
+        return {n: self.rng.standard_normal((batch, *s)).astype(self.dtype)
+                for n, s in input_shapes(self.case, sizes).items()}
+
+    def forward_backward(self, net, xs: dict, keys: DropoutKeys, what: str):
+        """One forward and backward, compared with the reference; returns the reference's state."""
+        params, buffers = self.leaves(net)
+        tx = {n: torch.tensor(x.astype(np.float64), requires_grad=True) for n, x in xs.items()}
+        it = self.reference(tx, params, buffers, keys)
+        ys_ref = [v.tensors[0] for _, v in it.outputs]
+        try:
+            ys = as_tuple(net.forward(*[to_file(x, self.layout) for x in xs.values()]))
+        except Exception as e:
+            raise CampaignFailure("refused", f"{what}: forward raised {type(e).__name__}: {e}") from None
+        if len(ys) != len(ys_ref):
+            raise CampaignFailure("forward", f"{what}: {len(ys)} outputs, reference {len(ys_ref)}")
+        for (name, _), y, yr in zip(it.outputs, ys, ys_ref):
+            compare("forward", from_file(y, self.layout), yr.detach().numpy(), self.tol, f"{what}: output {name}")
+        for name, b in buffers.items():
+            compare("buffers", net.buffers[name], b.numpy(), self.tol, f"{what}: buffer {name} after forward")
+        dys = [self.rng.standard_normal(yr.shape).astype(self.dtype) for yr in ys_ref]
+        try:
+            dxs = as_tuple(net.backward(*[to_file(d, self.layout) for d in dys]))
+        except Exception as e:
+            raise CampaignFailure("refused", f"{what}: backward raised {type(e).__name__}: {e}") from None
+        objective = sum((yr * torch.tensor(d.astype(np.float64))).sum() for yr, d in zip(ys_ref, dys))
+        wrt = list(tx.values()) + [params[n] for n in net.grads]
+        grads = torch.autograd.grad(objective, wrt, allow_unused=True)
+        grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
+        for (name, _), dx, g in zip(tx.items(), dxs, grads):
+            compare("input-grad", from_file(dx, self.layout), g.numpy(), self.tol, f"{what}: gradient of input {name}")
+        for name, g in zip(net.grads, grads[len(tx):]):
+            compare("param-grad", net.grads[name], g.numpy(), self.tol, f"{what}: gradient of {name}")
+        return it, ys_ref
+
+    def target(self, out_ref: torch.Tensor, kind: str):
+        """(target as the model takes it, the same for the reference)."""
+        if kind == "mse":
+            t = self.rng.standard_normal(tuple(out_ref.shape)).astype(self.dtype)
+            return to_file(t, self.layout), torch.tensor(t.astype(np.float64))
+        n, c = out_ref.shape[:2]
+        spatial = tuple(out_ref.shape[2:])
+        per_pixel = spatial if not all(d == 1 for d in spatial) else ()
+        labels = self.rng.integers(0, c, size=(n, *per_pixel))
+        return labels, torch.tensor(labels)
+
+    def run(self) -> None:
+        self.compile()
+        self.check_lists()
+        net = self.new_model()
+        self.check_initial(net)
+        self.randomize(net)
+        start = {k: np.array(v) for k, v in net.params.items()}
+        start_buffers = {k: np.array(v) for k, v in net.buffers.items()}
+        keys = DropoutKeys(self.case.seed % (2 ** 63))
+        sizes = [dict(s) for s in self.case.sizes]
+        batch1, batch2 = self.case.batches
+        xs = self.draw_inputs(sizes[0], batch1)
+        try:
+            self.forward_backward(net, xs, keys, f"batch {batch1}, sizes {sizes[0]}")
+        except ValueError as e:
+            if "one value per channel" not in str(e):
+                raise
+            # PyTorch refuses a training-mode batchnorm with one value per channel: so must the model.
+            try:
+                net.forward(*[to_file(x, self.layout) for x in xs.values()])
+            except RuntimeError:
+                pass
+            else:
+                raise CampaignFailure("refused", "a training-mode batchnorm with one value per channel ran "
+                                                 "instead of raising RuntimeError") from None
+            net = self.new_model()
+            for k, v in start.items():
+                net.params[k][...] = v
+            for k, v in start_buffers.items():
+                net.buffers[k][...] = v
+            keys = DropoutKeys(self.case.seed % (2 ** 63))
+            xs = self.draw_inputs(sizes[0], 2)
+            self.forward_backward(net, xs, keys, f"batch 2, sizes {sizes[0]}")
+        xs = self.draw_inputs(sizes[1], batch2)
+        it, ys_ref = self.forward_backward(net, xs, keys, f"batch {batch2}, sizes {sizes[1]}")
+        if it.loss is None:
+            return
+        kind, index = it.loss
+        target, target_ref = self.target(ys_ref[index], kind)
+        want = float(torch_loss(kind, ys_ref[index].detach(), target_ref))
+        try:
+            got = net.loss(target)
+        except Exception as e:
+            raise CampaignFailure("refused", f"Model.loss raised {type(e).__name__}: {e}") from None
+        compare("loss", got, want, self.tol, "Model.loss after the last forward")
+        self.train_step(net, xs, target, target_ref, keys, kind, index)
+
+    def train_step(self, net, xs, target, target_ref, keys, kind, index) -> None:
+        params, buffers = self.leaves(net)
+        before = {k: np.array(v) for k, v in net.params.items()}
+        tx = {n: torch.tensor(x.astype(np.float64)) for n, x in xs.items()}
+        it = self.reference(tx, params, buffers, keys)
+        loss = torch_loss(kind, it.outputs[index][1].tensors[0], target_ref)
+        trainable = list(net.grads)
+        grads = [None] * len(trainable)
+        if trainable and loss.requires_grad:
+            grads = torch.autograd.grad(loss, [params[n] for n in trainable], allow_unused=True)
+        lr = self.case.lr
+        try:
+            got = net.train_step(*[to_file(x, self.layout) for x in xs.values()], target, lr=lr)
+        except Exception as e:
+            raise CampaignFailure("refused", f"train_step raised {type(e).__name__}: {e}") from None
+        compare("train-step", got, float(loss.detach()), self.tol, "the loss train_step returns")
+        for name, g in zip(trainable, grads):
+            step = np.zeros(before[name].shape) if g is None else g.numpy()
+            expected = before[name].astype(np.float64) - lr * step
+            compare("train-step", net.params[name], expected, self.tol, f"{name} after train_step(lr={lr})")
+        for name in net.params:
+            if name not in net.grads and not np.array_equal(net.params[name], before[name]):
+                raise CampaignFailure("train-step", f"frozen {name} changed in train_step")
+        for name, b in buffers.items():
+            compare("buffers", net.buffers[name], b.numpy(), self.tol, f"buffer {name} after train_step")
+
+
+def run_case(case: Case, module=None) -> None:
+    """Raises CampaignFailure when the compiled network and the reference disagree."""
+    Runner(case, module).run()
