@@ -278,6 +278,18 @@ def as_bytes(text: str, route: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+def outcome(text: str, path: str, from_file: bool) -> str:
+    """"ok", or the error's first line (or the exception's type) — for comparing two routes."""
+    from convdsl.errors import ConvDSLError
+    try:
+        front_end(text, path, from_file)
+        return "ok"
+    except ConvDSLError as e:
+        return str(e).split("\n")[0]
+    except Exception as e:
+        return type(e).__name__
+
+
 def judge(text: str, workdir: Path, compile_sample: bool = False, route: str = "text") -> str:
     """'error' or 'ok' (or 'compiled'); raises Bug for anything else. `route` "text" passes the
     string to the parser; "file" and "latin-1" write it to a file (as UTF-8 or Latin-1 bytes)
@@ -288,6 +300,12 @@ def judge(text: str, workdir: Path, compile_sample: bool = False, route: str = "
     Path(path).write_bytes(data)                      # also for `use "fuzz.cnn"`
     if route != "text":
         text = data.decode("utf-8", "replace")
+    if route == "file":
+        # The same characters must mean the same whether a file or a string is compiled.
+        by_file, by_text = outcome(text, path, True), outcome(text, path, False)
+        if by_file != by_text:
+            raise Bug("a file and the same text as a string differ",
+                      f"file: {by_file[:300]}\nstring: {by_text[:300]}")
     try:
         done = front_end(text, path, from_file=route != "text")
     except ConvDSLError as e:

@@ -39,11 +39,16 @@ def worker():
 
 @pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.stem)
 def test_fuzz_regression(path, worker):
-    # Read as the user's file is read: through the file route, bytes as they are.
+    # Bytes as they are, read back as `convdsl check FILE` reads them (and, for UTF-8 files,
+    # also compiled from a string, which must mean the same).
     data = path.read_bytes()
+    try:
+        text, route = data.decode("utf-8"), "file"
+    except UnicodeDecodeError:
+        text, route = data.decode("latin-1"), "latin-1"
     cc = needs_compile(path.stem)
-    reply = worker.ask(data.decode("latin-1"), 300 if cc else LIMIT, compile_sample=cc, route="latin-1")
-    assert reply["status"] != "bug", f"[{reply.get('signature')}] {reply.get('detail', '')[:2000]}"
+    reply = worker.ask(text, 300 if cc else LIMIT, compile_sample=cc, route=route)
+    assert reply["status"] != "bug", f"[{reply.get('signature')}] {reply.get("detail", "")[-2000:]}"
 
 
 # ---- the oracle itself --------------------------------------------------------------------
