@@ -279,30 +279,42 @@ class Runner:
         keys = DropoutKeys(self.case.seed % (2 ** 63))
         sizes = [dict(s) for s in self.case.sizes]
         batch1, batch2 = self.case.batches
+        first_batch = batch1
         xs = self.draw_inputs(sizes[0], batch1)
         try:
             self.forward_backward(net, xs, keys, f"batch {batch1}, sizes {sizes[0]}")
         except ValueError as e:
             if "one value per channel" not in str(e):
                 raise
-            # PyTorch refuses a training-mode batchnorm with one value per channel: so must the model.
-            try:
-                net.forward(*[to_file(x, self.layout) for x in xs.values()])
-            except RuntimeError:
-                pass
-            else:
-                raise CampaignFailure("refused", "a training-mode batchnorm with one value per channel ran "
-                                                 "instead of raising RuntimeError") from None
-            net = self.new_model()
-            for k, v in start.items():
-                net.params[k][...] = v
-            for k, v in start_buffers.items():
-                net.buffers[k][...] = v
-            keys = DropoutKeys(self.case.seed % (2 ** 63))
-            xs = self.draw_inputs(sizes[0], 2)
-            self.forward_backward(net, xs, keys, f"batch 2, sizes {sizes[0]}")
+            first_batch = 2
+            net, keys = self.refused_then_again(net, xs, start, start_buffers, sizes[0])
         xs = self.draw_inputs(sizes[1], batch2)
         runs = self.forward_backward(net, xs, keys, f"batch {batch2}, sizes {sizes[1]}")
+        self.loss_and_step(net, xs, keys, runs)
+        # Back to the first size and batch: the model prepares its buffers anew (smaller).
+        xs = self.draw_inputs(sizes[0], first_batch)
+        self.forward_backward(net, xs, keys, f"again batch {first_batch}, sizes {sizes[0]}")
+
+    def refused_then_again(self, net, xs, start, start_buffers, sizes):
+        """PyTorch refuses a training-mode batchnorm with one value per channel: so must the model.
+        Then a fresh model with the same parameters runs batch 2."""
+        try:
+            net.forward(*[to_file(x, self.layout) for x in xs.values()])
+        except RuntimeError:
+            pass
+        else:
+            raise CampaignFailure("refused", "a training-mode batchnorm with one value per channel ran "
+                                             "instead of raising RuntimeError") from None
+        net = self.new_model()
+        for k, v in start.items():
+            net.params[k][...] = v
+        for k, v in start_buffers.items():
+            net.buffers[k][...] = v
+        keys = DropoutKeys(self.case.seed % (2 ** 63))
+        self.forward_backward(net, self.draw_inputs(sizes, 2), keys, f"batch 2, sizes {sizes}")
+        return net, keys
+
+    def loss_and_step(self, net, xs, keys, runs) -> None:
         it = runs[0][0]
         if it.loss is None:
             return

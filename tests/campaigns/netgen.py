@@ -72,7 +72,7 @@ class Generator:
         self.blocks: list[BlockDef] = []
         self.body: list = []
         self.names = 0
-        self.used: set[int] = set()
+        self.used: dict[int, V] = {}             # id → value read by some statement (kept alive)
         self.order: list[str] = []               # value names, oldest first
         self._make_inputs()
         self.state = abstract_interp(self.program(), self.size_list, self.training, seed=seed)
@@ -444,7 +444,7 @@ class Generator:
         for n in refs:
             b = self.state.scope.bindings.get(n)
             if b is not None:
-                self.used.add(id(b))
+                self.used[id(b)] = b
         self.body.extend(stmts)
         self.state = st
         for s in stmts:
@@ -799,6 +799,12 @@ class Generator:
                 seen.add(b)
                 outs.append(n)
         outs = outs[:4][::-1] or [self.order[-1]]
+        inner = [n for n in self.order if n not in outs and n not in inputs
+                 and isinstance(self.state.scope.bindings.get(n), V) and id(self.state.scope.bindings[n]) in self.used
+                 and id(self.state.scope.bindings[n]) not in {id(self.state.scope.bindings[o]) for o in outs}]
+        if inner and rng.random() < 0.3:
+            # An output that later layers also read: its gradient adds to theirs.
+            outs.insert(rng.randrange(len(outs) + 1), rng.choice(inner))
         if set(outs) & set(inputs):
             expr = Apply("op", "relu", (Ref(outs[0]),), bare=True)
             name = self.new_name()
@@ -892,6 +898,9 @@ def features(case: Case) -> set[str]:
             out.add("const")
     if p.blocks:
         out.add("block")
+    interp = check_case(case)
+    if any(id(v) in interp.consumed for _, v in interp.outputs):
+        out.add("outputs:also-read")
     exprs = list(_walk_exprs(p.body)) + [e for b in p.blocks for e in _walk_exprs(b.body)]
     for b in p.blocks:
         if any(d is not None for _, d in b.params[1:]):

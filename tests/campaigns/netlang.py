@@ -441,6 +441,7 @@ class Interp:
         self.block_stack: list = []
         self.nodes = 0
         self.events: list = []                            # (op, label, info) in execution order
+        self.consumed: dict = {}                          # id → value, for the values some layer read
 
     def fork(self) -> "Interp":
         """A copy whose later statements do not change this one (tensors are shared)."""
@@ -455,6 +456,7 @@ class Interp:
         other.scope = self.scope.copy()
         other.block_stack = list(self.block_stack)
         other.events = list(self.events)
+        other.consumed = dict(self.consumed)
         other.blocks = dict(self.blocks)
         return other
 
@@ -679,6 +681,7 @@ class Interp:
                 raise Invalid(f"{op.name}: too large for a campaign network")
             outs.append(y)
         self.events.append((op.name, label, bound))
+        self.consumed.update((id(v), v) for v in ins)     # the value is kept, so its id stays its own
         return V(outs, op.out_flags(ins, bound))
 
     # -- what the checker reads

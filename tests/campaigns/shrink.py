@@ -85,6 +85,36 @@ def stmt_edits(s):
             yield replace(s, body=new)
 
 
+def rename(node, old: str, new: str):
+    """The node with every read of the value `old` reading `new` instead."""
+    if isinstance(node, Ref):
+        return Ref(new) if node.name == old else node
+    if isinstance(node, Apply):
+        return replace(node, inputs=tuple(rename(i, old, new) for i in node.inputs))
+    if isinstance(node, Assign):
+        return Assign(node.name, rename(node.expr, old, new))
+    if isinstance(node, Return):
+        return Return(rename(node.expr, old, new))
+    if isinstance(node, Repeat):
+        return replace(node, body=tuple(rename(x, old, new) for x in node.body))
+    if isinstance(node, Output):
+        return Output(tuple(new if n == old else n for n in node.names))
+    if isinstance(node, Loss):
+        return Loss(node.kind, new if node.name == old else node.name)
+    return node
+
+
+def inline_aliases(body: tuple):
+    """`b = a` dropped, later reads of b reading a (when neither is bound again)."""
+    for i, s in enumerate(body):
+        if isinstance(s, Assign) and isinstance(s.expr, Ref):
+            later = body[i + 1:]
+            rebound = any(isinstance(x, (Assign, Repeat)) and (getattr(x, "name", None) in (s.name, s.expr.name)
+                          or isinstance(x, Repeat)) for x in later)
+            if not rebound:
+                yield body[:i] + tuple(rename(x, s.name, s.expr.name) for x in later)
+
+
 def body_edits(body: tuple):
     """Drop a statement (a repeat may also be unrolled once), then edit one statement."""
     for i, s in enumerate(body):
@@ -116,6 +146,8 @@ def candidates(case: Case):
         yield replace(case, program=replace(p, body=tuple(s for s in body if not isinstance(s, Loss))))
     for k in range(len(p.blocks)):
         yield replace(case, program=replace(p, blocks=p.blocks[:k] + p.blocks[k + 1:]))
+    for new in inline_aliases(body):
+        yield replace(case, program=replace(p, body=new))
     for new in body_edits(body):
         yield replace(case, program=replace(p, body=new))
     for new in body_edits(p.blocks):
