@@ -222,8 +222,9 @@ class Runner:
         """pick(run) as numpy for the float32 run, or None."""
         return pick(runs[1]) if len(runs) > 1 else None
 
-    def forward_backward(self, net, xs: dict, keys: DropoutKeys, what: str):
-        """One forward and backward, compared with the reference; returns the references."""
+    def forward_backward(self, net, xs: dict, keys: DropoutKeys, what: str, switch: bool = False):
+        """One forward and backward, compared with the reference; returns the references.
+        `switch` flips train/eval between the two: the backward must follow the forward's mode."""
         runs = self.references(net, xs, keys, grad=True)
         it, ys_ref, params, tx, buffers = runs[0]
         try:
@@ -239,10 +240,15 @@ class Runner:
             compare("buffers", net.buffers[name], b.numpy(), self.tol, f"{what}: buffer {name} after forward",
                     self.noisy(runs, lambda r: r[4][name].double().numpy()))
         dys = [self.rng.standard_normal(yr.shape).astype(self.dtype) for yr in ys_ref]
+        if switch:
+            net.eval() if self.case.training else net.train()
         try:
             dxs = as_tuple(net.backward(*[to_file(d, self.layout) for d in dys]))
         except Exception as e:
             raise CampaignFailure("refused", f"{what}: backward raised {type(e).__name__}: {e}") from None
+        finally:
+            if switch:
+                net.train() if self.case.training else net.eval()
         grads_of = []
         for _, outs, ps, txs, _ in runs:
             objective = sum((yr * torch.tensor(d, dtype=yr.dtype)).sum() for yr, d in zip(outs, dys))
@@ -289,7 +295,9 @@ class Runner:
             first_batch = 2
             net, keys = self.refused_then_again(net, xs, start, start_buffers, sizes[0])
         xs = self.draw_inputs(sizes[1], batch2)
-        runs = self.forward_backward(net, xs, keys, f"batch {batch2}, sizes {sizes[1]}")
+        switch = self.case.seed % 2 == 1
+        runs = self.forward_backward(net, xs, keys, f"batch {batch2}, sizes {sizes[1]}"
+                                     + (", mode switched before backward" if switch else ""), switch=switch)
         self.loss_and_step(net, xs, keys, runs)
         # Back to the first size and batch: the model prepares its buffers anew (smaller).
         xs = self.draw_inputs(sizes[0], first_batch)

@@ -69,6 +69,8 @@ class Generator:
         self.rank = rng.choices((0, 1, 2, 3), weights=(1, 4, 8, 3))[0]
         self.symbolic = self.rank > 0 and rng.random() < 0.35
         self.training = rng.random() < 0.75
+        self.big = rng.random() < 0.15
+        self.wide = (4, 16) if self.big else (1, 6)          # channels an op makes
         self.blocks: list[BlockDef] = []
         self.body: list = []
         self.names = 0
@@ -83,6 +85,9 @@ class Generator:
     def _make_inputs(self) -> None:
         rng, rank = self.rng, self.rank
         lo, hi, grow = {0: (0, 0, 0), 1: (5, 12, 4), 2: (4, 8, 3), 3: (3, 5, 2)}[rank]
+        if self.big:
+            # Larger maps and channel counts reach the kernels' blocked paths and their edges.
+            lo, hi, grow = {0: (0, 0, 0), 1: (16, 40, 9), 2: (9, 17, 5), 3: (5, 8, 3)}[rank]
         base = [rng.randint(lo, hi) for _ in range(rank)]
         names = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}.get(rank, ())
         if self.symbolic and rng.random() < 0.3:
@@ -97,7 +102,7 @@ class Generator:
         self.size_list = [dict(s) for s in (*self.sizes, *self.probes)]
         count = 2 if rng.random() < 0.15 else 1
         for i in range(count):
-            c = rng.randint(1, 4) if rank else rng.randint(2, 10)
+            c = (rng.randint(3, 12) if self.big else rng.randint(1, 4)) if rank else rng.randint(2, 10 + 30 * self.big)
             dims = (c, *dims_spatial) if self.layout == "NCHW" or rank == 0 else (*dims_spatial, c)
             name = ("x", "img", "aux", "inp_2")[i if i else rng.randrange(2)] if count == 2 else rng.choice(
                 ("x", "x", "image", "inp"))
@@ -242,7 +247,7 @@ class Generator:
                 if rng.random() < 0.25:
                     g = rng.choice([d for d in range(1, c + 1) if c % d == 0])
                     vals["groups"] = g
-                vals["out"] = c if keep else vals.get("groups", 1) * rng.randint(1, 3)
+                vals["out"] = c if keep else vals.get("groups", 1) * rng.randint(1, 3 + 3 * self.big)
             else:
                 if op != "local" or rng.random() < 0.5:
                     vals["pad"] = self.pad(rank, kernel, vals.get("dilation", 1), keep=keep)
@@ -253,11 +258,11 @@ class Generator:
                 if rng.random() < 0.25:
                     groups = rng.choice([d for d in range(1, c + 1) if c % d == 0])
                     vals["groups"] = groups
-                vals["out"] = c if keep else groups * rng.randint(1, max(1, 6 // groups))
+                vals["out"] = c if keep else groups * rng.randint(1, max(1, self.wide[1] // groups))
             if op == "depthwise" and not keep and rng.random() < 0.35:
                 vals["multiplier"] = rng.randint(1, 2)
             if op in ("separable", "local", "tiled"):
-                vals["out"] = c if keep else rng.randint(1, 5)
+                vals["out"] = c if keep else rng.randint(*self.wide)
             if op == "tiled":
                 vals["tile"] = self.ints(rank, 1, 3)
             self.flags(vals, "bias", "frozen")
@@ -298,7 +303,7 @@ class Generator:
             elif rng.random() < 0.2:
                 vals["mode"] = Sym("nearest")
         elif op == "dense":
-            vals["out"] = c if keep else rng.randint(1, 8)
+            vals["out"] = c if keep else rng.randint(1, 8 + 16 * self.big)
             self.flags(vals, "bias", "frozen")
             init = self.init()
             if init is not None:
@@ -885,6 +890,9 @@ def features(case: Case) -> set[str]:
         out.add("inputs:several")
     if case.sizes[0]:
         out.add("run-time sizes")
+    if any(isinstance(d, int) and d >= 16 for s in inputs for d in s.dims) or \
+            any(v >= 16 for sizes in case.sizes for _, v in sizes):
+        out.add("size:large")
     for s in p.body:
         if isinstance(s, Output) and len(s.names) > 1:
             out.add("outputs:several")

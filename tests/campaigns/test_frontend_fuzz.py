@@ -48,7 +48,7 @@ def test_fuzz_regression(path, worker):
         text, route = data.decode("latin-1"), "latin-1"
     cc = needs_compile(path.stem)
     reply = worker.ask(text, 300 if cc else LIMIT, compile_sample=cc, route=route)
-    assert reply["status"] != "bug", f"[{reply.get('signature')}] {reply.get("detail", "")[-2000:]}"
+    assert reply["status"] != "bug", f"[{reply.get('signature')}] {reply.get('detail', '')[-2000:]}"
 
 
 # ---- the oracle itself --------------------------------------------------------------------

@@ -48,7 +48,7 @@ QUICK_MUST_COVER = {
                             "dense", "relu", "sigmoid", "tanh", "leaky_relu", "softmax", "add", "concat", "scale",
                             "batchnorm", "dropout")),
     "rank:0", "rank:1", "rank:2", "rank:3", "layout:NCHW", "layout:NHWC", "dtype:f32", "dtype:f64",
-    "mode:train", "mode:eval", "run-time sizes", "inputs:several", "outputs:several", "outputs:also-read",
+    "mode:train", "mode:eval", "run-time sizes", "inputs:several", "outputs:several", "outputs:also-read", "size:large",
     "pad:valid", "pad:same", "pad:full", "pad:int", "pad:tuple", "pad:pairs-asymmetric", "pad:pairs-end-only",
     "conv:stride", "conv:dilation", "conv:groups", "flip=true", "frozen=true", "bias=false", "weight=const",
     "layer", "layer:applied", "repeat", "block", "block:applied", "block:default-argument", "block-arg:ParamRef",
