@@ -76,6 +76,7 @@ class Generator:
         self.names = 0
         self.used: dict[int, V] = {}             # id → value read by some statement (kept alive)
         self.order: list[str] = []               # value names, oldest first
+        self.first_values: dict = {}             # a new block's lifted parameters → their first values
         self._make_inputs()
         self.state = abstract_interp(self.program(), self.size_list, self.training, seed=seed)
         for s in self.body:
@@ -130,12 +131,9 @@ class Generator:
                 st.exec(s, sc)
         except Invalid:
             return None
-        if st.nodes > self.budget + self.base_nodes():
+        if st.nodes > self.budget:
             return None
         return st
-
-    def base_nodes(self) -> int:
-        return 0
 
     def value_of(self, st: Interp, expr, scope=None):
         try:
@@ -352,8 +350,6 @@ class Generator:
         npos = 0
         while npos < len(order) and order[npos] in written and rng.random() < 0.6:
             npos += 1
-        required = [n for n, d in spec.args if d == "<required>"]
-        npos = max(npos, 0) if all(n in written for n in required) else npos
         args = tuple(written[n] for n in order[:npos])
         rest = [n for n in order[npos:] if n in written]
         rng.shuffle(rest)
