@@ -20,6 +20,7 @@ import os
 import random
 import re
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -329,11 +330,10 @@ def judge(text: str, workdir: Path, compile_sample: bool = False, route: str = "
 
 # ---- worker and driver --------------------------------------------------------------------
 
-def worker_main() -> None:
+def worker_main(workdir: Path) -> None:
     import resource
     # A runaway input must not take the (shared) machine's memory: 4 GiB, then MemoryError.
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-    workdir = Path(tempfile.mkdtemp(prefix="convdsl-fuzz-"))
     for line in sys.stdin:
         request = json.loads(line)
         try:
@@ -350,17 +350,24 @@ class Worker:
 
     def __init__(self):
         self.proc = None
+        self.workdir = None
 
     def start(self) -> None:
+        # The folder the inputs are written to belongs to this side: a killed worker cannot clean up.
+        self.workdir = tempfile.mkdtemp(prefix="convdsl-fuzz-")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]))
-        self.proc = subprocess.Popen([sys.executable, "-u", str(Path(__file__)), "--worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-u", str(Path(__file__)), "--worker", self.workdir],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env=env)
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
     def ask(self, text: str, limit: float, compile_sample: bool = False, route: str = "text") -> dict:
         if self.proc is None:
@@ -376,7 +383,7 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
-            self.proc = None
+            self.stop()
             return {"status": "bug", "signature": f"crash (exit status {code})", "detail": "the worker died"}
         return json.loads(line)
 
@@ -471,10 +478,10 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-cap", type=int, default=40, help="at most this many C compiles")
     ap.add_argument("--no-shrink", action="store_true")
     ap.add_argument("--out", type=Path, default=FUZZ_REGRESSIONS)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", metavar="DIR", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker_main()
+        worker_main(Path(args.worker))
         return 0
     result = run_campaign(args.seed, args.count, limit=args.limit, compile_every=args.compile_every,
                           compile_cap=args.compile_cap, minutes=args.minutes, shrink=not args.no_shrink, out=args.out)
