@@ -1,0 +1,103 @@
+"""Random networks against PyTorch: every op and option of the language, compiled and compared
+with a float64 PyTorch reference built from the same random choices (see netgen.py, netlang.py,
+netcheck.py and docs/testing.md).
+
+Seeds 0-49 are the quick slice, 50-199 are marked slow; the files in regressions/ are failures a
+campaign found, shrunk, and are replayed here. A bigger campaign:
+`OMP_NUM_THREADS=1 python -m tests.campaigns.random_nets --count 10000 --seed S`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from netcheck import CampaignFailure, compare, run_case
+from netgen import features, generate
+from netlang import DropoutKeys, dumps, loads, render, splitmix_outputs
+from random_nets import read_regression
+
+QUICK, TOTAL = 50, 200
+BUDGET = 10          # layers per network after unrolling: small networks compile fast
+REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.cnn"))
+
+
+@pytest.mark.parametrize("seed", range(QUICK))
+def test_random_network(seed):
+    run_case(generate(seed, BUDGET))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(QUICK, TOTAL))
+def test_random_network_more(seed):
+    run_case(generate(seed, BUDGET))
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.stem)
+def test_regression(path):
+    case, text = read_regression(path)
+    assert render(case.program) == text, "the .cnn text is not the one its case writes"
+    run_case(case)
+
+
+# ---- the campaign's own machinery: cheap checks that it tests what it claims --------------
+
+QUICK_MUST_COVER = {
+    *(f"op:{op}" for op in ("conv", "depthwise", "separable", "local", "tiled", "deconv", "maxpool", "avgpool",
+                            "l2pool", "globalavgpool", "globalmaxpool", "maxout", "shuffle", "upsample", "flatten",
+                            "dense", "relu", "sigmoid", "tanh", "leaky_relu", "softmax", "add", "concat", "scale",
+                            "batchnorm", "dropout")),
+    "rank:0", "rank:1", "rank:2", "rank:3", "layout:NCHW", "layout:NHWC", "dtype:f32", "dtype:f64",
+    "mode:train", "mode:eval", "run-time sizes", "inputs:several", "outputs:several", "outputs:also-read", "size:large",
+    "pad:valid", "pad:same", "pad:full", "pad:int", "pad:tuple", "pad:pairs-asymmetric", "pad:pairs-end-only",
+    "conv:stride", "conv:dilation", "conv:groups", "flip=true", "frozen=true", "bias=false", "weight=const",
+    "layer", "layer:applied", "repeat", "block", "block:applied", "block:default-argument", "block-arg:ParamRef",
+    "block-arg:Measure", "loss:mse", "loss:softmax_cross_entropy", "dropout:p>0", "algo:im2col",
+    "init:xavier", "init:zeros", "init:ones", "init:normal", "init:uniform", "deconv:output_pad", "tiled:tile",
+    "upsample:bilinear", "depthwise:multiplier", "style:pipe", "style:call", "args:positional-and-keyword",
+}
+ALL_MUST_COVER = QUICK_MUST_COVER | {"upsample:linear", "upsample:trilinear", "upsample:nearest", "pad:pairs",
+                                     "block-arg:Arith", "block:nested", "deconv:groups", "deconv:stride",
+                                     "depthwise:dilation", "separable:stride", "local:stride", "l2pool:stride"}
+
+
+def covered(seeds) -> set:
+    out = set()
+    for seed in seeds:
+        out |= features(generate(seed, BUDGET))
+    return out
+
+
+def test_quick_slice_covers_the_language():
+    missing = QUICK_MUST_COVER - covered(range(QUICK))
+    assert not missing, f"no network of the quick slice uses {sorted(missing)}"
+
+
+@pytest.mark.slow
+def test_all_seeds_cover_the_language():
+    missing = ALL_MUST_COVER - covered(range(TOTAL))
+    assert not missing, f"no network of the CI seeds uses {sorted(missing)}"
+
+
+def test_generation_is_reproducible_and_round_trips():
+    for seed in (0, 7, 31):
+        a, b = generate(seed, BUDGET), generate(seed, BUDGET)
+        assert render(a.program) == render(b.program)
+        assert loads(dumps(a)) == a
+
+
+def test_splitmix_reference_matches_the_published_sequence():
+    # SplitMix64 from state 0 (Steele, Lea, Flood 2014; the reference C of xoshiro's authors).
+    assert splitmix_outputs(0, 3) == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    keys = DropoutKeys(5)
+    first = keys.next_key()
+    assert first == splitmix_outputs(5 ^ 0xA0761D6478BD642F, 1)[0] and keys.next_key() != first
+
+
+def test_compare_refuses_a_difference_beyond_the_tolerance():
+    tol = dict(rtol=1e-4, atol=1e-5)
+    compare("forward", [1.0, 2.0], [1.0, 2.0 + 1e-6], tol, "close")
+    with pytest.raises(CampaignFailure):
+        compare("forward", [1.0, 2.0], [1.0, 2.001], tol, "far")
+    with pytest.raises(CampaignFailure):
+        compare("forward", [float("nan")], [0.0], tol, "nan")
