@@ -87,22 +87,22 @@ class Budget:
         return bound
 
     def tensor(self, t: TensorType, span: Span, what: str) -> None:
-        """A tensor per sample: every dim, and the product of their bounds (which bounds every
-        partial product of them however the C groups it), against limits.SIZE_BOUND; a fixed-size one
-        also counts against the activation budget."""
+        """A tensor per sample: every dim against limits.SIZE_BOUND; a fixed-size one also counts,
+        whole, against the activation budget.
+
+        The element count of a tensor with run-time sizes is not bounded here: with every size
+        at its largest a map with three run-time sizes would pass int64 although nobody runs one
+        that large. prepare counts each tensor's elements, times the batch, in overflow-checked
+        int64 and refuses what does not fit (or exceeds the memory limit) before anything is
+        allocated, and every index a kernel computes is below the element count of the tensor
+        it indexes, so no index can wrap either."""
         bound = 1
         for d in t.shape:
             if isinstance(d, int):
                 bound *= d
             else:
-                bound *= max(1, self.size(d, span, lambda d=d: f"a size of {what} (`{short_text(d)}`)"))
+                self.size(d, span, lambda d=d: f"a size of {what} (`{short_text(d)}`)")
         if not t.is_static():
-            if bound >= limits.SIZE_BOUND:
-                raise ConvDSLError(span, f"{what} {self.shape_text(t)} could hold {_amount(bound)} elements per "
-                                         f"sample with run-time sizes up to {power_text(limits.MAX_RUNTIME_SIZE)} "
-                                         f"(the most a module accepts), beyond the limit of "
-                                         f"{power_text(limits.SIZE_BOUND)} on any size; give some of its sizes a "
-                                         "fixed value")
             return
         if bound > limits.MAX_ACTIVATION_ELEMENTS or self.activation + bound > limits.MAX_ACTIVATION_ELEMENTS:
             what = f"{what} {self.shape_text(t)}"       # only spelled out when it is said
