@@ -9,7 +9,7 @@ from .errors import ConvDSLError
 from .ir import dims as D
 from .ir.build import build_graph, load_program
 from .ir.graph import Graph
-from .frontend.parser import parse, parse_file
+from .frontend.parser import file_end, parse, parse_file
 from .ops.losses import LOSSES
 from .passes.schedule import Plan, buffer_layout, make_plan
 from .passes.verify import verify
@@ -37,7 +37,8 @@ def graphs_from_file(path, network: str | None = None) -> tuple[Graph, ...]:
     if network is not None:
         return (verify(build_graph(program, network)),)
     if not program.networks:
-        raise ConvDSLError(None, f"{path}: no `network` in this file")
+        raise ConvDSLError(file_end(program.module), "no `network` in this file; a file that only defines "
+                                                     "blocks is brought into another with `use`")
     return tuple(verify(build_graph(program, n.name)) for n in program.networks)
 
 

@@ -73,7 +73,7 @@ def render_diagnostic(span: Span | None, severity: str, message: str, notes: tup
         return "\n".join((head, *notes))
     text = span.source.line(span.line)
     out = [f"{span.path}:{span.line}:{span.col}: {severity}: {message}"]
-    if text:
+    if text or span.source.text.count("\n") + 1 >= span.line:     # an empty line is shown too: the caret says where
         expanded = text.expandtabs(1)
         width = 1
         if span.end_line == span.line and span.end_col > span.col:

@@ -5,10 +5,10 @@ so later stages see one form only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
-from ..errors import Span
+from ..errors import Source, Span
 
 
 # ---- expressions -------------------------------------------------------------------------
@@ -186,3 +186,5 @@ class Use:
 class Module:
     items: tuple[Network | Block | Use, ...]
     path: str
+    # The text it was parsed from, for errors about the whole file; not part of what it means.
+    source: Source | None = field(default=None, compare=False, repr=False)

@@ -285,7 +285,8 @@ def _describe_token(tok: Token) -> str:
         return "end of file"
     if tok.type == "_NL":
         return "end of line"
-    return f"`{tok}`"
+    text = " ".join(str(tok).split())     # a number list can span lines: the message keeps to one
+    return f"`{text if len(text) <= 40 else text[:37] + '…'}`"
 
 
 # When a parser state accepts many tokens, naming them all helps nobody: these are the ones
@@ -405,7 +406,12 @@ def _text_before(text: str, pos: int | None) -> tuple[str, int]:
     return text[start:end], start
 
 
-def _end_of_file(source: Source) -> Span:
+def file_end(module: ast.Module) -> Span | None:
+    """Where an error about a whole parsed file points: just after its last token."""
+    return end_of_file(module.source) if module.source is not None else None
+
+
+def end_of_file(source: Source) -> Span:
     """Just after the last token, where a user looks for what is missing: not after the blank
     lines, spaces or comments that follow it, where a caret would point at nothing."""
     last = None
@@ -448,7 +454,7 @@ def _syntax_error(source: Source, err: UnexpectedInput) -> ConvDSLError:
     if isinstance(err, UnexpectedToken):
         tok = err.token
         if tok.type == "$END":
-            span = _end_of_file(source)
+            span = end_of_file(source)
             msg = "unexpected end of file"
             opened = _unclosed_bracket(source, span.line + 1, 1)
             if opened is not None:
@@ -524,7 +530,7 @@ def _syntax_error(source: Source, err: UnexpectedInput) -> ConvDSLError:
             msg += f"; expected {expected}"
         return ConvDSLError(span, msg)
     if isinstance(err, UnexpectedEOF):
-        return ConvDSLError(_end_of_file(source), "unexpected end of file")
+        return ConvDSLError(end_of_file(source), "unexpected end of file")
     return ConvDSLError(Span(source, line, col), "syntax error")
 
 
@@ -552,6 +558,7 @@ def parse(text: str, path: str = "<string>") -> ast.Module:
     """Parse one .cnn file into an ast.Module; every failure is a ConvDSLError with a span."""
     if text.startswith("\ufeff"):     # a byte-order mark, as some Windows editors write: not text
         text = text[1:]
+    text = _universal_newlines(text)
     source = Source(str(path), text)
     try:
         tree = _parser().parse(text if text.endswith("\n") else text + "\n")
@@ -564,12 +571,13 @@ def parse(text: str, path: str = "<string>") -> ast.Module:
         if isinstance(err.orig_exc, ConvDSLError):
             raise err.orig_exc from None
         raise err.orig_exc from err      # a bug in this file: show it, not Lark's wrapper
-    return ast.Module(items, str(path))
+    return ast.Module(items, str(path), source)
 
 
 def _universal_newlines(text: str) -> str:
-    # As open() in text mode reads a file: \r\n and a lone \r end a line.
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    # \r\n ends a line as \n does; a lone \r is white space, as the lexer reads it, so that a
+    # file and the same text given as a string (load_source) mean the same thing.
+    return text.replace("\r\n", "\n")
 
 
 def decode_source(data: bytes) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from .. import limits
 from ..errors import ConvDSLError, Note, Span, block_note, did_you_mean, raise_errors
 from ..frontend import ast
-from ..frontend.parser import bad_byte_position, decode_source, parse, parse_file
+from ..frontend.parser import bad_byte_position, decode_source, file_end, parse, parse_file
 from ..frontend.unparse import expr as expr_text
 from ..ops.base import (Arg, ConstTensor, OpContext, Symbol, SymbolCall, alias_names, describe_value, lookup,
                         op_alias, op_relative, registry)
@@ -910,7 +910,8 @@ def _run_time_sizes(values):
 def build_graph(program: Program, network: str | None = None) -> Graph:
     nets = program.networks
     if not nets:
-        raise ConvDSLError(None, f"{program.module.path}: no `network` in this file")
+        raise ConvDSLError(file_end(program.module), "no `network` in this file; a file that only defines "
+                                                     "blocks is brought into another with `use`")
     if network is None:
         if len(nets) > 1:
             names = ", ".join(n.name for n in nets)

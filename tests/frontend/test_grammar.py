@@ -15,7 +15,7 @@ def strip(node):
     if isinstance(node, tuple):
         return tuple(strip(n) for n in node)
     if dataclasses.is_dataclass(node):
-        fields = {f.name: strip(getattr(node, f.name)) for f in dataclasses.fields(node) if f.name not in ("span", "piped")}
+        fields = {f.name: strip(getattr(node, f.name)) for f in dataclasses.fields(node) if f.name not in ("span", "piped", "source")}
         return (type(node).__name__, tuple(sorted(fields.items())))
     return node
 
