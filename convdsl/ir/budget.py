@@ -123,11 +123,12 @@ class Budget:
                                        f"{power_text(limits.MAX_ACTIVATION_ELEMENTS)}")
 
     def workspace(self, elements, span: Span, what: str) -> None:
-        """A per-sample scratch size (im2col's columns): bounded like a size, and when fixed no
-        larger than the activation budget (it is allocated beside the activations)."""
-        bound = self.size(elements, span, what)
-        if isinstance(elements, int) and bound > limits.MAX_ACTIVATION_ELEMENTS:
-            raise ConvDSLError(span, f"{what} needs {_amount(bound)} elements per sample, beyond the budget of "
+        """A per-sample scratch size (im2col's columns): when fixed, no larger than the activation
+        budget (it is allocated beside the activations). One that depends on run-time sizes is a
+        product of them, like a tensor's element count, and prepare computes it overflow-checked
+        (see `tensor`)."""
+        if isinstance(elements, int) and elements > limits.MAX_ACTIVATION_ELEMENTS:
+            raise ConvDSLError(span, f"{what} needs {_amount(elements)} elements per sample, beyond the budget of "
                                      f"{power_text(limits.MAX_ACTIVATION_ELEMENTS)}")
 
     # ---- parameters ----------------------------------------------------------------------------

@@ -813,7 +813,7 @@ class GraphBuilder:
         self.budget.tensor(out_type, span, f"the output of {label}")
         self.budget.workspace(op.scratch_elements(in_types, out_type, attrs), span, f"the workspace of {label}")
         saved = op.saved_elements(in_types, out_type, attrs)
-        self.budget.size(saved, span, f"what {label} saves for backward")
+        # With run-time sizes it is an element count, which prepare counts overflow-checked.
         if isinstance(saved, int) and saved:
             self.budget.add_activation(saved, span, f"what {label} saves for backward")
 

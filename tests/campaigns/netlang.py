@@ -1007,7 +1007,10 @@ class Unshared(OpSpec):
         cols = F.unfold(xp, k, stride=s)                                     # [N, C·kh·kw, oh·ow]
         rows, colsi = torch.arange(oh) % tile[0], torch.arange(ow) % tile[1]
         w = w[:, rows][:, :, colsi]                                          # [out, oh, ow, C, kh, kw]
-        y = torch.einsum("ncl,olc->nol", cols, w.reshape(out, oh * ow, -1)).reshape(n, out, oh, ow)
+        # A broadcast product and a sum, not torch.einsum: einsum's gradient came out wrong at batch 1
+        # for this contraction (torch 2.13, float64; its own finite differences disagreed with it).
+        terms = cols.transpose(1, 2).unsqueeze(1) * w.reshape(out, oh * ow, -1).unsqueeze(0)   # [N, out, L, C·kh·kw]
+        y = terms.sum(-1).reshape(n, out, oh, ow)
         if b is not None:
             y = y + b[:, rows][:, :, colsi]
         return y.squeeze(2) if rank == 1 else y
