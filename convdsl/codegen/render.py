@@ -5,7 +5,6 @@ sizes — and never writes C itself: every line of C lives in templates/.
 """
 from __future__ import annotations
 
-import functools
 import re
 import sys
 from dataclasses import dataclass, field
@@ -72,26 +71,6 @@ def _hidden_module(module: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def public_suffixes() -> tuple[str, ...]:
-    """Every `<prefix>_<suffix>` the generated header declares, read from the header template."""
-    text = (resources.templates_dir() / "c" / "header.h.j2").read_text()
-    return tuple(sorted(set(re.findall(r"\{\{ prefix \}\}_([a-z_]+)", text))))
-
-
-def _taken_c_name(prefix: str) -> str | None:
-    """A public C name of the module that the C library (or Python, which the extension links)
-    already defines, such as `timer_create` for `network timer`: it would clash with the system
-    header's declaration. Looked up among the symbols of this process."""
-    import ctypes
-    here = ctypes.CDLL(None)
-    for suffix in public_suffixes():
-        name = f"{prefix}_{suffix}"
-        if hasattr(here, name):
-            return name
-    return None
-
-
 def check_module_names(networks) -> None:
     """Every network of a file must become a module of its own that imports as itself: not one
     that hides another module (`network os` would make `import os` load the network), and not
@@ -104,11 +83,6 @@ def check_module_names(networks) -> None:
         if hidden is not None:
             raise ConvDSLError(net.span, f"network `{net.name}` would be a Python module named `{module}`, "
                                          f"which would hide {hidden}; rename the network, e.g. `{net.name}Net`")
-        taken = _taken_c_name(module)
-        if taken is not None:
-            raise ConvDSLError(net.span, f"network `{net.name}` would export the C function `{taken}`, a name the "
-                                         f"C library already has (its header declares it differently); rename "
-                                         f"the network, e.g. `{net.name}Net`")
         if module in seen:
             first = seen[module]
             raise ConvDSLError(net.span, f"networks `{first.name}` (line {first.span.line}) and `{net.name}` "

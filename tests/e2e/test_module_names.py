@@ -10,7 +10,6 @@ import pytest
 
 import convdsl
 from convdsl import ConvDSLError
-from convdsl.compiler import graph_from_source
 
 BODY = "{\n    input x: [3, 8, 8]\n    y = x -> relu\n    output y\n}\n"
 
@@ -54,12 +53,3 @@ def test_compile_writes_nothing_for_a_refused_name(tmp_path):
 def test_names_near_a_module_name_are_fine():
     mod = convdsl.load_source("network OsNet " + BODY)
     assert mod.META["prefix"] == "osnet"
-
-
-@pytest.mark.parametrize("name", ["timer", "pthread_key"])
-def test_a_network_whose_c_api_is_a_c_library_function_is_refused_at_its_name(name):
-    # `network timer` would declare timer_create(uint64_t), which <time.h> (through Python.h in
-    # the extension) declares otherwise: the C compiler rejected the generated code.
-    with pytest.raises(ConvDSLError, match=f"would export the C function `{name}_create`") as info:
-        graph_from_source("network " + name + " " + BODY, "n.cnn")
-    assert str(info.value).startswith("n.cnn:1:9: error:")
