@@ -83,37 +83,3 @@ def torch_params(net, names=None) -> dict:
     import torch
     return {k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
             for k, v in net.params.items() if names is None or k in names}
-
-
-def as_tuple(v) -> tuple:
-    return v if isinstance(v, tuple) else (v,)
-
-
-def check_finite_differences(net, xs, rng, *, eps: float = 1e-6, directions: int = 2, rtol=1e-6, atol=1e-8,
-                             what: str = ""):
-    """Central differences of L = Σ_k <y_k, dy_k> in a float64 model along random directions of
-    every input and every trainable parameter, against the analytic gradients of backward."""
-    xs = [np.array(x, dtype=np.float64) for x in xs]
-    ys = as_tuple(net.forward(*xs))
-    dys = [rng.standard_normal(y.shape) for y in ys]
-    dxs = as_tuple(net.backward(*dys))
-    grads = {k: v.copy() for k, v in net.grads.items()}
-
-    def objective() -> float:
-        return float(sum((y * d).sum() for y, d in zip(as_tuple(net.forward(*xs)), dys)))
-
-    tensors = [(f"input {i}", x, dx) for i, (x, dx) in enumerate(zip(xs, dxs))]
-    tensors += [(name, net.params[name], g) for name, g in grads.items()]
-    for name, t, g in tensors:
-        for _ in range(directions):
-            v = rng.standard_normal(t.shape)
-            saved = t.copy()
-            t += eps * v
-            up = objective()
-            t[...] = saved - eps * v
-            down = objective()
-            t[...] = saved
-            numeric = (up - down) / (2 * eps)
-            analytic = float((g * v).sum())
-            assert_close(np.array(numeric), np.array(analytic), rtol=rtol, atol=atol,
-                         what=f"{what} finite differences of {name}")
