@@ -80,19 +80,45 @@ def cmd_graph(args) -> int:
     return 0
 
 
+def _algo(args) -> dict:
+    """--algo conv=im2col (repeatable, or comma-separated) on top of CONVDSL_ALGO."""
+    from .lower.plan import algo_override, parse_algo
+    asked: dict[str, str] = {}
+    for item in args.algo or []:
+        asked.update(parse_algo(item, "--algo"))
+    return algo_override(asked)
+
+
+def cmd_plan(args) -> int:
+    """The lowered program of every network of the file, one line per step."""
+    from .codegen.backends import C
+    from .lower import lower
+    from .lower.show import program_text
+    algo = _algo(args)
+    for i, graph in enumerate(_graphs(args.file, args.network)):
+        C.check_supported(graph)
+        if i:
+            print()
+        print(program_text(lower(graph, algo)), end="")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from .compiler import compile_graph, module_meta
     from .codegen.render import comment_safe, environment
     from .runtime.build import C_FLAGS, build_extension, file_digest
     import shutil
+    if args.emit == "lowered":
+        return cmd_plan(args)
     out = Path(args.output)
     status = 0
+    algo = _algo(args)
     written = []
     for graph in _graphs(args.file, args.network):
         status = max(status, _report_warnings(_warnings(graph, args), args))
         if status:
             continue
-        compiled = compile_graph(graph)
+        compiled = compile_graph(graph, algo)
         src = compiled.source
         ext_name, so_path = build_extension(src.prefix, src.c, src.h, src.cdef)
         with _writing(out):
@@ -164,6 +190,10 @@ def _lint_options(p) -> None:
     p.add_argument("--werror", action="store_true", help="treat warnings as errors")
 
 
+def _algo_option(p) -> None:
+    p.add_argument("--algo", action="append", metavar="OP=VARIANT",
+                   help="run every OP layer with this kernel variant where it applies, e.g. conv=im2col "
+                        "(repeatable or comma-separated; also the CONVDSL_ALGO environment variable)")
 FILE_HELP = "a .cnn source file (the language: docs/language.md)"
 
 ENVIRONMENT = """\
@@ -218,8 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help=FILE_HELP)
     p.add_argument("-o", "--output", metavar="OUTPUT", default="build", help="output folder (default: build)")
     p.add_argument("--network", help="only this network of the file")
+    p.add_argument("--emit", choices=("module", "lowered"), default="module",
+                   help="module: C, header and Python module (the default); lowered: print the lowered program "
+                        "(as `convdsl plan`) and write nothing")
+    _algo_option(p)
     _lint_options(p)
     p.set_defaults(run=cmd_compile)
+    p = sub.add_parser("plan", help="print the lowered program: per step its kernel variant, operands, "
+                                    "epilogue, workspace and threads")
+    p.add_argument("file")
+    p.add_argument("--network", help="only this network of the file")
+    _algo_option(p)
+    p.set_defaults(run=cmd_plan)
     p = sub.add_parser("graph", help="draw the network: DOT always, SVG/PNG/PDF with Graphviz installed")
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True, help="net.dot, net.svg, net.png or net.pdf")

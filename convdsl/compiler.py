@@ -11,7 +11,8 @@ from .ir.build import build_graph, load_program
 from .ir.graph import Graph
 from .frontend.parser import file_end, parse, parse_file
 from .ops.losses import LOSSES
-from .passes.schedule import Plan, buffer_layout, make_plan
+from .lower import Program, lower
+from .passes.schedule import buffer_layout
 from .passes.verify import verify
 
 
@@ -49,13 +50,15 @@ def networks_in_file(path) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Compiled:
     graph: Graph
-    plan: Plan
+    program: Program
     source: CSource
 
 
-def compile_graph(graph: Graph) -> Compiled:
-    plan = make_plan(graph)
-    return Compiled(graph, plan, render_c(plan))
+def compile_graph(graph: Graph, algo=None) -> Compiled:
+    """Lower (with `algo`, the per-run kernel variant override: {"conv": "im2col"} or
+    "conv=im2col,depthwise=direct"; CONVDSL_ALGO too) and render the C."""
+    program = lower(graph, algo)
+    return Compiled(graph, program, render_c(program))
 
 
 def module_meta(graph: Graph) -> dict:
@@ -92,10 +95,11 @@ def build_module(compiled: Compiled) -> types.ModuleType:
     return module
 
 
-def load(path, network: str | None = None) -> types.ModuleType:
-    """Compile a .cnn file (or reuse a cached build) and return its module; writes nothing beside it."""
-    return build_module(compile_graph(graph_from_file(path, network)))
+def load(path, network: str | None = None, algo=None) -> types.ModuleType:
+    """Compile a .cnn file (or reuse a cached build) and return its module; writes nothing beside it.
+    `algo` picks kernel variants for this build: {"conv": "im2col"} (see convdsl/lower/plan.py)."""
+    return build_module(compile_graph(graph_from_file(path, network), algo))
 
 
-def load_source(text: str, network: str | None = None, path: str = "<string>") -> types.ModuleType:
-    return build_module(compile_graph(graph_from_source(text, path, network)))
+def load_source(text: str, network: str | None = None, path: str = "<string>", algo=None) -> types.ModuleType:
+    return build_module(compile_graph(graph_from_source(text, path, network), algo))

@@ -22,7 +22,11 @@ class Backend:
     kernel_ext: str            # ops/<kind>.<ext>.j2
 
     def op_template(self, op) -> str:
-        return f"{self.template_dir}/ops/{op.template or op.name}.{self.kernel_ext}.j2"
+        return self.kernel_template(op.template or op.name)
+
+    def kernel_template(self, stem: str) -> str:
+        """The template of a kernel variant (`conv`, `conv_direct`) on this target."""
+        return f"{self.template_dir}/ops/{stem}.{self.kernel_ext}.j2"
 
     def loss_template(self, loss) -> str:
         return f"{self.template_dir}/losses/{loss.name}.{self.kernel_ext}.j2"
@@ -42,6 +46,13 @@ class Backend:
                 raise ConvDSLError(node.span, f"`{node.op}` is not supported by the {self.name} backend")
         if graph.loss is not None and not self.has_template(self.loss_template(LOSSES[graph.loss.kind])):
             raise ConvDSLError(graph.loss.span, f"loss `{graph.loss.kind}` is not supported by the {self.name} backend")
+
+    def check_program(self, program) -> None:
+        """Every step's variant has its template here (the plan may pick one another target lacks)."""
+        for step in program.forward:
+            if not self.has_template(self.kernel_template(step.variant_template)):
+                raise ConvDSLError(None, f"{step.op} {step.label} (line {step.line}): kernel variant "
+                                         f"`{step.variant}` is not supported by the {self.name} backend")
 
 
 C = Backend("c", "c", "c")

@@ -1,4 +1,4 @@
-"""Plan → C source, header and cffi declarations, through one Jinja environment (StrictUndefined).
+"""Lowered program → C source, header and cffi declarations, through one Jinja environment (StrictUndefined).
 
 This module prepares plain values for the templates — names, offsets, C expressions for
 sizes — and never writes C itself: every line of C lives in templates/.
@@ -17,10 +17,10 @@ from .. import resources
 from ..errors import ConvDSLError
 from ..ir import dims as D
 from ..ir.dims import Dim
-from ..ir.graph import Graph, TensorType
+from ..ir.graph import TensorType
+from ..lower.program import PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary, Program
 from ..ops.base import lookup
 from ..ops.losses import LOSSES
-from ..passes.schedule import Plan
 from .backends import C, Backend
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -255,7 +255,9 @@ class NodeView:
     real: Any = field(repr=False, default=None)
     b: dict = field(default_factory=dict)         # buffers of the layer: running_mean …
     saved: str | None = None                      # per-batch memory kept from forward to backward
-    algorithm: str | None = None                  # the plan's choice for ops that have several
+    variant: str = "default"                      # the kernel variant the plan chose
+    fused: bool = False                           # an activation whose forward runs in its producer's kernel
+    epilogue: dict | None = None                  # the activation this node's kernel applies as it writes
 
 
 def _c_float(value: float, dtype: str) -> str:
@@ -277,83 +279,94 @@ class CSource:
     cdef: str
 
 
-def _check_sizes_fit(plan: Plan) -> None:
+def _check_sizes_fit(pg: Program) -> None:
     """Every size the C holds as a number must fit int64: per-sample element counts (prepare then
     multiplies them by the batch with overflow checks) and the parameter block; said at the layer."""
-    g = plan.graph
-    for v in g.values:
-        node = g.nodes[v.producer] if v.producer is not None else None
+    for v in pg.values:
         try:
             checked_c(D.product(v.type.shape), lambda name: name)
         except ConvDSLError:
-            what = f"the output of {node.label}" if node is not None else "this input"
-            raise ConvDSLError(node.span if node is not None else g.span,
-                               f"{what} would have {D.to_text(D.product(v.type.shape))} elements per sample, "
-                               f"more than 64-bit sizes can count (2^63)") from None
-    for slot in plan.params:
+            what = "this input" if v.producer_label is None else f"the output of {v.producer_label}"
+            raise ConvDSLError(v.span, f"{what} would have {D.to_text(D.product(v.type.shape))} elements per sample, "
+                                       f"more than 64-bit sizes can count (2^63)") from None
+    for slot in pg.params:
         if slot.offset + slot.size > INT64_MAX:
             raise ConvDSLError(slot.layer.span, f"the parameters up to `{slot.full_name}` would have "
                                                 f"{slot.offset + slot.size} elements, more than 64-bit sizes can count")
 
 
-def render_c(plan: Plan, backend: Backend = C) -> CSource:
-    g: Graph = plan.graph
-    backend.check_supported(g)
-    _check_sizes_fit(plan)
-    prefix = module_name(g.name)
-    dtype = g.dtype
-    c = DimRenderer(g.sym_dims)
+def render_c(program: Program, backend: Backend = C) -> CSource:
+    """The C of a lowered program; reads the program only, never the graph or the plan."""
+    pg = program
+    backend.check_program(pg)
+    _check_sizes_fit(pg)
+    prefix = module_name(pg.name)
+    dtype = pg.dtype
+    c = DimRenderer(pg.sym_dims)
     env = environment()
     real = lambda v: _c_float(v, dtype)  # noqa: E731
 
     def view(vid: int) -> TensorView:
-        t = g.values[vid].type
+        t = pg.values[vid].type
         return TensorView(f"m->value[{vid}]", f"m->value_grad[{vid}]", c(t.channels), c(D.product(t.shape)))
 
-    saved_index = {nid: k for k, (nid, _) in enumerate(plan.saved)}
+    saved_steps = [s for s in pg.forward if s.saved is not None]
+    saved_index = {s.node: k for k, s in enumerate(saved_steps)}
+    backward_of = {s.node: s for s in pg.backward}
+    forward_of = {s.node: s for s in pg.forward}
+    # Every node has kernels: its forward step, or (an activation fused into its producer's
+    # kernel) its backward step only.
+    kernel_steps = sorted((forward_of.get(n, b) for n, b in backward_of.items()), key=lambda s: s.node)
     nodes, helpers, guards = [], [], []
-    for nid in plan.order:
-        node = g.nodes[nid]
-        op = lookup(node.op)
+    for step in kernel_steps:
+        op = lookup(step.op)
         for h in op.c_helpers:
             if h not in helpers:
                 helpers.append(h)
-        in_types = tuple(g.values[v].type for v in node.inputs)
-        out_t = g.values[node.output].type
+        slots = pg.layer_params(step.layer)
         params = {}
-        for local, slot in plan.layer_params(node.layer).items():
-            params[local] = ParamView(f"(m->params + {slot.offset})",
-                                      f"(m->grads + {slot.offset})" if slot.spec.trainable else None,
-                                      slot.spec.trainable, slot.size, slot.spec.shape)
-        buffers = {local: BufferView(f"(m->buffers + {slot.offset})", slot.size)
-                   for local, slot in plan.layer_buffers(node.layer).items()}
-        fn = layer_function(nid, node.label)
-        label = checked_identifier(node.label, dotted=True)
+        for operand in step.params:
+            slot = slots[operand.role]
+            params[operand.role] = ParamView(f"(m->params + {operand.offset})",
+                                             f"(m->grads + {operand.offset})" if operand.trainable else None,
+                                             operand.trainable, operand.size, slot.spec.shape)
+        buffers = {b.role: BufferView(f"(m->buffers + {b.offset})", b.size) for b in step.buffers}
+        fn = layer_function(step.node, step.label)
+        label = checked_identifier(step.label, dotted=True)
+        own_output = backward_of[step.node].inputs[0].value        # dy: the gradient of what the node computes
+        written = step.outputs[0].value if step.phase == "forward" else own_output
+        y = view(own_output)
+        y = TensorView(f"m->value[{written}]", y.grad, y.C, y.numel)
+        epilogue = None
+        if step.activation_node is not None:
+            act_step = backward_of[step.activation_node]
+            epilogue = {"op": act_step.op, "attrs": act_step.attrs, "label": act_step.label}
         nodes.append(NodeView(
-            fn=fn, label=label, line=node.span.line, op=node.op,
-            describe=op.describe(node.attrs), template=backend.op_template(op),
-            x=[view(v) for v in node.inputs], y=view(node.output), p=params, attrs=node.attrs,
-            k=op.kernel_context(node.attrs, in_types, out_t, c), real=real, b=buffers,
-            saved=f"m->saved[{saved_index[nid]}]" if nid in saved_index else None,
-            algorithm=plan.algorithm(nid)))
-        for cond, message in op.training_guards(node.attrs, in_types, out_t, c):
-            guards.append({"cond": cond, "message": f"{node.op} {label} (line {node.span.line}) {message}"})
+            fn=fn, label=label, line=step.line, op=step.op,
+            describe=step.describe, template=backend.kernel_template(step.variant_template),
+            x=[view(x.value) for x in step.inputs] if step.phase == "forward" else
+              [view(v) for v in _fused_inputs(step)], y=y, p=params, attrs=step.attrs,
+            k=op.kernel_context(step.attrs, step.in_types, step.out_type, c), real=real, b=buffers,
+            saved=f"m->saved[{saved_index[step.node]}]" if step.node in saved_index else None,
+            variant=step.variant, fused=step.fused_into is not None, epilogue=epilogue))
+        for cond, message in op.training_guards(step.attrs, step.in_types, step.out_type, c):
+            guards.append({"cond": cond, "message": f"{step.op} {label} (line {step.line}) {message}"})
 
-    def boundary(vid: int, index: int, name: str):
-        t = g.values[vid].type
-        transpose = g.layout == "NHWC" and t.rank > 1 and D.product(t.spatial) != 1
+    def boundary(b: Boundary, index: int):
+        t = b.type
+        transpose = pg.layout == "NHWC" and t.rank > 1 and D.product(t.spatial) != 1
         dims = list(t.shape)
-        if g.layout == "NHWC" and t.rank > 1:
+        if pg.layout == "NHWC" and t.rank > 1:
             dims = dims[1:] + dims[:1]
-        return {"index": index, "name": checked_identifier(name), "value": vid, "transpose": transpose,
+        return {"index": index, "name": checked_identifier(b.name), "value": b.value, "transpose": transpose,
                 "C": c(t.channels), "S": c(D.product(t.spatial)), "numel": c(D.product(t.shape)),
                 "layout_dims": [c(d) for d in dims], "dims_text": ", ".join(D.to_text(d) for d in dims)}
 
-    inputs = [boundary(i.value, k, i.name) for k, i in enumerate(g.inputs)]
-    outputs = [boundary(o.value, k, o.name) for k, o in enumerate(g.outputs)]
+    inputs = [boundary(b, k) for k, b in enumerate(pg.inputs)]
+    outputs = [boundary(b, k) for k, b in enumerate(pg.outputs)]
 
     consts, params = [], []
-    for idx, slot in enumerate(plan.params):
+    for idx, slot in enumerate(pg.params):
         spec = slot.spec
         entry = {"name": checked_identifier(slot.full_name, dotted=True), "offset": slot.offset, "size": slot.size,
                  "shape": spec.shape, "trainable": spec.trainable, "init": spec.init.kind,
@@ -365,46 +378,53 @@ def render_c(plan: Plan, backend: Backend = C) -> CSource:
         params.append(entry)
 
     loss = None
-    if g.loss is not None:
-        ldef = LOSSES[g.loss.kind]
-        t = g.values[g.loss.value].type
-        out_name = g.outputs[g.loss.output_index].name
-        loss = {"kind": ldef.name, "template": backend.loss_template(ldef), "value": g.loss.value, "line": g.loss.span.line,
-                "output_name": checked_identifier(out_name), "y": view(g.loss.value),
-                "k": ldef.kernel_context(t, c),
-                "transpose_target": ldef.target_kind == "values" and g.layout == "NHWC" and t.rank > 1
+    if pg.loss is not None:
+        ldef = LOSSES[pg.loss.kind]
+        t = pg.loss.type
+        loss = {"kind": ldef.name, "template": backend.loss_template(ldef), "value": pg.loss.value,
+                "line": pg.loss.line, "output_name": checked_identifier(pg.loss.output_name),
+                "y": view(pg.loss.value), "k": ldef.kernel_context(t, c),
+                "transpose_target": ldef.target_kind == "values" and pg.layout == "NHWC" and t.rank > 1
                 and D.product(t.spatial) != 1,
-                "target_doc": _target_doc(ldef, t, g.layout)}
+                "target_doc": _target_doc(ldef, t, pg.layout)}
 
-    values = [{"index": v.id, "numel": c(D.product(v.type.shape))} for v in g.values]
+    values = [{"index": v.id, "numel": c(D.product(v.type.shape)), "offset": c(pg.activations[v.id].offset),
+               "grad_offset": c(pg.gradients[v.id].offset), "eval_offset": c(pg.inference[v.id].offset)}
+              for v in pg.values]
     # Values whose size depends on run-time sizes must not come out empty.
     size_checks = []
-    for v in g.values:
+    for v in pg.values:
         for d in v.type.shape:
             if not isinstance(d, int):
-                where = "an input" if v.producer is None else f"{g.nodes[v.producer].label} (line {g.nodes[v.producer].span.line})"
-                size_checks.append({"expr": c(d), "message": f"the input is too small: the output of {where} "
+                size_checks.append({"expr": c(d), "message": f"the input is too small: the output of {v.maker} "
                                                               f"would be empty ({D.to_text(d)} < 1)"})
-    scratch = [c(s) for s in plan.scratch]
-    saved = [{"index": k, "numel": c(n), "node": g.nodes[nid].label} for k, (nid, n) in enumerate(plan.saved)]
+    saved = [{"index": k, "numel": c(s.saved.size), "offset": c(s.saved.offset), "node": s.label}
+             for k, s in enumerate(saved_steps)]
+    regions = {r.name: c(r.size) for r in pg.regions if r.name in PER_SAMPLE_REGIONS + (WORKSPACE, THREAD_WORKSPACE)}
     buffer_table = [{"name": checked_identifier(b.full_name, dotted=True), "offset": b.offset, "size": b.size,
-                     "shape": b.spec.shape, "fill": real(b.spec.fill)} for b in plan.buffers]
+                     "shape": b.spec.shape, "fill": real(b.spec.fill)} for b in pg.buffers]
     # The slot table is complete only once everything above has been rendered.
     context = {
-        "prefix": prefix, "net": g, "source_name": comment_safe(Path(g.source_path).name), "ctype": C_TYPES[dtype],
-        "model_t": "model_t", "math": MATH[dtype], "sym_dims": [checked_identifier(s) for s in g.sym_dims],
+        "prefix": prefix, "net": pg, "source_name": comment_safe(Path(pg.source_path).name), "ctype": C_TYPES[dtype],
+        "model_t": "model_t", "math": MATH[dtype], "sym_dims": [checked_identifier(s) for s in pg.sym_dims],
         "nodes": nodes, "helpers": helpers, "values": values, "inputs": inputs, "outputs": outputs,
-        "params": params, "param_total": plan.param_total, "consts": consts, "loss": loss,
-        "size_checks": size_checks, "scratch": scratch,
-        "buffers": buffer_table, "buffer_total": plan.buffer_total, "saved": saved, "training_guards": guards,
+        "params": params, "param_total": pg.param_total, "consts": consts, "loss": loss,
+        "size_checks": size_checks, "regions": regions,
+        "buffers": buffer_table, "buffer_total": pg.buffer_total, "saved": saved, "training_guards": guards,
     }
     try:
         body = env.get_template(backend.module_template()).render(dims=c.slot_exprs(), **context)
         header = env.get_template(backend.header_template()).render(for_cffi=False, **context)
         cdef = env.get_template(backend.header_template()).render(for_cffi=True, **context)
     except jinja2.TemplateError as e:
-        raise ConvDSLError(g.span, f"internal error while generating C: {type(e).__name__}: {e}") from None
+        raise ConvDSLError(None, f"internal error while generating C: {type(e).__name__}: {e}") from None
     return CSource(prefix, body, header, cdef)
+
+
+def _fused_inputs(step) -> list[int]:
+    """The input values of a fused activation, from its backward step (which reads dy and y only):
+    the values it writes the gradients of."""
+    return [o.value for o in step.outputs if o.region == "gradients"]
 
 
 def _init_scale(spec) -> float:

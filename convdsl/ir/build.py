@@ -18,15 +18,13 @@ from ..frontend import ast
 from ..frontend.parser import bad_byte_position, decode_source, file_end, parse, parse_file
 from ..frontend.unparse import expr as expr_text
 from ..ops.base import (Arg, ConstTensor, OpContext, Symbol, SymbolCall, alias_names, describe_value, lookup,
-                        op_alias, op_relative, registry)
+                        op_alias, op_relative, registry, symbol_vocabulary)
 from ..ops.losses import LOSSES, is_other_loss, loss_alias
 from . import dims as D
 from .budget import Budget, BudgetExceeded, short_text
 from .graph import Graph, InputDecl, Layer, LossDecl, Node, OutputDecl, TensorType, Value
 
 # Bare names that stand for themselves when nothing else is bound to them.
-SYMBOLS = frozenset({"valid", "same", "full", "he", "xavier", "zeros", "ones", "nearest", "linear", "bilinear",
-                     "trilinear", "auto", "im2col"})
 SYMBOL_FUNCS = frozenset({"normal", "uniform"})
 BUILTINS = ("channels", "height", "width", "depth")
 MAX_REPEAT = 1000
@@ -500,7 +498,7 @@ class GraphBuilder:
                 raise CascadeError(e.span, f"`{e.id}` is not defined: its statement failed")
             if bound is not None:
                 return bound
-            if e.id in SYMBOLS:
+            if e.id in symbol_vocabulary():
                 return Symbol(e.id)
             if e.id in self.program.blocks or lookup(e.id) is not None:
                 raise ConvDSLError(e.span, f"`{e.id}` is an op; apply it to a tensor, as `x -> {e.id}`")
@@ -592,7 +590,7 @@ class GraphBuilder:
     def eval_arg(self, e, scope: Scope, arg: Arg | None):
         """An op's argument: as eval, but an undefined bare name is explained with what the
         argument takes (`pad=reflect` lists the padding forms)."""
-        if isinstance(e, ast.Name) and scope.lookup(e.id) is None and e.id not in SYMBOLS and \
+        if isinstance(e, ast.Name) and scope.lookup(e.id) is None and e.id not in symbol_vocabulary() and \
                 e.id not in self.program.blocks and lookup(e.id) is None:
             raise self.undefined(e.id, e.span, scope, arg)
         if isinstance(e, ast.Str):
@@ -600,7 +598,7 @@ class GraphBuilder:
         return self.eval(e, scope)
 
     def undefined(self, name: str, span: Span, scope: Scope, arg: Arg | None = None) -> ConvDSLError:
-        candidates = [n for n, v in scope.bindings.items() if not isinstance(v, Failed)] + list(SYMBOLS)
+        candidates = [n for n, v in scope.bindings.items() if not isinstance(v, Failed)] + sorted(symbol_vocabulary())
         hint = did_you_mean(name, candidates)
         takes = f"`{arg.name}` is {arg.forms}" if arg is not None and arg.forms else ""
         if arg is not None and name in arg.lacks:
@@ -613,7 +611,7 @@ class GraphBuilder:
         """`pad="same"`: the language's words are written bare; say so when the text is one."""
         message = "a string is only allowed in `use \"file.cnn\"`"
         word = e.value
-        if word.isidentifier() and (word in SYMBOLS or scope.lookup(word) is not None):
+        if word.isidentifier() and (word in symbol_vocabulary() or scope.lookup(word) is not None):
             return ConvDSLError(e.span, f"{message}; write `{word}` without quotes")
         if arg is not None and word in arg.lacks:
             return ConvDSLError(e.span, f"{message}, and {arg.lacks_why}" +
@@ -811,7 +809,9 @@ class GraphBuilder:
         for d in _run_time_sizes(attrs.values()):
             self.budget.size(d, span, lambda d=d: f"a size of {label} (`{short_text(d)}`)")
         self.budget.tensor(out_type, span, f"the output of {label}")
-        self.budget.workspace(op.scratch_elements(in_types, out_type, attrs), span, f"the workspace of {label}")
+        for variant in op.variants():        # any kernel variant that applies may be the one the plan runs
+            if variant.applies(attrs):
+                self.budget.workspace(variant.workspace(in_types, out_type, attrs), span, f"the workspace of {label}")
         saved = op.saved_elements(in_types, out_type, attrs)
         # With run-time sizes it is an element count, which prepare counts overflow-checked.
         if isinstance(saved, int) and saved:

@@ -7,6 +7,7 @@ from .base import Arg, OpDef, expect_float, register
 
 class Pointwise(OpDef):
     positionwise = True
+    activation = True              # fusable into the producer's kernel (templates/c/lib/epilogue.j2)
 
     def kernel_context(self, attrs, in_types, out, c):
         return {"numel": c(D.product(out.shape))}
@@ -15,6 +16,7 @@ class Pointwise(OpDef):
 @register
 class Relu(Pointwise):
     name = "relu"
+    parallel = "elements"
     relatives = ("relu6", "elu", "selu", "gelu", "silu", "swish", "mish", "softplus", "hardswish", "celu")
     summary = "max(x, 0)"
 
@@ -52,6 +54,7 @@ class LeakyRelu(Pointwise):
 @register
 class Softmax(OpDef):
     name = "softmax"
+    parallel = "batch × positions"
     relatives = ("log_softmax", "logsoftmax", "softmin")
     summary = "softmax over channels, at every position of a map"
     positionwise = True            # the channels of one position, each position on its own

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from ..errors import ConvDSLError, Span, did_you_mean
-from ..limits import FLOAT_MAX, MAX_ATTRIBUTE, MAX_INIT_SCALE, power_text
+from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import Init, ParamSpec, TensorType
+from ..limits import FLOAT_MAX, MAX_ATTRIBUTE, MAX_INIT_SCALE, power_text
 
 REQUIRED = object()
 
@@ -65,6 +66,33 @@ class BufferSpec:
     fill: float                      # every element's value in a new model
 
 
+def _always(attrs) -> bool:
+    return True
+
+
+def _no_workspace(in_types, out, attrs) -> Dim:
+    return 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run an op's kernels. The plan picks, per layer, the applicable variant of
+    lowest estimated cost; `algo=` in the file or a per-run override can name one instead.
+    Rules are written on the op's normalised attributes, never on rendered code."""
+    name: str                                        # im2col, pointwise, direct …
+    template: str                                    # template file stem holding its kernels
+    doc: str                                         # one line, for `convdsl plan` and messages
+    cost: Callable[[tuple, TensorType, dict], Dim]   # estimated work in element operations, per sample
+    applies: Callable[[dict], bool] = _always
+    needs: str = ""                                  # what `applies` asks for, said when it refuses
+    workspace: Callable[[tuple, TensorType, dict], Dim] = _no_workspace   # elements per sample
+    parallel: str = "none"                           # what its kernels split across threads
+    fuses_activation: bool = False                   # its forward can apply an activation as it writes
+    # Elements each thread needs of its own when the kernel splits a batch across threads (conv
+    # backward: its columns and its share of dW and db), planned like the shared workspace.
+    thread_workspace: Callable[[tuple, TensorType, dict], Dim] = _no_workspace
+
+
 @dataclass(frozen=True)
 class Arg:
     name: str
@@ -73,6 +101,15 @@ class Arg:
     forms: str = ""                  # what values it takes, for messages: "valid, same, full, …"
     lacks: tuple[str, ...] = ()      # values other libraries take here that the language lacks
     lacks_why: str = ""              # said when one of `lacks` is written: "reflect padding is …"
+    symbols: tuple[str, ...] = ()    # bare words it takes (`same`, `he`): the language's vocabulary
+
+
+INIT_SYMBOLS = ("he", "xavier", "zeros", "ones")
+
+
+def init_arg() -> Arg:
+    """The `init` argument of every op with weights: he | xavier | zeros | ones | normal(s) | uniform(a)."""
+    return Arg("init", Symbol("he"), symbols=INIT_SYMBOLS)
 
 
 class OpContext:
@@ -153,6 +190,27 @@ class OpDef:
         """Validate argument values against the inputs and fill derived ones (padding per axis …)."""
         return attrs
 
+    # -- how it runs: the kernel variants the plan chooses from
+    def variants(self) -> tuple[Variant, ...]:
+        """Every way this op's kernels can run; the first of an op without a choice is its
+        only one, computed as its template says."""
+        return (Variant("default", self.template or self.name, "the op's kernels",
+                        cost=lambda in_types, out, attrs: D.add(self.macs(in_types, out, attrs),
+                                                                D.product(out.shape)),
+                        workspace=lambda in_types, out, attrs: self.scratch_elements(in_types, out, attrs),
+                        parallel=self.parallel, fuses_activation=self.fuses_activation),)
+
+    # A single-variant op whose forward kernel can apply a following activation as it writes its
+    # output (the template reads node.epilogue); see `activation` below.
+    fuses_activation: ClassVar[bool] = False
+    # An element-wise activation that a producer may apply in its own kernel: its backward reads
+    # only its output and the output's gradient (never its input, which a fused step never writes).
+    activation: ClassVar[bool] = False
+
+    # What a single-variant op's kernels split across threads (lowered program's ParallelSplit);
+    # "none": one thread.
+    parallel: ClassVar[str] = "none"
+
     # -- semantics
     def infer(self, in_types: tuple[TensorType, ...], attrs: dict, ctx: OpContext) -> TensorType:
         return in_types[0]
@@ -232,6 +290,18 @@ def registry() -> dict[str, OpDef]:
 
 def lookup(name: str) -> OpDef | None:
     return registry().get(name)
+
+
+_VOCABULARY: frozenset[str] | None = None
+
+
+def symbol_vocabulary() -> frozenset[str]:
+    """Every bare word an op's argument takes (`pad=same`, `init=he`, `algo=im2col`): what the
+    builder reads as a symbol rather than a name. Each op declares its own on its Args."""
+    global _VOCABULARY
+    if _VOCABULARY is None:
+        _VOCABULARY = frozenset(word for op in registry().values() for arg in op.args for word in arg.symbols)
+    return _VOCABULARY
 
 
 def normal_name(name: str) -> str:

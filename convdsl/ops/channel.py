@@ -24,6 +24,7 @@ def _channel_split(op: str, t: TensorType, value, arg: str, ctx: OpContext) -> i
 @register
 class Maxout(OpDef):
     name = "maxout"
+    parallel = "batch × groups"
     summary = "max over each group of k consecutive channels: C → C/k (§5.2)"
     args = (Arg("k"),)
 

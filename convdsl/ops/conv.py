@@ -6,25 +6,76 @@ convolution (§1.1.1): the kernel is read reversed along every spatial axis.
 from __future__ import annotations
 
 from ..ir import dims as D
+from ..ir.dims import Dim
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import (Arg, ConstTensor, OpContext, OpDef, Symbol, describe_value, expect_bool, expect_int,
-                   expect_symbol, parse_init, register)
+from .base import (Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, describe_value, expect_bool, expect_int,
+                   expect_symbol, init_arg, parse_init, register)
 from .spatial import (effective_kernel, input_rank_check, output_sizes, pad_arg, per_axis, resolve_padding,
                       window_context)
 
-ALGOS = ("auto", "im2col")
+ALGOS = ("auto", "im2col", "pointwise", "direct")
 
 _WINDOW_ARGS = (
     Arg("stride", 1), pad_arg(), Arg("dilation", 1),
 )
 _LAYER_ARGS = (
-    Arg("bias", True), Arg("flip", False), Arg("init", Symbol("he")), Arg("frozen", False),
-    Arg("weight", None), Arg("algo", Symbol("auto")),
+    Arg("bias", True), Arg("flip", False), init_arg(), Arg("frozen", False),
+    Arg("weight", None), Arg("algo", Symbol("auto"), symbols=ALGOS),
 )
 
 
 def _kernel_text(k: tuple[int, ...]) -> str:
     return "×".join(map(str, k))
+
+
+# ---- kernel variants: applicability on the attributes, cost in element operations per sample ----
+
+def _is_pointwise(attrs) -> bool:
+    """A 1×1 window at stride 1 with no zeros before or after on any axis: the input itself
+    is the column matrix. Padding at the end alone still makes the output bigger than the input."""
+    return all(k == 1 for k in attrs["kernel"]) and all(s == 1 for s in attrs["stride"]) \
+        and all(before == 0 and after == 0 for before, after in attrs["pads"])
+
+
+def _one_channel_per_group(attrs) -> bool:
+    return attrs["in"] == attrs["groups"]
+
+
+def _gemm_cost(in_types, out, attrs):
+    # A GEMM of few rows per group (COG) pays its packing and loop overhead on every row.
+    rows = attrs["out"] // attrs["groups"]
+    macs = Conv.macs_of(attrs, out)
+    return D.add(macs, D.floordiv(D.mul(macs, 4), rows))
+
+
+def _columns(in_types, out, attrs):
+    return D.mul(attrs["in"] * D.product(attrs["kernel"]), D.product(out.spatial))
+
+
+def _own_gradients(in_types, out, attrs):
+    # dW and db of one thread, added up in thread order after the batch loop.
+    return attrs["out"] * (attrs["in"] // attrs["groups"]) * D.product(attrs["kernel"]) + attrs["out"]
+
+
+def _columns_and_gradients(in_types, out, attrs):
+    return D.add(_columns(in_types, out, attrs), _own_gradients(in_types, out, attrs))
+
+
+CONV_VARIANTS = (
+    Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
+            cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
+            workspace=_columns, parallel="batch, or the GEMM's rows for large products", fuses_activation=True,
+            thread_workspace=_columns_and_gradients),
+    Variant("pointwise", "conv", "1×1 at stride 1 without padding: a GEMM on the input itself",
+            cost=_gemm_cost, applies=_is_pointwise,
+            needs="a 1×1 kernel, stride 1 and no padding before or after on any axis",
+            parallel="batch, or the GEMM's rows for large products", fuses_activation=True,
+            thread_workspace=_own_gradients),
+    Variant("direct", "conv_direct", "a loop over the window per output channel (one input channel per group)",
+            cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
+            applies=_one_channel_per_group, needs="one input channel per group (depthwise)",
+            parallel="batch × channels"),
+)
 
 
 @register
@@ -67,7 +118,7 @@ class Conv(OpDef):
                                 f"this {self.name}'s weight is [{', '.join(map(str, wshape))}] "
                                 f"(out, in/groups, *kernel)", arg="weight")
         frozen = expect_bool(attrs["frozen"], ctx, "frozen")
-        return {
+        normalized = {
             "out": out, "in": cin, "groups": groups, "kernel": kernel, "stride": stride,
             "dilation": dilation, "pads": pads, "pad_spec": attrs["pad"],
             "bias": expect_bool(attrs["bias"], ctx, "bias"),
@@ -76,6 +127,19 @@ class Conv(OpDef):
             "frozen": frozen, "weight": weight,
             "algo": expect_symbol(attrs["algo"], ALGOS, ctx, "algo"),
         }
+        chosen = next((v for v in self.variants() if v.name == normalized["algo"]), None)
+        if chosen is not None and not chosen.applies(normalized):
+            raise ctx.error(f"algo={chosen.name} does not apply to this {self.name}: it needs {chosen.needs}",
+                            arg="algo")
+        return normalized
+
+    def variants(self):
+        return CONV_VARIANTS
+
+    @staticmethod
+    def macs_of(attrs, out) -> Dim:
+        per_out = attrs["in"] // attrs["groups"] * D.product(attrs["kernel"])
+        return D.mul(per_out * attrs["out"], D.product(out.spatial))
 
     def infer(self, in_types, attrs, ctx) -> TensorType:
         (t,) = in_types
@@ -98,11 +162,7 @@ class Conv(OpDef):
         return tuple(specs)
 
     def macs(self, in_types, out, attrs):
-        per_out = attrs["in"] // attrs["groups"] * D.product(attrs["kernel"])
-        return D.mul(per_out * attrs["out"], D.product(out.spatial))
-
-    def scratch_elements(self, in_types, out, attrs):
-        return D.mul(attrs["in"] * D.product(attrs["kernel"]), D.product(out.spatial))
+        return self.macs_of(attrs, out)
 
     def window(self, in_types, attrs):
         return effective_kernel(attrs["kernel"], attrs["dilation"]), attrs["stride"]
@@ -152,7 +212,7 @@ class Separable(OpDef):
     name = "separable"
     aliases = ("separable_conv", "separable_convolution")
     summary = "depthwise then 1×1 conv with the bias, as in Keras (§3.8)"
-    args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("bias", True), Arg("init", Symbol("he")),
+    args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("bias", True), init_arg(),
             Arg("frozen", False))
 
     def expand(self, builder, inputs, attrs, ctx):

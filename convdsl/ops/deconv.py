@@ -10,7 +10,7 @@ from fractions import Fraction
 
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import Arg, OpDef, Symbol, expect_bool, expect_int, parse_init, register
+from .base import Arg, OpDef, Symbol, expect_bool, expect_int, init_arg, parse_init, register
 from .spatial import as3d, effective_kernel, input_rank_check, per_axis
 
 
@@ -21,11 +21,12 @@ def _x(values) -> str:
 @register
 class Deconv(OpDef):
     name = "deconv"
+    parallel = "the GEMM's rows for large products"
     aliases = ("conv_transpose", "transposed_conv", "deconvolution")
     summary = "transposed convolution (PyTorch ConvTranspose): learned up-sampling (§3.11)"
     args = (Arg("out"), Arg("kernel"), Arg("stride", 1),
             Arg("pad", 0, forms="an integer or a tuple per axis (it trims the output, as in PyTorch)"),
-            Arg("output_pad", 0), Arg("groups", 1), Arg("dilation", 1), Arg("bias", True), Arg("init", Symbol("he")),
+            Arg("output_pad", 0), Arg("groups", 1), Arg("dilation", 1), Arg("bias", True), init_arg(),
             Arg("frozen", False))
     c_helpers = ("gemm", "im2col")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import Arg, OpDef, Symbol, expect_bool, expect_int, parse_init, register
+from .base import Arg, OpDef, expect_bool, expect_int, init_arg, parse_init, register
 
 
 @register
@@ -28,9 +28,11 @@ class Flatten(OpDef):
 @register
 class Dense(OpDef):
     name = "dense"
+    parallel = "the GEMM's rows for large products"
+    fuses_activation = True
     aliases = ("linear", "fc", "fully_connected", "inner_product", "gemm")
     summary = "fully connected: y = W·x + b; a map input is flattened first"
-    args = (Arg("out"), Arg("bias", True), Arg("init", Symbol("he")), Arg("frozen", False))
+    args = (Arg("out"), Arg("bias", True), init_arg(), Arg("frozen", False))
     c_helpers = ("gemm",)
 
     def expand(self, builder, inputs, attrs, ctx):

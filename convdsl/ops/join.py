@@ -9,6 +9,7 @@ from .base import OpDef, register
 @register
 class Add(OpDef):
     name = "add"
+    parallel = "elements"
     aliases = ("sum", "plus")
     summary = "element-wise sum of tensors of one shape"
     min_inputs, max_inputs = 2, None
@@ -51,6 +52,7 @@ class Concat(OpDef):
 @register
 class Scale(OpDef):
     name = "scale"
+    parallel = "batch × channels"
     relatives = ("multiply", "mul")
     summary = "x[c] · s[c]: s is [C] or [C, 1, 1]"
     min_inputs, max_inputs = 2, 2

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import Arg, OpContext, OpDef, Symbol, describe_value, expect_bool, expect_int, parse_init, register
+from .base import (Arg, OpContext, OpDef, Symbol, describe_value, expect_bool, expect_int, init_arg, parse_init,
+                   register)
 from .spatial import as3d, output_sizes, pad_arg, per_axis, resolve_padding, window_context
 
-_TAIL_ARGS = (Arg("stride", 1), pad_arg(), Arg("bias", True), Arg("init", Symbol("he")),
+_TAIL_ARGS = (Arg("stride", 1), pad_arg(), Arg("bias", True), init_arg(),
               Arg("frozen", False))
 
 
@@ -22,6 +23,7 @@ def _x(values) -> str:
 class UnsharedConv(OpDef):
     """What local and tiled share; a subclass says how many kernel sets there are per axis."""
     template = "local"
+    parallel = "batch × channels"
 
     def kernel_sets(self, attrs: dict, out_spatial: tuple, ctx: OpContext) -> tuple:
         """Kernel sets per axis: one per output position unless a subclass says otherwise."""

@@ -16,6 +16,7 @@ from .base import Arg, BufferSpec, OpDef, expect_float, register
 @register
 class BatchNorm(OpDef):
     name = "batchnorm"
+    parallel = "channels"
     aliases = ("batch_norm", "batch_normalization", "bn")
     relatives = ("layer_norm", "group_norm", "instance_norm", "layer_normalization", "group_normalization")
     summary = "batch normalisation: batch statistics in training mode, running ones in inference mode"
@@ -69,6 +70,7 @@ class BatchNorm(OpDef):
 @register
 class Dropout(OpDef):
     name = "dropout"
+    parallel = "elements"
     relatives = ("alpha_dropout", "spatial_dropout")
     summary = "inverted dropout: keep with probability 1 - p and scale by 1/(1 - p) in training mode"
     args = (Arg("p"),)

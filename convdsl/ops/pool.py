@@ -10,6 +10,7 @@ from .spatial import input_rank_check, output_sizes, pad_arg, per_axis, resolve_
 class WindowPool(OpDef):
     """A window sliding over each channel on its own; padded cells never count."""
     args = (Arg("window"), Arg("stride", None), pad_arg())
+    parallel = "batch × channels"
 
     def normalize(self, attrs, in_types, ctx):
         (t,) = in_types

@@ -18,7 +18,7 @@ PAD_FORMS = ("valid, same or full, an integer (that many zeros on every side), a
 
 def pad_arg(default=Symbol("valid")) -> Arg:
     """The `pad` argument of the conv and pool family, with what it takes for messages."""
-    return Arg("pad", default, forms=PAD_FORMS,
+    return Arg("pad", default, forms=PAD_FORMS, symbols=("valid", "same", "full"),
                lacks=("reflect", "reflection", "replicate", "replication", "circular", "symmetric", "edge", "wrap"),
                lacks_why="reflect, replicate and circular padding are not in the language (padding adds zeros)")
 

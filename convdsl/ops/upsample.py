@@ -20,9 +20,10 @@ MODES = ("nearest", "linear", "bilinear", "trilinear")
 @register
 class Upsample(OpDef):
     name = "upsample"
+    parallel = "batch × channels"
     aliases = ("upsampling", "interpolate", "resize", "upsample_nearest", "upsample_bilinear")
     summary = "up-sampling by an integer factor: nearest, or (bi/tri)linear with align_corners=false"
-    args = (Arg("factor"), Arg("mode", Symbol("nearest")))
+    args = (Arg("factor"), Arg("mode", Symbol("nearest"), symbols=("nearest", "linear", "bilinear", "trilinear")))
 
     def normalize(self, attrs, in_types, ctx):
         (t,) = in_types

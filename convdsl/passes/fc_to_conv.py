@@ -26,9 +26,9 @@ import numpy as np
 from ..errors import ConvDSLError
 from ..frontend import ast, unparse
 from ..frontend.parser import KEYWORDS, parse, parse_file
-from ..ir.build import BUILTINS, SYMBOLS, build_graph, load_program
+from ..ir.build import BUILTINS, build_graph, load_program
 from ..ir.graph import Graph, Init, Node, TensorType
-from ..ops.base import registry
+from ..ops.base import registry, symbol_vocabulary
 from .schedule import buffer_layout
 from .verify import verify
 
@@ -383,7 +383,7 @@ def _splice(source: str, rewrites: list, path: str) -> str:
 
 def _used_names(module: ast.Module) -> set[str]:
     """Every identifier the file uses, so that new size names clash with none."""
-    names = set(KEYWORDS) | set(SYMBOLS) | set(BUILTINS) | set(registry()) | {"normal", "uniform"}
+    names = set(KEYWORDS) | set(symbol_vocabulary()) | set(BUILTINS) | set(registry()) | {"normal", "uniform"}
 
     todo = [module]                      # a stack, not recursion: a chain is as deep as it is long
     while todo:

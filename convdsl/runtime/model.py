@@ -114,6 +114,7 @@ class ModelBase:
         self._prepared: tuple | None = None
         self._last_outputs: tuple | None = None
         self._forward_key: tuple | None = None
+        self._eval_inputs: list | None = None
         self.training = True
         self.lock = threading.RLock()
         # Forwards (and train_steps) started on this model, and per thread the number of the
@@ -250,6 +251,9 @@ class ModelBase:
         arrays = self._inputs_for_c(arrays)
         outs = [np.empty(self._shape("output", i), dtype=self._dtype) for i in range(len(self._meta["outputs"]))]
         self._check(self._call("forward", self._m, self._ptrs(arrays, False), self._ptrs(outs, True)))
+        # An eval-mode forward runs in shared memory and keeps nothing for a backward; its inputs
+        # are kept (copied: the caller may reuse its arrays) so that a backward can recompute it.
+        self._eval_inputs = None if self.training else [np.array(a, copy=True) for a in arrays]
         self._forward_key = self._prepared
         self._last_outputs = tuple(o.shape for o in outs)
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -271,8 +275,23 @@ class ModelBase:
                 raise ValueError(f"{what}: expected shape {shape}, got {arr.shape}")
             grads.append(self._converted(arr, what))
         dxs = [np.empty(self._shape("input", i), dtype=self._dtype) for i in range(len(self._meta["inputs"]))]
+        if self._eval_inputs is not None:
+            self._recompute_for_backward()
         self._check(self._call("backward", self._m, self._ptrs(grads, False), self._ptrs(dxs, True)))
         return dxs[0] if len(dxs) == 1 else tuple(dxs)
+
+    def _recompute_for_backward(self) -> None:
+        """The eval-mode forward again, now keeping its activations: eval mode is deterministic
+        (dropout is the identity, batchnorm reads its running statistics), so it is the same."""
+        arrays, self._eval_inputs = self._eval_inputs, None
+        mode = 1 if self.training else 0
+        self._call("set_training", self._m, 0)
+        self._call("set_keep_for_backward", self._m, 1)
+        try:
+            self._check(self._call("forward", self._m, self._ptrs(arrays, False), self._ffi.NULL))
+        finally:
+            self._call("set_keep_for_backward", self._m, 0)
+            self._call("set_training", self._m, mode)
 
     def _target(self, target) -> np.ndarray:
         loss = self._meta["loss"]
@@ -327,6 +346,7 @@ class ModelBase:
                         self._ffi.cast("void *", self._ffi.from_buffer(target)), lr, loss)
         self._check(rc)
         self._forward_key = None      # parameters changed: the stored activations are stale
+        self._eval_inputs = None
         return float(loss[0])
 
     @_one_at_a_time
@@ -353,6 +373,14 @@ class ModelBase:
         self.training = False
         self._call("set_training", self._m, 0)
         return self
+
+    @_one_at_a_time
+    def memory(self) -> dict[str, int]:
+        """Bytes the last prepared batch uses for the current mode: `activations` (eval: forward
+        only, values sharing memory by lifetime; training: every activation, its gradient and saved
+        masks, as `convdsl check` reports them per sample) and the shared `workspace`."""
+        return {"activations": int(self._call("arena_bytes", self._m)),
+                "workspace": int(self._call("workspace_bytes", self._m))}
 
     def _state(self) -> dict[str, np.ndarray]:
         """Parameters then buffers, by name: what save writes and load restores."""

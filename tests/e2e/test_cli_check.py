@@ -50,9 +50,10 @@ def test_json_numbers_for_lenet():
     assert net["totals"]["params"] == 61706
     assert net["totals"]["macs_forward"] == 416520
     assert net["totals"]["macs_backward"] == 2 * 416520          # every layer with MACs has trainable weights
-    # Forward only, conv1's output and relu1's are the largest pair alive at once: 2 · 6·28·28 floats.
-    assert net["totals"]["peak_activation_bytes_forward"] == 2 * 6 * 28 * 28 * 4
-    assert net["totals"]["peak_activation_layer"] == "relu1"
+    # Forward only, conv1 + bias + relu1 is one kernel writing relu1's output (conv1's own output is
+    # never stored), so the largest set alive at once is relu1's output and maxpool1's.
+    assert net["totals"]["peak_activation_bytes_forward"] == (6 * 28 * 28 + 6 * 14 * 14) * 4
+    assert net["totals"]["peak_activation_layer"] == "maxpool1"
     values = 28 * 28 + 2 * 6 * 28 * 28 + 6 * 14 * 14 + 2 * 16 * 10 * 10 + 16 * 5 * 5 + 400 + 2 * 120 + 2 * 84 + 10
     assert net["totals"]["activation_bytes_training"] == 2 * values * 4
     conv1 = net["layers"][0]
@@ -151,7 +152,7 @@ def test_text_report_has_both_directions_and_the_memory():
     out = cli("check", "examples/lenet5.cnn").stdout
     assert re.search(r"^layer\s+op\s+output\s+params\s+MACs\s+backward MACs\s+FLOPs\s+RF\s+line$", out, flags=re.M)
     assert "MACs:        416,520 forward (833,040 FLOPs), 833,040 backward, per sample" in out
-    assert "activations: 36.75 KiB per sample at the peak running forward only (at relu1); " in out
+    assert "activations: 22.97 KiB per sample at the peak running forward only (at maxpool1); " in out
 
 
 # ---- convdsl graph ----------------------------------------------------------------------------

@@ -55,11 +55,77 @@ def source(cases, dtype: str = "f32", layout: str = "NCHW") -> str:
 _MODULES: dict[str, object] = {}
 
 
-def compile_cases(cases, dtype: str = "f32", layout: str = "NCHW"):
+def compile_cases(cases, dtype: str = "f32", layout: str = "NCHW", algo: dict | None = None):
+    """The cases' network, compiled once per run; `algo` forces kernel variants (convdsl.load's)."""
     src = source(cases, dtype, layout)
-    if src not in _MODULES:
-        _MODULES[src] = convdsl.load_source(src)
-    return _MODULES[src]
+    key = (src, tuple(sorted((algo or {}).items())))
+    if key not in _MODULES:
+        _MODULES[key] = convdsl.load_source(src, algo=algo)
+    return _MODULES[key]
+
+
+def case_variants(cases, ops: tuple[str, ...], algo: dict | None = None) -> list[frozenset[str]]:
+    """For every case, the kernel variants the plan runs its `ops` steps with (under `algo`).
+    Case I's steps are layer LI and, for ops that expand, LI.<part>."""
+    from convdsl.lower import lower
+    program = lower(graph_from_source(source(cases)), algo)
+    found: list[set[str]] = [set() for _ in cases]
+    for step in program.forward:
+        if step.op in ops:
+            found[int(step.label.split(".")[0][1:])].add(step.variant)
+    return [frozenset(f) for f in found]
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """Which build runs each (kernel variant, case) pair of an op family: the plan's own choice
+    (`auto`) where it picks that variant, otherwise a build that forces the variant and holds
+    only the cases of `forced[variant]` (so a variant costs a compile only where it adds one)."""
+    ops: tuple[str, ...]
+    auto: list                      # per case: the variants the plan picks
+    forced: dict                    # variant → indices of the cases a forcing build holds
+    pairs: list                     # every (variant, case index) that applies
+
+    def force(self, variant: str) -> dict:
+        return {op: variant for op in self.ops}
+
+    def ids(self, case_ids) -> list[str]:
+        return [f"{v}-{case_ids[i]}" for v, i in self.pairs]
+
+
+def variant_plan(cases, ops: tuple[str, ...]) -> VariantPlan:
+    from convdsl.ops.base import lookup
+    names = list(dict.fromkeys(v.name for op in ops for v in lookup(op).variants()))
+    auto = case_variants(cases, ops)
+    forced = {}
+    for v in names:
+        got = case_variants(cases, ops, {op: v for op in ops})
+        forced[v] = [i for i in range(len(cases)) if v in got[i] and v not in auto[i]]
+    pairs = [(v, i) for v in names for i in range(len(cases)) if v in auto[i] or i in forced[v]]
+    return VariantPlan(tuple(ops), auto, forced, pairs)
+
+
+def forced_runs(plan: VariantPlan, cases, seed: int) -> dict:
+    """variant → {1: run at batch 1, 3: run at batch 3 (second sizes)} of its forcing build."""
+    out = {}
+    for variant, indices in plan.forced.items():
+        if not indices:
+            continue
+        subset = [cases[i] for i in indices]
+        module = compile_cases(subset, algo=plan.force(variant))
+        rng = np.random.default_rng(seed)
+        net = module.Model(seed=0)
+        randomize(net, rng)
+        out[variant] = {1: run_cases(module, subset, 1, rng, net=net),
+                        3: run_cases(module, subset, 3, rng, net=net, variant=1)}
+    return out
+
+
+def variant_run(plan: VariantPlan, auto_runs: dict, forced: dict, variant: str, index: int, batch: int):
+    """(run, index in that run) for one (variant, case) pair at a batch."""
+    if variant in plan.auto[index]:
+        return auto_runs[batch], index
+    return forced[variant][batch], plan.forced[variant].index(index)
 
 
 def randomize(net, rng) -> None:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import convdsl
 from convdsl.compiler import graph_from_source, module_meta
-from convdsl.passes.schedule import make_plan
-from opcases import Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, run_cases, source
+from opcases import (Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, forced_runs, run_cases,
+                     source, variant_plan, variant_run)
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -122,6 +122,11 @@ CASES = (
 )
 IDS = [c.id for c in CASES]
 
+# Every kernel variant of the conv family runs every case it applies to: the plan's own choice
+# in the `auto` build, each other applicable variant in a build that forces it (convdsl.load's
+# `algo=`).
+VARIANTS = variant_plan(CASES, ("conv", "depthwise"))
+
 
 @pytest.fixture(scope="module")
 def runs():
@@ -139,10 +144,30 @@ def nhwc_run():
     return run_cases(module, CASES, 2, np.random.default_rng(102), layout="NHWC")
 
 
+@pytest.fixture(scope="module")
+def forced():
+    return forced_runs(VARIANTS, CASES, 103)
+
+
 @pytest.mark.parametrize("batch", (1, 3))
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_forward_and_gradients_match_torch(runs, index, batch):
-    compare_with_torch(runs[batch], index, CASES[index], reference)
+@pytest.mark.parametrize("variant, index", VARIANTS.pairs, ids=VARIANTS.ids(IDS))
+def test_forward_and_gradients_match_torch(runs, forced, variant, index, batch):
+    run, position = variant_run(VARIANTS, runs, forced, variant, index, batch)
+    compare_with_torch(run, position, CASES[index], reference)
+
+
+def test_every_variant_is_run_and_applies_by_its_rule():
+    """pointwise only where the input is the column matrix (1×1, stride 1, no padding before or
+    after any axis), direct only with one input channel per group, im2col everywhere."""
+    pointwise = {IDS[i] for v, i in VARIANTS.pairs if v == "pointwise"}
+    assert {"2d-pointwise-groups", "runtime-pointwise"} <= pointwise
+    assert not pointwise & {"2d-pointwise-pad-after", "1d-pointwise-pad-after", "2d-pointwise-groups-pad-after",
+                            "3d-pointwise-pad-after-nobias", "runtime-pointwise-pad-after", "2d-pointwise-stride"}
+    assert {IDS[i] for v, i in VARIANTS.pairs if v == "im2col"} == set(IDS)
+    direct = {IDS[i] for v, i in VARIANTS.pairs if v == "direct"}
+    assert {"depthwise-m1", "depthwise-m2", "conv-groups-is-channels", "3d-full-stride"} <= direct
+    assert "2d-pointwise-groups" not in direct
+    assert VARIANTS.forced["im2col"], "im2col is forced where the plan picks another variant"
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
@@ -169,18 +194,6 @@ def test_parameter_shapes_follow_the_reference():
     sep1 = IDS.index("separable-1d-dilated-nobias")
     assert {k: v for k, v in shapes.items() if k.startswith(f"L{sep1}.")} == {
         f"L{sep1}.dw.weight": (3, 1, 3), f"L{sep1}.pw.weight": (2, 3, 1)}
-
-
-def test_the_plan_takes_the_1x1_shortcut_only_when_the_input_is_the_column_matrix():
-    """From the attributes: kernel and stride 1 and no padding before or after any axis."""
-    plan = make_plan(graph_from_source(source(CASES)))
-    by_label = {node.label: plan.algorithm(node.id) for node in plan.graph.nodes}
-    algorithm = {case.id: by_label[f"L{i}"] for i, case in enumerate(CASES) if f"L{i}" in by_label}
-    for case_id in ("2d-pointwise-groups", "runtime-pointwise"):
-        assert algorithm[case_id] == "gemm_1x1", case_id
-    for case_id in ("2d-pointwise-pad-after", "1d-pointwise-pad-after", "2d-pointwise-groups-pad-after",
-                    "3d-pointwise-pad-after-nobias", "runtime-pointwise-pad-after", "2d-pointwise-stride"):
-        assert algorithm[case_id] == "im2col", case_id
 
 
 def test_generated_c_has_no_warnings(tmp_path):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import convdsl
 from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
-                     finite_differences, layer_stats, run_cases, source, torch_pad)
+                     finite_differences, forced_runs, layer_stats, run_cases, source, torch_pad, variant_plan,
+                     variant_run)
 from reference import assert_close
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -67,6 +68,8 @@ CASES = (
     Case("parallel", (16, 20, 20), "conv(16, kernel=3, pad=1)", dict(padding=1)),   # threaded GEMM/im2col
 )
 IDS = [c.id for c in CASES]
+# Every applicable kernel variant of every case (see opcases.VariantPlan).
+VARIANTS = variant_plan(CASES, ("conv", "depthwise"))
 
 
 def ref_for(case: Case, run_index: int, variant: int):
@@ -83,12 +86,17 @@ def runs():
     return {1: run_cases(module, CASES, 1, rng), 3: run_cases(module, CASES, 3, rng, variant=1)}
 
 
+@pytest.fixture(scope="module")
+def forced():
+    return forced_runs(VARIANTS, CASES, 14)
+
+
 @pytest.mark.parametrize("batch", (1, 3))
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
-def test_forward_and_gradients_match_torch(runs, index, batch):
+@pytest.mark.parametrize("variant, index", VARIANTS.pairs, ids=VARIANTS.ids(IDS))
+def test_forward_and_gradients_match_torch(runs, forced, variant, index, batch):
     case = CASES[index]
-    variant = 1 if batch == 3 else 0
-    compare_with_torch(runs[batch], index, Case(case.id, case.shape, case.op, ref_for(case, index, variant)),
+    run, position = variant_run(VARIANTS, runs, forced, variant, index, batch)
+    compare_with_torch(run, position, Case(case.id, case.shape, case.op, ref_for(case, index, 1 if batch == 3 else 0)),
                        reference)
 
 
@@ -190,11 +198,10 @@ def test_argument_errors_point_at_the_argument():
 
 def test_the_plan_runs_depthwise_directly_and_both_algorithms_agree():
     from convdsl.compiler import graph_from_source
-    from convdsl.passes.schedule import make_plan
+    from convdsl.lower import lower
     src = "network D {{\n input x: [6, 9, 9]\n y = x -> depthwise(3, multiplier=2, stride=2, pad=same{algo})\n output y\n}}\n"
-    plan = make_plan(graph_from_source(src.format(algo="")))
-    assert plan.algorithm(0) == "direct"
-    assert make_plan(graph_from_source(src.format(algo=", algo=im2col"))).algorithm(0) == "im2col"
+    assert lower(graph_from_source(src.format(algo=""))).forward[0].variant == "direct"
+    assert lower(graph_from_source(src.format(algo=", algo=im2col"))).forward[0].variant == "im2col"
     rng = np.random.default_rng(17)
     direct = convdsl.load_source(src.format(algo="")).Model(seed=1)
     im2col = convdsl.load_source(src.format(algo=", algo=im2col")).Model(seed=1)

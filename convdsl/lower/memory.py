@@ -1,0 +1,197 @@
+"""Activation memory planned from liveness: where every value lives when the network runs
+forward only (eval mode), so that values whose lifetimes do not overlap share memory.
+
+A value is live from the node that makes it to the last node that reads it (network inputs
+from the start, outputs to the end); while a node runs, its inputs and its output are live.
+The plan places values in one region, in elements per sample (a batch of N scales every offset
+by N, which keeps placements apart). With static sizes several placements are tried (first fit
+in production order, first fit largest first, both ends of the region for chains, then first
+fit in seeded random orders until one reaches the lower bound) and the smallest kept. Run-time sizes that are all multiples of one expression (19·H·W, 35·H·W) are
+placed as those multiples, so that the placement holds at every size; other run-time sizes are
+placed apart, without sharing.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ..ir import dims as D
+from ..ir.dims import Dim
+from ..ir.graph import Graph
+
+
+SEARCH_ORDERS = 400        # first-fit orders tried beyond the fixed ones
+SEARCH_MAX_VALUES = 300    # graphs with more values keep the fixed orders' best
+
+
+@dataclass(frozen=True)
+class Lifetimes:
+    first: tuple[int, ...]           # per value: the node index it becomes live at
+    last: tuple[int, ...]            # per value: the last node index it is live at
+    size: tuple[Dim, ...]            # per value: elements per sample
+
+
+def lifetimes(g: Graph, fusions: dict[int, int] | None = None) -> Lifetimes:
+    """`fusions`: producer node → activation node run in the producer's kernel. The producer then
+    writes the activation's output (live from the producer on) and never its own (size 0)."""
+    fusions = fusions or {}
+    n = len(g.nodes)
+    last_use = [-1] * len(g.values)
+    for node in g.nodes:
+        for vid in node.inputs:
+            last_use[vid] = max(last_use[vid], node.id)
+    for out in g.outputs:
+        last_use[out.value] = max(n - 1, 0)
+    written_at = {v.id: v.producer for v in g.values}
+    unwritten = set()
+    for producer, activation in fusions.items():
+        written_at[g.nodes[activation].output] = producer
+        unwritten.add(g.nodes[producer].output)
+    first, last = [], []
+    for v in g.values:
+        at = written_at[v.id]
+        start = 0 if at is None else at
+        end = last_use[v.id] if at is None else max(last_use[v.id], at)
+        first.append(start)
+        last.append(max(end, start))
+    return Lifetimes(tuple(first), tuple(last),
+                     tuple(0 if v.id in unwritten else D.product(v.type.shape) for v in g.values))
+
+
+def live_peak(life: Lifetimes, nodes: int, probe: dict) -> tuple[Dim, int | None]:
+    """The largest sum of live sizes over the nodes (a lower bound of any placement), and where."""
+    best: Dim = 0
+    where = None
+    for t in range(max(nodes, 1)):
+        live: Dim = 0
+        for v in range(len(life.size)):
+            if life.first[v] <= t <= life.last[v]:
+                live = D.add(live, life.size[v])
+        if where is None or D.evaluate(live, probe) > D.evaluate(best, probe):
+            best, where = live, t
+    return best, (where if nodes else None)
+
+
+def _overlap(life: Lifetimes, a: int, b: int) -> bool:
+    return life.first[a] <= life.last[b] and life.first[b] <= life.last[a]
+
+
+def _first_fit(life: Lifetimes, order) -> tuple[list[int], int]:
+    offsets: list[int | None] = [None] * len(life.size)
+    for v in order:
+        busy = sorted((offsets[u], offsets[u] + life.size[u]) for u in range(len(life.size))
+                      if offsets[u] is not None and _overlap(life, u, v) and life.size[u])
+        at = 0
+        for lo, hi in busy:
+            if at + life.size[v] <= lo:
+                break
+            at = max(at, hi)
+        offsets[v] = at
+    total = max((o + s for o, s in zip(offsets, life.size)), default=0)
+    return offsets, total
+
+
+def _two_ended(life: Lifetimes, order, total: int) -> list[int] | None:
+    """Values alternately at the bottom and at the top of a region of `total` elements: the
+    optimum for a chain; None when some value does not fit."""
+    offsets: list[int | None] = [None] * len(life.size)
+    bottom = True
+    for v in order:
+        size = life.size[v]
+        busy = [(offsets[u], offsets[u] + life.size[u]) for u in range(len(life.size))
+                if offsets[u] is not None and _overlap(life, u, v) and life.size[u]]
+        at = 0 if bottom else total - size
+        if any(lo < at + size and at < hi for lo, hi in busy):
+            return None
+        offsets[v] = at
+        bottom = not bottom
+    return offsets
+
+
+def place_static(life: Lifetimes, nodes: int) -> tuple[tuple[int, ...], int]:
+    values = range(len(life.size))
+    by_birth = sorted(values, key=lambda v: (life.first[v], v))
+    candidates = [_first_fit(life, by_birth),
+                  _first_fit(life, sorted(values, key=lambda v: (-life.size[v], life.first[v], v)))]
+    peak, _ = live_peak(life, nodes, {})
+    # Chains reach the peak with both ends; try the bound first, then each fitting total found.
+    for total in sorted({peak, *(t for _, t in candidates)}):
+        two = _two_ended(life, by_birth, total)
+        if two is not None:
+            candidates.append((two, max((o + s for o, s in zip(two, life.size)), default=0)))
+            break
+    offsets, total = min(candidates, key=lambda c: c[1])
+    # Branching graphs: first fit in other orders, drawn from a fixed seed (the same placement on
+    # every run), until one reaches the bound; only for graphs small enough to try many.
+    shuffled = list(values)
+    rng = random.Random(0)
+    for _ in range(SEARCH_ORDERS if len(shuffled) <= SEARCH_MAX_VALUES else 0):
+        if total <= peak:
+            break
+        rng.shuffle(shuffled)
+        tried, t = _first_fit(life, shuffled)
+        if t < total:
+            offsets, total = tried, t
+    return tuple(offsets), total
+
+
+def place_apart(life: Lifetimes) -> tuple[tuple[Dim, ...], Dim]:
+    """Every value after the one before: no sharing. For run-time sizes without a common unit,
+    where no placement that shares could be proven apart for every size."""
+    offsets, total = [], 0
+    for size in life.size:
+        offsets.append(total)
+        total = D.add(total, size)
+    return tuple(offsets), total
+
+
+def _common_unit(sizes) -> tuple[Dim, list[int]] | None:
+    """(U, k) with size_i == k_i·U for every run-time size, when one U serves them all
+    (`19·H·W`, `35·H·W` → U = H·W): they can then be placed as the integers k_i."""
+    import math
+    symbolic = [s for s in sizes if not isinstance(s, int)]
+    first = symbolic[0]
+    if first.const:
+        return None
+    g = 0
+    for _, c in first.terms:
+        g = math.gcd(g, c)
+    unit = D.floordiv(first, g) if g > 1 else first
+    if isinstance(unit, int) or unit.const:
+        return None
+    lead_atom, lead_coeff = unit.terms[0]
+    ks = []
+    for s in symbolic:
+        coeff = dict(s.terms).get(lead_atom)
+        if coeff is None or coeff % lead_coeff or D.mul(unit, coeff // lead_coeff) != s:
+            return None
+        ks.append(coeff // lead_coeff)
+    return unit, ks
+
+
+def inference_placement(g: Graph, fusions: dict[int, int] | None = None) -> tuple[tuple[Dim, ...], Dim]:
+    """Per-sample offsets of every value in the eval-mode region, and the region's size."""
+    life = lifetimes(g, fusions)
+    nodes = len(g.nodes)
+    if all(isinstance(s, int) for s in life.size):
+        return place_static(life, nodes)
+    common = _common_unit(life.size)
+    if common is None:
+        return place_apart(life)
+    # Run-time-sized values placed as multiples of U, below the static ones placed on their own.
+    unit, ks = common
+    dyn = [v for v, s in enumerate(life.size) if not isinstance(s, int)]
+    fixed = [v for v, s in enumerate(life.size) if isinstance(s, int)]
+
+    def sub(values, sizes):
+        return Lifetimes(tuple(life.first[v] for v in values), tuple(life.last[v] for v in values), tuple(sizes))
+
+    dyn_off, dyn_total = place_static(sub(dyn, ks), nodes)
+    fixed_off, fixed_total = place_static(sub(fixed, [life.size[v] for v in fixed]), nodes) if fixed else ((), 0)
+    offsets: list[Dim] = [0] * len(life.size)
+    base = D.mul(unit, dyn_total)
+    for v, o in zip(dyn, dyn_off):
+        offsets[v] = D.mul(unit, o)
+    for v, o in zip(fixed, fixed_off):
+        offsets[v] = D.add(base, o)
+    return tuple(offsets), D.add(base, fixed_total)

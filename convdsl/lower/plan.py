@@ -1,0 +1,263 @@
+"""Checked IR → lowered program: the kernel variant of every step, its operands in memory
+regions, its epilogue, workspace and thread split. Every choice that trades speed or memory is
+made here, once, and written into the Program that backends render.
+
+Variant choice, strongest first: `algo=` on the layer in the file; a per-run override
+(`convdsl.load(..., algo={"conv": "im2col"})`, `--algo conv=im2col`, or the environment
+variable CONVDSL_ALGO=conv=im2col,depthwise=direct), used where that variant applies and
+ignored where it does not; otherwise the applicable variant of lowest estimated cost.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Mapping
+
+from ..errors import ConvDSLError
+from ..ir import dims as D
+from ..ir.dims import Dim
+from ..ir.graph import Graph, Node, TensorType
+from ..ops.base import Variant, lookup, registry
+from ..passes.schedule import make_plan
+from .memory import inference_placement
+from .program import (ACTIVATIONS, BUFFERS, GRADIENTS, INFERENCE, PARAM_GRADS, THREAD_WORKSPACE, PARAMS, SAVED, WORKSPACE, Boundary,
+                      Epilogue, LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
+
+ALGO_ENV = "CONVDSL_ALGO"
+# Costs with run-time sizes are compared at this size of every named dim (as check's memory peak).
+PROBE_SIZE = 64
+
+
+# ---- the per-run variant override ---------------------------------------------------------
+
+def parse_algo(text: str, where: str = ALGO_ENV) -> dict[str, str]:
+    """`conv=im2col,depthwise=direct` (or with `:`) → {"conv": "im2col", "depthwise": "direct"}."""
+    out: dict[str, str] = {}
+    for item in text.replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        sep = "=" if "=" in item else ":"
+        op, _, variant = item.partition(sep)
+        if not variant:
+            raise ConvDSLError(None, f"{where}: `{item}` is not OP=VARIANT, e.g. conv=im2col")
+        out[op.strip()] = variant.strip()
+    return out
+
+
+def algo_override(explicit: Mapping[str, str] | str | None = None) -> dict[str, str]:
+    """The run's override: CONVDSL_ALGO, then `explicit` on top; every name checked."""
+    chosen = parse_algo(os.environ.get(ALGO_ENV, ""))
+    if isinstance(explicit, str):
+        explicit = parse_algo(explicit, "algo")
+    chosen.update(explicit or {})
+    ops = registry()
+    for op_name, variant in chosen.items():
+        op = ops.get(op_name)
+        if op is None:
+            raise ConvDSLError(None, f"algo override: there is no op `{op_name}`")
+        names = [v.name for v in op.variants()]
+        if variant not in names:
+            raise ConvDSLError(None, f"algo override: {op_name} has no variant `{variant}`; "
+                                     f"it has {', '.join(names)}")
+    return chosen
+
+
+def applicable_variants(op, attrs) -> tuple[Variant, ...]:
+    return tuple(v for v in op.variants() if v.applies(attrs))
+
+
+def choose_variant(op, in_types: tuple[TensorType, ...], out: TensorType, attrs, override: Mapping[str, str],
+                   sym_dims: tuple[str, ...] = ()) -> Variant:
+    usable = applicable_variants(op, attrs)
+    asked = attrs.get("algo")
+    if asked not in (None, "auto"):
+        # normalize() already refused an algo= that does not apply here.
+        return next(v for v in usable if v.name == asked)
+    forced = override.get(op.name)
+    if forced is not None:
+        match = next((v for v in usable if v.name == forced), None)
+        if match is not None:
+            return match
+    probe = {name: PROBE_SIZE for name in sym_dims}
+    return min(usable, key=lambda v: D.evaluate(v.cost(in_types, out, attrs), probe))
+
+
+# ---- building the program -------------------------------------------------------------------
+
+def _value_layout(g: Graph) -> tuple[tuple[Dim, ...], Dim]:
+    """Per-sample offsets of every value in one region (in value order), and its total."""
+    offsets, total = [], 0
+    for v in g.values:
+        offsets.append(total)
+        total = D.add(total, D.product(v.type.shape))
+    return tuple(offsets), total
+
+
+def _epilogue(op, attrs, params) -> Epilogue:
+    # The kernels of conv, dense, deconv and local add their bias as they write the output.
+    return Epilogue(bias="bias" in params)
+
+
+def chosen_variants(g: Graph, override: Mapping[str, str]) -> dict[int, Variant]:
+    chosen = {}
+    for node in g.nodes:
+        in_types = tuple(g.values[v].type for v in node.inputs)
+        chosen[node.id] = choose_variant(lookup(node.op), in_types, g.values[node.output].type, node.attrs,
+                                         override, g.sym_dims)
+    return chosen
+
+
+def fusions_of(g: Graph, algo=None) -> dict[int, int]:
+    """producer node → fused activation node, as lower() fuses them under the override `algo`."""
+    return _fusions(g, chosen_variants(g, algo_override(algo)))
+
+
+def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, int]:
+    """producer node → the activation node fused into its kernel: the producer's variant can apply
+    an activation, and the activation is the only reader of its output, which is no network output
+    (so the pre-activation values are never needed: the activation's backward reads its output)."""
+    readers: dict[int, list[int]] = {}
+    for node in g.nodes:
+        for vid in node.inputs:
+            readers.setdefault(vid, []).append(node.id)
+    outputs = {o.value for o in g.outputs} | ({g.loss.value} if g.loss is not None else set())
+    fused = {}
+    for node in g.nodes:
+        if not variants[node.id].fuses_activation or node.output in outputs:
+            continue
+        after = readers.get(node.output, [])
+        if len(after) == 1 and lookup(g.nodes[after[0]].op).activation:
+            fused[node.id] = after[0]
+    return fused
+
+
+def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
+    """The lowered program of a checked graph; `algo` is the per-run variant override."""
+    g = graph
+    override = algo_override(algo)
+    plan = make_plan(g)
+    offsets, value_total = _value_layout(g)
+
+    def numel(vid: int) -> Dim:
+        return D.product(g.values[vid].type.shape)
+
+    activations = tuple(Operand(f"v{v.id}", ACTIVATIONS, offsets[v.id], numel(v.id), v.id, v.type.shape)
+                        for v in g.values)
+    chosen = chosen_variants(g, override)
+    fusions = _fusions(g, chosen)
+    eval_offsets, eval_total = inference_placement(g, fusions)
+    inference = tuple(Operand(f"v{v.id}", INFERENCE, eval_offsets[v.id], numel(v.id), v.id, v.type.shape)
+                      for v in g.values)
+    gradients = tuple(Operand(f"d{v.id}", GRADIENTS, offsets[v.id], numel(v.id), v.id, v.type.shape)
+                      for v in g.values)
+
+    def act(vid: int, role: str) -> Operand:
+        a = activations[vid]
+        return Operand(role, a.region, a.offset, a.size, a.value, a.shape)
+
+    def grad(vid: int, role: str) -> Operand:
+        a = gradients[vid]
+        return Operand(role, a.region, a.offset, a.size, a.value, a.shape)
+
+    saved_offset: dict[int, tuple[Dim, Dim]] = {}
+    saved_total: Dim = 0
+    for nid, elems in plan.saved:
+        saved_offset[nid] = (saved_total, elems)
+        saved_total = D.add(saved_total, elems)
+
+    fused_into = {act: producer for producer, act in fusions.items()}
+
+    forward, workspace_total, thread_total = [], 0, 0
+    for nid in plan.order:
+        node: Node = g.nodes[nid]
+        op = lookup(node.op)
+        in_types = tuple(g.values[v].type for v in node.inputs)
+        out_t = g.values[node.output].type
+        variant = chosen[nid]
+        work = variant.workspace(in_types, out_t, node.attrs)
+        if work != 0:
+            workspace_total = work if workspace_total == 0 else D.maximum(workspace_total, work)
+        own = variant.thread_workspace(in_types, out_t, node.attrs)
+        if own != 0:
+            thread_total = own if thread_total == 0 else D.maximum(thread_total, own)
+        params = tuple(Operand(local, PARAMS, slot.offset, slot.size, None, slot.spec.shape, slot.spec.trainable)
+                       for local, slot in plan.layer_params(node.layer).items())
+        buffers = tuple(Operand(local, BUFFERS, slot.offset, slot.size, None, slot.spec.shape, False)
+                        for local, slot in plan.layer_buffers(node.layer).items())
+        saved = None
+        if nid in saved_offset:
+            off, elems = saved_offset[nid]
+            saved = Operand("saved", SAVED, off, elems, None)
+        epilogue = _epilogue(op, node.attrs, {p.role for p in params})
+        output = act(node.output, "y")
+        activation = fusions.get(nid)
+        if activation is not None:
+            # One kernel writes the activation's output; the pre-activation values are never stored.
+            a = g.nodes[activation]
+            epilogue = Epilogue(bias=epilogue.bias, activation=lookup(a.op).describe(a.attrs), activation_of=a.label)
+            output = act(a.output, "y")
+        forward.append(Step(
+            index=len(forward), phase="forward", node=nid, op=node.op, label=node.label, line=node.span.line,
+            layer=node.layer, describe=op.describe(node.attrs), variant=variant.name,
+            variant_template=variant.template, attrs=node.attrs, in_types=in_types, out_type=out_t,
+            inputs=tuple(act(v, f"x{i}") for i, v in enumerate(node.inputs)), outputs=(output,),
+            params=params, buffers=buffers, saved=saved, epilogue=epilogue,
+            workspace=Workspace(work, variant.doc if work != 0 else "", own),
+            parallel=ParallelSplit(variant.parallel), fused_into=fused_into.get(nid), activation_node=activation))
+    steps = [f for f in forward if f.fused_into is None]
+    for f in reversed(forward):
+        node = g.nodes[f.node]
+        grads = tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape, True)
+                      for p in f.params if p.trainable)
+        steps.append(Step(
+            index=len(steps), phase="backward", node=f.node, op=f.op, label=f.label, line=f.line, layer=f.layer,
+            describe=f.describe, variant=f.variant, variant_template=f.variant_template, attrs=f.attrs,
+            in_types=f.in_types, out_type=f.out_type,
+            inputs=(grad(node.output, "dy"), *((act(node.output, "y"),) if lookup(f.op).activation else f.inputs)),
+            outputs=tuple(grad(v, f"dx{i}") for i, v in enumerate(node.inputs)) + grads,
+            params=f.params, buffers=f.buffers, saved=f.saved, epilogue=f.epilogue, workspace=f.workspace,
+            parallel=f.parallel, fused_into=f.fused_into, activation_node=f.activation_node))
+    steps = [replace(s, index=i) for i, s in enumerate(steps)]
+    trainable = tuple(Operand(p.full_name, PARAMS, p.offset, p.size, None, p.spec.shape, True)
+                      for p in plan.params if p.spec.trainable)
+    loss = None
+    if g.loss is not None:
+        loss = LossStep(g.loss.kind, g.loss.value, g.loss.output_index, g.outputs[g.loss.output_index].name,
+                        g.loss.span.line, g.values[g.loss.value].type, dict(g.loss.attrs))
+        steps.append(Step(
+            index=len(steps), phase="update", node=-1, op="sgd", label="update", line=g.loss.span.line,
+            layer="", describe="plain SGD: p -= lr · grad", variant="sgd", variant_template="", attrs={},
+            in_types=(), out_type=TensorType(()),
+            inputs=tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape) for p in trainable),
+            outputs=trainable, parallel=ParallelSplit("none")))
+
+    regions = (
+        Region(INFERENCE, eval_total, True, "eval mode: the values of a forward, sharing memory by lifetime"),
+        Region(ACTIVATIONS, value_total, True, "every value of a forward, one after the other"),
+        Region(GRADIENTS, value_total, True, "the gradient of every value, at the same offsets"),
+        Region(SAVED, saved_total, True, "what a forward keeps for its backward (dropout masks)"),
+        Region(WORKSPACE, workspace_total, False, "one step's scratch (im2col columns), shared by all steps"),
+        Region(THREAD_WORKSPACE, thread_total, False, "per thread, when a step splits the batch across threads"),
+        Region(PARAMS, plan.param_total, False, "every parameter"),
+        Region(PARAM_GRADS, plan.param_total, False, "the gradients of the trainable parameters"),
+        Region(BUFFERS, plan.buffer_total, False, "layer state that is not trained (running statistics)"),
+    )
+
+    def maker(v) -> str:
+        if v.producer is None:
+            return "an input"
+        node = g.nodes[v.producer]
+        return f"{node.label} (line {node.span.line})"
+
+    return Program(
+        name=g.name, source_path=g.source_path, line=g.span.line if g.span else 0, layout=g.layout, dtype=g.dtype,
+        sym_dims=g.sym_dims,
+        inputs=tuple(Boundary(i.name, i.value, g.values[i.value].type) for i in g.inputs),
+        outputs=tuple(Boundary(o.name, o.value, g.values[o.value].type) for o in g.outputs),
+        values=tuple(ValueInfo(v.id, v.type, maker(v),
+                               None if v.producer is None else g.nodes[v.producer].label,
+                               g.span if v.producer is None else g.nodes[v.producer].span) for v in g.values),
+        regions=regions, activations=activations, inference=inference, gradients=gradients,
+        params=plan.params, param_total=plan.param_total, buffers=plan.buffers, buffer_total=plan.buffer_total,
+        steps=tuple(steps), loss=loss)

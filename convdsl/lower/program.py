@@ -1,0 +1,195 @@
+"""The lowered program: every decision the plan made, written down as immutable data.
+
+A backend target renders this and nothing else: which kernel variant runs each step, where
+each operand lives (a named region, an offset and a size in elements), the epilogue fused into
+the step, its workspace and how its work is split across threads. Sizes are Dims
+(convdsl/ir/dims.py), so run-time sizes stay symbolic until the module's prepare.
+
+Training mode keeps every activation (for backward) and its gradient; eval mode runs forward
+only, in the `inference` region, where values whose lifetimes do not overlap share memory.
+
+Offsets and sizes in the per-sample regions (`inference`, `activations`, `gradients`, `saved`) count
+elements of one sample; a region of a batch of N holds N samples one after the other per
+value (value v of sample n starts at N·offset(v) + n·size(v)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from ..errors import Span
+from ..ir.dims import Dim
+from ..ir.graph import TensorType
+from ..passes.schedule import BufferSlot, ParamSlot   # the parameter and buffer blocks' layout
+
+# Region names. Per-sample regions scale with the batch; the others are fixed at create.
+ACTIVATIONS = "activations"
+INFERENCE = "inference"              # eval mode: activations sharing memory by lifetime
+GRADIENTS = "gradients"
+SAVED = "saved"
+PARAMS = "params"
+PARAM_GRADS = "param_grads"
+BUFFERS = "buffers"
+WORKSPACE = "workspace"
+THREAD_WORKSPACE = "thread_workspace"   # per thread; the module multiplies by its thread count
+PER_SAMPLE_REGIONS = (INFERENCE, ACTIVATIONS, GRADIENTS, SAVED)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A named block of memory: its size in elements (per sample for a per-sample region)."""
+    name: str
+    size: Dim
+    per_sample: bool
+    doc: str
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One tensor a step reads or writes: where it lives and how big it is."""
+    role: str                        # x0, x1, y, dx0, dy, weight, bias, running_mean, mask …
+    region: str                      # one of the region names above
+    offset: Dim                      # elements from the start of the region (per sample if per-sample)
+    size: Dim                        # elements (per sample if per-sample)
+    value: int | None = None         # the IR value it holds (activations and gradients)
+    shape: tuple[Dim, ...] = ()      # per sample, channel-first (parameters: their own shape)
+    trainable: bool = True           # parameters: whether a gradient exists
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What a step applies to its result before writing it, in order: bias, then activation,
+    then a residual add, then a scale. Empty when the step writes its raw result."""
+    bias: bool = False
+    activation: str | None = None
+    activation_of: str = ""          # the layer whose forward this is (fused into the step)
+    residual: Operand | None = None
+    scale: float | None = None
+
+    def text(self) -> str:
+        parts = (["bias"] if self.bias else []) + ([f"{self.activation} ({self.activation_of} fused)"]
+                                                   if self.activation else [])
+        if self.residual is not None:
+            parts.append(f"add(v{self.residual.value})")
+        if self.scale is not None:
+            parts.append(f"scale({self.scale:g})")
+        return "+".join(parts) or "-"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Scratch memory a step needs while it runs (im2col columns), in elements per sample;
+    all steps share the one workspace region, sized for the largest."""
+    elements: Dim = 0
+    doc: str = ""
+    per_thread: Dim = 0              # elements each thread needs of its own when the batch is split
+
+
+@dataclass(frozen=True)
+class ParallelSplit:
+    """How the step's work is split across threads (or, on other targets, work-items)."""
+    axis: str                        # batch | batch×channels | elements | gemm | none
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One kernel launch of the forward, backward or update phase."""
+    index: int
+    phase: str                       # forward | backward | update
+    node: int                        # the IR node it runs (-1 for the update)
+    op: str
+    label: str                       # conv1, inception1.conv3
+    line: int                        # line of the .cnn file
+    layer: str                       # owner of its parameters
+    describe: str                    # the op with its key arguments, as check prints it
+    variant: str                     # the kernel variant chosen by the plan
+    variant_template: str            # the template stem that holds the variant's kernels
+    attrs: Mapping[str, Any]
+    in_types: tuple[TensorType, ...]
+    out_type: TensorType
+    inputs: tuple[Operand, ...]      # x0, x1, … (forward) / dy, then x0 … it reads (backward)
+    outputs: tuple[Operand, ...]     # y (forward) / dx0 … (backward)
+    params: tuple[Operand, ...] = ()
+    buffers: tuple[Operand, ...] = ()
+    saved: Operand | None = None     # what the forward keeps for this step's backward
+    epilogue: Epilogue = Epilogue()
+    workspace: Workspace = Workspace()
+    parallel: ParallelSplit = ParallelSplit("none")
+    fused_into: int | None = None    # an activation whose forward runs inside that node's step
+    activation_node: int | None = None   # the activation this step's epilogue applies (its node id)
+
+    def __post_init__(self):
+        if not isinstance(self.attrs, MappingProxyType):
+            object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)))
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    """A tensor of the network: its per-sample type and, for messages, who makes it."""
+    id: int
+    type: TensorType
+    maker: str                       # "an input" or "conv1 (line 4)"
+    producer_label: str | None = None    # the layer that makes it; None for an input
+    span: Span | None = None         # where it is made (the network for an input), for errors
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A network input or output: its name, the value it is, and its dims as declared."""
+    name: str
+    value: int
+    type: TensorType
+
+
+@dataclass(frozen=True)
+class LossStep:
+    kind: str
+    value: int                       # the value the loss reads
+    output_index: int
+    output_name: str
+    line: int
+    type: TensorType
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Program:
+    """The whole lowered network: its boundary, its memory and its steps in order."""
+    name: str
+    source_path: str
+    line: int
+    layout: str
+    dtype: str
+    sym_dims: tuple[str, ...]
+    inputs: tuple[Boundary, ...]
+    outputs: tuple[Boundary, ...]
+    values: tuple[ValueInfo, ...]
+    regions: tuple[Region, ...]
+    activations: tuple[Operand, ...]     # value v's place in the activation region, by value id
+    inference: tuple[Operand, ...]       # value v's place in eval mode, shared by lifetime
+    gradients: tuple[Operand, ...]       # value v's gradient in the gradient region, by value id
+    params: tuple[ParamSlot, ...]
+    param_total: int
+    buffers: tuple[BufferSlot, ...]
+    buffer_total: int
+    steps: tuple[Step, ...]
+    loss: LossStep | None = None
+
+    def region(self, name: str) -> Region:
+        return next(r for r in self.regions if r.name == name)
+
+    def phase(self, phase: str) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if s.phase == phase)
+
+    @property
+    def forward(self) -> tuple[Step, ...]:
+        return self.phase("forward")
+
+    @property
+    def backward(self) -> tuple[Step, ...]:
+        return self.phase("backward")
+
+    def layer_params(self, layer_name: str) -> dict[str, ParamSlot]:
+        return {p.spec.name: p for p in self.params if p.layer.name == layer_name}

@@ -1,0 +1,60 @@
+"""The lowered program as text, one line per step: what `convdsl plan` and `--emit lowered` print.
+
+A step's line: its index and phase, the layer and its line in the file, the kernel variant,
+its operands as region[offset:+size] (per-sample offsets and sizes in elements for the
+activation, gradient and saved regions; run-time sizes stay symbolic), the fused epilogue,
+the workspace and the thread split.
+"""
+from __future__ import annotations
+
+from ..ir import dims as D
+from ..ir.dims import Dim
+from .program import Operand, Program, Step
+
+_REGION_SHORT = {"inference": "eval", "activations": "act", "gradients": "grad", "saved": "saved", "params": "params",
+                 "param_grads": "pgrad", "buffers": "buf", "workspace": "ws", "thread_workspace": "tws"}
+
+
+def _dim(d: Dim) -> str:
+    return D.to_text(d)
+
+
+def operand_text(o: Operand) -> str:
+    return f"{o.role}={_REGION_SHORT[o.region]}[{_dim(o.offset)}:+{_dim(o.size)}]"
+
+
+def step_text(step: Step) -> str:
+    where = f"{step.label} (line {step.line})"
+    operands = [operand_text(o) for o in step.inputs + step.outputs]
+    if step.phase != "update":
+        operands += [operand_text(p) for p in step.params]
+        operands += [operand_text(b) for b in step.buffers]
+        if step.saved is not None:
+            operands.append(operand_text(step.saved))
+    work = _dim(step.workspace.elements) if step.workspace.elements != 0 else "0"
+    if step.workspace.per_thread != 0:
+        work += f" + {_dim(step.workspace.per_thread)} per thread"
+    kernel = f"{step.op}/{step.variant}"
+    return (f"{step.index:3d} {step.phase:<8} {where:<24} {kernel:<18} "
+            f"{' '.join(operands)} | epilogue {step.epilogue.text()} | workspace {work} "
+            f"| threads {step.parallel.axis}")
+
+
+def program_text(program: Program) -> str:
+    lines = [f"lowered program of network {program.name} ({program.dtype}, {program.layout} at the boundary; "
+             f"buffers channel-first)"]
+    lines.append("regions (elements; per sample where marked):")
+    for r in program.regions:
+        lines.append(f"  {_REGION_SHORT[r.name]:<7} {r.name:<12} {_dim(r.size):>10}{' per sample' if r.per_sample else ''}"
+                     f"  {r.doc}")
+    lines.append("inputs:  " + ", ".join(f"{b.name}=act[{_dim(program.activations[b.value].offset)}:+"
+                                         f"{_dim(program.activations[b.value].size)}]" for b in program.inputs))
+    lines.append("outputs: " + ", ".join(f"{b.name}=act[{_dim(program.activations[b.value].offset)}:+"
+                                         f"{_dim(program.activations[b.value].size)}]" for b in program.outputs))
+    lines.append("eval mode (forward only, values sharing memory by lifetime): "
+                 + " ".join(f"v{o.value}=eval[{_dim(o.offset)}:+{_dim(o.size)}]" for o in program.inference))
+    lines.append("steps (training mode's places; eval mode reads and writes the same values at their eval places):")
+    lines.extend(step_text(s) for s in program.steps)
+    if program.loss is not None:
+        lines.append(f"loss: {program.loss.kind}({program.loss.output_name}) (line {program.loss.line})")
+    return "\n".join(lines) + "\n"
