@@ -71,6 +71,42 @@ def _hidden_module(module: str) -> str | None:
     return None
 
 
+# The public C API is `<prefix>_<suffix>` for these suffixes (templates/c/header.h.j2 declares
+# exactly these; tests/e2e/test_module_names.py checks that the two agree).
+API_SUFFIXES = (
+    "arena_bytes", "backward", "buffer_data", "buffer_dim", "buffer_name", "buffer_rank",
+    "buffer_size", "create", "destroy", "forward", "grad_data", "has_loss", "input_shape",
+    "last_error", "load_weights", "loss", "model", "num_buffers", "num_inputs", "num_outputs",
+    "num_params", "num_sizes", "output_shape", "param_data", "param_dim", "param_name",
+    "param_rank", "param_size", "param_trainable", "prepare", "real", "set_keep_for_backward",
+    "set_memory_limit", "set_training", "train_step", "workspace_bytes",
+)
+
+# Functions of that form which the C11 and POSIX headers declare (<time.h>, <pthread.h>,
+# <threads.h>, <semaphore.h>, <spawn.h>, <sys/mman.h>): `network timer` would define
+# `timer_create`, which the C compiler rejects next to <time.h> (Python.h includes it), and
+# `network pthread` would export a `pthread_create` from libpthread.so that replaces the C
+# library's in every program linked against it. A fixed list, so that a name is refused or not
+# the same way on every machine; tests/e2e/test_module_names.py preprocesses these headers
+# here and checks that they declare no other such name.
+C_LIBRARY_FUNCTIONS = frozenset({
+    "cnd_destroy", "memfd_create", "mtx_destroy", "posix_spawn_file_actions_destroy",
+    "posix_spawnattr_destroy", "pthread_attr_destroy", "pthread_barrier_destroy",
+    "pthread_barrierattr_destroy", "pthread_cond_destroy", "pthread_condattr_destroy",
+    "pthread_create", "pthread_key_create", "pthread_mutex_destroy", "pthread_mutexattr_destroy",
+    "pthread_rwlock_destroy", "pthread_rwlockattr_destroy", "pthread_spin_destroy", "sem_destroy",
+    "thrd_create", "timer_create", "tss_create",
+})
+
+
+def _c_library_clash(module: str) -> str | None:
+    """The C library function that the network's C API would define, or None."""
+    for suffix in API_SUFFIXES:
+        if f"{module}_{suffix}" in C_LIBRARY_FUNCTIONS:
+            return f"{module}_{suffix}"
+    return None
+
+
 def check_module_names(networks) -> None:
     """Every network of a file must become a module of its own that imports as itself: not one
     that hides another module (`network os` would make `import os` load the network), and not
@@ -83,6 +119,10 @@ def check_module_names(networks) -> None:
         if hidden is not None:
             raise ConvDSLError(net.span, f"network `{net.name}` would be a Python module named `{module}`, "
                                          f"which would hide {hidden}; rename the network, e.g. `{net.name}Net`")
+        clash = _c_library_clash(module)
+        if clash is not None:
+            raise ConvDSLError(net.span, f"network `{net.name}` would define the C function `{clash}`, which the "
+                                         f"C library already declares; rename the network, e.g. `{net.name}Net`")
         if module in seen:
             first = seen[module]
             raise ConvDSLError(net.span, f"networks `{first.name}` (line {first.span.line}) and `{net.name}` "

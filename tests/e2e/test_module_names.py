@@ -2,7 +2,9 @@
 standard-library module or a dependency, and not be shared by two networks of one file."""
 from __future__ import annotations
 
+import re
 import subprocess
+import sysconfig
 import sys
 from pathlib import Path
 
@@ -53,3 +55,42 @@ def test_compile_writes_nothing_for_a_refused_name(tmp_path):
 def test_names_near_a_module_name_are_fine():
     mod = convdsl.load_source("network OsNet " + BODY)
     assert mod.META["prefix"] == "osnet"
+
+
+@pytest.mark.parametrize("name, function", [("timer", "timer_create"), ("Pthread", "pthread_create"),
+                                            ("pthread_mutex", "pthread_mutex_destroy"),
+                                            ("sem", "sem_destroy"), ("thrd", "thrd_create")])
+def test_a_network_whose_c_api_would_define_a_c_library_function_is_refused(name, function):
+    # `network timer` once reached the C compiler: its `timer_create` clashed with <time.h>'s.
+    with pytest.raises(ConvDSLError) as info:
+        convdsl.load_source(f"network {name} " + BODY, path="net.cnn")
+    e = info.value
+    assert (e.span.line, e.span.col) == (1, 9)
+    assert f"would define the C function `{function}`, which the C library already declares" in e.message
+
+
+def test_the_api_suffixes_are_the_ones_the_header_declares():
+    from convdsl import resources
+    from convdsl.codegen.render import API_SUFFIXES
+    header = (resources.templates_dir() / "c" / "header.h.j2").read_text()
+    declared = set(re.findall(r"\{\{ prefix \}\}_([a-z_]+)", header))
+    assert declared == set(API_SUFFIXES)
+
+
+HEADERS = ("Python.h", "assert.h", "errno.h", "math.h", "signal.h", "stdint.h", "stdio.h", "stdlib.h",
+           "string.h", "threads.h", "time.h", "pthread.h", "semaphore.h", "spawn.h", "unistd.h",
+           "fcntl.h", "sys/mman.h", "sys/stat.h", "omp.h")
+
+
+def test_the_c_library_function_list_covers_what_the_headers_declare(tmp_path):
+    from convdsl.codegen.render import API_SUFFIXES, C_LIBRARY_FUNCTIONS
+    src = tmp_path / "headers.c"
+    src.write_text("".join(f"#include <{h}>\n" for h in HEADERS))
+    include = sysconfig.get_paths()["include"]
+    proc = subprocess.run(["gcc", "-fopenmp", "-E", "-I", include, str(src)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pattern = r"\b([a-z][a-z0-9_]*_(?:" + "|".join(API_SUFFIXES) + r"))\s*\("
+    declared = set(re.findall(pattern, proc.stdout))
+    assert "timer_create" in declared               # the test sees what it looks for
+    assert declared <= C_LIBRARY_FUNCTIONS, sorted(declared - C_LIBRARY_FUNCTIONS)
