@@ -65,6 +65,20 @@ def test_a_number_list_reads_as_the_list_rule_reads_it():
     assert [d.value for d in shape.dims] == [3, 32, 32]
 
 
+@pytest.mark.parametrize("text", ["[" + "#" * 60,
+                                  "network A {\n    const k = [1" + " " * 50_000 + "," + " " * 50_000 + "x\n}\n",
+                                  "network A {\n    const k = [" + "- " * 50_000 + "\n}\n",
+                                  "network A {\n    const k = [1" + ", 1 #" * 20_000 + "\n}\n"])
+def test_a_text_that_is_almost_a_number_list_costs_linear_time(text):
+    # `[` and 22 `#` once took 20 s (and 60 forever): the list token's gap `(?:\s|#[^\n]*)*` could
+    # split a run of `#` into comments in 2^n ways before it gave up.
+    import time
+    start = time.perf_counter()
+    with pytest.raises(ConvDSLError):
+        parse(text, "p.cnn")
+    assert time.perf_counter() - start < 2.0
+
+
 def test_a_source_line_is_quoted_without_resplitting_the_text():
     class CountingText(str):
         splits = 0
