@@ -82,20 +82,24 @@ API_SUFFIXES = (
     "set_memory_limit", "set_training", "train_step", "workspace_bytes",
 )
 
-# Functions of that form which the C11 and POSIX headers declare (<time.h>, <pthread.h>,
-# <threads.h>, <semaphore.h>, <spawn.h>, <sys/mman.h>): `network timer` would define
-# `timer_create`, which the C compiler rejects next to <time.h> (Python.h includes it), and
-# `network pthread` would export a `pthread_create` from libpthread.so that replaces the C
+# Functions of that form which the C library defines (glibc's exported symbols) or its C11 and
+# POSIX headers declare: `network timer` would define `timer_create`, which the C compiler rejects
+# next to <time.h> (Python.h includes it), and `network pthread` or `network epoll` would export
+# a `pthread_create` or an `epoll_create` from libpthread.so / libepoll.so that replaces the C
 # library's in every program linked against it. A fixed list, so that a name is refused or not
-# the same way on every machine; tests/e2e/test_module_names.py preprocesses these headers
-# here and checks that they declare no other such name.
+# the same way on every machine; tests/e2e/test_module_names.py checks it against this machine's
+# headers and libc.
 C_LIBRARY_FUNCTIONS = frozenset({
-    "cnd_destroy", "memfd_create", "mtx_destroy", "posix_spawn_file_actions_destroy",
+    "argz_create", "authdes_create", "authdes_pk_create", "authnone_create", "authunix_create",
+    "clnt_create", "clntraw_create", "clnttcp_create", "clntudp_create", "clntunix_create",
+    "cnd_destroy", "epoll_create", "memfd_create", "mtx_destroy", "posix_spawn_file_actions_destroy",
     "posix_spawnattr_destroy", "pthread_attr_destroy", "pthread_barrier_destroy",
     "pthread_barrierattr_destroy", "pthread_cond_destroy", "pthread_condattr_destroy",
     "pthread_create", "pthread_key_create", "pthread_mutex_destroy", "pthread_mutexattr_destroy",
     "pthread_rwlock_destroy", "pthread_rwlockattr_destroy", "pthread_spin_destroy", "sem_destroy",
-    "thrd_create", "timer_create", "tss_create",
+    "svcfd_create", "svcraw_create", "svctcp_create", "svcudp_create", "svcunix_create",
+    "svcunixfd_create", "thrd_create", "timer_create", "timerfd_create", "tss_create",
+    "xdrmem_create", "xdrrec_create", "xdrstdio_create",
 })
 
 

@@ -2,6 +2,7 @@
 standard-library module or a dependency, and not be shared by two networks of one file."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sysconfig
@@ -59,7 +60,8 @@ def test_names_near_a_module_name_are_fine():
 
 @pytest.mark.parametrize("name, function", [("timer", "timer_create"), ("Pthread", "pthread_create"),
                                             ("pthread_mutex", "pthread_mutex_destroy"),
-                                            ("sem", "sem_destroy"), ("thrd", "thrd_create")])
+                                            ("sem", "sem_destroy"), ("thrd", "thrd_create"),
+                                            ("Epoll", "epoll_create")])
 def test_a_network_whose_c_api_would_define_a_c_library_function_is_refused(name, function):
     # `network timer` once reached the C compiler: its `timer_create` clashed with <time.h>'s.
     with pytest.raises(ConvDSLError) as info:
@@ -94,3 +96,16 @@ def test_the_c_library_function_list_covers_what_the_headers_declare(tmp_path):
     declared = set(re.findall(pattern, proc.stdout))
     assert "timer_create" in declared               # the test sees what it looks for
     assert declared <= C_LIBRARY_FUNCTIONS, sorted(declared - C_LIBRARY_FUNCTIONS)
+
+
+def test_the_c_library_function_list_covers_what_libc_exports():
+    from convdsl.codegen.render import API_SUFFIXES, C_LIBRARY_FUNCTIONS
+    libc = subprocess.run(["gcc", "-print-file-name=libc.so.6"], capture_output=True, text=True).stdout.strip()
+    proc = subprocess.run(["nm", "-D", "--defined-only", os.path.realpath(libc)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    names = {line.split()[-1].split("@")[0] for line in proc.stdout.splitlines() if line.strip()}
+    pattern = re.compile(r"[a-z][a-z0-9_]*_(?:" + "|".join(API_SUFFIXES) + r")")
+    exported = {n for n in names if pattern.fullmatch(n)}
+    assert "pthread_create" in exported              # the test sees what it looks for
+    assert exported <= C_LIBRARY_FUNCTIONS, sorted(exported - C_LIBRARY_FUNCTIONS)
