@@ -203,8 +203,9 @@ class GraphBuilder:
                 raise ConvDSLError(span, "the loss must read one of the network's outputs; add it to `output`")
             loss_decl = LossDecl(kind, vid, index, attrs, span)
             vt = self.values[vid].type
-            if kind == "softmax_cross_entropy" and vt.shape[0] == 1:
-                raise ConvDSLError(span, "softmax_cross_entropy needs at least 2 classes (channels); "
+            fewest = LOSSES[kind].min_classes
+            if isinstance(vt.shape[0], int) and vt.shape[0] < fewest:
+                raise ConvDSLError(span, f"{kind} needs at least {fewest} classes (channels); "
                                          f"the output is {vt.text(self.layout)}")
         layers = []
         for slot in self.layer_slots:

@@ -7,6 +7,7 @@ from .base import Arg, OpDef, expect_float, register
 
 class Pointwise(OpDef):
     positionwise = True
+    locality = "value"
     activation = True              # fusable into the producer's kernel (templates/c/lib/epilogue.j2)
 
     def kernel_context(self, attrs, in_types, out, c):
@@ -58,6 +59,7 @@ class Softmax(OpDef):
     relatives = ("log_softmax", "logsoftmax", "softmin")
     summary = "softmax over channels, at every position of a map"
     positionwise = True            # the channels of one position, each position on its own
+    locality = "position"
 
     def kernel_context(self, attrs, in_types, out, c):
         t = in_types[0]

@@ -157,6 +157,34 @@ class OpDef:
     # an op in the box of the layer before it; a trait, so no list of op names is kept elsewhere.
     positionwise: ClassVar[bool] = False
 
+    # ---- traits the central code reads instead of op names (lints, `convert --fc-to-conv`) ----
+    # What one output value is made from, when that is less than a window: "value" (the input
+    # values at the same place alone: activations, dropout, add), "channel" (that value and
+    # statistics of its channel: batchnorm, one value alone at inference), "position" (the
+    # channels of the same position: softmax, maxout, shuffle, concat). None: a window or more.
+    # Lints follow chains of one-input ops through them; `convert --fc-to-conv` knows that a
+    # "value" op is the same on a map as on the flattened vector, the others once the map is 1×1.
+    locality: ClassVar[str | None] = None
+    # A convolution: one kernel per group slides over the map; its attributes have kernel, stride,
+    # dilation, pads, pad_spec, groups, in and out (conv, depthwise; not deconv, local or tiled).
+    convolution: ClassVar[bool] = False
+    # A convolution with one input channel per group whatever its arguments (depthwise); a conv
+    # is one too when groups = in > 1 (lints.is_depthwise).
+    depthwise: ClassVar[bool] = False
+    # A pool over a window of each channel on its own, with kernel, stride and pads (maxpool …).
+    window_pool: ClassVar[bool] = False
+    # Reshapes a map to a vector in the layout's order (flatten).
+    flattens: ClassVar[bool] = False
+    # Every output reads every input value with a weight of its own (dense).
+    fully_connected: ClassVar[bool] = False
+    # The op this one is on a map, for `convert --fc-to-conv` (§2.5): dense reading a flattened
+    # [C, *S] map is a conv with kernel S (1×1 after the first); None when it has no map form.
+    map_form: ClassVar[str | None] = None
+    # Kernels not shared across positions (local, tiled; their attributes have `tile`, the kernel
+    # sets per axis); `kernel_per_position`: one set for every output position (local).
+    unshared: ClassVar[bool] = False
+    kernel_per_position: ClassVar[bool] = False
+
     # -- arguments
     def bind(self, positional: list, keywords: dict, ctx: OpContext) -> dict:
         """Match call arguments to `args`; unknown and missing ones are errors at their span."""

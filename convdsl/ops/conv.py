@@ -86,6 +86,7 @@ class Conv(OpDef):
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("groups", 1), *_LAYER_ARGS)
     template = "conv"
     c_helpers = ("gemm", "im2col")
+    convolution = True
 
     def out_channels(self, attrs: dict, cin, ctx: OpContext) -> int:
         return expect_int(attrs["out"], "out", ctx, "out", minimum=1)
@@ -194,6 +195,7 @@ class Depthwise(Conv):
     name = "depthwise"
     aliases = ("depthwise_conv", "depthwise_convolution")
     summary = "depthwise convolution: conv with groups = input channels (§3.8)"
+    depthwise = True
     args = (Arg("kernel"), Arg("multiplier", 1), *_WINDOW_ARGS, *_LAYER_ARGS)
 
     def out_channels(self, attrs, cin, ctx) -> int:

@@ -12,6 +12,7 @@ class Add(OpDef):
     parallel = "elements"
     aliases = ("sum", "plus")
     summary = "element-wise sum of tensors of one shape"
+    locality = "value"
     min_inputs, max_inputs = 2, None
 
     def infer(self, in_types, attrs, ctx):
@@ -31,6 +32,7 @@ class Concat(OpDef):
     name = "concat"
     aliases = ("concatenate", "cat")
     summary = "join along channels"
+    locality = "position"
     min_inputs, max_inputs = 2, None
 
     def infer(self, in_types, attrs, ctx):

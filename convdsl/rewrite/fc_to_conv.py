@@ -28,14 +28,14 @@ from ..frontend import ast, unparse
 from ..frontend.parser import KEYWORDS, parse, parse_file
 from ..ir.build import BUILTINS, build_graph, load_program
 from ..ir.graph import Graph, Init, Node, TensorType
-from ..ops.base import registry, symbol_vocabulary
-from .schedule import buffer_layout
-from .verify import verify
+from ..ops.base import lookup, registry, symbol_vocabulary
+from ..passes.schedule import buffer_layout
+from ..passes.verify import verify
 
-# Ops that act on every value alone: the same on a map as on the flattened vector.
-ELEMENTWISE = frozenset({"relu", "sigmoid", "tanh", "leaky_relu", "dropout"})
-# Ops that mix or normalise channels at each position: the same once the map is 1×1.
-CHANNELWISE = frozenset({"softmax", "batchnorm", "maxout", "shuffle"})
+# What an op does on a map is read from its OpDef's traits (ops/base.py), never from its name:
+# `locality` "value" ops act on every value alone, the same on a map as on the flattened vector;
+# "channel" and "position" ops mix or normalise the channels of a position, the same once the
+# map is 1×1; `map_form` names what a dense layer becomes on a map.
 
 _SPATIAL_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
@@ -134,21 +134,20 @@ def _trace(graph: Graph, seeds: set[int]) -> tuple[_Head | None, Node | None, st
         out_t = graph.values[node.output].type
         if len(ins) != len(node.inputs):
             return None, node, "it also reads values that are not part of the classifier head", origin
-        if node.op == "flatten":
+        op = lookup(node.op)
+        if op.flattens:
             head.removed.add(node.id)
             shape = t
-        elif node.op in ELEMENTWISE:
-            shape = t
-        elif node.op == "add":
+        elif op.locality == "value":
             if any(head.shapes[v] != t for v in ins):
                 return None, node, "its inputs would have different shapes as maps", origin
             shape = t
-        elif node.op in CHANNELWISE or node.op == "concat":
+        elif op.locality in ("channel", "position"):
             if not all(all(s == 1 for s in head.shapes[v].spatial) for v in ins):
                 return None, node, (f"{node.op} would mix the positions of the flattened map "
                                     "(it must come after the first dense layer)"), origin
             shape = TensorType((out_t.shape[0], *t.spatial))
-        elif node.op == "dense":
+        elif op.map_form is not None:
             if not t.is_static():
                 return None, node, "it reads a map whose size is not fixed", origin
             head.dense.append(ConvertedDense(node.id, tuple(t.spatial), t.channels, node.label))
@@ -163,7 +162,7 @@ def _trace(graph: Graph, seeds: set[int]) -> tuple[_Head | None, Node | None, st
 def find_head(graph: Graph) -> _Head:
     """The flattens of a map whose values reach the outputs through dense layers and ops that
     have an equal map form; an error that says what stands in the way when there are none."""
-    seeds = {n.id for n in graph.nodes if n.op == "flatten" and graph.values[n.inputs[0]].type.rank > 1}
+    seeds = {n.id for n in graph.nodes if lookup(n.op).flattens and graph.values[n.inputs[0]].type.rank > 1}
     reasons, first = [], None
     while seeds:
         head, node, why, involved = _trace(graph, seeds)
@@ -244,7 +243,7 @@ def _conv_call(dense_call: ast.Call, node: Node, kernel: tuple[int, ...], has_in
     if attrs["frozen"]:
         kwargs.append(ast.Kwarg("frozen", ast.Bool(True, None), None))
     inputs = dense_call.args[:1] if has_input else ()
-    return ast.Call("conv", (*inputs, ast.Num(attrs["out"], None)), tuple(kwargs), dense_call.span,
+    return ast.Call(lookup(node.op).map_form, (*inputs, ast.Num(attrs["out"], None)), tuple(kwargs), dense_call.span,
                     piped=dense_call.piped)
 
 
@@ -487,11 +486,11 @@ def fc_to_conv(path, network: str | None = None, out_path=None) -> Conversion:
     for d in head.dense:
         node = graph.nodes[d.node]
         call, stmt = ast_call(node)
-        if call.func == "dense":
+        if call.func == node.op:         # the op written inline, not a layer declared with it
             target, has_input = call, True
         else:
             decls = layer_decls.get(node.layer, [])
-            if len(decls) != 1 or not isinstance(decls[0].value, ast.Call) or decls[0].value.func != "dense":
+            if len(decls) != 1 or not isinstance(decls[0].value, ast.Call) or decls[0].value.func != node.op:
                 raise ConvDSLError(node.span, f"{node.label}: cannot find the one `layer {node.layer} = dense(…)` "
                                               "declaration to rewrite")
             target, stmt, has_input = decls[0].value, decls[0], False
@@ -507,9 +506,9 @@ def fc_to_conv(path, network: str | None = None, out_path=None) -> Conversion:
     for nid in head.removed:
         node = graph.nodes[nid]
         call, stmt = ast_call(node)
-        if call.func != "flatten" and (node.span.line, node.span.col) in dense_spans:
+        if call.func != node.op and (node.span.line, node.span.col) in dense_spans:
             continue                 # the flatten a dense layer does by itself: nothing written to remove
-        if call.func != "flatten":
+        if call.func != node.op:
             raise ConvDSLError(node.span, f"{node.label}: convert removes this flatten, which is declared as a "
                                           "layer; write `flatten` inline")
         claimed[id(call)] = claimed.get(id(call), ()) + (nid,)
@@ -518,11 +517,12 @@ def fc_to_conv(path, network: str | None = None, out_path=None) -> Conversion:
     # An edited call that also makes nodes outside the head (a repeat body, a shared layer)
     # cannot be rewritten for the head alone.
     for node in graph.nodes:
-        if node.op not in ("dense", "flatten") or node.span.path != main_file:
+        op = lookup(node.op)
+        if not (op.map_form is not None or op.flattens) or node.span.path != main_file:
             continue
         where = calls.get((node.span.line, node.span.col))
         targets = [where[0]] if where else []
-        if node.op == "dense" and node.layer in layer_decls:
+        if op.map_form is not None and node.layer in layer_decls:
             targets += [d.value for d in layer_decls[node.layer]]
         for t in targets:
             if id(t) in claimed and node.id not in claimed[id(t)] and node.id not in head.removed:
@@ -575,7 +575,7 @@ def _weight_moves(old: Graph, new: Graph, head: _Head) -> tuple[WeightMove, ...]
     dense = {d.node: d for d in head.dense}
     layer_map: dict[str, tuple[str, ConvertedDense | None]] = {}
     for a, b in zip(kept, new.nodes):
-        want = "conv" if a.id in dense else a.op
+        want = lookup(a.op).map_form if a.id in dense else a.op
         if b.op != want:
             raise ConvDSLError(b.span, f"internal error: {a.label} ({a.op}) pairs with {b.label} ({b.op})")
         layer_map.setdefault(a.layer, (b.layer, dense.get(a.id)))
