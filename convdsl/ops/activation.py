@@ -8,7 +8,8 @@ from .base import Arg, OpDef, expect_float, register
 class Pointwise(OpDef):
     positionwise = True
     locality = "value"
-    activation = True              # fusable into the producer's kernel (templates/c/lib/epilogue.j2)
+    fuses_as = "activation"        # a producer's kernel may apply it (templates/c/lib/epilogue.j2)
+    backward_reads = "output"      # so a fused step need not write its input
 
     def kernel_context(self, attrs, in_types, out, c):
         return {"numel": c(D.product(out.shape))}

@@ -87,7 +87,7 @@ class Variant:
     needs: str = ""                                  # what `applies` asks for, said when it refuses
     workspace: Callable[[tuple, TensorType, dict], Dim] = _no_workspace   # elements per sample
     parallel: str = "none"                           # what its kernels split across threads
-    fuses_activation: bool = False                   # its forward can apply an activation as it writes
+    fuses_epilogue: bool = False                     # its forward applies an epilogue as it writes
     # Elements each thread needs of its own when the kernel splits a batch across threads (conv
     # backward: its columns and its share of dW and db), planned like the shared workspace.
     thread_workspace: Callable[[tuple, TensorType, dict], Dim] = _no_workspace
@@ -226,14 +226,22 @@ class OpDef:
                         cost=lambda in_types, out, attrs: D.add(self.macs(in_types, out, attrs),
                                                                 D.product(out.shape)),
                         workspace=lambda in_types, out, attrs: self.scratch_elements(in_types, out, attrs),
-                        parallel=self.parallel, fuses_activation=self.fuses_activation),)
+                        parallel=self.parallel, fuses_epilogue=self.fuses_epilogue),)
 
-    # A single-variant op whose forward kernel can apply a following activation as it writes its
-    # output (the template reads node.epilogue); see `activation` below.
-    fuses_activation: ClassVar[bool] = False
-    # An element-wise activation that a producer may apply in its own kernel: its backward reads
-    # only its output and the output's gradient (never its input, which a fused step never writes).
-    activation: ClassVar[bool] = False
+    # A single-variant op whose forward kernel applies an epilogue to each value as it writes its
+    # output (the template reads node.epilogue, templates/c/lib/epilogue.j2): the ops after it
+    # that `fuses_as` says can run there, in the network's order.
+    fuses_epilogue: ClassVar[bool] = False
+    # How a producer's kernel can apply this op as it writes (lower/plan.py decides when it may):
+    # "activation" (an element-wise function of the value: relu …), "residual" (the sum with one
+    # other tensor of the same shape: add), "scale" (times a per-sample factor of its channel:
+    # scale). None: it runs as a kernel of its own.
+    fuses_as: ClassVar[str | None] = None
+    # What its backward reads besides the gradient of its output: "inputs" (conv, dense, scale …),
+    # "output" (an activation: relu reads y, never x), or "nothing" (add passes dy on). A fused
+    # step writes only its last result, and in training also each value in between that a
+    # backward reads.
+    backward_reads: ClassVar[str] = "inputs"
 
     # What a single-variant op's kernels split across threads (lowered program's ParallelSplit);
     # "none": one thread.

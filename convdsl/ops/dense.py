@@ -30,7 +30,7 @@ class Flatten(OpDef):
 class Dense(OpDef):
     name = "dense"
     parallel = "the GEMM's rows for large products"
-    fuses_activation = True
+    fuses_epilogue = True
     fully_connected = True
     map_form = "conv"              # on a [C, *S] map: a conv with kernel S (convert --fc-to-conv)
     aliases = ("linear", "fc", "fully_connected", "inner_product", "gemm")
