@@ -341,7 +341,8 @@ def render_c(program: Program, backend: Backend = C) -> CSource:
         # the factors of a scale) and the value it keeps for a backward in training.
         epilogue = [{"kind": s.kind, "op": s.op, "attrs": s.attrs, "label": s.label, "describe": s.describe,
                      "operand": view(s.operand.value).data if s.operand is not None else None,
-                     "keep": view(s.keep_input.value).data if s.keep_input is not None else None}
+                     "keep": view(s.keep_input.value).data if s.keep_input is not None else None,
+                     "keep_of": pg.values[s.keep_input.value].producer_label if s.keep_input is not None else None}
                     for s in step.epilogue.stages] if step.phase == "forward" else []
         nodes.append(NodeView(
             fn=fn, label=label, line=step.line, op=step.op,
