@@ -18,7 +18,7 @@ from ..errors import ConvDSLError
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import TensorType
-from ..lower.program import PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary, Program
+from ..lower.program import ACTIVATION, PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary, Program
 from ..ops.base import lookup
 from ..ops.losses import LOSSES
 from .backends import C, Backend
@@ -340,6 +340,8 @@ def render_c(program: Program, backend: Backend = C) -> CSource:
         # The stages fused into this kernel, in order, each with the tensor it reads (a residual,
         # the factors of a scale) and the value it keeps for a backward in training.
         epilogue = [{"kind": s.kind, "op": s.op, "attrs": s.attrs, "label": s.label, "describe": s.describe,
+                     "formula": backend.kernel_template(f"{lookup(s.op).template or s.op}_epilogue")
+                     if s.kind == ACTIVATION else None,
                      "operand": view(s.operand.value).data if s.operand is not None else None,
                      "keep": view(s.keep_input.value).data if s.keep_input is not None else None,
                      "keep_of": pg.values[s.keep_input.value].producer_label if s.keep_input is not None else None}

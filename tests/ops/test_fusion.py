@@ -193,3 +193,12 @@ def test_fused_residuals_and_scales_match_torch_forward_and_backward(algo, batch
 
 def test_the_fused_kernels_compile_without_warnings(tmp_path):
     assert_c_compiles_cleanly(RESIDUAL_SRC, tmp_path)
+
+
+def test_every_op_that_fuses_as_an_activation_has_its_formula_template():
+    from convdsl.codegen.backends import C
+    from convdsl.ops.base import registry
+    activations = [op for op in registry().values() if op.fuses_as == "activation"]
+    assert {op.name for op in activations} >= {"relu", "leaky_relu", "sigmoid", "tanh"}
+    for op in activations:
+        assert C.has_template(C.kernel_template(f"{op.template or op.name}_epilogue")), op.name
