@@ -107,7 +107,8 @@ RESIDUAL_SRC = """network R {
     p = x -> conv(4, kernel=3, pad=same)
     q = x -> conv(4, kernel=1)
     h = add(p, q)
-    output a, b, c, d, e, f, g, h
+    k = v -> dense(6) -> sigmoid -> scale(w)
+    output a, b, c, d, e, f, g, h, k
 }
 """
 # Inputs are values 0 … 5 in the order declared: x, r, s, v, w, z.
@@ -123,7 +124,8 @@ def residual_reference(x, r, s, v, w, z, p):
     g = r * F.conv2d(z, p["conv5.weight"], p["conv5.bias"])
     h = F.conv2d(F.pad(x, (1, 1, 1, 1)), p["conv6.weight"], p["conv6.bias"]) + \
         F.conv2d(x, p["conv7.weight"], p["conv7.bias"])
-    return a, b, c, d, t + r, torch.sigmoid(t), g, h
+    k = torch.sigmoid(F.linear(v, p["dense2.weight"], p["dense2.bias"])) * w
+    return a, b, c, d, t + r, torch.sigmoid(t), g, h, k
 
 
 def test_residual_adds_and_scales_fuse_in_the_order_the_network_has():
@@ -144,8 +146,10 @@ def test_residual_adds_and_scales_fuse_in_the_order_the_network_has():
     assert text["conv4"] == "-" and {"add4", "sigmoid1", "scale2"} <= set(forward)
     assert text["conv5"] == "bias"
     assert text["conv6"] == "bias" and text["conv7"] == f"bias+add(v{value['conv6']}) (add5 fused)"
+    assert text["dense2"] == f"bias+sigmoid (sigmoid2 fused, v{value['sigmoid2']} kept in training)+scale(v{W}) " \
+                             "(scale3 fused)"
     fused = {label for label in value if label not in forward}
-    assert fused == {"add1", "relu1", "relu2", "add2", "add3", "scale1", "add5"}
+    assert fused == {"add1", "relu1", "relu2", "add2", "add3", "scale1", "add5", "sigmoid2", "scale3"}
     line = next(ln for ln in program_text(program).splitlines() if " conv2 (line" in ln and "forward" in ln)
     assert "residual=act[" in line and "kept=act[" in line
 
@@ -179,7 +183,7 @@ def test_fused_residuals_and_scales_match_torch_forward_and_backward(algo, batch
     tin = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in inputs]
     tp = {k: torch.tensor(a, dtype=torch.float64, requires_grad=True) for k, a in net.params.items()}
     refs = residual_reference(*tin, tp)
-    for name, y, r in zip("abcdefgh", ys, refs):
+    for name, y, r in zip("abcdefghk", ys, refs):
         assert_close(y, r.detach().numpy(), what=f"forward {name}")
     sum((r * torch.tensor(dy, dtype=torch.float64)).sum() for r, dy in zip(refs, dys)).backward()
     for name, g, t in zip("xrsvwz", grads, tin):
@@ -187,7 +191,7 @@ def test_fused_residuals_and_scales_match_torch_forward_and_backward(algo, batch
     for k, g in net.grads.items():
         assert_close(g, tp[k].grad.numpy(), what=f"grad {k}")
     net.eval()
-    for name, y, r in zip("abcdefgh", net.forward(*inputs), refs):
+    for name, y, r in zip("abcdefghk", net.forward(*inputs), refs):
         assert_close(y, r.detach().numpy(), what=f"eval forward {name}")
 
 
