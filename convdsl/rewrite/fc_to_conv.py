@@ -288,60 +288,17 @@ def _replace_in_stmt(s, edits: dict):
 
 
 class _Text:
-    """The source as lines, with (line, col) ↔ offset and the statement-extent rule of the grammar."""
+    """The source as lines, with (line, col) → offset; lines end at "\n" alone, as the parser counts."""
 
     def __init__(self, text: str):
         self.text = text
-        self.starts = [0]
-        for line in text.splitlines(keepends=True):
-            self.starts.append(self.starts[-1] + len(line))
+        self.starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
 
     def offset(self, line: int, col: int) -> int:
         return self.starts[line - 1] + col - 1
 
     def line_start(self, line: int) -> int:
         return self.starts[line - 1]
-
-    def statement_end(self, start: int) -> int:
-        """Just past the statement's last token: a newline outside brackets ends it, unless the
-        next token is `->`; so does a `}` that closes the enclosing body."""
-        t, i, depth, last = self.text, start, 0, start
-        n = len(t)
-        while i < n:
-            ch = t[i]
-            if ch == "#":
-                while i < n and t[i] != "\n":
-                    i += 1
-                continue
-            if ch == '"':
-                j = t.find('"', i + 1)
-                i = (j if j >= 0 else n - 1) + 1
-                last = i
-                continue
-            if ch in "([{":
-                depth += 1
-            elif ch in ")]}":
-                if depth == 0:
-                    return last
-                depth -= 1
-            elif ch == "\n" and depth == 0:
-                j = i
-                while j < n:                            # the next token, past blanks and comments
-                    if t[j] in " \t\r\n\f":
-                        j += 1
-                    elif t[j] == "#":
-                        while j < n and t[j] != "\n":
-                            j += 1
-                    else:
-                        break
-                if not t.startswith("->", j):
-                    return last
-                i = j
-                continue
-            if not ch.isspace():
-                last = i + 1
-            i += 1
-        return last
 
 
 _LEAD = re.compile(r"[ \t]*(input|layer|const|output|loss|return|layout|dtype)?[ \t]*$")
@@ -366,7 +323,7 @@ def _splice(source: str, rewrites: list, path: str) -> str:
                                          "code; put it on a line of its own")
         indent = re.match(r"[ \t]*", before).group(0)
         start = text.line_start(line) + len(indent)
-        end = text.statement_end(start)
+        end = text.offset(*old.end)      # just past its last token, as the parser saw it
         lines = unparse.statement(new, indent)
         pieces.append((start, end, ("\n" + indent).join(lines)))
     pieces.sort()
