@@ -17,15 +17,15 @@ from ..errors import ConvDSLError, Note, Span, block_note, did_you_mean, raise_e
 from ..frontend import ast
 from ..frontend.parser import bad_byte_position, decode_source, file_end, parse, parse_file
 from ..frontend.unparse import expr as expr_text
-from ..ops.base import (Arg, ConstTensor, OpContext, Symbol, SymbolCall, alias_names, describe_value, lookup,
-                        op_alias, op_relative, registry, symbol_vocabulary)
+from ..ops.base import (INIT_CALLS, Arg, ConstTensor, OpContext, Symbol, SymbolCall, alias_names, describe_value,
+                        lookup, op_alias, op_relative, registry, symbol_vocabulary)
 from ..ops.losses import LOSSES, is_other_loss, loss_alias
 from . import dims as D
 from .budget import Budget, BudgetExceeded, short_text
 from .graph import Graph, InputDecl, Layer, LossDecl, Node, OutputDecl, TensorType, Value
 
 # Bare names that stand for themselves when nothing else is bound to them.
-SYMBOL_FUNCS = frozenset({"normal", "uniform"})
+SYMBOL_FUNCS = frozenset(INIT_CALLS)
 BUILTINS = ("channels", "height", "width", "depth")
 MAX_REPEAT = 1000
 MAX_NODES = 100_000

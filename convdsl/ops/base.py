@@ -105,6 +105,7 @@ class Arg:
 
 
 INIT_SYMBOLS = ("he", "xavier", "zeros", "ones")
+INIT_CALLS = ("normal", "uniform")      # `init=normal(0.02)`: the calls the vocabulary has
 
 
 def init_arg() -> Arg:
@@ -426,9 +427,9 @@ def expect_symbol(value, choices: tuple[str, ...], ctx: OpContext, arg: str) -> 
 def parse_init(value, ctx: OpContext, arg: str = "init") -> Init:
     if isinstance(value, Init):
         return value
-    if isinstance(value, Symbol) and value.name in ("he", "xavier", "zeros", "ones"):
+    if isinstance(value, Symbol) and value.name in INIT_SYMBOLS:
         return Init(value.name)
-    if isinstance(value, SymbolCall) and value.name in ("normal", "uniform") and len(value.args) == 1 \
+    if isinstance(value, SymbolCall) and value.name in INIT_CALLS and len(value.args) == 1 \
             and isinstance(value.args[0], (int, float)) and not isinstance(value.args[0], bool) \
             and 0 < value.args[0] <= MAX_INIT_SCALE:       # so that a NaN is refused too
         return Init(value.name, float(value.args[0]))

@@ -28,7 +28,7 @@ from ..frontend import ast, unparse
 from ..frontend.parser import KEYWORDS, parse, parse_file
 from ..ir.build import BUILTINS, build_graph, load_program
 from ..ir.graph import Graph, Init, Node, TensorType
-from ..ops.base import lookup, registry, symbol_vocabulary
+from ..ops.base import INIT_CALLS, lookup, registry, symbol_vocabulary
 from ..passes.schedule import buffer_layout
 from ..passes.verify import verify
 
@@ -227,7 +227,7 @@ def _index_calls(stmts, index: dict, layers: dict) -> None:
 
 
 def _init_expr(init: Init):
-    if init.kind in ("normal", "uniform"):
+    if init.kind in INIT_CALLS:
         return ast.Call(init.kind, (ast.Num(init.arg, None),), (), None)
     return ast.Name(init.kind, None)
 
@@ -339,7 +339,7 @@ def _splice(source: str, rewrites: list, path: str) -> str:
 
 def _used_names(module: ast.Module) -> set[str]:
     """Every identifier the file uses, so that new size names clash with none."""
-    names = set(KEYWORDS) | set(symbol_vocabulary()) | set(BUILTINS) | set(registry()) | {"normal", "uniform"}
+    names = set(KEYWORDS) | set(symbol_vocabulary()) | set(BUILTINS) | set(registry()) | set(INIT_CALLS)
 
     todo = [module]                      # a stack, not recursion: a chain is as deep as it is long
     while todo:
