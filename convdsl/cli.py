@@ -169,7 +169,7 @@ def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_fl
 
 
 def cmd_convert(args) -> int:
-    from .passes.fc_to_conv import convert_file
+    from .rewrite.fc_to_conv import convert_file
     if not args.fc_to_conv:
         raise ConvDSLError(None, "convert: say which transformation (--fc-to-conv)")
     if args.weights_out and not args.weights:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import convdsl
-from convdsl.passes.fc_to_conv import convert_file
+from convdsl.rewrite.fc_to_conv import convert_file
 
 HERE = Path(__file__).resolve().parent
 DIGITS_PER_CANVAS = 4

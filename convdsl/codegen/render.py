@@ -18,7 +18,7 @@ from ..errors import ConvDSLError
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import TensorType
-from ..lower.program import PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary, Program
+from ..lower.program import ACTIVATION, PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary, Program
 from ..ops.base import lookup
 from ..ops.losses import LOSSES
 from .backends import C, Backend
@@ -300,8 +300,8 @@ class NodeView:
     b: dict = field(default_factory=dict)         # buffers of the layer: running_mean …
     saved: str | None = None                      # per-batch memory kept from forward to backward
     variant: str = "default"                      # the kernel variant the plan chose
-    fused: bool = False                           # an activation whose forward runs in its producer's kernel
-    epilogue: dict | None = None                  # the activation this node's kernel applies as it writes
+    fused: bool = False                           # a node whose forward runs in its producer's kernel
+    epilogue: list = field(default_factory=list)  # the stages this node's kernel applies as it writes
 
 
 def _c_float(value: float, dtype: str) -> str:
@@ -381,10 +381,15 @@ def render_c(program: Program, backend: Backend = C) -> CSource:
         written = step.outputs[0].value if step.phase == "forward" else own_output
         y = view(own_output)
         y = TensorView(f"m->value[{written}]", y.grad, y.C, y.numel)
-        epilogue = None
-        if step.activation_node is not None:
-            act_step = backward_of[step.activation_node]
-            epilogue = {"op": act_step.op, "attrs": act_step.attrs, "label": act_step.label}
+        # The stages fused into this kernel, in order, each with the tensor it reads (a residual,
+        # the factors of a scale) and the value it keeps for a backward in training.
+        epilogue = [{"kind": s.kind, "op": s.op, "attrs": s.attrs, "label": s.label, "describe": s.describe,
+                     "formula": backend.kernel_template(f"{lookup(s.op).template or s.op}_epilogue")
+                     if s.kind == ACTIVATION else None,
+                     "operand": view(s.operand.value).data if s.operand is not None else None,
+                     "keep": view(s.keep_input.value).data if s.keep_input is not None else None,
+                     "keep_of": pg.values[s.keep_input.value].producer_label if s.keep_input is not None else None}
+                    for s in step.epilogue.stages] if step.phase == "forward" else []
         nodes.append(NodeView(
             fn=fn, label=label, line=step.line, op=step.op,
             describe=step.describe, template=backend.kernel_template(step.variant_template),

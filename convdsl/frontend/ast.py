@@ -84,11 +84,17 @@ Expr = Union[Num, Bool, Str, Name, Call, TupleLit, ListLit, BinOp, Neg]
 
 # ---- statements --------------------------------------------------------------------------
 
+# A statement's `end`: (line, column) just past its last token, from the parser, so that a tool
+# that rewrites the source (rewrite/fc_to_conv.py) knows its extent without lexing it again. Not
+# part of what it means (a statement built by a tool has none).
+END_UNKNOWN = (0, 0)
+
 @dataclass(frozen=True)
 class Input:
     name: str
     dims: tuple[Expr, ...]   # Num or Name
     span: Span
+    end: tuple[int, int] = field(default=END_UNKNOWN, compare=False)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class Assign:
     name: str
     value: Expr
     span: Span
+    end: tuple[int, int] = field(default=END_UNKNOWN, compare=False)
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,7 @@ class LayerDecl:
     name: str
     value: Expr              # a Call
     span: Span
+    end: tuple[int, int] = field(default=END_UNKNOWN, compare=False)
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,7 @@ class ConstDecl:
     name: str
     value: Expr              # a ListLit (nested)
     span: Span
+    end: tuple[int, int] = field(default=END_UNKNOWN, compare=False)
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,7 @@ class Output:
 class Loss:
     call: Call
     span: Span
+    end: tuple[int, int] = field(default=END_UNKNOWN, compare=False)
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,7 @@ class DType:
 class Return:
     value: Expr
     span: Span
+    end: tuple[int, int] = field(default=END_UNKNOWN, compare=False)
 
 
 Stmt = Union[Input, Assign, LayerDecl, ConstDecl, Repeat, Output, Loss, Layout, DType, Return]

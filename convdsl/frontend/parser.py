@@ -113,21 +113,29 @@ class _ToAst(Transformer_NonRecursive):
         return tuple(s for s in items if s is not None)
 
     # -- statements
-    def input_stmt(self, items):
+    @staticmethod
+    def _end(meta) -> tuple[int, int]:
+        return (meta.end_line, meta.end_column)
+
+    @v_args(meta=True)
+    def input_stmt(self, meta, items):
         name, dims = items
-        return ast.Input(self._name(name), dims.items, self._span_tok(name))
+        return ast.Input(self._name(name), dims.items, self._span_tok(name), self._end(meta))
 
-    def assign(self, items):
+    @v_args(meta=True)
+    def assign(self, meta, items):
         name, value = items
-        return ast.Assign(self._name(name), value, self._span_tok(name))
+        return ast.Assign(self._name(name), value, self._span_tok(name), self._end(meta))
 
-    def layer_stmt(self, items):
+    @v_args(meta=True)
+    def layer_stmt(self, meta, items):
         name, value = items
-        return ast.LayerDecl(self._name(name), value, self._span_tok(name))
+        return ast.LayerDecl(self._name(name), value, self._span_tok(name), self._end(meta))
 
-    def const_stmt(self, items):
+    @v_args(meta=True)
+    def const_stmt(self, meta, items):
         name, value = items
-        return ast.ConstDecl(self._name(name), value, self._span_tok(name))
+        return ast.ConstDecl(self._name(name), value, self._span_tok(name), self._end(meta))
 
     @v_args(meta=True)
     def repeat_stmt(self, meta, items):
@@ -142,7 +150,7 @@ class _ToAst(Transformer_NonRecursive):
     @v_args(meta=True)
     def loss_stmt(self, meta, items):
         (call,) = items
-        return ast.Loss(call, call.span)
+        return ast.Loss(call, call.span, self._end(meta))
 
     def layout_stmt(self, items):
         (tok,) = items
@@ -159,7 +167,8 @@ class _ToAst(Transformer_NonRecursive):
     @v_args(meta=True)
     def return_stmt(self, meta, items):
         (value,) = items
-        return ast.Return(value, Span(self.source, meta.line, meta.column, meta.line, meta.column + 6))
+        return ast.Return(value, Span(self.source, meta.line, meta.column, meta.line, meta.column + 6),
+                          self._end(meta))
 
     # -- expressions
     def pipe(self, items):

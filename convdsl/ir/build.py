@@ -17,15 +17,15 @@ from ..errors import ConvDSLError, Note, Span, block_note, did_you_mean, raise_e
 from ..frontend import ast
 from ..frontend.parser import bad_byte_position, decode_source, file_end, parse, parse_file
 from ..frontend.unparse import expr as expr_text
-from ..ops.base import (Arg, ConstTensor, OpContext, Symbol, SymbolCall, alias_names, describe_value, lookup,
-                        op_alias, op_relative, registry, symbol_vocabulary)
+from ..ops.base import (INIT_CALLS, Arg, ConstTensor, OpContext, Symbol, SymbolCall, alias_names, describe_value,
+                        lookup, op_alias, op_relative, registry, symbol_vocabulary)
 from ..ops.losses import LOSSES, is_other_loss, loss_alias
 from . import dims as D
 from .budget import Budget, BudgetExceeded, short_text
 from .graph import Graph, InputDecl, Layer, LossDecl, Node, OutputDecl, TensorType, Value
 
 # Bare names that stand for themselves when nothing else is bound to them.
-SYMBOL_FUNCS = frozenset({"normal", "uniform"})
+SYMBOL_FUNCS = frozenset(INIT_CALLS)
 BUILTINS = ("channels", "height", "width", "depth")
 MAX_REPEAT = 1000
 MAX_NODES = 100_000
@@ -203,8 +203,9 @@ class GraphBuilder:
                 raise ConvDSLError(span, "the loss must read one of the network's outputs; add it to `output`")
             loss_decl = LossDecl(kind, vid, index, attrs, span)
             vt = self.values[vid].type
-            if kind == "softmax_cross_entropy" and vt.shape[0] == 1:
-                raise ConvDSLError(span, "softmax_cross_entropy needs at least 2 classes (channels); "
+            fewest = LOSSES[kind].min_classes
+            if isinstance(vt.shape[0], int) and vt.shape[0] < fewest:
+                raise ConvDSLError(span, f"{kind} needs at least {fewest} classes (channels); "
                                          f"the output is {vt.text(self.layout)}")
         layers = []
         for slot in self.layer_slots:

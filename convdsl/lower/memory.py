@@ -31,9 +31,10 @@ class Lifetimes:
     size: tuple[Dim, ...]            # per value: elements per sample
 
 
-def lifetimes(g: Graph, fusions: dict[int, int] | None = None) -> Lifetimes:
-    """`fusions`: producer node → activation node run in the producer's kernel. The producer then
-    writes the activation's output (live from the producer on) and never its own (size 0)."""
+def lifetimes(g: Graph, fusions: dict[int, tuple[int, ...]] | None = None) -> Lifetimes:
+    """`fusions`: producer node → the chain of nodes run in the producer's epilogue. The producer
+    then writes the chain's last value (live from the producer on) and, in eval mode, none of the
+    values before it (size 0)."""
     fusions = fusions or {}
     n = len(g.nodes)
     last_use = [-1] * len(g.values)
@@ -44,9 +45,9 @@ def lifetimes(g: Graph, fusions: dict[int, int] | None = None) -> Lifetimes:
         last_use[out.value] = max(n - 1, 0)
     written_at = {v.id: v.producer for v in g.values}
     unwritten = set()
-    for producer, activation in fusions.items():
-        written_at[g.nodes[activation].output] = producer
-        unwritten.add(g.nodes[producer].output)
+    for producer, chain in fusions.items():
+        written_at[g.nodes[chain[-1]].output] = producer
+        unwritten.update(g.nodes[nid].output for nid in (producer, *chain[:-1]))
     first, last = [], []
     for v in g.values:
         at = written_at[v.id]
@@ -169,7 +170,7 @@ def _common_unit(sizes) -> tuple[Dim, list[int]] | None:
     return unit, ks
 
 
-def inference_placement(g: Graph, fusions: dict[int, int] | None = None) -> tuple[tuple[Dim, ...], Dim]:
+def inference_placement(g: Graph, fusions: dict[int, tuple[int, ...]] | None = None) -> tuple[tuple[Dim, ...], Dim]:
     """Per-sample offsets of every value in the eval-mode region, and the region's size."""
     life = lifetimes(g, fusions)
     nodes = len(g.nodes)

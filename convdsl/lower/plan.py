@@ -20,8 +20,9 @@ from ..ir.graph import Graph, Node, TensorType
 from ..ops.base import Variant, lookup, registry
 from ..passes.schedule import make_plan
 from .memory import inference_placement
-from .program import (ACTIVATIONS, BUFFERS, GRADIENTS, INFERENCE, PARAM_GRADS, THREAD_WORKSPACE, PARAMS, SAVED, WORKSPACE, Boundary,
-                      Epilogue, LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
+from .program import (ACTIVATION, ACTIVATIONS, BUFFERS, GRADIENTS, INFERENCE, PARAM_GRADS, RESIDUAL, SCALE,
+                      THREAD_WORKSPACE, PARAMS, SAVED, WORKSPACE, Boundary, Epilogue, EpilogueStage, LossStep,
+                      Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
 
 ALGO_ENV = "CONVDSL_ALGO"
 # Costs with run-time sizes are compared at this size of every named dim (as check's memory peak).
@@ -108,28 +109,83 @@ def chosen_variants(g: Graph, override: Mapping[str, str]) -> dict[int, Variant]
     return chosen
 
 
-def fusions_of(g: Graph, algo=None) -> dict[int, int]:
-    """producer node → fused activation node, as lower() fuses them under the override `algo`."""
+def fusions_of(g: Graph, algo=None) -> dict[int, tuple[int, ...]]:
+    """producer node → the nodes fused into its kernel, as lower() fuses them under `algo`."""
     return _fusions(g, chosen_variants(g, algo_override(algo)))
 
 
-def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, int]:
-    """producer node → the activation node fused into its kernel: the producer's variant can apply
-    an activation, and the activation is the only reader of its output, which is no network output
-    (so the pre-activation values are never needed: the activation's backward reads its output)."""
+def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, tuple[int, ...]]:
+    """producer node → the chain of nodes whose forward runs in its kernel's epilogue, in order.
+
+    The producer's variant applies epilogues (conv im2col/pointwise, dense). The chain grows one
+    node at a time while the next node is the only reader of the value so far, that value is no
+    network output (the last one may be), and the node can run there (`OpDef.fuses_as`): an
+    activation; an add of exactly two tensors whose other addend has the same shape and is made
+    before the producer runs; a scale whose x is the value so far and whose factors are made
+    before the producer runs. The values in between are never written in eval mode; in training
+    the step writes those that a backward reads (lower() marks them)."""
     readers: dict[int, list[int]] = {}
     for node in g.nodes:
         for vid in node.inputs:
             readers.setdefault(vid, []).append(node.id)
     outputs = {o.value for o in g.outputs} | ({g.loss.value} if g.loss is not None else set())
-    fused = {}
+
+    def made_before(vid: int, step: int) -> bool:
+        maker = g.values[vid].producer
+        return maker is None or maker < step          # nodes run in id order (passes/schedule.py)
+
+    fused: dict[int, tuple[int, ...]] = {}
     for node in g.nodes:
-        if not variants[node.id].fuses_activation or node.output in outputs:
+        if not variants[node.id].fuses_epilogue:
             continue
-        after = readers.get(node.output, [])
-        if len(after) == 1 and lookup(g.nodes[after[0]].op).activation:
-            fused[node.id] = after[0]
+        chain: list[int] = []
+        value = node.output
+        while value not in outputs:
+            after = readers.get(value, [])
+            if len(after) != 1:
+                break
+            nxt = g.nodes[after[0]]
+            kind = lookup(nxt.op).fuses_as
+            shape = g.values[value].type.shape
+            if kind == ACTIVATION:
+                ok = True
+            elif kind == RESIDUAL:
+                others = [v for v in nxt.inputs if v != value]
+                ok = len(nxt.inputs) == 2 and len(others) == 1 and g.values[others[0]].type.shape == shape \
+                    and made_before(others[0], node.id)
+            elif kind == SCALE:
+                ok = nxt.inputs[0] == value and nxt.inputs[1] != value and made_before(nxt.inputs[1], node.id) \
+                    and g.values[nxt.output].type.shape == shape
+            else:
+                ok = False
+            if not ok:
+                break
+            chain.append(nxt.id)
+            value = nxt.output
+        if chain:
+            fused[node.id] = tuple(chain)
     return fused
+
+
+def _stages(g: Graph, producer: Node, chain: tuple[int, ...], act) -> tuple[EpilogueStage, ...]:
+    """The epilogue stages of a fused chain, each with the other tensor it reads and, when a
+    backward reads the value it is given (its own backward reads its inputs, or the node before
+    it is read by its backward through its output), where training mode keeps that value."""
+    stages = []
+    before = producer
+    for nid in chain:
+        node = g.nodes[nid]
+        op = lookup(node.op)
+        value = before.output
+        keep = op.backward_reads == "inputs" or lookup(before.op).backward_reads == "output"
+        other = next((v for v in node.inputs if v != value), None)
+        role = {RESIDUAL: "residual", SCALE: "factors"}.get(op.fuses_as)
+        stages.append(EpilogueStage(
+            kind=op.fuses_as, node=nid, op=node.op, label=node.label, describe=op.describe(node.attrs),
+            attrs=node.attrs, operand=act(other, role) if role is not None else None,
+            keep_input=act(value, "kept") if keep else None))
+        before = node
+    return tuple(stages)
 
 
 def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
@@ -166,7 +222,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
         saved_offset[nid] = (saved_total, elems)
         saved_total = D.add(saved_total, elems)
 
-    fused_into = {act: producer for producer, act in fusions.items()}
+    fused_into = {nid: producer for producer, chain in fusions.items() for nid in chain}
 
     forward, workspace_total, thread_total = [], 0, 0
     for nid in plan.order:
@@ -191,12 +247,11 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
             saved = Operand("saved", SAVED, off, elems, None)
         epilogue = _epilogue(op, node.attrs, {p.role for p in params})
         output = act(node.output, "y")
-        activation = fusions.get(nid)
-        if activation is not None:
-            # One kernel writes the activation's output; the pre-activation values are never stored.
-            a = g.nodes[activation]
-            epilogue = Epilogue(bias=epilogue.bias, activation=lookup(a.op).describe(a.attrs), activation_of=a.label)
-            output = act(a.output, "y")
+        chain = fusions.get(nid)
+        if chain is not None:
+            # One kernel writes the chain's last value; the values in between only where kept.
+            epilogue = Epilogue(bias=epilogue.bias, stages=_stages(g, node, chain, act))
+            output = act(g.nodes[chain[-1]].output, "y")
         forward.append(Step(
             index=len(forward), phase="forward", node=nid, op=node.op, label=node.label, line=node.span.line,
             layer=node.layer, describe=op.describe(node.attrs), variant=variant.name,
@@ -204,20 +259,21 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
             inputs=tuple(act(v, f"x{i}") for i, v in enumerate(node.inputs)), outputs=(output,),
             params=params, buffers=buffers, saved=saved, epilogue=epilogue,
             workspace=Workspace(work, variant.doc if work != 0 else "", own),
-            parallel=ParallelSplit(variant.parallel), fused_into=fused_into.get(nid), activation_node=activation))
+            parallel=ParallelSplit(variant.parallel), fused_into=fused_into.get(nid)))
     steps = [f for f in forward if f.fused_into is None]
     for f in reversed(forward):
         node = g.nodes[f.node]
+        reads = {"output": (act(node.output, "y"),), "nothing": ()}.get(lookup(f.op).backward_reads, f.inputs)
         grads = tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape, True)
                       for p in f.params if p.trainable)
         steps.append(Step(
             index=len(steps), phase="backward", node=f.node, op=f.op, label=f.label, line=f.line, layer=f.layer,
             describe=f.describe, variant=f.variant, variant_template=f.variant_template, attrs=f.attrs,
             in_types=f.in_types, out_type=f.out_type,
-            inputs=(grad(node.output, "dy"), *((act(node.output, "y"),) if lookup(f.op).activation else f.inputs)),
+            inputs=(grad(node.output, "dy"), *reads),
             outputs=tuple(grad(v, f"dx{i}") for i, v in enumerate(node.inputs)) + grads,
             params=f.params, buffers=f.buffers, saved=f.saved, epilogue=f.epilogue, workspace=f.workspace,
-            parallel=f.parallel, fused_into=f.fused_into, activation_node=f.activation_node))
+            parallel=f.parallel, fused_into=f.fused_into))
     steps = [replace(s, index=i) for i, s in enumerate(steps)]
     trainable = tuple(Operand(p.full_name, PARAMS, p.offset, p.size, None, p.spec.shape, True)
                       for p in plan.params if p.spec.trainable)

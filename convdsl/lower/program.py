@@ -57,24 +57,60 @@ class Operand:
     trainable: bool = True           # parameters: whether a gradient exists
 
 
+ACTIVATION, RESIDUAL, SCALE = "activation", "residual", "scale"   # the kinds of epilogue stage
+
+
 @dataclass(frozen=True)
-class Epilogue:
-    """What a step applies to its result before writing it, in order: bias, then activation,
-    then a residual add, then a scale. Empty when the step writes its raw result."""
-    bias: bool = False
-    activation: str | None = None
-    activation_of: str = ""          # the layer whose forward this is (fused into the step)
-    residual: Operand | None = None
-    scale: float | None = None
+class EpilogueStage:
+    """One op whose forward runs inside the producer's kernel, applied to each value as the
+    kernel writes it: an activation, a residual add of one other tensor of the same shape, or a
+    scale by a per-sample factor of each channel. Its backward stays a step of its own."""
+    kind: str                        # activation | residual | scale
+    node: int                        # the fused IR node
+    op: str
+    label: str
+    describe: str
+    attrs: Mapping[str, Any]
+    operand: Operand | None = None   # residual: the other addend; scale: the factors (one per channel)
+    # Training mode: the value this stage reads, written there as well, because a backward reads
+    # it (relu's output before an add, conv's output before a scale); eval mode never writes it.
+    keep_input: Operand | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.attrs, MappingProxyType):
+            object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)))
 
     def text(self) -> str:
-        parts = (["bias"] if self.bias else []) + ([f"{self.activation} ({self.activation_of} fused)"]
-                                                   if self.activation else [])
-        if self.residual is not None:
-            parts.append(f"add(v{self.residual.value})")
-        if self.scale is not None:
-            parts.append(f"scale({self.scale:g})")
+        what = {ACTIVATION: self.describe, RESIDUAL: f"add(v{self.operand.value if self.operand else '?'})",
+                SCALE: f"scale(v{self.operand.value if self.operand else '?'})"}[self.kind]
+        return f"{what} ({self.label} fused)"
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What a step applies to its result before writing it: the bias, then its stages in the
+    network's order (conv → add → relu and conv → relu → add are both one kernel). Empty when
+    the step writes its raw result."""
+    bias: bool = False
+    stages: tuple[EpilogueStage, ...] = ()
+
+    def text(self) -> str:
+        parts = ["bias"] if self.bias else []
+        for stage in self.stages:
+            if stage.keep_input is not None:
+                # The value before this stage is written too in training: say so where it is made.
+                kept = f"v{stage.keep_input.value} kept in training"
+                if parts:
+                    parts[-1] = parts[-1][:-1] + f", {kept})" if parts[-1].endswith(")") else f"{parts[-1]} ({kept})"
+                else:
+                    parts.append(f"({kept})")
+            parts.append(stage.text())
         return "+".join(parts) or "-"
+
+    @property
+    def operands(self) -> tuple[Operand, ...]:
+        """The other tensors the stages read, and the values they keep in training."""
+        return tuple(o for s in self.stages for o in (s.operand, s.keep_input) if o is not None)
 
 
 @dataclass(frozen=True)
@@ -117,8 +153,7 @@ class Step:
     epilogue: Epilogue = Epilogue()
     workspace: Workspace = Workspace()
     parallel: ParallelSplit = ParallelSplit("none")
-    fused_into: int | None = None    # an activation whose forward runs inside that node's step
-    activation_node: int | None = None   # the activation this step's epilogue applies (its node id)
+    fused_into: int | None = None    # a node whose forward runs inside that node's step (its epilogue)
 
     def __post_init__(self):
         if not isinstance(self.attrs, MappingProxyType):

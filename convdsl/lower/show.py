@@ -1,9 +1,9 @@
 """The lowered program as text, one line per step: what `convdsl plan` and `--emit lowered` print.
 
 A step's line: its index and phase, the layer and its line in the file, the kernel variant,
-its operands as region[offset:+size] (per-sample offsets and sizes in elements for the
-activation, gradient and saved regions; run-time sizes stay symbolic), the fused epilogue,
-the workspace and the thread split.
+its operands as region[offset:+size] (with those its fused epilogue reads and keeps; per-sample
+offsets and sizes in elements for the activation, gradient and saved regions; run-time sizes
+stay symbolic), the fused epilogue, the workspace and the thread split.
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def operand_text(o: Operand) -> str:
 def step_text(step: Step) -> str:
     where = f"{step.label} (line {step.line})"
     operands = [operand_text(o) for o in step.inputs + step.outputs]
+    if step.phase == "forward":
+        # What the fused stages read (a residual, a scale's factors) and keep for a backward.
+        operands += [operand_text(o) for o in step.epilogue.operands]
     if step.phase != "update":
         operands += [operand_text(p) for p in step.params]
         operands += [operand_text(b) for b in step.buffers]

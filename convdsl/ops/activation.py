@@ -7,7 +7,9 @@ from .base import Arg, OpDef, expect_float, register
 
 class Pointwise(OpDef):
     positionwise = True
-    activation = True              # fusable into the producer's kernel (templates/c/lib/epilogue.j2)
+    locality = "value"
+    fuses_as = "activation"        # a producer's kernel may apply it (templates/c/lib/epilogue.j2)
+    backward_reads = "output"      # so a fused step need not write its input
 
     def kernel_context(self, attrs, in_types, out, c):
         return {"numel": c(D.product(out.shape))}
@@ -58,6 +60,7 @@ class Softmax(OpDef):
     relatives = ("log_softmax", "logsoftmax", "softmin")
     summary = "softmax over channels, at every position of a map"
     positionwise = True            # the channels of one position, each position on its own
+    locality = "position"
 
     def kernel_context(self, attrs, in_types, out, c):
         t = in_types[0]

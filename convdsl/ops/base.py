@@ -87,7 +87,7 @@ class Variant:
     needs: str = ""                                  # what `applies` asks for, said when it refuses
     workspace: Callable[[tuple, TensorType, dict], Dim] = _no_workspace   # elements per sample
     parallel: str = "none"                           # what its kernels split across threads
-    fuses_activation: bool = False                   # its forward can apply an activation as it writes
+    fuses_epilogue: bool = False                     # its forward applies an epilogue as it writes
     # Elements each thread needs of its own when the kernel splits a batch across threads (conv
     # backward: its columns and its share of dW and db), planned like the shared workspace.
     thread_workspace: Callable[[tuple, TensorType, dict], Dim] = _no_workspace
@@ -105,6 +105,7 @@ class Arg:
 
 
 INIT_SYMBOLS = ("he", "xavier", "zeros", "ones")
+INIT_CALLS = ("normal", "uniform")      # `init=normal(0.02)`: the calls the vocabulary has
 
 
 def init_arg() -> Arg:
@@ -157,6 +158,34 @@ class OpDef:
     # an op in the box of the layer before it; a trait, so no list of op names is kept elsewhere.
     positionwise: ClassVar[bool] = False
 
+    # ---- traits the central code reads instead of op names (lints, `convert --fc-to-conv`) ----
+    # What one output value is made from, when that is less than a window: "value" (the input
+    # values at the same place alone: activations, dropout, add), "channel" (that value and
+    # statistics of its channel: batchnorm, one value alone at inference), "position" (the
+    # channels of the same position: softmax, maxout, shuffle, concat). None: a window or more.
+    # Lints follow chains of one-input ops through them; `convert --fc-to-conv` knows that a
+    # "value" op is the same on a map as on the flattened vector, the others once the map is 1×1.
+    locality: ClassVar[str | None] = None
+    # A convolution: one kernel per group slides over the map; its attributes have kernel, stride,
+    # dilation, pads, pad_spec, groups, in and out (conv, depthwise; not deconv, local or tiled).
+    convolution: ClassVar[bool] = False
+    # A convolution with one input channel per group whatever its arguments (depthwise); a conv
+    # is one too when groups = in > 1 (lints.is_depthwise).
+    depthwise: ClassVar[bool] = False
+    # A pool over a window of each channel on its own, with kernel, stride and pads (maxpool …).
+    window_pool: ClassVar[bool] = False
+    # Reshapes a map to a vector in the layout's order (flatten).
+    flattens: ClassVar[bool] = False
+    # Every output reads every input value with a weight of its own (dense).
+    fully_connected: ClassVar[bool] = False
+    # The op this one is on a map, for `convert --fc-to-conv` (§2.5): dense reading a flattened
+    # [C, *S] map is a conv with kernel S (1×1 after the first); None when it has no map form.
+    map_form: ClassVar[str | None] = None
+    # Kernels not shared across positions (local, tiled; their attributes have `tile`, the kernel
+    # sets per axis); `kernel_per_position`: one set for every output position (local).
+    unshared: ClassVar[bool] = False
+    kernel_per_position: ClassVar[bool] = False
+
     # -- arguments
     def bind(self, positional: list, keywords: dict, ctx: OpContext) -> dict:
         """Match call arguments to `args`; unknown and missing ones are errors at their span."""
@@ -198,14 +227,22 @@ class OpDef:
                         cost=lambda in_types, out, attrs: D.add(self.macs(in_types, out, attrs),
                                                                 D.product(out.shape)),
                         workspace=lambda in_types, out, attrs: self.scratch_elements(in_types, out, attrs),
-                        parallel=self.parallel, fuses_activation=self.fuses_activation),)
+                        parallel=self.parallel, fuses_epilogue=self.fuses_epilogue),)
 
-    # A single-variant op whose forward kernel can apply a following activation as it writes its
-    # output (the template reads node.epilogue); see `activation` below.
-    fuses_activation: ClassVar[bool] = False
-    # An element-wise activation that a producer may apply in its own kernel: its backward reads
-    # only its output and the output's gradient (never its input, which a fused step never writes).
-    activation: ClassVar[bool] = False
+    # A single-variant op whose forward kernel applies an epilogue to each value as it writes its
+    # output (the template reads node.epilogue, templates/c/lib/epilogue.j2): the ops after it
+    # that `fuses_as` says can run there, in the network's order.
+    fuses_epilogue: ClassVar[bool] = False
+    # How a producer's kernel can apply this op as it writes (lower/plan.py decides when it may):
+    # "activation" (an element-wise function of the value: relu …), "residual" (the sum with one
+    # other tensor of the same shape: add), "scale" (times a per-sample factor of its channel:
+    # scale). None: it runs as a kernel of its own.
+    fuses_as: ClassVar[str | None] = None
+    # What its backward reads besides the gradient of its output: "inputs" (conv, dense, scale …),
+    # "output" (an activation: relu reads y, never x), or "nothing" (add passes dy on). A fused
+    # step writes only its last result, and in training also each value in between that a
+    # backward reads.
+    backward_reads: ClassVar[str] = "inputs"
 
     # What a single-variant op's kernels split across threads (lowered program's ParallelSplit);
     # "none": one thread.
@@ -390,9 +427,9 @@ def expect_symbol(value, choices: tuple[str, ...], ctx: OpContext, arg: str) -> 
 def parse_init(value, ctx: OpContext, arg: str = "init") -> Init:
     if isinstance(value, Init):
         return value
-    if isinstance(value, Symbol) and value.name in ("he", "xavier", "zeros", "ones"):
+    if isinstance(value, Symbol) and value.name in INIT_SYMBOLS:
         return Init(value.name)
-    if isinstance(value, SymbolCall) and value.name in ("normal", "uniform") and len(value.args) == 1 \
+    if isinstance(value, SymbolCall) and value.name in INIT_CALLS and len(value.args) == 1 \
             and isinstance(value.args[0], (int, float)) and not isinstance(value.args[0], bool) \
             and 0 < value.args[0] <= MAX_INIT_SCALE:       # so that a NaN is refused too
         return Init(value.name, float(value.args[0]))

@@ -26,6 +26,7 @@ class Maxout(OpDef):
     name = "maxout"
     parallel = "batch × groups"
     summary = "max over each group of k consecutive channels: C → C/k (§5.2)"
+    locality = "position"
     args = (Arg("k"),)
 
     def normalize(self, attrs, in_types, ctx):
@@ -49,6 +50,7 @@ class Shuffle(OpDef):
     summary = "channel shuffle of ShuffleNet: [g, C/g] → [C/g, g] (§3.9)"
     args = (Arg("groups"),)
     positionwise = True            # a permutation of the channels of each position
+    locality = "position"
 
     def normalize(self, attrs, in_types, ctx):
         return {"groups": _channel_split(self.name, in_types[0], attrs["groups"], "groups", ctx)}

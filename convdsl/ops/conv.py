@@ -64,12 +64,12 @@ def _columns_and_gradients(in_types, out, attrs):
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
-            workspace=_columns, parallel="batch, or the GEMM's rows for large products", fuses_activation=True,
+            workspace=_columns, parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
             thread_workspace=_columns_and_gradients),
     Variant("pointwise", "conv", "1×1 at stride 1 without padding: a GEMM on the input itself",
             cost=_gemm_cost, applies=_is_pointwise,
             needs="a 1×1 kernel, stride 1 and no padding before or after on any axis",
-            parallel="batch, or the GEMM's rows for large products", fuses_activation=True,
+            parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
             thread_workspace=_own_gradients),
     Variant("direct", "conv_direct", "a loop over the window per output channel (one input channel per group)",
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
@@ -86,6 +86,7 @@ class Conv(OpDef):
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("groups", 1), *_LAYER_ARGS)
     template = "conv"
     c_helpers = ("gemm", "im2col")
+    convolution = True
 
     def out_channels(self, attrs: dict, cin, ctx: OpContext) -> int:
         return expect_int(attrs["out"], "out", ctx, "out", minimum=1)
@@ -194,6 +195,7 @@ class Depthwise(Conv):
     name = "depthwise"
     aliases = ("depthwise_conv", "depthwise_convolution")
     summary = "depthwise convolution: conv with groups = input channels (§3.8)"
+    depthwise = True
     args = (Arg("kernel"), Arg("multiplier", 1), *_WINDOW_ARGS, *_LAYER_ARGS)
 
     def out_channels(self, attrs, cin, ctx) -> int:

@@ -11,6 +11,7 @@ class Flatten(OpDef):
     name = "flatten"
     relatives = ("reshape", "view")
     summary = "→ [C·H·W] in the layout's order (C,H,W for NCHW; H,W,C for NHWC)"
+    flattens = True
 
     def normalize(self, attrs, in_types, ctx):
         return {"layout": ctx.layout}
@@ -29,7 +30,9 @@ class Flatten(OpDef):
 class Dense(OpDef):
     name = "dense"
     parallel = "the GEMM's rows for large products"
-    fuses_activation = True
+    fuses_epilogue = True
+    fully_connected = True
+    map_form = "conv"              # on a [C, *S] map: a conv with kernel S (convert --fc-to-conv)
     aliases = ("linear", "fc", "fully_connected", "inner_product", "gemm")
     summary = "fully connected: y = W·x + b; a map input is flattened first"
     args = (Arg("out"), Arg("bias", True), init_arg(), Arg("frozen", False))

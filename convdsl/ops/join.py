@@ -12,6 +12,9 @@ class Add(OpDef):
     parallel = "elements"
     aliases = ("sum", "plus")
     summary = "element-wise sum of tensors of one shape"
+    locality = "value"
+    fuses_as = "residual"          # of two tensors: the producer of one adds the other as it writes
+    backward_reads = "nothing"     # dy goes to every input as it is
     min_inputs, max_inputs = 2, None
 
     def infer(self, in_types, attrs, ctx):
@@ -31,6 +34,7 @@ class Concat(OpDef):
     name = "concat"
     aliases = ("concatenate", "cat")
     summary = "join along channels"
+    locality = "position"
     min_inputs, max_inputs = 2, None
 
     def infer(self, in_types, attrs, ctx):
@@ -55,6 +59,7 @@ class Scale(OpDef):
     parallel = "batch × channels"
     relatives = ("multiply", "mul")
     summary = "x[c] · s[c]: s is [C] or [C, 1, 1]"
+    fuses_as = "scale"             # the producer of x multiplies by s as it writes
     min_inputs, max_inputs = 2, 2
 
     def infer(self, in_types, attrs, ctx):

@@ -24,6 +24,7 @@ class UnsharedConv(OpDef):
     """What local and tiled share; a subclass says how many kernel sets there are per axis."""
     template = "local"
     parallel = "batch × channels"
+    unshared = True
 
     def kernel_sets(self, attrs: dict, out_spatial: tuple, ctx: OpContext) -> tuple:
         """Kernel sets per axis: one per output position unless a subclass says otherwise."""
@@ -106,6 +107,7 @@ class Local(UnsharedConv):
     name = "local"
     aliases = ("locally_connected",)
     summary = "locally connected: a kernel of its own at every output position (§3.1)"
+    kernel_per_position = True
     args = (Arg("out"), Arg("kernel"), *_TAIL_ARGS)
 
     def check_input(self, t, ctx):

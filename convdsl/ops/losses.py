@@ -19,6 +19,10 @@ class LossDef:
     target_kind: ClassVar[str] = ""     # "labels" (int64) or "values" (like the output)
     # Names PyTorch and Keras give the same objective (compared as `loss_key` does).
     aliases: ClassVar[tuple[str, ...]] = ()
+    # The op it applies to the output before comparing (softmax_cross_entropy: softmax), so that
+    # a lint can say when the network already ends in it; the fewest channels it makes sense on.
+    applies: ClassVar[str | None] = None
+    min_classes: ClassVar[int] = 1
 
     def target_shape(self, t: TensorType) -> tuple:
         """The per-sample shape of the target this loss expects for output type t."""
@@ -32,6 +36,8 @@ class LossDef:
 class SoftmaxCrossEntropy(LossDef):
     name: ClassVar[str] = "softmax_cross_entropy"
     target_kind: ClassVar[str] = "labels"
+    applies: ClassVar[str | None] = "softmax"
+    min_classes: ClassVar[int] = 2
     # PyTorch's cross_entropy and Keras's categorical cross-entropies take scores and apply the
     # softmax themselves, as this loss does.
     aliases: ClassVar[tuple[str, ...]] = ("cross_entropy", "categorical_crossentropy",

@@ -22,6 +22,7 @@ class BatchNorm(OpDef):
     summary = "batch normalisation: batch statistics in training mode, running ones in inference mode"
     args = (Arg("eps", 1e-5), Arg("momentum", 0.1))
     positionwise = True            # at inference y = a·x + b per channel; training adds batch statistics
+    locality = "channel"
 
     def normalize(self, attrs, in_types, ctx):
         (t,) = in_types
@@ -76,6 +77,7 @@ class Dropout(OpDef):
     args = (Arg("p"),)
     c_helpers = ("counter_rng",)
     positionwise = True
+    locality = "value"
 
     def normalize(self, attrs, in_types, ctx):
         return {"p": expect_float(attrs["p"], ctx, "p", lo=0.0, hi=1.0, hi_open=True)}

@@ -15,12 +15,37 @@ from typing import Callable, Iterable, Iterator
 from ..errors import Diagnostic, Note, block_note
 from ..ir import dims as D
 from ..ir.graph import Graph, Node
+from ..ops.base import OpDef, lookup
+from ..ops.losses import LOSSES
 
-# Ops that change each value on its own (or per channel): they keep positions and channel groups.
-ELEMENTWISE = frozenset({"relu", "sigmoid", "tanh", "leaky_relu", "batchnorm", "dropout"})
-# Ops that keep every position where it is; these also mix or reorder the channels of a position.
-POSITIONWISE = ELEMENTWISE | {"softmax", "shuffle", "maxout"}
-POOLS = frozenset({"maxpool", "avgpool", "l2pool"})
+
+# What the rules ask of an op, from the traits its OpDef declares (ops/base.py), never its name.
+
+def op_of(node: Node) -> OpDef:
+    return lookup(node.op)
+
+
+def elementwise(node: Node) -> bool:
+    """A one-input op that changes each value on its own (or per channel): it keeps positions and
+    channel groups (relu, dropout, batchnorm …)."""
+    op = op_of(node)
+    return op.max_inputs == 1 and op.locality in ("value", "channel")
+
+
+def positionwise(node: Node) -> bool:
+    """A one-input op that keeps every position where it is; besides the element-wise ones, these
+    also mix or reorder the channels of a position (softmax, shuffle, maxout)."""
+    op = op_of(node)
+    return op.max_inputs == 1 and op.locality is not None
+
+
+def window_pool(node: Node) -> bool:
+    return op_of(node).window_pool
+
+
+def convolution(node: Node) -> bool:
+    """conv or depthwise: one kernel per group sliding over the map, dilation and all."""
+    return op_of(node).convolution
 
 
 @dataclass(frozen=True)
@@ -76,12 +101,17 @@ def percent(ratio: float) -> str:
 
 def is_depthwise(node: Node) -> bool:
     """A convolution with one input channel per group: `depthwise`, or `conv` with groups = in."""
-    return node.op == "depthwise" or (node.op == "conv" and node.attrs["groups"] > 1
-                                      and node.attrs["groups"] == node.attrs["in"])
+    return op_of(node).depthwise or (convolution(node) and node.attrs["groups"] > 1
+                                     and node.attrs["groups"] == node.attrs["in"])
+
+
+def channel_mixing_conv(node: Node) -> bool:
+    """A convolution whose op mixes the channels of a group (conv), not depthwise."""
+    return convolution(node) and not op_of(node).depthwise
 
 
 def is_pointwise_conv(node: Node) -> bool:
-    return node.op == "conv" and all(k == 1 for k in node.attrs["kernel"]) and \
+    return channel_mixing_conv(node) and all(k == 1 for k in node.attrs["kernel"]) and \
         all(s == 1 for s in node.attrs["stride"])
 
 
@@ -92,14 +122,14 @@ def pads_zero(node: Node) -> bool:
 # ---- §3.11 dilated stacks: W101, W102 -------------------------------------------------------
 
 def is_stack_member(node: Node) -> bool:
-    return node.op in ("conv", "depthwise") and all(s == 1 for s in node.attrs["stride"]) and \
+    return convolution(node) and all(s == 1 for s in node.attrs["stride"]) and \
         any(k > 1 for k in node.attrs["kernel"])
 
 
 def previous_member(g: Graph, node: Node) -> Node | None:
     """The stride-1 spatial conv that feeds `node` through position-wise ops and 1×1 convs."""
     current = producer(g, node.inputs[0])
-    while current is not None and (current.op in POSITIONWISE or is_pointwise_conv(current)):
+    while current is not None and (positionwise(current) or is_pointwise_conv(current)):
         current = producer(g, current.inputs[0])
     return current if current is not None and is_stack_member(current) else None
 
@@ -322,7 +352,7 @@ def listing(values: list[int]) -> str:
 def square_2d(node: Node) -> int | None:
     """n for an undilated n×n 2-D conv that is not depthwise."""
     k = node.attrs.get("kernel", ())
-    if node.op == "conv" and not is_depthwise(node) and len(k) == 2 and k[0] == k[1] and \
+    if channel_mixing_conv(node) and not is_depthwise(node) and len(k) == 2 and k[0] == k[1] and \
             all(r == 1 for r in node.attrs["dilation"]):
         return k[0]
     return None
@@ -385,21 +415,21 @@ def asymmetric_kernel(g: Graph):
 @rule("W105", "subsampled-output")
 def subsampled_output(g: Graph):
     for node in g.nodes:
-        if node.op not in POOLS | {"conv"} or any(k != 1 for k in node.attrs["kernel"]):
+        if not (window_pool(node) or channel_mixing_conv(node)) or any(k != 1 for k in node.attrs["kernel"]):
             continue
         stride = node.attrs["stride"]
         if all(s == 1 for s in stride) or not pads_zero(node):
             continue
         reader, current = node, producer(g, node.inputs[0])
-        while current is not None and current.op in POSITIONWISE and only_feeds(g, current, reader):
+        while current is not None and positionwise(current) and only_feeds(g, current, reader):
             reader, current = current, producer(g, current.inputs[0])
-        if current is None or current.op not in ("conv", "depthwise") or not only_feeds(g, current, reader):
+        if current is None or not convolution(current) or not only_feeds(g, current, reader):
             continue
         if any(s != 1 for s in current.attrs["stride"]):
             continue
         kept = math.prod(stride)
         stride_arg = f"stride={stride[0]}" if len(set(stride)) == 1 else f"stride=({ints(stride)})"
-        if node.op == "conv":
+        if convolution(node):
             what, fix = f"{node.label} (1×1, stride {x(stride)}) reads", f"and {node.label} stride=1"
         else:
             what, fix = f"{node.label} (window 1, stride {x(stride)}) keeps", f"and drop {node.label}"
@@ -412,7 +442,7 @@ def subsampled_output(g: Graph):
 # ---- §1.2.2, §3.4.7 padding: W106, W107 -----------------------------------------------------
 
 def valid_window(node: Node) -> bool:
-    return node.op in ("conv", "depthwise") and pads_zero(node) and any(k > 1 for k in node.attrs["kernel"])
+    return convolution(node) and pads_zero(node) and any(k > 1 for k in node.attrs["kernel"])
 
 
 @rule("W106", "valid-shrinks-to-one")
@@ -426,7 +456,7 @@ def valid_shrinks_to_one(g: Graph):
             continue
         stack = [node]
         current = producer(g, node.inputs[0])
-        while current is not None and (current.op in POSITIONWISE or valid_window(current)):
+        while current is not None and (positionwise(current) or valid_window(current)):
             if valid_window(current):
                 stack.append(current)
             current = producer(g, current.inputs[0])
@@ -452,7 +482,7 @@ def valid_shrinks_to_one(g: Graph):
 @rule("W107", "even-kernel-same")
 def even_kernel_same(g: Graph):
     for node in g.nodes:
-        if node.op not in ("conv", "depthwise"):
+        if not convolution(node):
             continue
         k = node.attrs["kernel"]
         spec = node.attrs["pad_spec"]
@@ -471,7 +501,7 @@ def even_kernel_same(g: Graph):
 # ---- §3.9 group convs: W108 -----------------------------------------------------------------
 
 def group_conv(node: Node) -> bool:
-    return node.op == "conv" and node.attrs["groups"] > 1 and not is_depthwise(node)
+    return channel_mixing_conv(node) and node.attrs["groups"] > 1 and not is_depthwise(node)
 
 
 def groups_seen(g1: int, g2: int, channels: int) -> int:
@@ -487,7 +517,7 @@ def groups_without_shuffle(g: Graph):
         if not group_conv(node):
             continue
         current = producer(g, node.inputs[0])
-        while current is not None and (current.op in ELEMENTWISE or current.op in POOLS or is_depthwise(current)):
+        while current is not None and (elementwise(current) or window_pool(current) or is_depthwise(current)):
             current = producer(g, current.inputs[0])
         if current is None or not group_conv(current):
             continue
@@ -514,9 +544,9 @@ def total_params(g: Graph) -> int:
 def flattened_map(g: Graph, node: Node):
     """The map a dense layer reads (flattened), or None when it reads a vector."""
     current = producer(g, node.inputs[0])
-    while current is not None and current.op in ELEMENTWISE:
+    while current is not None and elementwise(current):
         current = producer(g, current.inputs[0])
-    if current is None or current.op != "flatten":
+    if current is None or not op_of(current).flattens:
         return None
     t = g.values[current.inputs[0]].type
     return t if t.spatial and t.is_static() else None
@@ -529,7 +559,7 @@ def dense_heavy(g: Graph):
         return
     seen = set()
     for node in g.nodes:
-        if node.op != "dense" or node.layer in seen:
+        if not op_of(node).fully_connected or node.layer in seen:
             continue
         seen.add(node.layer)
         own = layer_params(g, node.layer)
@@ -549,7 +579,7 @@ def dense_heavy(g: Graph):
 @rule("W110", "unshared-heavy")
 def unshared_heavy(g: Graph):
     for node in g.nodes:
-        if node.op not in ("local", "tiled"):
+        if not op_of(node).unshared:
             continue
         weight = next(p for p in g.layer(node.layer).params if p.name == "weight")
         own = D.product(weight.shape)
@@ -557,7 +587,7 @@ def unshared_heavy(g: Graph):
         if own < 10 * shared:
             continue
         sets = x(node.attrs["tile"])
-        if node.op == "local":
+        if op_of(node).kernel_per_position:
             what, fix = f"one kernel set for each of its {sets} output positions", "`tiled` with a small tile (§3.2)"
         else:
             what, fix = f"{sets} kernel sets", "a smaller tile"
@@ -571,16 +601,17 @@ def unshared_heavy(g: Graph):
 @rule("W111", "softmax-before-loss")
 def softmax_before_loss(g: Graph):
     loss = g.loss
-    if loss is None or loss.kind != "softmax_cross_entropy":
+    applied = LOSSES[loss.kind].applies if loss is not None else None
+    if applied is None:
         return
     node = producer(g, loss.value)
-    if node is None or node.op != "softmax":
+    if node is None or node.op != applied:
         return
     yield warning(node, "W111",
-                  f"softmax_cross_entropy applies softmax itself: with {node.label} before it, the scores go "
-                  f"through softmax twice, so the loss sees probabilities squeezed between 0 and 1 and trains "
-                  f"slowly; give the loss the scores (the input of this softmax), and for probabilities at "
-                  f"inference output `probs = scores -> softmax` as well",
+                  f"{loss.kind} applies {applied} itself: with {node.label} before it, the scores go "
+                  f"through {applied} twice, so the loss sees probabilities squeezed between 0 and 1 and trains "
+                  f"slowly; give the loss the scores (the input of this {applied}), and for probabilities at "
+                  f"inference output `probs = scores -> {applied}` as well",
                   (Note(f"the loss is at {loss.span}", loss.span),))
 
 

@@ -13,7 +13,7 @@ import pytest
 import convdsl
 from convdsl import ConvDSLError
 from convdsl.cli import main
-from convdsl.passes.fc_to_conv import fc_to_conv
+from convdsl.rewrite.fc_to_conv import fc_to_conv
 from reference import assert_close, to_nchw, to_nhwc
 
 REPO = Path(__file__).resolve().parents[2]

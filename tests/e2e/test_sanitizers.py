@@ -43,13 +43,17 @@ def assert_clean(proc: subprocess.CompletedProcess) -> None:
 
 
 # Every kernel family once: im2col + GEMM (3×3, strided), the 1×1 GEMM on the input, depthwise's
-# direct loop, pools, batchnorm, dropout, upsample, concat, dense and a loss; run-time sizes.
+# direct loop, pools, batchnorm, dropout, upsample, concat, dense and a loss; epilogues with a
+# residual add and a scale, keeping values for backward; run-time sizes.
 SMALL = """
 import numpy as np, convdsl
 src = '''network San {
     input x: [3, H, W]
     a = x -> conv(8, kernel=3, pad=same) -> batchnorm -> relu
-    b = a -> depthwise(3, stride=2, pad=same) -> conv(8, kernel=1) -> dropout(0.3)
+    s = a -> globalavgpool
+    r = a -> conv(8, kernel=1) -> relu -> add(a)
+    e = r -> conv(8, kernel=3, pad=same, bias=false) -> scale(s)
+    b = e -> depthwise(3, stride=2, pad=same) -> conv(8, kernel=1) -> dropout(0.3)
     c = b -> conv(4, kernel=1, pad=((0, 1), (0, 1))) -> avgpool(2, stride=1) -> maxpool(3, stride=1, pad=same)
     d = concat(b, c) -> upsample(2, mode=bilinear) -> globalavgpool -> dense(5)
     output d

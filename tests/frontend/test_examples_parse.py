@@ -22,7 +22,7 @@ def strip(node):
         return tuple(strip(n) for n in node)
     if dataclasses.is_dataclass(node):
         fields = {f.name: strip(getattr(node, f.name)) for f in dataclasses.fields(node)
-                  if f.name not in ("span", "piped", "path", "source")}
+                  if f.name not in ("span", "end", "piped", "path", "source")}
         return (type(node).__name__, tuple(sorted(fields.items())))
     return node
 

@@ -15,7 +15,7 @@ def strip(node):
     if isinstance(node, tuple):
         return tuple(strip(n) for n in node)
     if dataclasses.is_dataclass(node):
-        fields = {f.name: strip(getattr(node, f.name)) for f in dataclasses.fields(node) if f.name not in ("span", "piped", "source")}
+        fields = {f.name: strip(getattr(node, f.name)) for f in dataclasses.fields(node) if f.name not in ("span", "end", "piped", "source")}
         return (type(node).__name__, tuple(sorted(fields.items())))
     return node
 
@@ -222,3 +222,16 @@ def test_keywords_cannot_be_names_anywhere():
     for text in ("block b(x, loss=1) {\n return x\n}\n", "network use {\n}\n"):
         with pytest.raises(ConvDSLError, match="keyword"):
             parse(text, "k.cnn")
+
+
+def test_a_statement_ends_just_past_its_last_token():
+    """So that `convert` knows a statement's extent from the parser, continuation lines and all,
+    without lexing the source again; a comment after it is not part of it."""
+    stmts = body('input x: [1, 4, 4]   # size\n'
+                 'y = x -> conv(2, kernel=3)\n'
+                 '      -> relu  # then relu\n'
+                 'layer d = dense(3, init=normal(0.5))\n'
+                 'return (y)\n'
+                 'loss mse(y)')
+    # The body starts on line 2 of the wrapped text.
+    assert [s.end for s in stmts] == [(2, 19), (4, 14), (5, 37), (6, 11), (7, 12)]

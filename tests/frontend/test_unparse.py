@@ -19,7 +19,7 @@ def shape(x):
         return None
     if dataclasses.is_dataclass(x):
         return (type(x).__name__, *(shape(getattr(x, f.name)) for f in dataclasses.fields(x)
-                                     if f.name not in ("span", "path", "source")))
+                                     if f.name not in ("span", "end", "path", "source")))
     if isinstance(x, tuple):
         return tuple(shape(i) for i in x)
     return x

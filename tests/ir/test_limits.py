@@ -260,7 +260,7 @@ def test_use_of_a_file_that_is_not_utf8_points_at_the_use_and_the_bad_byte(tmp_p
 def test_a_long_chain_goes_through_every_stage_that_walks_the_ast(tmp_path):
     from convdsl.frontend.unparse import module as unparse
     from convdsl.frontend.parser import parse
-    from convdsl.passes.fc_to_conv import fc_to_conv
+    from convdsl.rewrite.fc_to_conv import fc_to_conv
     path = tmp_path / "long.cnn"
     path.write_text(net("    y = x" + " -> relu" * 1500 + " -> flatten -> dense(10)", "[1, 4, 4]"))
     converted = fc_to_conv(path)

@@ -1,7 +1,13 @@
-"""Epilogue fusion: a conv or dense followed by an activation that is its only reader runs as one
-kernel (bias and activation applied as it writes), forward and backward matching PyTorch, in
-every conv variant that fuses; an activation with other readers, or a network output, is not fused."""
+"""Epilogue fusion: a conv or dense followed by activations, a residual add and a scale, each the
+only reader of the value before it, runs as one kernel (bias and the fused ops applied as it
+writes, in the network's order), forward and backward matching PyTorch, in every conv variant
+that fuses, at batch 1 and 3, in training and eval mode. Not fused: an activation with other
+readers or a network output before it, an add whose other addend is made later, a scale whose
+factors (not its x) the conv makes."""
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +17,11 @@ import torch.nn.functional as F
 import convdsl
 from convdsl.compiler import graph_from_source
 from convdsl.lower import lower
+from convdsl.lower.show import program_text
+from ccheck import assert_c_compiles_cleanly
 from reference import assert_close
+
+REPO = Path(__file__).resolve().parents[2]
 
 SRC = """network F {
     input x: [3, 9, 8]
@@ -43,9 +53,11 @@ def test_the_program_fuses_each_activation_into_its_producer():
     assert epilogues["conv2"] == "leaky_relu(0.2) (leaky_relu1 fused)"
     assert epilogues["dense1"] == "bias+sigmoid (sigmoid1 fused)"
     assert epilogues["dense2"] == "tanh (tanh1 fused)"
-    assert epilogues["conv3"] == "bias+relu (relu2 fused)"
-    assert epilogues["relu3"] == "-"          # its input is an activation, not a conv or dense
-    assert "relu1" not in epilogues and "relu3" in epilogues
+    # Two activations in a row run in one kernel too; training keeps the first one's output, which
+    # its backward reads.
+    relu2 = next(n.output for n in graph_from_source(SRC).nodes if n.label == "relu2")
+    assert epilogues["conv3"] == f"bias+relu (relu2 fused, v{relu2} kept in training)+relu (relu3 fused)"
+    assert not {"relu1", "relu2", "relu3"} & set(epilogues)
 
 
 @pytest.mark.parametrize("algo", [None, {"conv": "im2col"}], ids=["auto", "im2col"])
@@ -73,3 +85,124 @@ def test_fused_kernels_match_torch_forward_and_backward(algo):
     net.eval()
     for name, y, r in zip("abcde", net.forward(x, v), refs):
         assert_close(y, r.detach().numpy(), what=f"eval forward {name}")
+
+
+# ---- residual add and scale in the epilogue ---------------------------------------------------
+
+RESIDUAL_SRC = """network R {
+    input x: [3, 6, 5]
+    input r: [4, 6, 5]
+    input s: [4]
+    input v: [10]
+    input w: [6]
+    input z: [3, 1, 1]
+    a = x -> conv(4, kernel=3, pad=same) -> add(r) -> relu
+    b = x -> conv(4, kernel=1) -> relu -> add(r)
+    c = v -> dense(6) -> add(w)
+    d = x -> conv(4, kernel=3, pad=same, bias=false) -> scale(s)
+    t = x -> conv(4, kernel=1, bias=false)
+    e = add(t, r)
+    f = t -> sigmoid
+    g = scale(r, z -> conv(4, kernel=1))
+    p = x -> conv(4, kernel=3, pad=same)
+    q = x -> conv(4, kernel=1)
+    h = add(p, q)
+    k = v -> dense(6) -> sigmoid -> scale(w)
+    output a, b, c, d, e, f, g, h, k
+}
+"""
+# Inputs are values 0 … 5 in the order declared: x, r, s, v, w, z.
+X, R, S, V, W, Z = range(6)
+
+
+def residual_reference(x, r, s, v, w, z, p):
+    a = F.relu(F.conv2d(F.pad(x, (1, 1, 1, 1)), p["conv1.weight"], p["conv1.bias"]) + r)
+    b = F.relu(F.conv2d(x, p["conv2.weight"], p["conv2.bias"])) + r
+    c = F.linear(v, p["dense1.weight"], p["dense1.bias"]) + w
+    d = F.conv2d(F.pad(x, (1, 1, 1, 1)), p["conv3.weight"]) * s[:, :, None, None]
+    t = F.conv2d(x, p["conv4.weight"])
+    g = r * F.conv2d(z, p["conv5.weight"], p["conv5.bias"])
+    h = F.conv2d(F.pad(x, (1, 1, 1, 1)), p["conv6.weight"], p["conv6.bias"]) + \
+        F.conv2d(x, p["conv7.weight"], p["conv7.bias"])
+    k = torch.sigmoid(F.linear(v, p["dense2.weight"], p["dense2.bias"])) * w
+    return a, b, c, d, t + r, torch.sigmoid(t), g, h, k
+
+
+def test_residual_adds_and_scales_fuse_in_the_order_the_network_has():
+    graph = graph_from_source(RESIDUAL_SRC)
+    program = lower(graph)
+    forward = {s.label: s for s in program.forward}
+    text = {label: s.epilogue.text() for label, s in forward.items()}
+    value = {n.label: n.output for n in graph.nodes}
+    assert text["conv1"] == f"bias+add(v{R}) (add1 fused)+relu (relu1 fused)"          # conv → add → relu
+    # conv → relu → add: relu's backward reads its output, which training keeps.
+    assert text["conv2"] == f"bias+relu (relu2 fused, v{value['relu2']} kept in training)+add(v{R}) (add2 fused)"
+    assert text["dense1"] == f"bias+add(v{W}) (add3 fused)"
+    # conv → scale: the scale's backward reads its x (ds = Σ dy·x), the conv's output.
+    assert text["conv3"] == f"(v{value['conv3']} kept in training)+scale(v{S}) (scale1 fused)"
+    assert forward["conv1"].outputs[0].value == value["relu1"]
+    # Not fused: the conv's output has a second reader; the conv makes the factors the scale
+    # broadcasts, not its x; the addend of add5 is made after conv6, so conv7 takes the add.
+    assert text["conv4"] == "-" and {"add4", "sigmoid1", "scale2"} <= set(forward)
+    assert text["conv5"] == "bias"
+    assert text["conv6"] == "bias" and text["conv7"] == f"bias+add(v{value['conv6']}) (add5 fused)"
+    assert text["dense2"] == f"bias+sigmoid (sigmoid2 fused, v{value['sigmoid2']} kept in training)+scale(v{W}) " \
+                             "(scale3 fused)"
+    fused = {label for label in value if label not in forward}
+    assert fused == {"add1", "relu1", "relu2", "add2", "add3", "scale1", "add5", "sigmoid2", "scale3"}
+    line = next(ln for ln in program_text(program).splitlines() if " conv2 (line" in ln and "forward" in ln)
+    assert "residual=act[" in line and "kept=act[" in line
+
+
+def test_resnet_blocks_run_each_add_and_the_relu_after_it_in_a_conv_kernel():
+    program = lower(graph_from_source((REPO / "examples" / "resnet_block.cnn").read_text(), "resnet_block.cnn"))
+    assert not [s.label for s in program.forward if s.op == "add"]
+    chains = [s.epilogue.text() for s in program.forward if any(st.op == "add" for st in s.epilogue.stages)]
+    assert len(chains) == 4 and all(re.fullmatch(r"bias\+add\(v\d+\) \(\S+\.add1 fused\)\+relu \(\S+\.relu2 fused\)", t)
+                                    for t in chains), chains
+
+
+_RESIDUAL_MODULES: dict = {}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("algo", [None, {"conv": "im2col"}], ids=["auto", "im2col"])
+def test_fused_residuals_and_scales_match_torch_forward_and_backward(algo, batch):
+    key = repr(algo)
+    if key not in _RESIDUAL_MODULES:
+        _RESIDUAL_MODULES[key] = convdsl.load_source(RESIDUAL_SRC, algo=algo)
+    net = _RESIDUAL_MODULES[key].Model(seed=0)
+    rng = np.random.default_rng(5 + batch)
+    for p in net.params.values():
+        p[...] = rng.standard_normal(p.shape)
+    shapes = [(3, 6, 5), (4, 6, 5), (4,), (10,), (6,), (3, 1, 1)]
+    inputs = [rng.standard_normal((batch, *s)).astype(np.float32) for s in shapes]
+    ys = net.forward(*inputs)
+    dys = [rng.standard_normal(y.shape).astype(np.float32) for y in ys]
+    grads = net.backward(*dys)
+    tin = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in inputs]
+    tp = {k: torch.tensor(a, dtype=torch.float64, requires_grad=True) for k, a in net.params.items()}
+    refs = residual_reference(*tin, tp)
+    for name, y, r in zip("abcdefghk", ys, refs):
+        assert_close(y, r.detach().numpy(), what=f"forward {name}")
+    sum((r * torch.tensor(dy, dtype=torch.float64)).sum() for r, dy in zip(refs, dys)).backward()
+    for name, g, t in zip("xrsvwz", grads, tin):
+        assert_close(g, t.grad.numpy(), what=f"d{name}")
+    for k, g in net.grads.items():
+        assert_close(g, tp[k].grad.numpy(), what=f"grad {k}")
+    net.eval()
+    for name, y, r in zip("abcdefghk", net.forward(*inputs), refs):
+        assert_close(y, r.detach().numpy(), what=f"eval forward {name}")
+
+
+def test_the_fused_kernels_compile_without_warnings(tmp_path):
+    assert_c_compiles_cleanly(RESIDUAL_SRC, tmp_path)
+
+
+def test_every_op_that_fuses_as_an_activation_has_its_formula_template():
+    from convdsl.codegen.backends import C
+    from convdsl.ops.base import registry
+    activations = [op for op in registry().values() if op.fuses_as == "activation"]
+    assert {op.name for op in activations} >= {"relu", "leaky_relu", "sigmoid", "tanh"}
+    for op in activations:
+        assert C.has_template(C.kernel_template(f"{op.template or op.name}_epilogue")), op.name

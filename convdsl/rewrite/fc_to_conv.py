@@ -28,14 +28,14 @@ from ..frontend import ast, unparse
 from ..frontend.parser import KEYWORDS, parse, parse_file
 from ..ir.build import BUILTINS, build_graph, load_program
 from ..ir.graph import Graph, Init, Node, TensorType
-from ..ops.base import registry, symbol_vocabulary
-from .schedule import buffer_layout
-from .verify import verify
+from ..ops.base import INIT_CALLS, lookup, registry, symbol_vocabulary
+from ..passes.schedule import buffer_layout
+from ..passes.verify import verify
 
-# Ops that act on every value alone: the same on a map as on the flattened vector.
-ELEMENTWISE = frozenset({"relu", "sigmoid", "tanh", "leaky_relu", "dropout"})
-# Ops that mix or normalise channels at each position: the same once the map is 1×1.
-CHANNELWISE = frozenset({"softmax", "batchnorm", "maxout", "shuffle"})
+# What an op does on a map is read from its OpDef's traits (ops/base.py), never from its name:
+# `locality` "value" ops act on every value alone, the same on a map as on the flattened vector;
+# "channel" and "position" ops mix or normalise the channels of a position, the same once the
+# map is 1×1; `map_form` names what a dense layer becomes on a map.
 
 _SPATIAL_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
 
@@ -134,21 +134,20 @@ def _trace(graph: Graph, seeds: set[int]) -> tuple[_Head | None, Node | None, st
         out_t = graph.values[node.output].type
         if len(ins) != len(node.inputs):
             return None, node, "it also reads values that are not part of the classifier head", origin
-        if node.op == "flatten":
+        op = lookup(node.op)
+        if op.flattens:
             head.removed.add(node.id)
             shape = t
-        elif node.op in ELEMENTWISE:
-            shape = t
-        elif node.op == "add":
+        elif op.locality == "value":
             if any(head.shapes[v] != t for v in ins):
                 return None, node, "its inputs would have different shapes as maps", origin
             shape = t
-        elif node.op in CHANNELWISE or node.op == "concat":
+        elif op.locality in ("channel", "position"):
             if not all(all(s == 1 for s in head.shapes[v].spatial) for v in ins):
                 return None, node, (f"{node.op} would mix the positions of the flattened map "
                                     "(it must come after the first dense layer)"), origin
             shape = TensorType((out_t.shape[0], *t.spatial))
-        elif node.op == "dense":
+        elif op.map_form is not None:
             if not t.is_static():
                 return None, node, "it reads a map whose size is not fixed", origin
             head.dense.append(ConvertedDense(node.id, tuple(t.spatial), t.channels, node.label))
@@ -163,7 +162,7 @@ def _trace(graph: Graph, seeds: set[int]) -> tuple[_Head | None, Node | None, st
 def find_head(graph: Graph) -> _Head:
     """The flattens of a map whose values reach the outputs through dense layers and ops that
     have an equal map form; an error that says what stands in the way when there are none."""
-    seeds = {n.id for n in graph.nodes if n.op == "flatten" and graph.values[n.inputs[0]].type.rank > 1}
+    seeds = {n.id for n in graph.nodes if lookup(n.op).flattens and graph.values[n.inputs[0]].type.rank > 1}
     reasons, first = [], None
     while seeds:
         head, node, why, involved = _trace(graph, seeds)
@@ -228,7 +227,7 @@ def _index_calls(stmts, index: dict, layers: dict) -> None:
 
 
 def _init_expr(init: Init):
-    if init.kind in ("normal", "uniform"):
+    if init.kind in INIT_CALLS:
         return ast.Call(init.kind, (ast.Num(init.arg, None),), (), None)
     return ast.Name(init.kind, None)
 
@@ -244,7 +243,7 @@ def _conv_call(dense_call: ast.Call, node: Node, kernel: tuple[int, ...], has_in
     if attrs["frozen"]:
         kwargs.append(ast.Kwarg("frozen", ast.Bool(True, None), None))
     inputs = dense_call.args[:1] if has_input else ()
-    return ast.Call("conv", (*inputs, ast.Num(attrs["out"], None)), tuple(kwargs), dense_call.span,
+    return ast.Call(lookup(node.op).map_form, (*inputs, ast.Num(attrs["out"], None)), tuple(kwargs), dense_call.span,
                     piped=dense_call.piped)
 
 
@@ -289,60 +288,17 @@ def _replace_in_stmt(s, edits: dict):
 
 
 class _Text:
-    """The source as lines, with (line, col) ↔ offset and the statement-extent rule of the grammar."""
+    """The source as lines, with (line, col) → offset; lines end at "\n" alone, as the parser counts."""
 
     def __init__(self, text: str):
         self.text = text
-        self.starts = [0]
-        for line in text.splitlines(keepends=True):
-            self.starts.append(self.starts[-1] + len(line))
+        self.starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
 
     def offset(self, line: int, col: int) -> int:
         return self.starts[line - 1] + col - 1
 
     def line_start(self, line: int) -> int:
         return self.starts[line - 1]
-
-    def statement_end(self, start: int) -> int:
-        """Just past the statement's last token: a newline outside brackets ends it, unless the
-        next token is `->`; so does a `}` that closes the enclosing body."""
-        t, i, depth, last = self.text, start, 0, start
-        n = len(t)
-        while i < n:
-            ch = t[i]
-            if ch == "#":
-                while i < n and t[i] != "\n":
-                    i += 1
-                continue
-            if ch == '"':
-                j = t.find('"', i + 1)
-                i = (j if j >= 0 else n - 1) + 1
-                last = i
-                continue
-            if ch in "([{":
-                depth += 1
-            elif ch in ")]}":
-                if depth == 0:
-                    return last
-                depth -= 1
-            elif ch == "\n" and depth == 0:
-                j = i
-                while j < n:                            # the next token, past blanks and comments
-                    if t[j] in " \t\r\n\f":
-                        j += 1
-                    elif t[j] == "#":
-                        while j < n and t[j] != "\n":
-                            j += 1
-                    else:
-                        break
-                if not t.startswith("->", j):
-                    return last
-                i = j
-                continue
-            if not ch.isspace():
-                last = i + 1
-            i += 1
-        return last
 
 
 _LEAD = re.compile(r"[ \t]*(input|layer|const|output|loss|return|layout|dtype)?[ \t]*$")
@@ -367,7 +323,7 @@ def _splice(source: str, rewrites: list, path: str) -> str:
                                          "code; put it on a line of its own")
         indent = re.match(r"[ \t]*", before).group(0)
         start = text.line_start(line) + len(indent)
-        end = text.statement_end(start)
+        end = text.offset(*old.end)      # just past its last token, as the parser saw it
         lines = unparse.statement(new, indent)
         pieces.append((start, end, ("\n" + indent).join(lines)))
     pieces.sort()
@@ -383,7 +339,7 @@ def _splice(source: str, rewrites: list, path: str) -> str:
 
 def _used_names(module: ast.Module) -> set[str]:
     """Every identifier the file uses, so that new size names clash with none."""
-    names = set(KEYWORDS) | set(symbol_vocabulary()) | set(BUILTINS) | set(registry()) | {"normal", "uniform"}
+    names = set(KEYWORDS) | set(symbol_vocabulary()) | set(BUILTINS) | set(registry()) | set(INIT_CALLS)
 
     todo = [module]                      # a stack, not recursion: a chain is as deep as it is long
     while todo:
@@ -487,11 +443,11 @@ def fc_to_conv(path, network: str | None = None, out_path=None) -> Conversion:
     for d in head.dense:
         node = graph.nodes[d.node]
         call, stmt = ast_call(node)
-        if call.func == "dense":
+        if call.func == node.op:         # the op written inline, not a layer declared with it
             target, has_input = call, True
         else:
             decls = layer_decls.get(node.layer, [])
-            if len(decls) != 1 or not isinstance(decls[0].value, ast.Call) or decls[0].value.func != "dense":
+            if len(decls) != 1 or not isinstance(decls[0].value, ast.Call) or decls[0].value.func != node.op:
                 raise ConvDSLError(node.span, f"{node.label}: cannot find the one `layer {node.layer} = dense(…)` "
                                               "declaration to rewrite")
             target, stmt, has_input = decls[0].value, decls[0], False
@@ -507,9 +463,9 @@ def fc_to_conv(path, network: str | None = None, out_path=None) -> Conversion:
     for nid in head.removed:
         node = graph.nodes[nid]
         call, stmt = ast_call(node)
-        if call.func != "flatten" and (node.span.line, node.span.col) in dense_spans:
+        if call.func != node.op and (node.span.line, node.span.col) in dense_spans:
             continue                 # the flatten a dense layer does by itself: nothing written to remove
-        if call.func != "flatten":
+        if call.func != node.op:
             raise ConvDSLError(node.span, f"{node.label}: convert removes this flatten, which is declared as a "
                                           "layer; write `flatten` inline")
         claimed[id(call)] = claimed.get(id(call), ()) + (nid,)
@@ -518,11 +474,12 @@ def fc_to_conv(path, network: str | None = None, out_path=None) -> Conversion:
     # An edited call that also makes nodes outside the head (a repeat body, a shared layer)
     # cannot be rewritten for the head alone.
     for node in graph.nodes:
-        if node.op not in ("dense", "flatten") or node.span.path != main_file:
+        op = lookup(node.op)
+        if not (op.map_form is not None or op.flattens) or node.span.path != main_file:
             continue
         where = calls.get((node.span.line, node.span.col))
         targets = [where[0]] if where else []
-        if node.op == "dense" and node.layer in layer_decls:
+        if op.map_form is not None and node.layer in layer_decls:
             targets += [d.value for d in layer_decls[node.layer]]
         for t in targets:
             if id(t) in claimed and node.id not in claimed[id(t)] and node.id not in head.removed:
@@ -575,7 +532,7 @@ def _weight_moves(old: Graph, new: Graph, head: _Head) -> tuple[WeightMove, ...]
     dense = {d.node: d for d in head.dense}
     layer_map: dict[str, tuple[str, ConvertedDense | None]] = {}
     for a, b in zip(kept, new.nodes):
-        want = "conv" if a.id in dense else a.op
+        want = lookup(a.op).map_form if a.id in dense else a.op
         if b.op != want:
             raise ConvDSLError(b.span, f"internal error: {a.label} ({a.op}) pairs with {b.label} ({b.op})")
         layer_map.setdefault(a.layer, (b.layer, dense.get(a.id)))
