@@ -11,6 +11,7 @@ class WindowPool(OpDef):
     """A window sliding over each channel on its own; padded cells never count."""
     args = (Arg("window"), Arg("stride", None), pad_arg())
     parallel = "batch × channels"
+    parallel_threshold = 16384         # a window's cells are many reads per output element
 
     def normalize(self, attrs, in_types, ctx):
         (t,) = in_types
