@@ -367,9 +367,9 @@ class Target:
         return args
 
     def backward_arguments(self, pg: Program, step: Step, saved_index: dict[int, int]) -> list[KernelArg]:
-        """dy, what it reads of the forward (its inputs, or an activation's output only), its own
-        output y (never for a producer whose activation was fused: it never wrote y), and the
-        gradients it adds into."""
+        """What it reads — of the forward its inputs (or an activation's output only) and its own
+        output y (never for a producer whose activation was fused: it never wrote y), then dy,
+        the parameters, buffers and saved memory — then the gradients it adds into."""
         src = self._operand_source
         args = self.size_arguments(pg)
         dy, *read = step.inputs
@@ -378,11 +378,11 @@ class Target:
             y = pg.activations[dy.value]
             args.append(KernelArg("y", "input", {"region": ACTIVATIONS, "value": y.value, "offset": y.offset}))
         args.append(KernelArg(dy.role, "input", src(dy)))
-        args += [KernelArg(checked_identifier(o.role), "output", src(o)) for o in step.outputs]
         args += [KernelArg(checked_identifier(p.role), "input", src(p)) for p in step.params]
         args += [KernelArg(checked_identifier(b.role), "input", src(b)) for b in step.buffers]
         if step.saved is not None:
             args.append(KernelArg("saved", "input", src(step.saved, saved_index, step.node)))
+        args += [KernelArg(checked_identifier(o.role), "output", src(o)) for o in step.outputs]
         if step.workspace.elements != 0:
             args.append(KernelArg("work", "output", {"region": WORKSPACE}))
         if step.workspace.per_thread != 0:
