@@ -34,7 +34,7 @@ def _report_warnings(warnings, args) -> int:
 def cmd_check(args) -> int:
     if args.json:
         return _check_json(args)
-    from .codegen.backends import C
+    from .targets import C
     from .passes.memory import plan_memory
     from .passes.stats import collect
     from .report import text_report
@@ -52,7 +52,7 @@ def cmd_check(args) -> int:
 def _check_json(args) -> int:
     """The report as one JSON document on stdout, errors included; stderr as without --json."""
     import json
-    from .codegen.backends import C
+    from .targets import C
     from .passes.memory import plan_memory
     from .passes.stats import collect
     from .report import json_document, json_network
@@ -91,7 +91,7 @@ def _algo(args) -> dict:
 
 def cmd_plan(args) -> int:
     """The lowered program of every network of the file, one line per step."""
-    from .codegen.backends import C
+    from .targets import C
     from .lower import lower
     from .lower.show import program_text
     algo = _algo(args)

@@ -230,15 +230,9 @@ def to_text(d: Dim) -> str:
     return _render(d, lambda n: n, fdiv, lambda a, b: f"max({a}, {b})")
 
 
-def to_c(d: Dim, var: Callable[[str], str]) -> str:
-    """C expression; floor division goes through cdsl_floordiv (C's `/` truncates toward zero)."""
-    return _render(d, var, lambda inner, k: f"cdsl_floordiv({inner}, {k})",
-                   lambda a, b: f"cdsl_max({a}, {b})")
-
-
 def magnitude_bound(d: Dim, size: int, _memo: dict | None = None) -> int:
-    """An upper bound on |d|, and on every partial result of computing d the way to_c writes it,
-    for every value in [1, size] of every variable.
+    """An upper bound on |d|, and on every partial result of computing d the way a target writes
+    it (terms and factors left to right), for every value in [1, size] of every variable.
 
     By structure: a variable is at most `size`; |a // k| ≤ |a| and computing it (a / k, a % k)
     makes nothing larger than a; |max(a, b)| ≤ max(|a|, |b|); each partial product of a monomial
@@ -278,7 +272,7 @@ def _atom_bound(atom: Atom, size: int, memo: dict) -> int:
 
 def expression_shape(d: Dim, _memo: dict | None = None) -> tuple[int, int]:
     """(pieces, depth) of an expression written out as a tree: pieces counts its terms and atoms
-    (a subexpression used twice counts twice, as in the text to_c writes), depth how deeply its
+    (a subexpression used twice counts twice, as in the text a target writes), depth how deeply its
     floor divisions, maxima and products nest. Linear in the shared structure (memo by identity)."""
     if isinstance(d, int):
         return 1, 0

@@ -127,6 +127,9 @@ class ParallelSplit:
     """How the step's work is split across threads (or, on other targets, work-items)."""
     axis: str                        # batch | batch×channels | elements | gemm | none
     doc: str = ""
+    # The least work (elements, or multiply-adds where a kernel says so) for which the step's
+    # loops are split at all; below it one thread runs them. 0: always split.
+    threshold: int = 0
 
 
 @dataclass(frozen=True)

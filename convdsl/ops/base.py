@@ -87,6 +87,9 @@ class Variant:
     needs: str = ""                                  # what `applies` asks for, said when it refuses
     workspace: Callable[[tuple, TensorType, dict], Dim] = _no_workspace   # elements per sample
     parallel: str = "none"                           # what its kernels split across threads
+    # The least work (elements, or multiply-adds where a kernel says so) for which its loops are
+    # split at all; below it one thread runs them. 0: always split.
+    parallel_threshold: int = 65536
     fuses_epilogue: bool = False                     # its forward applies an epilogue as it writes
     # Elements each thread needs of its own when the kernel splits a batch across threads (conv
     # backward: its columns and its share of dW and db), planned like the shared workspace.
@@ -111,6 +114,15 @@ INIT_CALLS = ("normal", "uniform")      # `init=normal(0.02)`: the calls the voc
 def init_arg() -> Arg:
     """The `init` argument of every op with weights: he | xavier | zeros | ones | normal(s) | uniform(a)."""
     return Arg("init", Symbol("he"), symbols=INIT_SYMBOLS)
+
+
+@dataclass(frozen=True)
+class TrainingGuard:
+    """A training-mode forward needs batch × per_sample ≥ least; else it fails with the message
+    (after the layer's name and line)."""
+    per_sample: Dim
+    least: int
+    message: str
 
 
 class OpContext:
@@ -227,7 +239,8 @@ class OpDef:
                         cost=lambda in_types, out, attrs: D.add(self.macs(in_types, out, attrs),
                                                                 D.product(out.shape)),
                         workspace=lambda in_types, out, attrs: self.scratch_elements(in_types, out, attrs),
-                        parallel=self.parallel, fuses_epilogue=self.fuses_epilogue),)
+                        parallel=self.parallel, parallel_threshold=self.parallel_threshold,
+                        fuses_epilogue=self.fuses_epilogue),)
 
     # A single-variant op whose forward kernel applies an epilogue to each value as it writes its
     # output (the template reads node.epilogue, templates/c/lib/epilogue.j2): the ops after it
@@ -247,6 +260,11 @@ class OpDef:
     # What a single-variant op's kernels split across threads (lowered program's ParallelSplit);
     # "none": one thread.
     parallel: ClassVar[str] = "none"
+    # The least work for which a single-variant op's loops are split (Variant.parallel_threshold).
+    parallel_threshold: ClassVar[int] = 65536
+    # Model state its kernels read besides their operands: "mode" (training or eval; a backward
+    # gets the mode of its forward), "random" (the model's random stream, which a forward advances).
+    kernel_state: ClassVar[tuple[str, ...]] = ()
 
     # -- semantics
     def infer(self, in_types: tuple[TensorType, ...], attrs: dict, ctx: OpContext) -> TensorType:
@@ -276,10 +294,10 @@ class OpDef:
         e.g. dropout's mask; the template sees it as `node.saved`."""
         return 0
 
-    def training_guards(self, attrs: dict, in_types: tuple[TensorType, ...], out: TensorType,
-                        c: Callable[[Dim], str]) -> tuple[tuple[str, str], ...]:
-        """(C condition, message) pairs a training-mode forward checks before running; a false
-        condition makes forward fail with the message (C expressions may use m->batch)."""
+    def training_guards(self, attrs: dict, in_types: tuple[TensorType, ...],
+                        out: TensorType) -> tuple[TrainingGuard, ...]:
+        """What a training-mode forward checks before running; one that fails makes forward fail
+        with its message."""
         return ()
 
     def describe(self, attrs: dict) -> str:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec
-from .base import Arg, BufferSpec, OpDef, expect_float, register
+from .base import Arg, BufferSpec, OpDef, TrainingGuard, expect_float, register
 
 
 @register
 class BatchNorm(OpDef):
     name = "batchnorm"
     parallel = "channels"
+    kernel_state = ("mode",)
     aliases = ("batch_norm", "batch_normalization", "bn")
     relatives = ("layer_norm", "group_norm", "instance_norm", "layer_normalization", "group_normalization")
     summary = "batch normalisation: batch statistics in training mode, running ones in inference mode"
@@ -59,13 +60,12 @@ class BatchNorm(OpDef):
         t = in_types[0]
         return {"C": c(t.channels), "spatial": c(D.product(t.spatial))}
 
-    def training_guards(self, attrs, in_types, out, c):
+    def training_guards(self, attrs, in_types, out):
         # As PyTorch: batch statistics of a single value per channel are meaningless (and the
         # unbiased variance of the running update would divide by zero).
-        spatial = c(D.product(in_types[0].spatial))
-        return ((f"m->batch * {spatial} > 1",
-                 "needs more than one value per channel in training mode (batch x positions = 1); "
-                 "use a larger batch, or eval() mode"),)
+        return (TrainingGuard(D.product(in_types[0].spatial), 2,
+                              "needs more than one value per channel in training mode (batch x positions = 1); "
+                              "use a larger batch, or eval() mode"),)
 
 
 @register
@@ -76,6 +76,7 @@ class Dropout(OpDef):
     summary = "inverted dropout: keep with probability 1 - p and scale by 1/(1 - p) in training mode"
     args = (Arg("p"),)
     c_helpers = ("counter_rng",)
+    kernel_state = ("mode", "random")
     positionwise = True
     locality = "value"
 

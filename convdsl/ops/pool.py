@@ -12,6 +12,7 @@ class WindowPool(OpDef):
     args = (Arg("window"), Arg("stride", None), pad_arg())
     parallel = "batch × channels"
     window_pool = True
+    parallel_threshold = 16384         # a window's cells are many reads per output element
 
     def normalize(self, attrs, in_types, ctx):
         (t,) = in_types

@@ -231,7 +231,7 @@ def check_error_text(message: str, path: str, text: str) -> None:
 def front_end(text: str, path: str, from_file: bool = False) -> list:
     """Everything `convdsl check` and the compile's front half do; returns the compiled networks.
     `from_file` reads the input back from `path` as `convdsl check FILE` does (bytes, then UTF-8)."""
-    from convdsl.codegen.backends import C
+    from convdsl.targets import C
     from convdsl.compiler import compile_graph, module_meta
     from convdsl.frontend.parser import parse, parse_file
     from convdsl.ir.build import build_graph, load_program

@@ -133,7 +133,7 @@ def test_load_with_algo_builds_that_variant_and_computes_the_same():
 
 def test_the_c_backend_reads_the_lowered_program_only():
     """The renderer imports nothing of the graph, the plan or the passes: the program is its input.
-    (backends.check_supported answers `check` from the graph, before anything is lowered.)"""
+    (Target.check_supported answers `check` from the graph, before anything is lowered.)"""
     for path in (REPO / "convdsl" / "codegen" / "render.py",):
         tree = ast.parse(path.read_text())
         imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}

@@ -14,7 +14,7 @@ import pytest
 
 import convdsl
 from convdsl import ConvDSLError
-from convdsl.codegen.render import c_int, checked_c
+from convdsl.targets.c import c_int, checked_c
 from convdsl.compiler import compile_graph, graph_from_source
 from convdsl.ir import dims as D
 from ccheck import assert_c_compiles_cleanly
@@ -47,6 +47,8 @@ def test_run_time_sizes_are_computed_with_checked_arithmetic():
     assert checked_c(H - W, var) in ("cdsl_sub(&overflow, h, w)", "cdsl_add(&overflow, cdsl_mul(&overflow, -1, w), h)")
     # (H - 3)//2 is kept as (H + 1)//2 - 2
     assert checked_c(D.floordiv(H - 3, 2), var) == "cdsl_sub(&overflow, cdsl_floordiv(cdsl_add(&overflow, h, 1), 2), 2)"
+    # floor division through the C target's helper (C's `/` truncates toward zero)
+    assert checked_c(D.ceildiv(H, 2), var) == "cdsl_floordiv(cdsl_add(&overflow, h, 1), 2)"
     assert checked_c(H * W * (2 ** 40), var) == "cdsl_mul(&overflow, INT64_C(1099511627776), cdsl_mul(&overflow, h, w))"
 
 

@@ -45,8 +45,7 @@ def test_floor_division_is_grouped_inside_products():
     assert D.evaluate(e, {"H": 5, "W": 7}) == 18
 
 
-def test_c_rendering_uses_floor_division_helper():
-    assert D.to_c(D.ceildiv(H, 2), lambda n: f"m->sym[{'HW'.index(n)}]") == "cdsl_floordiv(m->sym[0] + 1, 2)"
+def test_variables_of_a_product_with_a_floor_division():
     assert D.variables(D.mul(D.floordiv(H, 2), W)) == {"H", "W"}
 
 

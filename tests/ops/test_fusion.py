@@ -200,7 +200,7 @@ def test_the_fused_kernels_compile_without_warnings(tmp_path):
 
 
 def test_every_op_that_fuses_as_an_activation_has_its_formula_template():
-    from convdsl.codegen.backends import C
+    from convdsl.targets import C
     from convdsl.ops.base import registry
     activations = [op for op in registry().values() if op.fuses_as == "activation"]
     assert {op.name for op in activations} >= {"relu", "leaky_relu", "sigmoid", "tanh"}

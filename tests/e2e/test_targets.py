@@ -1,0 +1,122 @@
+"""The backend targets (convdsl/targets/): kernels take plain arguments and never the model, the
+renderer reads the lowered program only, and how a loop is split comes from the program."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from convdsl.compiler import graph_from_file, graph_from_source, networks_in_file
+from convdsl.lower import lower
+from convdsl.targets import C
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = [(path, name) for path in sorted((REPO / "examples").glob("*.cnn")) for name in networks_in_file(path)]
+OPS = REPO / "tests" / "ops"
+
+# Run-time sizes, dropout (mode and random stream), batchnorm (mode, buffers), a loss.
+MIXED = """network Mixed {
+    input x: [3, H, W]
+    a = x -> conv(4, kernel=3, pad=same) -> batchnorm -> relu -> dropout(0.5)
+    b = a -> maxpool(2) -> conv(4, kernel=1) -> sigmoid
+    y = b -> globalavgpool -> flatten -> dense(5) -> softmax
+    output y
+    loss mse(y)
+}
+"""
+
+
+def layer_section(c_text: str) -> str:
+    start, end = c_text.index("/* ---- layers"), c_text.index("/* ---- parameters")
+    return c_text[start:end]
+
+
+def _op_case_sources():
+    if str(OPS) not in sys.path:
+        sys.path.insert(0, str(OPS))
+    from opcases import source
+    for path in sorted(OPS.glob("test_*.py")):
+        if "\nCASES = (" not in path.read_text():
+            continue
+        spec = importlib.util.spec_from_file_location(f"_targets_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cases = tuple(module.CASES) + tuple(getattr(module, "MAP_CASES", ()))
+        yield path.stem, source(cases, "f32", "NCHW")
+
+
+def _kernel_heads(section: str) -> list[str]:
+    return re.findall(r"^static (?:inline )?(?:void|int|int64_t) (\w+)\(([^)]*)\)", section, flags=re.M)
+
+
+def test_no_kernel_takes_or_touches_the_model():
+    """Every op and loss kernel (and every helper beside it) takes pointers and sizes: none
+    takes model_t, none reads `m->`; the forward and backward passes resolve the arguments."""
+    programs = [lower(graph_from_file(path, name)) for path, name in EXAMPLES]
+    programs += [lower(graph_from_source(src)) for _, src in _op_case_sources()]
+    programs.append(lower(graph_from_source(MIXED)))
+    seen_ops = set()
+    for program in programs:
+        section = layer_section(C.render(program).c)
+        heads = _kernel_heads(section)
+        assert heads, program.name
+        for name, params in heads:
+            assert "model_t" not in params and "_model" not in params, (program.name, name, params)
+        assert "m->" not in section, (program.name, section[section.index("m->") - 300:section.index("m->") + 100])
+        seen_ops |= {s.op for s in program.steps}
+    # The networks above run every op kind with a template.
+    templates = {p.name.split(".")[0] for p in (REPO / "templates" / "c" / "ops").glob("*.c.j2")
+                 if not p.name.endswith("_epilogue.c.j2")}   # an activation's formula, not a kernel
+    assert {"conv", "dense", "batchnorm", "dropout", "softmax", "add", "concat", "upsample"} <= seen_ops
+    assert templates - {"conv_direct"} <= seen_ops | {"conv_direct"}, templates - seen_ops
+
+
+def test_the_passes_launch_each_kernel_with_its_operands_from_the_model():
+    c_text = C.render(lower(graph_from_source(MIXED))).c
+    forward = c_text[c_text.index("static void cdsl_forward_pass"):c_text.index("static void cdsl_backward_pass")]
+    conv = re.search(r"cdsl_L0_conv1_forward\((.*)\);", forward).group(1).split(", ")
+    # batch, run-time sizes, x0, y, weight, bias and the im2col workspace
+    assert conv[:3] == ["m->batch", "m->dim", "m->value[0]"], conv
+    assert conv[4].startswith("m->params + ") and conv[5].startswith("m->params + ") and conv[6] == "m->scratch"
+    dropout = re.search(r"cdsl_L\d+_dropout1_forward\((.*)\);", forward).group(1).split(", ")
+    assert dropout[-2:] == ["m->training", "&m->rng"] and dropout[-3].startswith("m->saved[")
+    backward = c_text[c_text.index("static void cdsl_backward_pass"):]
+    bn = re.search(r"cdsl_L\d+_batchnorm1_backward\((.*)\);", backward).group(1).split(", ")
+    assert bn[-1] == "m->forward_training", bn
+
+
+def test_the_thread_split_threshold_comes_from_the_lowered_program():
+    """A loop's `if (work > threshold)` is the step's ParallelSplit, set by the plan: another
+    threshold in the program is another pragma, with no template changed."""
+    program = lower(graph_from_source(MIXED))
+    relu = next(s for s in program.steps if s.op == "sigmoid" and s.phase == "backward")
+    assert relu.parallel.threshold == 65536
+    assert "#pragma omp parallel for schedule(static) if (count > 65536)" in C.render(program).c
+    changed = replace(program, steps=tuple(replace(s, parallel=replace(s.parallel, threshold=4096))
+                                           if s.op == "sigmoid" else s for s in program.steps))
+    text = C.render(changed).c
+    kernel = text[text.index("static void cdsl_L") + text[text.index("static void cdsl_L"):].index("sigmoid1_backward"):]
+    kernel = kernel[:kernel.index("\n}\n")]
+    assert "if (count > 4096)" in kernel and "65536" not in kernel
+    always = replace(program, steps=tuple(replace(s, parallel=replace(s.parallel, threshold=0))
+                                          if s.op == "sigmoid" else s for s in program.steps))
+    text = C.render(always).c
+    kernel = text[text.index("sigmoid1_backward("):]
+    kernel = kernel[:kernel.index("\n}\n")]
+    assert "#pragma omp parallel for schedule(static)\n" in kernel
+
+
+def test_the_targets_read_the_lowered_program_only():
+    """No module of convdsl/targets (nor codegen/render.py) imports the graph, the plan or the passes
+    that make it (ops are read for their kernel context and traits)."""
+    paths = sorted((REPO / "convdsl" / "targets").glob("*.py")) + [REPO / "convdsl" / "codegen" / "render.py"]
+    for path in paths:
+        tree = ast.parse(path.read_text())
+        imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assert not any(m.endswith(("passes.schedule", "passes.memory", "lower.plan", "ir.graph", "ir.build"))
+                       for m in imported), (path, imported)
+        assert not {"Graph", "Plan", "make_plan", "lower"} & names, path
