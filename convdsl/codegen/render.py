@@ -401,6 +401,11 @@ def render_c(program: Program, backend: Backend = C) -> CSource:
     saved = [{"index": k, "numel": c(s.saved.size), "offset": c(s.saved.offset), "node": s.label}
              for k, s in enumerate(saved_steps)]
     regions = {r.name: c(r.size) for r in pg.regions if r.name in PER_SAMPLE_REGIONS + (WORKSPACE, THREAD_WORKSPACE)}
+    # The backward in program order, each step with the gradients it is the first to touch (zeroed
+    # just before it: gradients share memory by lifetime), and those zeroed as a backward starts.
+    backward = [{"fn": layer_function(s.node, s.label), "label": checked_identifier(s.label, dotted=True),
+                 "zero": [{"index": o.value, "numel": c(o.size)} for o in s.zero_first]} for s in pg.backward]
+    zero_at_start = [{"index": o.value, "numel": c(o.size)} for o in pg.zero_at_start]
     buffer_table = [{"name": checked_identifier(b.full_name, dotted=True), "offset": b.offset, "size": b.size,
                      "shape": b.spec.shape, "fill": real(b.spec.fill)} for b in pg.buffers]
     # The slot table is complete only once everything above has been rendered.
@@ -409,7 +414,7 @@ def render_c(program: Program, backend: Backend = C) -> CSource:
         "model_t": "model_t", "math": MATH[dtype], "sym_dims": [checked_identifier(s) for s in pg.sym_dims],
         "nodes": nodes, "helpers": helpers, "values": values, "inputs": inputs, "outputs": outputs,
         "params": params, "param_total": pg.param_total, "consts": consts, "loss": loss,
-        "size_checks": size_checks, "regions": regions,
+        "size_checks": size_checks, "regions": regions, "backward": backward, "zero_at_start": zero_at_start,
         "buffers": buffer_table, "buffer_total": pg.buffer_total, "saved": saved, "training_guards": guards,
     }
     try:

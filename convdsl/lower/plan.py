@@ -17,11 +17,12 @@ from ..errors import ConvDSLError
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import Graph, Node, TensorType
-from ..ops.base import Variant, lookup, registry
+from ..ops.base import INPUTS, OUTPUT, Variant, lookup, registry
 from ..passes.schedule import make_plan
-from .memory import inference_placement
-from .program import (ACTIVATIONS, BUFFERS, GRADIENTS, INFERENCE, PARAM_GRADS, THREAD_WORKSPACE, PARAMS, SAVED, WORKSPACE, Boundary,
-                      Epilogue, LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
+from .memory import inference_placement, training_placement
+from .program import (ACTIVATIONS, BUFFERS, GRADIENTS, INFERENCE, PARAM_GRADS, THREAD_WORKSPACE, PARAMS, SAVED, TRAINING,
+                      WORKSPACE, Boundary, Epilogue, LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo,
+                      Workspace)
 
 ALGO_ENV = "CONVDSL_ALGO"
 # Costs with run-time sizes are compared at this size of every named dim (as check's memory peak).
@@ -85,15 +86,6 @@ def choose_variant(op, in_types: tuple[TensorType, ...], out: TensorType, attrs,
 
 # ---- building the program -------------------------------------------------------------------
 
-def _value_layout(g: Graph) -> tuple[tuple[Dim, ...], Dim]:
-    """Per-sample offsets of every value in one region (in value order), and its total."""
-    offsets, total = [], 0
-    for v in g.values:
-        offsets.append(total)
-        total = D.add(total, D.product(v.type.shape))
-    return tuple(offsets), total
-
-
 def _epilogue(op, attrs, params) -> Epilogue:
     # The kernels of conv, dense, deconv and local add their bias as they write the output.
     return Epilogue(bias="bias" in params)
@@ -116,7 +108,8 @@ def fusions_of(g: Graph, algo=None) -> dict[int, int]:
 def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, int]:
     """producer node → the activation node fused into its kernel: the producer's variant can apply
     an activation, and the activation is the only reader of its output, which is no network output
-    (so the pre-activation values are never needed: the activation's backward reads its output)."""
+    (so the pre-activation values are never needed: the activation's backward reads its output,
+    and the producer's backward does not read it either)."""
     readers: dict[int, list[int]] = {}
     for node in g.nodes:
         for vid in node.inputs:
@@ -124,7 +117,8 @@ def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, int]:
     outputs = {o.value for o in g.outputs} | ({g.loss.value} if g.loss is not None else set())
     fused = {}
     for node in g.nodes:
-        if not variants[node.id].fuses_activation or node.output in outputs:
+        if not variants[node.id].fuses_activation or node.output in outputs \
+                or OUTPUT in lookup(node.op).backward_reads(node.attrs):
             continue
         after = readers.get(node.output, [])
         if len(after) == 1 and lookup(g.nodes[after[0]].op).activation:
@@ -137,19 +131,20 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
     g = graph
     override = algo_override(algo)
     plan = make_plan(g)
-    offsets, value_total = _value_layout(g)
 
     def numel(vid: int) -> Dim:
         return D.product(g.values[vid].type.shape)
 
-    activations = tuple(Operand(f"v{v.id}", ACTIVATIONS, offsets[v.id], numel(v.id), v.id, v.type.shape)
-                        for v in g.values)
     chosen = chosen_variants(g, override)
     fusions = _fusions(g, chosen)
     eval_offsets, eval_total = inference_placement(g, fusions)
     inference = tuple(Operand(f"v{v.id}", INFERENCE, eval_offsets[v.id], numel(v.id), v.id, v.type.shape)
                       for v in g.values)
-    gradients = tuple(Operand(f"d{v.id}", GRADIENTS, offsets[v.id], numel(v.id), v.id, v.type.shape)
+    # Training: activations, gradients and saved masks in one block, sharing memory by lifetime.
+    layout = training_placement(g, fusions)
+    activations = tuple(Operand(f"v{v.id}", ACTIVATIONS, layout.activation[v.id], numel(v.id), v.id, v.type.shape)
+                        for v in g.values)
+    gradients = tuple(Operand(f"d{v.id}", GRADIENTS, layout.gradient[v.id], numel(v.id), v.id, v.type.shape)
                       for v in g.values)
 
     def act(vid: int, role: str) -> Operand:
@@ -160,11 +155,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
         a = gradients[vid]
         return Operand(role, a.region, a.offset, a.size, a.value, a.shape)
 
-    saved_offset: dict[int, tuple[Dim, Dim]] = {}
-    saved_total: Dim = 0
-    for nid, elems in plan.saved:
-        saved_offset[nid] = (saved_total, elems)
-        saved_total = D.add(saved_total, elems)
+    saved_offset = layout.saved
 
     fused_into = {act: producer for producer, act in fusions.items()}
 
@@ -210,14 +201,19 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
         node = g.nodes[f.node]
         grads = tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape, True)
                       for p in f.params if p.trainable)
+        # It reads dy and what its op says its backward reads (the training block keeps exactly that).
+        reads = lookup(f.op).backward_reads(f.attrs)
+        read = ((tuple(act(v, f"x{i}") for i, v in enumerate(node.inputs)) if INPUTS in reads else ())
+                + ((act(node.output, "y"),) if OUTPUT in reads else ()))
         steps.append(Step(
             index=len(steps), phase="backward", node=f.node, op=f.op, label=f.label, line=f.line, layer=f.layer,
             describe=f.describe, variant=f.variant, variant_template=f.variant_template, attrs=f.attrs,
             in_types=f.in_types, out_type=f.out_type,
-            inputs=(grad(node.output, "dy"), *((act(node.output, "y"),) if lookup(f.op).activation else f.inputs)),
+            inputs=(grad(node.output, "dy"), *read),
             outputs=tuple(grad(v, f"dx{i}") for i, v in enumerate(node.inputs)) + grads,
             params=f.params, buffers=f.buffers, saved=f.saved, epilogue=f.epilogue, workspace=f.workspace,
-            parallel=f.parallel, fused_into=f.fused_into, activation_node=f.activation_node))
+            parallel=f.parallel, fused_into=f.fused_into, activation_node=f.activation_node,
+            zero_first=tuple(grad(v, f"d{v}") for v in layout.zeroed_before(f.node))))
     steps = [replace(s, index=i) for i, s in enumerate(steps)]
     trainable = tuple(Operand(p.full_name, PARAMS, p.offset, p.size, None, p.spec.shape, True)
                       for p in plan.params if p.spec.trainable)
@@ -234,9 +230,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
 
     regions = (
         Region(INFERENCE, eval_total, True, "eval mode: the values of a forward, sharing memory by lifetime"),
-        Region(ACTIVATIONS, value_total, True, "every value of a forward, one after the other"),
-        Region(GRADIENTS, value_total, True, "the gradient of every value, at the same offsets"),
-        Region(SAVED, saved_total, True, "what a forward keeps for its backward (dropout masks)"),
+        Region(TRAINING, layout.total, True, "training mode: what backward reads, the gradients and saved masks, "
+                                             "sharing memory by lifetime (act, grad and saved offsets are into it)"),
         Region(WORKSPACE, workspace_total, False, "one step's scratch (im2col columns), shared by all steps"),
         Region(THREAD_WORKSPACE, thread_total, False, "per thread, when a step splits the batch across threads"),
         Region(PARAMS, plan.param_total, False, "every parameter"),
@@ -260,4 +255,5 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
                                g.span if v.producer is None else g.nodes[v.producer].span) for v in g.values),
         regions=regions, activations=activations, inference=inference, gradients=gradients,
         params=plan.params, param_total=plan.param_total, buffers=plan.buffers, buffer_total=plan.buffer_total,
-        steps=tuple(steps), loss=loss)
+        steps=tuple(steps), loss=loss,
+        zero_at_start=tuple(grad(v, f"d{v}") for v in layout.zeroed_at_start()))

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from ..ir import dims as D
-from .base import Arg, OpDef, expect_float, register
+from .base import OUTPUT, Arg, OpDef, expect_float, register
 
 
 class Pointwise(OpDef):
     positionwise = True
     activation = True              # fusable into the producer's kernel (templates/c/lib/epilogue.j2)
+    saves_for_backward = frozenset({OUTPUT})   # dx from y (y > 0, y·(1 − y), 1 − y²): a fused step never writes x
 
     def kernel_context(self, attrs, in_types, out, c):
         return {"numel": c(D.product(out.shape))}
@@ -58,6 +59,7 @@ class Softmax(OpDef):
     relatives = ("log_softmax", "logsoftmax", "softmin")
     summary = "softmax over channels, at every position of a map"
     positionwise = True            # the channels of one position, each position on its own
+    saves_for_backward = frozenset({OUTPUT})   # dx_c = y_c · (dy_c − Σ_k dy_k y_k)
 
     def kernel_context(self, attrs, in_types, out, c):
         t = in_types[0]

@@ -21,6 +21,11 @@ from ..limits import FLOAT_MAX, MAX_ATTRIBUTE, MAX_INIT_SCALE, power_text
 
 REQUIRED = object()
 
+# What a backward may read besides dy (OpDef.saves_for_backward).
+INPUTS = "inputs"
+OUTPUT = "output"
+SAVED = "saved"
+
 # Keyword names of PyTorch and Keras layers, with the argument names they are here (the first one
 # the op has): `padding=` is answered with `pad`, `filters=` with `out`.
 KEYWORD_ALIASES: dict[str, tuple[str, ...]] = {
@@ -205,7 +210,20 @@ class OpDef:
     fuses_activation: ClassVar[bool] = False
     # An element-wise activation that a producer may apply in its own kernel: its backward reads
     # only its output and the output's gradient (never its input, which a fused step never writes).
-    activation: ClassVar[bool] = False
+    activation: ClassVar[bool] = False  # then saves_for_backward must be {OUTPUT}
+
+    # What this op's backward reads besides the gradient of its output, which training memory
+    # keeps alive for it (everything else a forward makes dies at its last forward reader):
+    # INPUTS (every input value: conv and dense for the weight gradient, maxpool to find the
+    # winner again), OUTPUT (its output value: relu, sigmoid, softmax), SAVED (what its forward
+    # stored for it, `saved_elements`: dropout's mask); empty when its backward needs dy alone
+    # (add, concat, flatten, avgpool, upsample). It must say what the backward template reads.
+    saves_for_backward: ClassVar[frozenset[str]] = frozenset()
+
+    def backward_reads(self, attrs: dict) -> frozenset[str]:
+        """What this node's backward reads (see `saves_for_backward`), for its attributes: a
+        frozen conv computes no weight gradient, so it reads no input."""
+        return self.saves_for_backward
 
     # What a single-variant op's kernels split across threads (lowered program's ParallelSplit);
     # "none": one thread.
