@@ -197,7 +197,8 @@ network Chain {
     o = scale(n, s) -> conv(4, kernel=1, frozen=true)
     p = o -> upsample(2) -> conv(4, kernel=3, stride=2, pad=same) -> relu
     q = p -> depthwise(3, pad=same) -> deconv(4, kernel=2, stride=2) -> local(2, kernel=3, stride=2) -> conv(4, kernel=1, frozen=true)
-    r = q -> globalmaxpool -> flatten -> dense(3)
+    t = q -> tiled(4, kernel=3, tile=2, pad=same) -> conv(4, kernel=1, frozen=true)
+    r = t -> globalmaxpool -> flatten -> dense(3)
     output r
     loss softmax_cross_entropy(r)
 }
@@ -235,10 +236,12 @@ def test_every_op_reads_in_backward_only_what_it_declares(monkeypatch):
     """The chain computes, in training, exactly what it computes with nothing shared; each op that
     leaves something undeclared has it overwritten before its backward, so the comparison can fail."""
     graph = graph_from_source(EVERY_OP)
+    # Every op is in the chain (separable is depthwise then a 1×1 conv): a new op belongs there.
+    assert {n.op for n in graph.nodes} == set(registry()) - {"separable"}
     undeclared = {op for op, _ in _clobbered_before_backward(graph)}
     assert undeclared >= {"maxpool", "avgpool", "batchnorm", "dropout", "maxout", "shuffle", "softmax", "add",
                           "relu", "sigmoid", "tanh", "leaky_relu", "concat", "globalavgpool", "scale", "upsample",
-                          "local", "globalmaxpool", "flatten", "conv"}
+                          "local", "tiled", "globalmaxpool", "flatten", "conv"}
     shared = convdsl.load_source(EVERY_OP).Model(seed=5)
     monkeypatch.setattr(convdsl.lower.plan, "training_placement", _nothing_shared)
     apart = convdsl.load_source(EVERY_OP).Model(seed=5)
