@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ..errors import ConvDSLError
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import Graph
@@ -288,10 +289,10 @@ def training_lifetimes(g: Graph, fusions: dict[int, int] | None = None,
             read_by_backward.update(node.inputs)
         if OUTPUT in reads:
             read_by_backward.add(node.output)
-    for producer, activation in fusions.items():
-        written_at[g.nodes[activation].output] = forward[producer]
     if read_by_backward & unwritten:
-        raise AssertionError("a fused producer's output is read by a backward, but the fused kernel never writes it")
+        # The plan fuses only where no backward reads the pre-activation value (plan._fusions).
+        raise ConvDSLError(None, "internal error: a backward reads the output of a step fused with its activation, "
+                                 "which the fused kernel never writes")
 
     first, last, size = [], [], []
     for v in g.values:                                          # activations
