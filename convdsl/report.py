@@ -51,7 +51,9 @@ def text_report(graph: Graph, stats: NetworkStats, memory: MemoryPlan) -> str:
         f"MACs:        {number(stats.macs)} forward ({number(stats.flops)} FLOPs), {number(stats.backward_macs)} "
         f"backward, per sample",
         f"activations: {human_bytes(memory.peak_inference_bytes)} per sample at the peak running forward only"
-        f"{peak_at}; {human_bytes(memory.training_bytes)} per sample training (every value and its gradient kept)",
+        f"{peak_at}; {human_bytes(memory.training_bytes)} per sample training (what backward reads and the "
+        f"gradients, sharing memory by lifetime; {human_bytes(memory.all_kept_bytes)} if every value and its gradient "
+        f"were kept)",
     ]
     return "\n".join(lines)
 

@@ -9,15 +9,32 @@ in production order, first fit largest first, both ends of the region for chains
 fit in seeded random orders until one reaches the lower bound) and the smallest kept. Run-time sizes that are all multiples of one expression (19·H·W, 35·H·W) are
 placed as those multiples, so that the placement holds at every size; other run-time sizes are
 placed apart, without sharing.
+
+Training mode places activations, gradients and saved masks together, by their lifetimes over
+a timeline of the forward steps, then the backward steps (`training_placement`):
+- an activation lives from the step that writes it to its last forward reader, or to the end
+  when some backward reads it (the op's `backward_reads`: a conv its input, a relu its output).
+  To the end, not to that backward step: a backward may run again on the same forward (the
+  Model contract), so a backward never overwrites what a backward reads. Inputs and outputs
+  live throughout (the caller's data, read after the forward and by the loss);
+- a gradient lives from the first backward step that touches it (its consumers' backwards add
+  into it; an output's is seeded as the backward starts) to its producer's backward, which
+  reads it (an input's is copied out at the end). The module zeroes each gradient just before
+  that first step, since the memory held another tensor before;
+- what a forward saves for its backward (dropout's mask) lives from that forward to the end.
+Values nobody's backward reads so die at their last forward reader, and their memory serves
+other values and, in the backward, the gradients.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 
+from ..errors import ConvDSLError
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import Graph
+from ..ops.base import INPUTS, OUTPUT, lookup
 
 
 SEARCH_ORDERS = 400        # first-fit orders tried beyond the fixed ones
@@ -109,7 +126,7 @@ def _two_ended(life: Lifetimes, order, total: int) -> list[int] | None:
     return offsets
 
 
-def place_static(life: Lifetimes, nodes: int) -> tuple[tuple[int, ...], int]:
+def place_static(life: Lifetimes, nodes: int, search: int = SEARCH_ORDERS) -> tuple[tuple[int, ...], int]:
     values = range(len(life.size))
     by_birth = sorted(values, key=lambda v: (life.first[v], v))
     candidates = [_first_fit(life, by_birth),
@@ -126,7 +143,7 @@ def place_static(life: Lifetimes, nodes: int) -> tuple[tuple[int, ...], int]:
     # every run), until one reaches the bound; only for graphs small enough to try many.
     shuffled = list(values)
     rng = random.Random(0)
-    for _ in range(SEARCH_ORDERS if len(shuffled) <= SEARCH_MAX_VALUES else 0):
+    for _ in range(search if len(shuffled) <= SEARCH_MAX_VALUES else 0):
         if total <= peak:
             break
         rng.shuffle(shuffled)
@@ -172,10 +189,15 @@ def _common_unit(sizes) -> tuple[Dim, list[int]] | None:
 
 def inference_placement(g: Graph, fusions: dict[int, tuple[int, ...]] | None = None) -> tuple[tuple[Dim, ...], Dim]:
     """Per-sample offsets of every value in the eval-mode region, and the region's size."""
-    life = lifetimes(g, fusions)
-    nodes = len(g.nodes)
+    return place(lifetimes(g, fusions), len(g.nodes))
+
+
+def place(life: Lifetimes, times: int, search: int = SEARCH_ORDERS) -> tuple[tuple[Dim, ...], Dim]:
+    """Per-sample offsets of every item of `life` (live over times 0 … times − 1), and the
+    total: items whose lifetimes overlap never overlap in memory."""
+    nodes = times
     if all(isinstance(s, int) for s in life.size):
-        return place_static(life, nodes)
+        return place_static(life, nodes, search)
     common = _common_unit(life.size)
     if common is None:
         return place_apart(life)
@@ -187,8 +209,8 @@ def inference_placement(g: Graph, fusions: dict[int, tuple[int, ...]] | None = N
     def sub(values, sizes):
         return Lifetimes(tuple(life.first[v] for v in values), tuple(life.last[v] for v in values), tuple(sizes))
 
-    dyn_off, dyn_total = place_static(sub(dyn, ks), nodes)
-    fixed_off, fixed_total = place_static(sub(fixed, [life.size[v] for v in fixed]), nodes) if fixed else ((), 0)
+    dyn_off, dyn_total = place_static(sub(dyn, ks), nodes, search)
+    fixed_off, fixed_total = place_static(sub(fixed, [life.size[v] for v in fixed]), nodes, search) if fixed else ((), 0)
     offsets: list[Dim] = [0] * len(life.size)
     base = D.mul(unit, dyn_total)
     for v, o in zip(dyn, dyn_off):
@@ -196,3 +218,130 @@ def inference_placement(g: Graph, fusions: dict[int, tuple[int, ...]] | None = N
     for v, o in zip(fixed, fixed_off):
         offsets[v] = D.add(base, o)
     return tuple(offsets), D.add(base, fixed_total)
+
+
+# ---- training mode -------------------------------------------------------------------------
+
+TRAINING_SEARCH_ORDERS = 60     # fewer random orders than eval: three times the items, each order dearer
+
+
+@dataclass(frozen=True)
+class TrainingTimeline:
+    """When each step of a training forward and backward runs. Node n's forward is at time n
+    (an activation fused into its producer: the producer's); the backward starts at `start`,
+    where the outputs' gradients are zeroed and seeded; node n's backward is at start + N − n;
+    `end` is after the last backward (the input gradients are copied out)."""
+    forward: tuple[int, ...]
+    backward: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class TrainingLayout:
+    """Where training mode keeps everything, in one per-sample block: per value the offset of its
+    activation and of its gradient, per saving node the offset of what it saves, and the total."""
+    activation: tuple[Dim, ...]
+    gradient: tuple[Dim, ...]
+    saved: dict[int, tuple[Dim, Dim]]        # node → (offset, elements)
+    total: Dim
+    first_touch: tuple[int, ...]             # per value: the time its gradient is zeroed
+    timeline: TrainingTimeline
+    life: Lifetimes                          # activations, then gradients, then saved masks
+
+    def zeroed_before(self, node: int) -> tuple[int, ...]:
+        """The values whose gradients node's backward is the first to touch: zeroed just before it."""
+        at = self.timeline.backward[node]
+        return tuple(v for v, t in enumerate(self.first_touch) if t == at)
+
+    def zeroed_at_start(self) -> tuple[int, ...]:
+        """The values whose gradients are zeroed as the backward starts (outputs: then seeded)."""
+        return tuple(v for v, t in enumerate(self.first_touch) if t == self.timeline.start)
+
+
+def training_lifetimes(g: Graph, fusions: dict[int, tuple[int, ...]] | None = None,
+                       saved: dict[int, Dim] | None = None) -> tuple[Lifetimes, TrainingTimeline, tuple[int, ...]]:
+    """Lifetimes of the activations (items 0 … V − 1), the gradients (V … 2V − 1) and the saved
+    masks (then, in node order of `saved`: node → elements), and each gradient's first touch.
+    `fusions`: producer → the chain of nodes run in its epilogue; every value of the chain is
+    written at the producer's step, the ones before its last only when a backward reads them
+    (the fused kernel keeps exactly those, lower/plan.py `_stages`)."""
+    fusions = fusions or {}
+    saved = saved or {}
+    n = len(g.nodes)
+    start, end = n, 2 * n + 1
+    fused_into = {nid: producer for producer, chain in fusions.items() for nid in chain}
+    forward = tuple(fused_into.get(node.id, node.id) for node in g.nodes)
+    backward = tuple(start + n - node.id for node in g.nodes)
+    in_between = {g.nodes[nid].output for producer, chain in fusions.items() for nid in (producer, *chain[:-1])}
+    boundary = {i.value for i in g.inputs} | {o.value for o in g.outputs}
+    inputs = {i.value for i in g.inputs}
+    outputs = {o.value for o in g.outputs}
+
+    written_at: dict[int, int] = {}
+    last_forward = {v.id: -1 for v in g.values}
+    read_by_backward: set[int] = set()
+    grad_touch: dict[int, list[int]] = {v.id: [] for v in g.values}
+    for node in g.nodes:
+        written_at[node.output] = forward[node.id]
+        for vid in node.inputs:
+            last_forward[vid] = max(last_forward[vid], node.id)
+            grad_touch[vid].append(backward[node.id])          # its backward adds into dx
+        grad_touch[node.output].append(backward[node.id])      # … and reads dy
+        reads = lookup(node.op).backward_reads(node.attrs)
+        if INPUTS in reads:
+            read_by_backward.update(node.inputs)
+        if OUTPUT in reads:
+            read_by_backward.add(node.output)
+    unwritten = in_between - read_by_backward
+
+    first, last, size = [], [], []
+    for v in g.values:                                          # activations
+        if v.id in boundary:
+            lo, hi = 0, end
+        else:
+            lo = written_at[v.id]
+            hi = end if v.id in read_by_backward else max(lo, last_forward[v.id])
+        first.append(lo)
+        last.append(hi)
+        size.append(0 if v.id in unwritten else D.product(v.type.shape))
+    touch = []
+    for v in g.values:                                          # gradients
+        times = list(grad_touch[v.id])
+        if v.id in outputs:
+            times.append(start)
+        if v.id in inputs:
+            times.append(end)
+        lo = min(times)
+        if lo == end:               # an input nobody reads: zeroed with the outputs' at the start
+            lo = start
+        touch.append(lo)
+        first.append(lo)
+        last.append(max(times))
+        size.append(D.product(v.type.shape))
+    for nid, elems in saved.items():                            # saved masks
+        first.append(forward[nid])
+        last.append(end)
+        size.append(elems)
+    return Lifetimes(tuple(first), tuple(last), tuple(size)), TrainingTimeline(forward, backward, start, end), tuple(touch)
+
+
+def saved_elements(g: Graph) -> dict[int, Dim]:
+    """node → per-sample elements its forward keeps for its backward (dropout's mask), in node order."""
+    out = {}
+    for node in g.nodes:
+        in_types = tuple(g.values[v].type for v in node.inputs)
+        keep = lookup(node.op).saved_elements(in_types, g.values[node.output].type, node.attrs)
+        if keep != 0:
+            out[node.id] = keep
+    return out
+
+
+def training_placement(g: Graph, fusions: dict[int, tuple[int, ...]] | None = None) -> TrainingLayout:
+    """Offsets of every activation, gradient and saved mask in the training block, and its size."""
+    saved = saved_elements(g)
+    life, timeline, touch = training_lifetimes(g, fusions, saved)
+    offsets, total = place(life, timeline.end + 1, TRAINING_SEARCH_ORDERS)
+    nv = len(g.values)
+    saved_at = {nid: (offsets[2 * nv + k], elems) for k, (nid, elems) in enumerate(saved.items())}
+    return TrainingLayout(tuple(offsets[:nv]), tuple(offsets[nv:2 * nv]), saved_at, total, touch, timeline, life)

@@ -17,12 +17,12 @@ from ..errors import ConvDSLError
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import Graph, Node, TensorType
-from ..ops.base import Variant, lookup, registry
+from ..ops.base import INPUTS, OUTPUT, Variant, lookup, registry
 from ..passes.schedule import make_plan
-from .memory import inference_placement
+from .memory import inference_placement, training_placement
 from .program import (ACTIVATION, ACTIVATIONS, BUFFERS, GRADIENTS, INFERENCE, PARAM_GRADS, RESIDUAL, SCALE,
-                      THREAD_WORKSPACE, PARAMS, SAVED, WORKSPACE, Boundary, Epilogue, EpilogueStage, LossStep,
-                      Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
+                      THREAD_WORKSPACE, PARAMS, SAVED, TRAINING, WORKSPACE, Boundary, Epilogue, EpilogueStage,
+                      LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
 
 ALGO_ENV = "CONVDSL_ALGO"
 # Costs with run-time sizes are compared at this size of every named dim (as check's memory peak).
@@ -86,15 +86,6 @@ def choose_variant(op, in_types: tuple[TensorType, ...], out: TensorType, attrs,
 
 # ---- building the program -------------------------------------------------------------------
 
-def _value_layout(g: Graph) -> tuple[tuple[Dim, ...], Dim]:
-    """Per-sample offsets of every value in one region (in value order), and its total."""
-    offsets, total = [], 0
-    for v in g.values:
-        offsets.append(total)
-        total = D.add(total, D.product(v.type.shape))
-    return tuple(offsets), total
-
-
 def _epilogue(op, attrs, params) -> Epilogue:
     # The kernels of conv, dense, deconv and local add their bias as they write the output.
     return Epilogue(bias="bias" in params)
@@ -136,7 +127,9 @@ def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, tuple[int, ...
 
     fused: dict[int, tuple[int, ...]] = {}
     for node in g.nodes:
-        if not variants[node.id].fuses_epilogue:
+        # A producer whose backward reads its own output never fuses: its kernel writes only the
+        # chain's last value (and what the stages' backwards read).
+        if not variants[node.id].fuses_epilogue or OUTPUT in lookup(node.op).backward_reads(node.attrs):
             continue
         chain: list[int] = []
         value = node.output
@@ -177,7 +170,9 @@ def _stages(g: Graph, producer: Node, chain: tuple[int, ...], act) -> tuple[Epil
         node = g.nodes[nid]
         op = lookup(node.op)
         value = before.output
-        keep = op.backward_reads == "inputs" or lookup(before.op).backward_reads == "output"
+        # Training keeps the value this stage reads when a backward reads it: this stage's own
+        # (it reads its input) or that of the op that made it (it reads its output).
+        keep = INPUTS in op.backward_reads(node.attrs) or OUTPUT in lookup(before.op).backward_reads(before.attrs)
         other = next((v for v in node.inputs if v != value), None)
         role = {RESIDUAL: "residual", SCALE: "factors"}.get(op.fuses_as)
         stages.append(EpilogueStage(
@@ -193,19 +188,20 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
     g = graph
     override = algo_override(algo)
     plan = make_plan(g)
-    offsets, value_total = _value_layout(g)
 
     def numel(vid: int) -> Dim:
         return D.product(g.values[vid].type.shape)
 
-    activations = tuple(Operand(f"v{v.id}", ACTIVATIONS, offsets[v.id], numel(v.id), v.id, v.type.shape)
-                        for v in g.values)
     chosen = chosen_variants(g, override)
     fusions = _fusions(g, chosen)
     eval_offsets, eval_total = inference_placement(g, fusions)
     inference = tuple(Operand(f"v{v.id}", INFERENCE, eval_offsets[v.id], numel(v.id), v.id, v.type.shape)
                       for v in g.values)
-    gradients = tuple(Operand(f"d{v.id}", GRADIENTS, offsets[v.id], numel(v.id), v.id, v.type.shape)
+    # Training: activations, gradients and saved masks in one block, sharing memory by lifetime.
+    layout = training_placement(g, fusions)
+    activations = tuple(Operand(f"v{v.id}", ACTIVATIONS, layout.activation[v.id], numel(v.id), v.id, v.type.shape)
+                        for v in g.values)
+    gradients = tuple(Operand(f"d{v.id}", GRADIENTS, layout.gradient[v.id], numel(v.id), v.id, v.type.shape)
                       for v in g.values)
 
     def act(vid: int, role: str) -> Operand:
@@ -216,11 +212,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
         a = gradients[vid]
         return Operand(role, a.region, a.offset, a.size, a.value, a.shape)
 
-    saved_offset: dict[int, tuple[Dim, Dim]] = {}
-    saved_total: Dim = 0
-    for nid, elems in plan.saved:
-        saved_offset[nid] = (saved_total, elems)
-        saved_total = D.add(saved_total, elems)
+    saved_offset = layout.saved
 
     fused_into = {nid: producer for producer, chain in fusions.items() for nid in chain}
 
@@ -264,17 +256,21 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
     steps = [f for f in forward if f.fused_into is None]
     for f in reversed(forward):
         node = g.nodes[f.node]
-        reads = {"output": (act(node.output, "y"),), "nothing": ()}.get(lookup(f.op).backward_reads, f.inputs)
         grads = tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape, True)
                       for p in f.params if p.trainable)
+        # It reads dy and what its op says its backward reads (the training block keeps exactly that).
+        reads = lookup(f.op).backward_reads(f.attrs)
+        read = ((tuple(act(v, f"x{i}") for i, v in enumerate(node.inputs)) if INPUTS in reads else ())
+                + ((act(node.output, "y"),) if OUTPUT in reads else ()))
         steps.append(Step(
             index=len(steps), phase="backward", node=f.node, op=f.op, label=f.label, line=f.line, layer=f.layer,
             describe=f.describe, variant=f.variant, variant_template=f.variant_template, attrs=f.attrs,
             in_types=f.in_types, out_type=f.out_type,
-            inputs=(grad(node.output, "dy"), *reads),
+            inputs=(grad(node.output, "dy"), *read),
             outputs=tuple(grad(v, f"dx{i}") for i, v in enumerate(node.inputs)) + grads,
             params=f.params, buffers=f.buffers, saved=f.saved, epilogue=f.epilogue, workspace=f.workspace,
-            parallel=f.parallel, fused_into=f.fused_into))
+            parallel=f.parallel, fused_into=f.fused_into,
+            zero_first=tuple(grad(v, f"d{v}") for v in layout.zeroed_before(f.node))))
     steps = [replace(s, index=i) for i, s in enumerate(steps)]
     trainable = tuple(Operand(p.full_name, PARAMS, p.offset, p.size, None, p.spec.shape, True)
                       for p in plan.params if p.spec.trainable)
@@ -291,9 +287,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
 
     regions = (
         Region(INFERENCE, eval_total, True, "eval mode: the values of a forward, sharing memory by lifetime"),
-        Region(ACTIVATIONS, value_total, True, "every value of a forward, one after the other"),
-        Region(GRADIENTS, value_total, True, "the gradient of every value, at the same offsets"),
-        Region(SAVED, saved_total, True, "what a forward keeps for its backward (dropout masks)"),
+        Region(TRAINING, layout.total, True, "training mode: what backward reads, the gradients and saved masks, "
+                                             "sharing memory by lifetime (act, grad and saved offsets are into it)"),
         Region(WORKSPACE, workspace_total, False, "one step's scratch (im2col columns), shared by all steps"),
         Region(THREAD_WORKSPACE, thread_total, False, "per thread, when a step splits the batch across threads"),
         Region(PARAMS, plan.param_total, False, "every parameter"),
@@ -317,4 +312,5 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
                                g.span if v.producer is None else g.nodes[v.producer].span) for v in g.values),
         regions=regions, activations=activations, inference=inference, gradients=gradients,
         params=plan.params, param_total=plan.param_total, buffers=plan.buffers, buffer_total=plan.buffer_total,
-        steps=tuple(steps), loss=loss)
+        steps=tuple(steps), loss=loss,
+        zero_at_start=tuple(grad(v, f"d{v}") for v in layout.zeroed_at_start()))

@@ -5,12 +5,15 @@ each operand lives (a named region, an offset and a size in elements), the epilo
 the step, its workspace and how its work is split across threads. Sizes are Dims
 (convdsl/ir/dims.py), so run-time sizes stay symbolic until the module's prepare.
 
-Training mode keeps every activation (for backward) and its gradient; eval mode runs forward
-only, in the `inference` region, where values whose lifetimes do not overlap share memory.
+Eval mode runs forward only, in the `inference` region, where values whose lifetimes do not
+overlap share memory. Training mode keeps what the backward reads (a conv's input, a relu's
+output, dropout's mask) and the gradients, all in the one `training` block, sharing memory by
+lifetime too: an operand's region `activations`, `gradients` or `saved` says what it holds, and
+its offset is into that block (lower/memory.py says how long each lives).
 
-Offsets and sizes in the per-sample regions (`inference`, `activations`, `gradients`, `saved`) count
-elements of one sample; a region of a batch of N holds N samples one after the other per
-value (value v of sample n starts at N·offset(v) + n·size(v)).
+Offsets and sizes in the per-sample regions (`inference`, `training`) count elements of one
+sample; a region of a batch of N holds N samples one after the other per value (value v of
+sample n starts at N·offset(v) + n·size(v)).
 """
 from __future__ import annotations
 
@@ -24,16 +27,18 @@ from ..ir.graph import TensorType
 from ..passes.schedule import BufferSlot, ParamSlot   # the parameter and buffer blocks' layout
 
 # Region names. Per-sample regions scale with the batch; the others are fixed at create.
-ACTIVATIONS = "activations"
 INFERENCE = "inference"              # eval mode: activations sharing memory by lifetime
-GRADIENTS = "gradients"
-SAVED = "saved"
+TRAINING = "training"                # training mode: the block the next three share by lifetime
+ACTIVATIONS = "activations"          # values of a training forward (in the training block)
+GRADIENTS = "gradients"              # their gradients (in the training block)
+SAVED = "saved"                      # what a forward keeps for its backward (in the training block)
+TRAINING_PARTS = (ACTIVATIONS, GRADIENTS, SAVED)
 PARAMS = "params"
 PARAM_GRADS = "param_grads"
 BUFFERS = "buffers"
 WORKSPACE = "workspace"
 THREAD_WORKSPACE = "thread_workspace"   # per thread; the module multiplies by its thread count
-PER_SAMPLE_REGIONS = (INFERENCE, ACTIVATIONS, GRADIENTS, SAVED)
+PER_SAMPLE_REGIONS = (INFERENCE, TRAINING)
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,9 @@ class Step:
     workspace: Workspace = Workspace()
     parallel: ParallelSplit = ParallelSplit("none")
     fused_into: int | None = None    # a node whose forward runs inside that node's step (its epilogue)
+    # Backward: the gradients this step is the first to touch, zeroed just before it runs (it adds
+    # into them, and in the training block their memory held another tensor before).
+    zero_first: tuple[Operand, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.attrs, MappingProxyType):
@@ -205,17 +213,22 @@ class Program:
     outputs: tuple[Boundary, ...]
     values: tuple[ValueInfo, ...]
     regions: tuple[Region, ...]
-    activations: tuple[Operand, ...]     # value v's place in the activation region, by value id
+    activations: tuple[Operand, ...]     # value v's place in training mode (training block), by value id
     inference: tuple[Operand, ...]       # value v's place in eval mode, shared by lifetime
-    gradients: tuple[Operand, ...]       # value v's gradient in the gradient region, by value id
+    gradients: tuple[Operand, ...]       # value v's gradient (training block), by value id
     params: tuple[ParamSlot, ...]
     param_total: int
     buffers: tuple[BufferSlot, ...]
     buffer_total: int
     steps: tuple[Step, ...]
     loss: LossStep | None = None
+    # The gradients zeroed as a backward starts, before any step: the outputs' (then seeded with
+    # the caller's gradients or the loss's) and any no step touches (an input nobody reads).
+    zero_at_start: tuple[Operand, ...] = ()
 
     def region(self, name: str) -> Region:
+        """The region `name`; activations, gradients and saved masks lie in the training block."""
+        name = TRAINING if name in TRAINING_PARTS else name
         return next(r for r in self.regions if r.name == name)
 
     def phase(self, phase: str) -> tuple[Step, ...]:

@@ -2,8 +2,10 @@
 
 A step's line: its index and phase, the layer and its line in the file, the kernel variant,
 its operands as region[offset:+size] (with those its fused epilogue reads and keeps; per-sample
-offsets and sizes in elements for the activation, gradient and saved regions; run-time sizes
-stay symbolic), the fused epilogue, the workspace and the thread split.
+offsets and sizes in elements; act, grad and saved offsets are into the training block, where
+they share memory by lifetime; run-time sizes stay symbolic), the fused epilogue, the workspace
+and the thread split; a backward step then names the gradients it zeroes first (it is the first
+to add into them).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from ..ir import dims as D
 from ..ir.dims import Dim
 from .program import Operand, Program, Step
 
-_REGION_SHORT = {"inference": "eval", "activations": "act", "gradients": "grad", "saved": "saved", "params": "params",
+_REGION_SHORT = {"inference": "eval", "training": "train", "activations": "act", "gradients": "grad", "saved": "saved", "params": "params",
                  "param_grads": "pgrad", "buffers": "buf", "workspace": "ws", "thread_workspace": "tws"}
 
 
@@ -38,9 +40,10 @@ def step_text(step: Step) -> str:
     if step.workspace.per_thread != 0:
         work += f" + {_dim(step.workspace.per_thread)} per thread"
     kernel = f"{step.op}/{step.variant}"
+    zero = f" | zeroes {' '.join(o.role for o in step.zero_first)} first" if step.zero_first else ""
     return (f"{step.index:3d} {step.phase:<8} {where:<24} {kernel:<18} "
             f"{' '.join(operands)} | epilogue {step.epilogue.text()} | workspace {work} "
-            f"| threads {step.parallel.axis}")
+            f"| threads {step.parallel.axis}{zero}")
 
 
 def program_text(program: Program) -> str:
@@ -56,6 +59,9 @@ def program_text(program: Program) -> str:
                                          f"{_dim(program.activations[b.value].size)}]" for b in program.outputs))
     lines.append("eval mode (forward only, values sharing memory by lifetime): "
                  + " ".join(f"v{o.value}=eval[{_dim(o.offset)}:+{_dim(o.size)}]" for o in program.inference))
+    if program.zero_at_start:
+        lines.append("backward start: zeroes " + " ".join(f"{o.role}=grad[{_dim(o.offset)}:+{_dim(o.size)}]"
+                                                         for o in program.zero_at_start) + " (then seeds the outputs')")
     lines.append("steps (training mode's places; eval mode reads and writes the same values at their eval places):")
     lines.extend(step_text(s) for s in program.steps)
     if program.loss is not None:

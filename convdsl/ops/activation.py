@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from ..ir import dims as D
-from .base import Arg, OpDef, expect_float, register
+from .base import OUTPUT, Arg, OpDef, expect_float, register
 
 
 class Pointwise(OpDef):
     positionwise = True
     locality = "value"
     fuses_as = "activation"        # a producer's kernel may apply it (templates/c/lib/epilogue.j2)
-    backward_reads = "output"      # so a fused step need not write its input
+    saves_for_backward = frozenset({OUTPUT})   # dx from y (y > 0, y·(1 − y), 1 − y²): a fused step never writes x
 
     def kernel_context(self, attrs, in_types, out, c):
         return {"numel": c(D.product(out.shape))}
@@ -61,6 +61,7 @@ class Softmax(OpDef):
     summary = "softmax over channels, at every position of a map"
     positionwise = True            # the channels of one position, each position on its own
     locality = "position"
+    saves_for_backward = frozenset({OUTPUT})   # dx_c = y_c · (dy_c − Σ_k dy_k y_k)
 
     def kernel_context(self, attrs, in_types, out, c):
         t = in_types[0]

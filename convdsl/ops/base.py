@@ -21,6 +21,11 @@ from ..limits import FLOAT_MAX, MAX_ATTRIBUTE, MAX_INIT_SCALE, power_text
 
 REQUIRED = object()
 
+# What a backward may read besides dy (OpDef.saves_for_backward).
+INPUTS = "inputs"
+OUTPUT = "output"
+SAVED = "saved"
+
 # Keyword names of PyTorch and Keras layers, with the argument names they are here (the first one
 # the op has): `padding=` is answered with `pad`, `filters=` with `out`.
 KEYWORD_ALIASES: dict[str, tuple[str, ...]] = {
@@ -247,15 +252,25 @@ class OpDef:
     # that `fuses_as` says can run there, in the network's order.
     fuses_epilogue: ClassVar[bool] = False
     # How a producer's kernel can apply this op as it writes (lower/plan.py decides when it may):
-    # "activation" (an element-wise function of the value: relu …), "residual" (the sum with one
-    # other tensor of the same shape: add), "scale" (times a per-sample factor of its channel:
-    # scale). None: it runs as a kernel of its own.
+    # "activation" (an element-wise function of the value: relu …; then saves_for_backward must
+    # be {OUTPUT}), "residual" (the sum with one other tensor of the same shape: add), "scale"
+    # (times a per-sample factor of its channel: scale). None: it runs as a kernel of its own.
     fuses_as: ClassVar[str | None] = None
-    # What its backward reads besides the gradient of its output: "inputs" (conv, dense, scale …),
-    # "output" (an activation: relu reads y, never x), or "nothing" (add passes dy on). A fused
-    # step writes only its last result, and in training also each value in between that a
-    # backward reads.
-    backward_reads: ClassVar[str] = "inputs"
+
+    # What this op's backward reads besides the gradient of its output, which training memory
+    # keeps alive for it (everything else a forward makes dies at its last forward reader):
+    # INPUTS (every input value: conv and dense for the weight gradient, maxpool to find the
+    # winner again), OUTPUT (its output value: relu, sigmoid, softmax), SAVED (what its forward
+    # stored for it, `saved_elements`: dropout's mask); empty when its backward needs dy alone
+    # (add, concat, flatten, avgpool, upsample). It must say what the backward template reads.
+    # A fused step writes only its last result, and in training also each value in between
+    # that a backward reads.
+    saves_for_backward: ClassVar[frozenset[str]] = frozenset()
+
+    def backward_reads(self, attrs: dict) -> frozenset[str]:
+        """What this node's backward reads (see `saves_for_backward`), for its attributes: a
+        frozen conv computes no weight gradient, so it reads no input."""
+        return self.saves_for_backward
 
     # What a single-variant op's kernels split across threads (lowered program's ParallelSplit);
     # "none": one thread.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..ir import dims as D
 from ..ir.graph import TensorType
-from .base import Arg, OpContext, OpDef, expect_int, register
+from .base import INPUTS, Arg, OpContext, OpDef, expect_int, register
 
 
 def _channel_split(op: str, t: TensorType, value, arg: str, ctx: OpContext) -> int:
@@ -24,6 +24,7 @@ def _channel_split(op: str, t: TensorType, value, arg: str, ctx: OpContext) -> i
 @register
 class Maxout(OpDef):
     name = "maxout"
+    saves_for_backward = frozenset({INPUTS})   # the winning channel is found again in x
     parallel = "batch × groups"
     summary = "max over each group of k consecutive channels: C → C/k (§5.2)"
     locality = "position"
@@ -46,6 +47,7 @@ class Maxout(OpDef):
 @register
 class Shuffle(OpDef):
     name = "shuffle"
+    saves_for_backward = frozenset()           # the inverse permutation of dy
     aliases = ("channel_shuffle",)
     summary = "channel shuffle of ShuffleNet: [g, C/g] → [C/g, g] (§3.9)"
     args = (Arg("groups"),)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import (Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, describe_value, expect_bool, expect_int,
+from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, describe_value, expect_bool, expect_int,
                    expect_symbol, init_arg, parse_init, register)
 from .spatial import (effective_kernel, input_rank_check, output_sizes, pad_arg, per_axis, resolve_padding,
                       window_context)
@@ -81,12 +81,17 @@ CONV_VARIANTS = (
 @register
 class Conv(OpDef):
     name = "conv"
+    saves_for_backward = frozenset({INPUTS})   # dW += dY · colᵀ, the columns from x (dX needs the weights only)
     aliases = ("convolution", "conv_nd")
     summary = "convolution (cross-correlation; flip=true for the mathematical one)"
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("groups", 1), *_LAYER_ARGS)
     template = "conv"
     c_helpers = ("gemm", "im2col")
     convolution = True
+
+    def backward_reads(self, attrs):
+        # The input is read for the weight gradient only, which a frozen layer does not compute.
+        return frozenset() if attrs["frozen"] else self.saves_for_backward
 
     def out_channels(self, attrs: dict, cin, ctx: OpContext) -> int:
         return expect_int(attrs["out"], "out", ctx, "out", minimum=1)

@@ -10,7 +10,7 @@ from fractions import Fraction
 
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import Arg, OpDef, Symbol, expect_bool, expect_int, init_arg, parse_init, register
+from .base import INPUTS, Arg, OpDef, Symbol, expect_bool, expect_int, init_arg, parse_init, register
 from .spatial import as3d, effective_kernel, input_rank_check, per_axis
 
 
@@ -21,6 +21,7 @@ def _x(values) -> str:
 @register
 class Deconv(OpDef):
     name = "deconv"
+    saves_for_backward = frozenset({INPUTS})   # dW += X · im2col(dY)ᵀ (dX needs the weights only)
     parallel = "the GEMM's rows for large products"
     aliases = ("conv_transpose", "transposed_conv", "deconvolution")
     summary = "transposed convolution (PyTorch ConvTranspose): learned up-sampling (§3.11)"
@@ -29,6 +30,10 @@ class Deconv(OpDef):
             Arg("output_pad", 0), Arg("groups", 1), Arg("dilation", 1), Arg("bias", True), init_arg(),
             Arg("frozen", False))
     c_helpers = ("gemm", "im2col")
+
+    def backward_reads(self, attrs):
+        # The input is read for the weight gradient only, which a frozen layer does not compute.
+        return frozenset() if attrs["frozen"] else self.saves_for_backward
 
     def normalize(self, attrs, in_types, ctx):
         (t,) = in_types

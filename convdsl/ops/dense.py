@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import Arg, OpDef, expect_bool, expect_int, init_arg, parse_init, register
+from .base import INPUTS, Arg, OpDef, expect_bool, expect_int, init_arg, parse_init, register
 
 
 @register
 class Flatten(OpDef):
     name = "flatten"
+    saves_for_backward = frozenset()           # dy reshaped
     relatives = ("reshape", "view")
     summary = "→ [C·H·W] in the layout's order (C,H,W for NCHW; H,W,C for NHWC)"
     flattens = True
@@ -29,6 +30,7 @@ class Flatten(OpDef):
 @register
 class Dense(OpDef):
     name = "dense"
+    saves_for_backward = frozenset({INPUTS})   # dW += dYᵀ · X (dX needs the weights only)
     parallel = "the GEMM's rows for large products"
     fuses_epilogue = True
     fully_connected = True
@@ -37,6 +39,10 @@ class Dense(OpDef):
     summary = "fully connected: y = W·x + b; a map input is flattened first"
     args = (Arg("out"), Arg("bias", True), init_arg(), Arg("frozen", False))
     c_helpers = ("gemm",)
+
+    def backward_reads(self, attrs):
+        # The input is read for the weight gradient only, which a frozen layer does not compute.
+        return frozenset() if attrs["frozen"] else self.saves_for_backward
 
     def expand(self, builder, inputs, attrs, ctx):
         t = builder.type_of(inputs[0])

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 from ..ir import dims as D
 from ..ir.graph import TensorType
-from .base import OpDef, register
+from .base import INPUTS, OpDef, register
 
 
 @register
 class Add(OpDef):
     name = "add"
+    saves_for_backward = frozenset()           # every input's gradient is dy
     parallel = "elements"
     aliases = ("sum", "plus")
     summary = "element-wise sum of tensors of one shape"
     locality = "value"
     fuses_as = "residual"          # of two tensors: the producer of one adds the other as it writes
-    backward_reads = "nothing"     # dy goes to every input as it is
     min_inputs, max_inputs = 2, None
 
     def infer(self, in_types, attrs, ctx):
@@ -32,6 +32,7 @@ class Add(OpDef):
 @register
 class Concat(OpDef):
     name = "concat"
+    saves_for_backward = frozenset()           # each input's gradient is its slice of dy
     aliases = ("concatenate", "cat")
     summary = "join along channels"
     locality = "position"
@@ -56,6 +57,7 @@ class Concat(OpDef):
 @register
 class Scale(OpDef):
     name = "scale"
+    saves_for_backward = frozenset({INPUTS})   # dx = dy·s and ds = Σ dy·x: both inputs
     parallel = "batch × channels"
     relatives = ("multiply", "mul")
     summary = "x[c] · s[c]: s is [C] or [C, 1, 1]"

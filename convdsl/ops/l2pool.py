@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from ..ir import dims as D
-from .base import register
+from .base import INPUTS, OUTPUT, register
 from .pool import WindowPool
 
 
 @register
 class L2Pool(WindowPool):
     name = "l2pool"
+    saves_for_backward = frozenset({INPUTS, OUTPUT})   # dx = dy · x / y
     aliases = ("lp_pool",)
     summary = "sqrt of the sum of squares in each window; padded cells add nothing"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import (Arg, OpContext, OpDef, Symbol, describe_value, expect_bool, expect_int, init_arg, parse_init,
+from .base import (INPUTS, Arg, OpContext, OpDef, Symbol, describe_value, expect_bool, expect_int, init_arg, parse_init,
                    register)
 from .spatial import as3d, output_sizes, pad_arg, per_axis, resolve_padding, window_context
 
@@ -23,8 +23,13 @@ def _x(values) -> str:
 class UnsharedConv(OpDef):
     """What local and tiled share; a subclass says how many kernel sets there are per axis."""
     template = "local"
+    saves_for_backward = frozenset({INPUTS})   # dW += dY · x at each position (dX needs the weights only)
     parallel = "batch × channels"
     unshared = True
+
+    def backward_reads(self, attrs):
+        # The input is read for the weight gradient only, which a frozen layer does not compute.
+        return frozenset() if attrs["frozen"] else self.saves_for_backward
 
     def kernel_sets(self, attrs: dict, out_spatial: tuple, ctx: OpContext) -> tuple:
         """Kernel sets per axis: one per output position unless a subclass says otherwise."""

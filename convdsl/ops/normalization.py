@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec
-from .base import Arg, BufferSpec, OpDef, TrainingGuard, expect_float, register
+from .base import INPUTS, SAVED, Arg, BufferSpec, OpDef, TrainingGuard, expect_float, register
 
 
 @register
 class BatchNorm(OpDef):
     name = "batchnorm"
+    saves_for_backward = frozenset({INPUTS})   # the batch statistics are computed again from x
     parallel = "channels"
     kernel_state = ("mode",)
     aliases = ("batch_norm", "batch_normalization", "bn")
@@ -71,6 +72,7 @@ class BatchNorm(OpDef):
 @register
 class Dropout(OpDef):
     name = "dropout"
+    saves_for_backward = frozenset({SAVED})    # its mask (saved_elements), never x or y
     parallel = "elements"
     relatives = ("alpha_dropout", "spatial_dropout")
     summary = "inverted dropout: keep with probability 1 - p and scale by 1/(1 - p) in training mode"

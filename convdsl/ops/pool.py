@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..ir import dims as D
 from ..ir.graph import TensorType
-from .base import Arg, OpDef, Symbol, register
+from .base import INPUTS, Arg, OpDef, Symbol, register
 from .spatial import input_rank_check, output_sizes, pad_arg, per_axis, resolve_padding, window_context
 
 
@@ -56,6 +56,7 @@ class WindowPool(OpDef):
 @register
 class MaxPool(WindowPool):
     name = "maxpool"
+    saves_for_backward = frozenset({INPUTS})   # the winner of each window is found again in x
     aliases = ("max_pooling",)
     relatives = ("fractional_max_pool",)
     summary = "max over each window; a padded cell never wins"
@@ -64,6 +65,7 @@ class MaxPool(WindowPool):
 @register
 class AvgPool(WindowPool):
     name = "avgpool"
+    saves_for_backward = frozenset()           # dy spread evenly over each window's real cells
     aliases = ("average_pooling", "avg_pooling", "average_pool")
     summary = "mean over each window; padding is not counted"
 
@@ -88,6 +90,7 @@ class GlobalPool(OpDef):
 @register
 class GlobalAvgPool(GlobalPool):
     name = "globalavgpool"
+    saves_for_backward = frozenset()           # dy / positions, everywhere
     aliases = ("adaptive_avg_pool", "global_average_pooling", "global_average_pool", "global_avg_pool", "gap")
     summary = "mean over all positions → [C, 1, 1]"
 
@@ -95,5 +98,6 @@ class GlobalAvgPool(GlobalPool):
 @register
 class GlobalMaxPool(GlobalPool):
     name = "globalmaxpool"
+    saves_for_backward = frozenset({INPUTS})   # the winning position is found again in x
     aliases = ("adaptive_max_pool", "global_max_pooling", "global_max_pool")
     summary = "max over all positions → [C, 1, 1]"

@@ -20,6 +20,7 @@ MODES = ("nearest", "linear", "bilinear", "trilinear")
 @register
 class Upsample(OpDef):
     name = "upsample"
+    saves_for_backward = frozenset()           # dy added back with the forward's weights
     parallel = "batch × channels"
     aliases = ("upsampling", "interpolate", "resize", "upsample_nearest", "upsample_bilinear")
     summary = "up-sampling by an integer factor: nearest, or (bi/tri)linear with align_corners=false"

@@ -4,10 +4,13 @@ Forward-only (eval mode): a value is live from the node that makes it to the las
 reads it (network inputs from the start, outputs to the end); while a node runs, its inputs and
 its output are live. The module places values by lifetime (convdsl/lower/memory.py), so that
 its eval-mode arena is this figure; on every example it is the largest sum of live values over
-the nodes, the least any placement can reach. Training keeps every value for backward, a
-gradient of the same size for each, and what a forward saves for its backward (dropout's mask):
-that is what the module allocates in training mode. Neither counts the parameters or the shared
-workspace (im2col columns), which the module reports apart (Model.memory()).
+the nodes, the least any placement can reach. Training keeps what the backward reads (each op
+says what: a conv its input, a relu its output, dropout its mask) until the end of the backward,
+and the gradients from the first backward step that touches them to the last, all sharing one
+block by lifetime (lower/memory.training_placement): that block is what the module allocates in
+training mode. `all_kept_bytes` is the figure without any of that, every value and its gradient
+and every mask, for comparison. None counts the parameters or the workspaces (im2col columns,
+per-thread gradients), which the module reports apart (Model.memory()).
 """
 from __future__ import annotations
 
@@ -16,9 +19,8 @@ from dataclasses import dataclass
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import Graph
-from ..lower.memory import inference_placement, lifetimes
+from ..lower.memory import inference_placement, lifetimes, saved_elements, training_placement
 from ..lower.plan import fusions_of
-from ..ops.base import lookup
 
 BYTES = {"f32": 4, "f64": 8}
 
@@ -27,8 +29,9 @@ BYTES = {"f32": 4, "f64": 8}
 class MemoryPlan:
     peak_inference_bytes: Dim        # per sample: the eval-mode arena the module allocates
     peak_node: int | None            # the node at which the most values are live
-    training_bytes: Dim              # per sample: all values, their gradients, saved masks
+    training_bytes: Dim              # per sample: the training block the module allocates
     per_node_live_bytes: tuple[Dim, ...]
+    all_kept_bytes: Dim = 0          # per sample: every value, its gradient and every saved mask
 
 
 def _bigger(a: Dim, b: Dim, env_probe: dict) -> bool:
@@ -58,11 +61,10 @@ def plan_memory(g: Graph) -> MemoryPlan:
     # What the module allocates: the placement by lifetime (the largest live sum is its lower bound).
     _, placed = inference_placement(g, fusions)
     peak = D.mul(placed, size)
-    training: Dim = 0
+    training = D.mul(training_placement(g, fusions).total, size)
+    everything: Dim = 0
     for b in value_bytes:
-        training = D.add(training, D.mul(b, 2))
-    for node in g.nodes:
-        in_types = tuple(g.values[v].type for v in node.inputs)
-        saved = lookup(node.op).saved_elements(in_types, g.values[node.output].type, node.attrs)
-        training = D.add(training, D.mul(saved, size))
-    return MemoryPlan(peak, peak_node, training, tuple(live_at))
+        everything = D.add(everything, D.mul(b, 2))
+    for elems in saved_elements(g).values():
+        everything = D.add(everything, D.mul(elems, size))
+    return MemoryPlan(peak, peak_node, training, tuple(live_at), everything)

@@ -377,8 +377,9 @@ class ModelBase:
     @_one_at_a_time
     def memory(self) -> dict[str, int]:
         """Bytes the last prepared batch uses for the current mode: `activations` (eval: forward
-        only, values sharing memory by lifetime; training: every activation, its gradient and saved
-        masks, as `convdsl check` reports them per sample) and the shared `workspace`."""
+        only, values sharing memory by lifetime; training: what the backward reads, the gradients
+        and saved masks, sharing memory by lifetime; both as `convdsl check` reports them per
+        sample) and the `workspace` (shared, and per thread for a backward that splits the batch)."""
         return {"activations": int(self._call("arena_bytes", self._m)),
                 "workspace": int(self._call("workspace_bytes", self._m))}
 

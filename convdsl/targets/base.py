@@ -169,6 +169,9 @@ class NodeView:
     work: str | None = None                       # argument: the shared workspace, when the step has one
     thread_work: str | None = None                # argument: per-thread workspaces (with work_threads)
     split: dict = field(default_factory=dict)     # how the step's loops are split: axis and threshold
+    # The gradients its backward is the first to touch, zeroed just before it (gradients share
+    # memory by lifetime in training): value index and elements per sample.
+    zero_first: list = field(default_factory=list)
 
 
 # How a kernel reads the model state an op declares (OpDef.kernel_state), per phase.
@@ -374,20 +377,17 @@ class Target:
         return args
 
     def backward_arguments(self, pg: Program, step: Step, saved_index: dict[int, int]) -> list[KernelArg]:
-        """What it reads — of the forward its inputs (or an activation's output only) and its own
-        output y (never for a producer whose activation was fused: it never wrote y), then dy,
-        the parameters, buffers and saved memory — then the gradients it adds into."""
+        """What it reads — of the forward its inputs x0 … and its output y, those its op declares
+        that its backward reads (`OpDef.saves_for_backward`; the others are NULL: in the training
+        block their memory may hold another tensor by now) — then dy, the parameters, buffers and
+        saved memory, then the gradients it adds into."""
         src = self._operand_source
         args = self.size_arguments(pg)
         dy, *read = step.inputs
-        args += [KernelArg(o.role, "input", src(o)) for o in read]
-        # A producer with fused stages never writes its own raw output (y) as such: only kernels
-        # that run their forward themselves can be handed it.
-        forward = next((f for f in pg.forward if f.node == step.node), None)   # None: a fused stage
-        fused_stages = forward is not None and forward.epilogue.stages
-        if not fused_stages and not any(o.role == "y" for o in read):
-            y = pg.activations[dy.value]
-            args.append(KernelArg("y", "input", {"region": ACTIVATIONS, "value": y.value, "offset": y.offset}))
+        given = {o.role: o for o in read}
+        for role in [f"x{i}" for i in range(len(step.in_types))] + ["y"]:
+            o = given.get(role)
+            args.append(KernelArg(role, "input", src(o) if o is not None else {"region": "none"}))
         args.append(KernelArg(dy.role, "input", src(dy)))
         args += [KernelArg(checked_identifier(p.role), "input", src(p)) for p in step.params]
         args += [KernelArg(checked_identifier(b.role), "input", src(b)) for b in step.buffers]
@@ -462,7 +462,8 @@ class Target:
                 size_args=self.size_arguments(pg),
                 work="work" if step.workspace.elements != 0 else None,
                 thread_work="thread_work" if step.workspace.per_thread != 0 else None,
-                split={"axis": step.parallel.axis, "threshold": step.parallel.threshold}))
+                split={"axis": step.parallel.axis, "threshold": step.parallel.threshold},
+                zero_first=[{"index": o.value, "numel": host(o.size)} for o in backward.zero_first]))
             for g in op.training_guards(step.attrs, step.in_types, step.out_type):
                 guards.append({"per_sample": host(g.per_sample), "least": g.least,
                                "message": f"{step.op} {label} (line {step.line}) {g.message}"})
@@ -534,6 +535,7 @@ class Target:
             "nodes": nodes, "helpers": helpers, "values": values, "inputs": inputs, "outputs": outputs,
             "params": params, "param_total": pg.param_total, "consts": consts, "loss": loss,
             "size_checks": size_checks, "regions": regions,
+            "zero_at_start": [{"index": o.value, "numel": host(o.size)} for o in pg.zero_at_start],
             "buffers": buffer_table, "buffer_total": pg.buffer_total, "saved": saved, "training_guards": guards,
         }
         env = self.environment()

@@ -54,8 +54,12 @@ def test_json_numbers_for_lenet():
     # never stored), so the largest set alive at once is relu1's output and maxpool1's.
     assert net["totals"]["peak_activation_bytes_forward"] == (6 * 28 * 28 + 6 * 14 * 14) * 4
     assert net["totals"]["peak_activation_layer"] == "maxpool1"
-    values = 28 * 28 + 2 * 6 * 28 * 28 + 6 * 14 * 14 + 2 * 16 * 10 * 10 + 16 * 5 * 5 + 400 + 2 * 120 + 2 * 84 + 10
-    assert net["totals"]["activation_bytes_training"] == 2 * values * 4
+    # Training keeps what a backward reads until the backward ends: the input, the outputs of relu1
+    # (read by maxpool1's and relu1's backwards), maxpool1 (conv2's), relu2, flatten (dense1's),
+    # relu3, relu4 and the logits; maxpool2's output dies at flatten, whose backward needs dy only.
+    # The gradients, sharing memory by lifetime, peak at relu1's backward: its dy and dx, 6×28×28 each.
+    kept = 28 * 28 + 6 * 28 * 28 + 6 * 14 * 14 + 16 * 10 * 10 + 400 + 120 + 84 + 10
+    assert net["totals"]["activation_bytes_training"] == (kept + 2 * 6 * 28 * 28) * 4
     conv1 = net["layers"][0]
     assert (conv1["label"], conv1["params"], conv1["receptive_field"], conv1["inputs"]) == \
         ("conv1", 156, "5×5", ["input:x"])
@@ -70,7 +74,10 @@ def test_backward_macs_by_kind():
     assert layers["conv1"]["macs_backward"] == layers["conv1"]["macs_forward"] > 0
     assert layers["dense1"]["macs_backward"] == 2 * layers["dense1"]["macs_forward"] > 0
     graph = graph_from_source("network D {\n input x: [100]\n y = x -> dense(50) -> dropout(0.5)\n output y\n}\n")
-    assert plan_memory(graph).training_bytes == (2 * (100 + 50 + 50) + 50) * 4
+    # Kept through the backward: x, y and the mask (dropout's backward reads nothing else, so
+    # dense's output dies at the dropout); at dense's backward its dy (50) and dx (100) are live.
+    assert plan_memory(graph).training_bytes == ((100 + 50 + 50) + (50 + 100)) * 4
+    assert plan_memory(graph).all_kept_bytes == (2 * (100 + 50 + 50) + 50) * 4
 
 
 def test_forward_peak_frees_values_after_their_last_reader():

@@ -51,7 +51,9 @@ def test_every_step_line_names_variant_operands_epilogue_workspace_threads():
     conv1 = lines[0]
     assert "conv1 (line 7)" in conv1 and "conv/im2col" in conv1
     # conv1 + bias + relu1 as one kernel writing relu1's output (value 2) once
-    assert "x0=act[0:+784]" in conv1 and "y=act[5488:+4704]" in conv1 and "weight=params[0:+150]" in conv1
+    # (training block offsets: the input is kept apart from everything; relu1's output, which
+    # maxpool1's and relu1's backwards read, is placed first)
+    assert "x0=act[16888:+784]" in conv1 and "y=act[0:+4704]" in conv1 and "weight=params[0:+150]" in conv1
     assert "| epilogue bias+relu (relu1 fused) |" in conv1
     # the shared columns, and per thread (a backward giving threads whole samples) columns + dW + db
     assert "| workspace 19600 + 19756 per thread |" in conv1 and "| threads " in conv1
