@@ -1,10 +1,11 @@
 """The cost of one call from Python: Model.forward / backward / train_step next to the bare C call.
 
-    OMP_NUM_THREADS=1 python benchmarks/call_overhead.py [--batches 31] [--calls 2000] [--profile]
+    OMP_NUM_THREADS=1 python benchmarks/call_overhead.py [--batches 31] [--run-ms 20] [--profile]
 
 Two networks at batch 1: one relu over 4 floats (all of its time is the call's overhead) and
-LeNet-5 (examples/lenet5.cnn). For each it times, with time.perf_counter_ns, `--calls` calls in
-a row `--batches` times and prints the median time per call (and the fastest batch's), for:
+LeNet-5 (examples/lenet5.cnn). For each it times, with time.perf_counter_ns, runs of as many
+calls in a row as take about `--run-ms`, `--batches` runs each, the Model's and the bare C
+call's in alternation, and prints the median time per call (and the fastest run's), for:
 
 - `Model.forward` in eval and in training mode, `Model.backward` (training mode, after one
   forward), `Model.train_step`;
@@ -45,18 +46,25 @@ network OneRelu {
 """
 
 
-def per_call_ns(fn, calls: int, batches: int) -> tuple[float, float]:
-    """(median, fastest) nanoseconds per call over `batches` runs of `calls` calls each."""
-    for _ in range(max(10, calls // 10)):            # warm-up: caches, branch predictors, prepare
-        fn()
-    times = []
+def per_call_ns(model_call, c_call, batches: int, budget_s: float) -> tuple[float, float, float, float]:
+    """(Model median, Model fastest, C median, C fastest) nanoseconds per call. The two are timed
+    in alternating runs of the same number of calls (about `budget_s` seconds per run, found
+    by a warm-up), so that a machine shared with other work slows both alike."""
     clock = time.perf_counter_ns
+    start, warm = clock(), 0
+    while clock() - start < budget_s * 1e9 or warm < 10:    # caches, branch predictors, prepare
+        model_call()
+        c_call()
+        warm += 1
+    calls = warm
+    times = ([], [])
     for _ in range(batches):
-        start = clock()
-        for _ in range(calls):
-            fn()
-        times.append((clock() - start) / calls)
-    return statistics.median(times), min(times)
+        for fn, out in zip((model_call, c_call), times):
+            start = clock()
+            for _ in range(calls):
+                fn()
+            out.append((clock() - start) / calls)
+    return statistics.median(times[0]), min(times[0]), statistics.median(times[1]), min(times[1])
 
 
 def bare_calls(net):
@@ -73,7 +81,7 @@ def bare_calls(net):
     return ffi, m, forward, backward, train_step, set_training, ptrs
 
 
-def measure(module, x, target, calls: int, batches: int) -> list[tuple[str, float, float, float, float]]:
+def measure(module, x, target, batches: int, budget_s: float) -> list[tuple[str, float, float, float, float]]:
     """Rows of (what, Model median, Model fastest, C median, C fastest) in ns per call."""
     net = module.Model(seed=0)
     ffi, m, c_forward, c_backward, c_train_step, c_set_training, ptrs = bare_calls(net)
@@ -86,30 +94,23 @@ def measure(module, x, target, calls: int, batches: int) -> list[tuple[str, floa
     dy_p, dx_p = ptrs([dy], False), ptrs([dx], True)
     rows = []
 
+    def row(what, model_call, c_call):
+        rows.append((what, *per_call_ns(model_call, c_call, batches, budget_s)))
+
     net.eval()
     c_set_training(m, 0)
-    model = per_call_ns(lambda: net.forward(x), calls, batches)
-    bare = per_call_ns(lambda: c_forward(m, ins_p, outs_p), calls, batches)
-    rows.append(("forward, eval", *model, *bare))
-
+    row("forward, eval", lambda: net.forward(x), lambda: c_forward(m, ins_p, outs_p))
     net.train()
     c_set_training(m, 1)
-    model = per_call_ns(lambda: net.forward(x), calls, batches)
-    bare = per_call_ns(lambda: c_forward(m, ins_p, outs_p), calls, batches)
-    rows.append(("forward, training", *model, *bare))
-
+    row("forward, training", lambda: net.forward(x), lambda: c_forward(m, ins_p, outs_p))
     net.forward(x)
-    model = per_call_ns(lambda: net.backward(dy), calls, batches)
-    bare = per_call_ns(lambda: c_backward(m, dy_p, dx_p), calls, batches)
-    rows.append(("backward, training", *model, *bare))
-
+    row("backward, training", lambda: net.backward(dy), lambda: c_backward(m, dy_p, dx_p))
     if target is not None:
         lr = 1e-6
         loss = ffi.new("double *")
         target_p = ffi.cast("void *", ffi.from_buffer(target))
-        model = per_call_ns(lambda: net.train_step(x, target, lr=lr), calls, batches)
-        bare = per_call_ns(lambda: c_train_step(m, ins_p, target_p, lr, loss), calls, batches)
-        rows.append(("train_step", *model, *bare))
+        row("train_step", lambda: net.train_step(x, target, lr=lr),
+            lambda: c_train_step(m, ins_p, target_p, lr, loss))
     return rows
 
 
@@ -128,7 +129,7 @@ def profile(module, x, calls: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, default=31, help="timed runs per row (median taken)")
-    ap.add_argument("--calls", type=int, default=2000, help="calls per timed run")
+    ap.add_argument("--run-ms", type=float, default=20.0, help="about how long one timed run takes")
     ap.add_argument("--profile", action="store_true", help="cProfile the relu network's eval forward")
     args = ap.parse_args()
 
@@ -140,11 +141,11 @@ def main() -> None:
               np.array([3], dtype=np.int64))]
 
     print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')}, {os.cpu_count()} CPUs, "
-          f"median (fastest) of {args.batches} runs of {args.calls} calls, µs per call")
+          f"median (fastest) of {args.batches} runs, µs per call")
     print(f"| network | call | Model | bare C | Model − C |")
     print(f"|---|---|---|---|---|")
     for name, module, x, target in cases:
-        for what, med, fast, c_med, c_fast in measure(module, x, target, args.calls, args.batches):
+        for what, med, fast, c_med, c_fast in measure(module, x, target, args.batches, args.run_ms / 1e3):
             print(f"| {name} | {what} | {med / 1e3:.2f} ({fast / 1e3:.2f}) | {c_med / 1e3:.2f} ({c_fast / 1e3:.2f}) "
                   f"| {(med - c_med) / 1e3:.2f} |")
     if args.profile:

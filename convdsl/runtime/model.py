@@ -47,7 +47,8 @@ class _Geometry:
     first eval forward at this geometry and overwritten by the next ones."""
 
     __slots__ = ("key", "input_shapes", "c_input_shapes", "output_shapes", "input_ptrs", "output_ptrs",
-                 "grad_ptrs", "input_grad_ptrs", "eval_inputs", "eval_input_ptrs", "loss_output_shape")
+                 "grad_ptrs", "input_grad_ptrs", "eval_inputs", "eval_input_ptrs", "loss_output_shape",
+                 "label_shape", "classes")
 
     def __init__(self, model: "ModelBase", key: tuple, input_shapes: tuple):
         ffi, n_in, n_out = model._ffi, len(model._meta["inputs"]), len(model._meta["outputs"])
@@ -62,6 +63,14 @@ class _Geometry:
         self.eval_input_ptrs = None
         loss = model._meta["loss"]
         self.loss_output_shape = None if loss is None else self.output_shapes[loss["output_index"]]
+        self.label_shape = self.classes = None
+        if loss is not None and loss["target_kind"] == "labels":
+            # One class per sample, or per position of a map; classes are the channels.
+            out_shape = self.loss_output_shape
+            nhwc = model._meta["layout"] == "NHWC" and len(out_shape) > 2
+            spatial = out_shape[1:-1] if nhwc else out_shape[2:]
+            self.classes = out_shape[-1] if nhwc else out_shape[1]
+            self.label_shape = (out_shape[0], *(() if all(d == 1 for d in spatial) else spatial))
 
     def eval_copies(self, model: "ModelBase"):
         """The buffers an eval forward copies its inputs into, and the C pointers to them."""
@@ -337,33 +346,34 @@ class ModelBase:
     # Each call first tries the path of the geometry the previous call worked out (_accepts),
     # and takes the full path of checks and conversions only when that does not fit: the
     # first call at a batch, a list, another dtype, a strided view, a wrong shape (whose
-    # error message the full path writes).
-    @_one_at_a_time
+    # error message the full path writes). forward, backward and train_step take the lock
+    # themselves, as _one_at_a_time would, to spare the per-call path a wrapper's call.
     def forward(self, *xs):
         """Run the network on a batch; returns one array, or a tuple for several outputs."""
-        geo = self._geometry
-        if geo is not None and geo.key == self._prepared and self._accepts(xs, geo.input_shapes):
-            self._start_forward()
-            arrays = xs
-        else:
-            arrays, geo = self._bind_and_prepare(xs)
-        outs = self._new_arrays(geo.output_shapes, geo.output_ptrs)
-        if self.training:
-            inputs = self._pointers(geo.input_ptrs, arrays)
-        else:
-            # An eval-mode forward runs in shared memory and keeps nothing for a backward; its
-            # inputs are copied (the caller may reuse its arrays) into buffers this geometry
-            # keeps, so that a backward can recompute it; the forward reads those copies.
-            for copy, a in zip(geo.eval_copies(self), arrays):
-                copy[...] = a
-            inputs = geo.eval_input_ptrs
-        # Until the C forward succeeds, no backward pairs with anything.
-        self._forward_key = self._eval_inputs = None
-        if self._c_forward(self._m, inputs, geo.output_ptrs):
-            raise self._c_error()
-        self._eval_inputs = None if self.training else geo
-        self._forward_key = geo.key
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        with self.lock:
+            geo = self._geometry
+            if geo is not None and geo.key == self._prepared and self._accepts(xs, geo.input_shapes):
+                self._start_forward()
+                arrays = xs
+            else:
+                arrays, geo = self._bind_and_prepare(xs)
+            outs = self._new_arrays(geo.output_shapes, geo.output_ptrs)
+            if self.training:
+                inputs = self._pointers(geo.input_ptrs, arrays)
+            else:
+                # An eval-mode forward runs in shared memory and keeps nothing for a backward; its
+                # inputs are copied (the caller may reuse its arrays) into buffers this geometry
+                # keeps, so that a backward can recompute it; the forward reads those copies.
+                for copy, a in zip(geo.eval_copies(self), arrays):
+                    copy[...] = a
+                inputs = geo.eval_input_ptrs
+            # Until the C forward succeeds, no backward pairs with anything.
+            self._forward_key = self._eval_inputs = None
+            if self._c_forward(self._m, inputs, geo.output_ptrs):
+                raise self._c_error()
+            self._eval_inputs = None if self.training else geo
+            self._forward_key = geo.key
+            return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _output_grads(self, dys, shapes: tuple) -> list[np.ndarray]:
         """The full path of backward's arguments: counted, shapes checked, converted."""
@@ -379,22 +389,22 @@ class ModelBase:
             grads.append(self._converted(arr, what))
         return grads
 
-    @_one_at_a_time
     def backward(self, *dys):
         """Gradients of the inputs for the given output gradients; parameter gradients land in `grads`."""
-        self._check_pairing("backward")
-        geo = self._geometry
-        if self._forward_key is None or self._forward_key != self._prepared or geo.key != self._forward_key:
-            raise RuntimeError("backward needs a forward first (on the same batch)")
-        if not self._accepts(dys, geo.output_shapes):
-            dys = self._output_grads(dys, geo.output_shapes)
-        dxs = self._new_arrays(geo.c_input_shapes, geo.input_grad_ptrs)
-        grads = self._pointers(geo.grad_ptrs, dys)
-        if self._eval_inputs is not None:
-            self._recompute_for_backward()
-        if self._c_backward(self._m, grads, geo.input_grad_ptrs):
-            raise self._c_error()
-        return dxs[0] if len(dxs) == 1 else tuple(dxs)
+        with self.lock:
+            self._check_pairing("backward")
+            geo = self._geometry
+            if self._forward_key is None or self._forward_key != self._prepared or geo.key != self._forward_key:
+                raise RuntimeError("backward needs a forward first (on the same batch)")
+            if not self._accepts(dys, geo.output_shapes):
+                dys = self._output_grads(dys, geo.output_shapes)
+            dxs = self._new_arrays(geo.c_input_shapes, geo.input_grad_ptrs)
+            grads = self._pointers(geo.grad_ptrs, dys)
+            if self._eval_inputs is not None:
+                self._recompute_for_backward()
+            if self._c_backward(self._m, grads, geo.input_grad_ptrs):
+                raise self._c_error()
+            return dxs[0] if len(dxs) == 1 else tuple(dxs)
 
     def _recompute_for_backward(self) -> None:
         """The eval-mode forward again, now keeping its activations: eval mode is deterministic
@@ -409,64 +419,66 @@ class ModelBase:
             self._call("set_keep_for_backward", self._m, 0)
             self._call("set_training", self._m, mode)
 
-    def _target(self, target, out_shape: tuple) -> np.ndarray:
-        """The loss's target checked against the loss output's shape `out_shape`."""
-        loss = self._meta["loss"]
-        batch = out_shape[0]
-        if loss["target_kind"] == "labels":
-            # One class per sample, or per position of a map; classes are the channels.
-            nhwc = self._meta["layout"] == "NHWC" and len(out_shape) > 2
-            spatial = out_shape[1:-1] if nhwc else out_shape[2:]
-            classes = out_shape[-1] if nhwc else out_shape[1]
-            target_dims = () if all(d == 1 for d in spatial) else spatial
-            arr = target if type(target) is np.ndarray else np.asarray(target)
-            if arr.dtype.kind == "f":
-                if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-                    raise TypeError("labels must be whole numbers (class indices)")
-            elif arr.dtype.kind not in "iub":
-                raise TypeError(f"labels must be integers (class indices), got dtype {arr.dtype}")
-            want = (batch, *target_dims)
-            if arr.shape != want:
-                raise ValueError(f"labels: expected shape {want}, got {arr.shape}")
-            # The range is checked on the labels as given, before int64: 1e20 or 2**64 - 1 would
-            # wrap to a negative class in the conversion and be reported as that. (Two
-            # reductions first: the mask of offenders is built only to name one.)
-            if arr.min() < 0 or arr.max() >= classes:
-                outside = (arr < 0) | (arr >= classes)
-                bad = arr[outside].flat[0]
-                shown = int(bad) if arr.dtype.kind == "f" else bad
-                raise ValueError(f"labels: class {shown} is out of range [0, {classes})")
-            return np.ascontiguousarray(arr, dtype=np.int64)
-        arr = self._as_array(target, "target")
-        if arr.shape != out_shape:
-            raise ValueError(f"target: expected shape {out_shape} (like the output), got {arr.shape}")
-        return arr
+    def _target(self, target, geo: _Geometry) -> np.ndarray:
+        """The loss's target checked against the prepared batch `geo`: class labels, or an
+        array shaped like the loss's output."""
+        if geo.classes is None:
+            arr = self._as_array(target, "target")
+            if arr.shape != geo.loss_output_shape:
+                raise ValueError(f"target: expected shape {geo.loss_output_shape} (like the output), "
+                                 f"got {arr.shape}")
+            return arr
+        arr = target if type(target) is np.ndarray else np.asarray(target)
+        kind, classes = arr.dtype.kind, geo.classes
+        if kind == "f":
+            if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+                raise TypeError("labels must be whole numbers (class indices)")
+        elif kind not in "iub":
+            raise TypeError(f"labels must be integers (class indices), got dtype {arr.dtype}")
+        if arr.shape != geo.label_shape:
+            raise ValueError(f"labels: expected shape {geo.label_shape}, got {arr.shape}")
+        # The range is checked on the labels as given, before int64: 1e20 or 2**64 - 1 would
+        # wrap to a negative class in the conversion and be reported as that. One reduction
+        # where it can be (seen unsigned, a negative integer is larger than any class); the
+        # mask of offenders is built only to name one.
+        if kind == "i":
+            outside_any = arr.view(arr.dtype.str.replace("i", "u")).max() >= classes
+        elif kind == "f":
+            outside_any = arr.min() < 0 or arr.max() >= classes
+        else:
+            outside_any = arr.max() >= classes
+        if outside_any:
+            outside = (arr < 0) | (arr >= classes)
+            bad = arr[outside].flat[0]
+            shown = int(bad) if kind == "f" else bad
+            raise ValueError(f"labels: class {shown} is out of range [0, {classes})")
+        return np.ascontiguousarray(arr, dtype=np.int64)
 
-    @_one_at_a_time
     def train_step(self, *args, lr=None) -> float:
         """forward, loss, backward and one SGD step (p -= lr · grad); returns the loss."""
-        if self._meta["loss"] is None:
-            raise RuntimeError(f"network {self._meta['network']} declares no loss: add `loss …` to train it")
-        n_in = len(self._meta["inputs"])
-        if lr is None and len(args) == n_in + 2:
-            *args, lr = args
-        if len(args) != n_in + 1:
-            raise TypeError(f"train_step takes {n_in} input(s), the target and lr")
-        lr = _learning_rate(lr)
-        xs = args[:-1]
-        geo = self._geometry
-        if geo is not None and geo.key == self._prepared and self._accepts(xs, geo.input_shapes):
-            self._start_forward()
-            arrays = xs
-        else:
-            arrays, geo = self._bind_and_prepare(xs)
-        target = self._target(args[-1], geo.loss_output_shape)
-        # The parameters change: whatever a forward stored is stale, even if the step fails.
-        self._forward_key = self._eval_inputs = None
-        if self._c_train_step(self._m, self._pointers(geo.input_ptrs, arrays), self._ffi.from_buffer(target),
-                              lr, self._loss_out):
-            raise self._c_error()
-        return float(self._loss_out[0])
+        with self.lock:
+            if self._meta["loss"] is None:
+                raise RuntimeError(f"network {self._meta['network']} declares no loss: add `loss …` to train it")
+            n_in = len(self._meta["inputs"])
+            if lr is None and len(args) == n_in + 2:
+                *args, lr = args
+            if len(args) != n_in + 1:
+                raise TypeError(f"train_step takes {n_in} input(s), the target and lr")
+            lr = _learning_rate(lr)
+            xs = args[:-1]
+            geo = self._geometry
+            if geo is not None and geo.key == self._prepared and self._accepts(xs, geo.input_shapes):
+                self._start_forward()
+                arrays = xs
+            else:
+                arrays, geo = self._bind_and_prepare(xs)
+            target = self._target(args[-1], geo)
+            # The parameters change: whatever a forward stored is stale, even if the step fails.
+            self._forward_key = self._eval_inputs = None
+            if self._c_train_step(self._m, self._pointers(geo.input_ptrs, arrays), self._ffi.from_buffer(target),
+                                  lr, self._loss_out):
+                raise self._c_error()
+            return float(self._loss_out[0])
 
     @_one_at_a_time
     def loss(self, target) -> float:
@@ -476,7 +488,7 @@ class ModelBase:
         self._check_pairing("loss")
         if self._forward_key is None or self._forward_key != self._prepared:
             raise RuntimeError("loss needs a forward first")
-        t = self._target(target, self._geometry.loss_output_shape)
+        t = self._target(target, self._geometry)
         if self._c_loss(self._m, self._ffi.from_buffer(t), self._loss_out):
             raise self._c_error()
         return float(self._loss_out[0])
@@ -560,6 +572,8 @@ class ModelBase:
 
 
 def _learning_rate(lr) -> float:
+    if type(lr) is float and math.isfinite(lr):       # the usual case, without the checks below
+        return lr
     try:
         value = float(lr) if isinstance(lr, numbers.Real) and not isinstance(lr, bool) else math.nan
     except (OverflowError, ValueError, TypeError):     # 10**400, odd Real types
