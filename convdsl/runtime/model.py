@@ -73,7 +73,8 @@ class _Geometry:
             self.label_shape = (out_shape[0], *(() if all(d == 1 for d in spatial) else spatial))
 
     def eval_copies(self, model: "ModelBase"):
-        """The buffers an eval forward copies its inputs into, and the C pointers to them."""
+        """The buffers an eval forward copies its inputs into (allocated by the first one, with
+        `eval_input_ptrs` pointing at them for good)."""
         if self.eval_inputs is None:
             self.eval_inputs = tuple(np.empty(s, dtype=model._dtype) for s in self.c_input_shapes)
             ptrs = model._ffi.new(f"{model._p}_real *[{max(len(self.eval_inputs), 1)}]")
