@@ -35,6 +35,55 @@ class _Memory:
         self.owner = owner
 
 
+class _Geometry:
+    """What one prepared geometry (batch size and run-time sizes) fixes for every call at it,
+    worked out once by the first call there so that the calls after it only compare and fill in.
+
+    `input_shapes` are the shapes of the inputs that call accepted: an input of exactly that
+    shape, the model's dtype, C-contiguous and aligned passes every check the full path makes
+    (see ModelBase._accepts). The pointer arrays are the C API's `real *const *` arguments,
+    filled per call under the model's lock. `eval_inputs` are the model's own copies of an
+    eval-mode forward's inputs (a backward recomputes that forward from them), allocated by the
+    first eval forward at this geometry and overwritten by the next ones."""
+
+    __slots__ = ("key", "input_shapes", "c_input_shapes", "output_shapes", "input_ptrs", "output_ptrs",
+                 "grad_ptrs", "input_grad_ptrs", "eval_inputs", "eval_input_ptrs", "loss_output_shape",
+                 "label_shape", "classes")
+
+    def __init__(self, model: "ModelBase", key: tuple, input_shapes: tuple):
+        ffi, n_in, n_out = model._ffi, len(model._meta["inputs"]), len(model._meta["outputs"])
+        self.key = key
+        self.input_shapes = input_shapes
+        self.c_input_shapes = tuple(model._shape("input", i) for i in range(n_in))
+        self.output_shapes = tuple(model._shape("output", i) for i in range(n_out))
+        array_of = f"{model._p}_real *[{max(n_in, n_out, 1)}]"
+        self.input_ptrs, self.output_ptrs = ffi.new(array_of), ffi.new(array_of)
+        self.grad_ptrs, self.input_grad_ptrs = ffi.new(array_of), ffi.new(array_of)
+        self.eval_inputs: tuple | None = None
+        self.eval_input_ptrs = None
+        loss = model._meta["loss"]
+        self.loss_output_shape = None if loss is None else self.output_shapes[loss["output_index"]]
+        self.label_shape = self.classes = None
+        if loss is not None and loss["target_kind"] == "labels":
+            # One class per sample, or per position of a map; classes are the channels.
+            out_shape = self.loss_output_shape
+            nhwc = model._meta["layout"] == "NHWC" and len(out_shape) > 2
+            spatial = out_shape[1:-1] if nhwc else out_shape[2:]
+            self.classes = out_shape[-1] if nhwc else out_shape[1]
+            self.label_shape = (out_shape[0], *(() if all(d == 1 for d in spatial) else spatial))
+
+    def eval_copies(self, model: "ModelBase"):
+        """The buffers an eval forward copies its inputs into (allocated by the first one, with
+        `eval_input_ptrs` pointing at them for good)."""
+        if self.eval_inputs is None:
+            self.eval_inputs = tuple(np.empty(s, dtype=model._dtype) for s in self.c_input_shapes)
+            ptrs = model._ffi.new(f"{model._p}_real *[{max(len(self.eval_inputs), 1)}]")
+            for i, buf in enumerate(self.eval_inputs):
+                ptrs[i] = model._ffi.from_buffer(model._real_array, buf, require_writable=True)
+            self.eval_input_ptrs = ptrs
+        return self.eval_inputs
+
+
 def _memory_budget() -> float:
     """Half the machine's physical memory: the most activations a prepare may allocate."""
     try:
@@ -112,9 +161,19 @@ class ModelBase:
             buffers[name] = self._view(self._call("buffer_data", self._m, i), shape)
         self.buffers = MappingProxyType(buffers)
         self._prepared: tuple | None = None
-        self._last_outputs: tuple | None = None
         self._forward_key: tuple | None = None
-        self._eval_inputs: list | None = None
+        # The geometry of the latest forward or train_step, and the one whose eval_inputs hold
+        # the last eval-mode forward's inputs (None when no backward has to recompute one).
+        self._geometry: _Geometry | None = None
+        self._eval_inputs: _Geometry | None = None
+        # What every call uses, looked up once: the C functions and the cffi type of an array.
+        lib, p = self._lib, self._p
+        self._c_forward = getattr(lib, f"{p}_forward")
+        self._c_backward = getattr(lib, f"{p}_backward")
+        self._c_train_step = getattr(lib, f"{p}_train_step")
+        self._c_loss = getattr(lib, f"{p}_loss")
+        self._real_array = self._ffi.typeof(f"{p}_real[]")
+        self._loss_out = self._ffi.new("double *")
         self.training = True
         self.lock = threading.RLock()
         # Forwards (and train_steps) started on this model, and per thread the number of the
@@ -134,11 +193,8 @@ class ModelBase:
         if rc != 0:
             raise RuntimeError(self._ffi.string(self._call("last_error", self._m)).decode())
 
-    def _ptrs(self, arrays, writable: bool):
-        ctype = f"{self._p}_real *[]"
-        cast = f"{self._p}_real *"
-        return self._ffi.new(ctype, [self._ffi.cast(cast, self._ffi.from_buffer(a, require_writable=writable))
-                                     for a in arrays])
+    def _c_error(self) -> RuntimeError:
+        return RuntimeError(self._ffi.string(self._call("last_error", self._m)).decode())
 
     def _read(self, x, what: str) -> np.ndarray:
         """An array of real numbers, not yet converted: shapes are checked before any copy."""
@@ -241,113 +297,189 @@ class ModelBase:
         rank = self._call(f"{kind}_shape", self._m, index, buf)
         return tuple(int(buf[i]) for i in range(rank))
 
-    # ---- the API of §7 -----------------------------------------------------------------
-    @_one_at_a_time
-    def forward(self, *xs):
-        """Run the network on a batch; returns one array, or a tuple for several outputs."""
+    def _accepts(self, xs, shapes: tuple) -> bool:
+        """Whether `xs` pass the full path's checks as they are, known from an earlier call that
+        checked arrays of these shapes: each a plain ndarray of exactly its shape, the model's
+        dtype, C-contiguous and aligned (so there is nothing to check or convert)."""
+        if len(xs) != len(shapes):
+            return False
+        dtype = self._dtype
+        for x, shape in zip(xs, shapes):
+            if type(x) is not np.ndarray or x.shape != shape or x.dtype != dtype:
+                return False
+            flags = x.flags
+            if not (flags.c_contiguous and flags.aligned):
+                return False
+        return True
+
+    def _bind_and_prepare(self, xs) -> tuple[list[np.ndarray], _Geometry]:
+        """The full path of a forward or train_step's inputs: checked, a forward started, the
+        batch prepared, then converted; and the geometry of the prepared batch."""
         arrays, batch, sizes = self._bind_inputs(xs)
         self._start_forward()
         self._prepare(batch, sizes)
         arrays = self._inputs_for_c(arrays)
-        outs = [np.empty(self._shape("output", i), dtype=self._dtype) for i in range(len(self._meta["outputs"]))]
-        self._check(self._call("forward", self._m, self._ptrs(arrays, False), self._ptrs(outs, True)))
-        # An eval-mode forward runs in shared memory and keeps nothing for a backward; its inputs
-        # are kept (copied: the caller may reuse its arrays) so that a backward can recompute it.
-        self._eval_inputs = None if self.training else [np.array(a, copy=True) for a in arrays]
-        self._forward_key = self._prepared
-        self._last_outputs = tuple(o.shape for o in outs)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        shapes = tuple(a.shape for a in arrays)
+        geo = self._geometry
+        if geo is None or geo.key != self._prepared or geo.input_shapes != shapes:
+            geo = self._geometry = _Geometry(self, self._prepared, shapes)
+        return arrays, geo
 
-    @_one_at_a_time
-    def backward(self, *dys):
-        """Gradients of the inputs for the given output gradients; parameter gradients land in `grads`."""
-        self._check_pairing("backward")
-        if self._forward_key is None or self._forward_key != self._prepared:
-            raise RuntimeError("backward needs a forward first (on the same batch)")
+    def _pointers(self, ptrs, arrays):
+        """`ptrs` (a cached `real *[]`) pointing at `arrays`, which the caller keeps alive."""
+        real, from_buffer = self._real_array, self._ffi.from_buffer
+        for i, a in enumerate(arrays):
+            ptrs[i] = from_buffer(real, a)
+        return ptrs
+
+    def _new_arrays(self, shapes: tuple, ptrs) -> list[np.ndarray]:
+        """Fresh arrays for the C function to write (a call returns arrays no later call
+        changes), with `ptrs` pointing at them."""
+        real, from_buffer, dtype = self._real_array, self._ffi.from_buffer, self._dtype
+        arrays = []
+        for i, shape in enumerate(shapes):
+            a = np.empty(shape, dtype)
+            ptrs[i] = from_buffer(real, a, True)
+            arrays.append(a)
+        return arrays
+
+    # ---- the API of §7 -----------------------------------------------------------------
+    # Each call first tries the path of the geometry the previous call worked out (_accepts),
+    # and takes the full path of checks and conversions only when that does not fit: the
+    # first call at a batch, a list, another dtype, a strided view, a wrong shape (whose
+    # error message the full path writes). forward, backward and train_step take the lock
+    # themselves, as _one_at_a_time would, to spare the per-call path a wrapper's call.
+    def forward(self, *xs):
+        """Run the network on a batch; returns one array, or a tuple for several outputs."""
+        with self.lock:
+            geo = self._geometry
+            if geo is not None and geo.key == self._prepared and self._accepts(xs, geo.input_shapes):
+                self._start_forward()
+                arrays = xs
+            else:
+                arrays, geo = self._bind_and_prepare(xs)
+            outs = self._new_arrays(geo.output_shapes, geo.output_ptrs)
+            if self.training:
+                inputs = self._pointers(geo.input_ptrs, arrays)
+            else:
+                # An eval-mode forward runs in shared memory and keeps nothing for a backward; its
+                # inputs are copied (the caller may reuse its arrays) into buffers this geometry
+                # keeps, so that a backward can recompute it; the forward reads those copies.
+                for copy, a in zip(geo.eval_copies(self), arrays):
+                    copy[...] = a
+                inputs = geo.eval_input_ptrs
+            # Until the C forward succeeds, no backward pairs with anything.
+            self._forward_key = self._eval_inputs = None
+            if self._c_forward(self._m, inputs, geo.output_ptrs):
+                raise self._c_error()
+            self._eval_inputs = None if self.training else geo
+            self._forward_key = geo.key
+            return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _output_grads(self, dys, shapes: tuple) -> list[np.ndarray]:
+        """The full path of backward's arguments: counted, shapes checked, converted."""
         outputs = self._meta["outputs"]
         if len(dys) != len(outputs):
             raise TypeError(f"backward takes one gradient per output ({len(outputs)}), got {len(dys)}")
         grads = []
-        for dy, spec, shape in zip(dys, outputs, self._last_outputs):
+        for dy, spec, shape in zip(dys, outputs, shapes):
             what = f"gradient of output `{spec['name']}`"
             arr = self._read(dy, what)
             if arr.shape != shape:
                 raise ValueError(f"{what}: expected shape {shape}, got {arr.shape}")
             grads.append(self._converted(arr, what))
-        dxs = [np.empty(self._shape("input", i), dtype=self._dtype) for i in range(len(self._meta["inputs"]))]
-        if self._eval_inputs is not None:
-            self._recompute_for_backward()
-        self._check(self._call("backward", self._m, self._ptrs(grads, False), self._ptrs(dxs, True)))
-        return dxs[0] if len(dxs) == 1 else tuple(dxs)
+        return grads
+
+    def backward(self, *dys):
+        """Gradients of the inputs for the given output gradients; parameter gradients land in `grads`."""
+        with self.lock:
+            self._check_pairing("backward")
+            geo = self._geometry
+            if self._forward_key is None or self._forward_key != self._prepared or geo.key != self._forward_key:
+                raise RuntimeError("backward needs a forward first (on the same batch)")
+            if not self._accepts(dys, geo.output_shapes):
+                dys = self._output_grads(dys, geo.output_shapes)
+            dxs = self._new_arrays(geo.c_input_shapes, geo.input_grad_ptrs)
+            grads = self._pointers(geo.grad_ptrs, dys)
+            if self._eval_inputs is not None:
+                self._recompute_for_backward()
+            if self._c_backward(self._m, grads, geo.input_grad_ptrs):
+                raise self._c_error()
+            return dxs[0] if len(dxs) == 1 else tuple(dxs)
 
     def _recompute_for_backward(self) -> None:
         """The eval-mode forward again, now keeping its activations: eval mode is deterministic
         (dropout is the identity, batchnorm reads its running statistics), so it is the same."""
-        arrays, self._eval_inputs = self._eval_inputs, None
+        geo, self._eval_inputs = self._eval_inputs, None
         mode = 1 if self.training else 0
         self._call("set_training", self._m, 0)
         self._call("set_keep_for_backward", self._m, 1)
         try:
-            self._check(self._call("forward", self._m, self._ptrs(arrays, False), self._ffi.NULL))
+            self._check(self._c_forward(self._m, geo.eval_input_ptrs, self._ffi.NULL))
         finally:
             self._call("set_keep_for_backward", self._m, 0)
             self._call("set_training", self._m, mode)
 
-    def _target(self, target) -> np.ndarray:
-        loss = self._meta["loss"]
-        out_shape = self._shape("output", loss["output_index"])
-        batch = out_shape[0]
-        if loss["target_kind"] == "labels":
-            # One class per sample, or per position of a map; classes are the channels.
-            nhwc = self._meta["layout"] == "NHWC" and len(out_shape) > 2
-            spatial = out_shape[1:-1] if nhwc else out_shape[2:]
-            classes = out_shape[-1] if nhwc else out_shape[1]
-            target_dims = () if all(d == 1 for d in spatial) else spatial
-            arr = np.asarray(target)
-            if arr.dtype.kind == "f":
-                if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-                    raise TypeError("labels must be whole numbers (class indices)")
-            elif arr.dtype.kind not in "iub":
-                raise TypeError(f"labels must be integers (class indices), got dtype {arr.dtype}")
-            want = (batch, *target_dims)
-            if arr.shape != want:
-                raise ValueError(f"labels: expected shape {want}, got {arr.shape}")
-            # The range is checked on the labels as given, before int64: 1e20 or 2**64 - 1 would
-            # wrap to a negative class in the conversion and be reported as that.
+    def _target(self, target, geo: _Geometry) -> np.ndarray:
+        """The loss's target checked against the prepared batch `geo`: class labels, or an
+        array shaped like the loss's output."""
+        if geo.classes is None:
+            arr = self._as_array(target, "target")
+            if arr.shape != geo.loss_output_shape:
+                raise ValueError(f"target: expected shape {geo.loss_output_shape} (like the output), "
+                                 f"got {arr.shape}")
+            return arr
+        arr = target if type(target) is np.ndarray else np.asarray(target)
+        kind, classes = arr.dtype.kind, geo.classes
+        if kind == "f":
+            if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+                raise TypeError("labels must be whole numbers (class indices)")
+        elif kind not in "iub":
+            raise TypeError(f"labels must be integers (class indices), got dtype {arr.dtype}")
+        if arr.shape != geo.label_shape:
+            raise ValueError(f"labels: expected shape {geo.label_shape}, got {arr.shape}")
+        # The range is checked on the labels as given, before int64: 1e20 or 2**64 - 1 would
+        # wrap to a negative class in the conversion and be reported as that. One reduction
+        # where it can be (seen unsigned, a negative integer is larger than any class); the
+        # mask of offenders is built only to name one.
+        if kind == "i":
+            outside_any = arr.view(arr.dtype.str.replace("i", "u")).max() >= classes
+        elif kind == "f":
+            outside_any = arr.min() < 0 or arr.max() >= classes
+        else:
+            outside_any = arr.max() >= classes
+        if outside_any:
             outside = (arr < 0) | (arr >= classes)
-            if outside.any():
-                bad = arr[outside].flat[0]
-                shown = int(bad) if arr.dtype.kind == "f" else bad
-                raise ValueError(f"labels: class {shown} is out of range [0, {classes})")
-            return np.ascontiguousarray(arr, dtype=np.int64)
-        arr = self._as_array(target, "target")
-        if arr.shape != out_shape:
-            raise ValueError(f"target: expected shape {out_shape} (like the output), got {arr.shape}")
-        return arr
+            bad = arr[outside].flat[0]
+            shown = int(bad) if kind == "f" else bad
+            raise ValueError(f"labels: class {shown} is out of range [0, {classes})")
+        return np.ascontiguousarray(arr, dtype=np.int64)
 
-    @_one_at_a_time
     def train_step(self, *args, lr=None) -> float:
         """forward, loss, backward and one SGD step (p -= lr · grad); returns the loss."""
-        if self._meta["loss"] is None:
-            raise RuntimeError(f"network {self._meta['network']} declares no loss: add `loss …` to train it")
-        n_in = len(self._meta["inputs"])
-        if lr is None and len(args) == n_in + 2:
-            *args, lr = args
-        if len(args) != n_in + 1:
-            raise TypeError(f"train_step takes {n_in} input(s), the target and lr")
-        lr = _learning_rate(lr)
-        arrays, batch, sizes = self._bind_inputs(args[:-1])
-        self._start_forward()
-        self._prepare(batch, sizes)
-        arrays = self._inputs_for_c(arrays)
-        target = self._target(args[-1])
-        loss = self._ffi.new("double *")
-        rc = self._call("train_step", self._m, self._ptrs(arrays, False),
-                        self._ffi.cast("void *", self._ffi.from_buffer(target)), lr, loss)
-        self._check(rc)
-        self._forward_key = None      # parameters changed: the stored activations are stale
-        self._eval_inputs = None
-        return float(loss[0])
+        with self.lock:
+            if self._meta["loss"] is None:
+                raise RuntimeError(f"network {self._meta['network']} declares no loss: add `loss …` to train it")
+            n_in = len(self._meta["inputs"])
+            if lr is None and len(args) == n_in + 2:
+                *args, lr = args
+            if len(args) != n_in + 1:
+                raise TypeError(f"train_step takes {n_in} input(s), the target and lr")
+            lr = _learning_rate(lr)
+            xs = args[:-1]
+            geo = self._geometry
+            if geo is not None and geo.key == self._prepared and self._accepts(xs, geo.input_shapes):
+                self._start_forward()
+                arrays = xs
+            else:
+                arrays, geo = self._bind_and_prepare(xs)
+            target = self._target(args[-1], geo)
+            # The parameters change: whatever a forward stored is stale, even if the step fails.
+            self._forward_key = self._eval_inputs = None
+            if self._c_train_step(self._m, self._pointers(geo.input_ptrs, arrays), self._ffi.from_buffer(target),
+                                  lr, self._loss_out):
+                raise self._c_error()
+            return float(self._loss_out[0])
 
     @_one_at_a_time
     def loss(self, target) -> float:
@@ -357,10 +489,10 @@ class ModelBase:
         self._check_pairing("loss")
         if self._forward_key is None or self._forward_key != self._prepared:
             raise RuntimeError("loss needs a forward first")
-        t = self._target(target)
-        out = self._ffi.new("double *")
-        self._check(self._call("loss", self._m, self._ffi.cast("void *", self._ffi.from_buffer(t)), out))
-        return float(out[0])
+        t = self._target(target, self._geometry)
+        if self._c_loss(self._m, self._ffi.from_buffer(t), self._loss_out):
+            raise self._c_error()
+        return float(self._loss_out[0])
 
     @_one_at_a_time
     def train(self) -> "ModelBase":
@@ -442,6 +574,8 @@ class ModelBase:
 
 
 def _learning_rate(lr) -> float:
+    if type(lr) is float and math.isfinite(lr):       # the usual case, without the checks below
+        return lr
     try:
         value = float(lr) if isinstance(lr, numbers.Real) and not isinstance(lr, bool) else math.nan
     except (OverflowError, ValueError, TypeError):     # 10**400, odd Real types

@@ -120,6 +120,33 @@ def test_non_contiguous_inputs_are_not_misread(net):
         np.testing.assert_array_equal(a, b)
 
 
+def test_an_eval_backward_recomputes_the_forward_it_follows(module, net):
+    """The calls after the first at a batch reuse what it worked out (shapes, pointer arrays,
+    the buffers an eval forward copies its inputs into): that must follow a batch change, and
+    the inputs a backward recomputes from are the forward's, not the caller's arrays later."""
+    x, z = inputs(seed=1)
+    dh, dw = np.ones((2, 3, 6, 6), np.float32), np.arange(6, dtype=np.float32).reshape(2, 3)
+    ref = module.Model(seed=0)                     # no dropout or batchnorm: training = eval
+    ref_out = ref.forward(x, z)
+    ref_dx = ref.backward(dh, dw)
+    ref_grads = {k: g.copy() for k, g in ref.grads.items()}
+    # Another dtype and a strided view of the same shapes after a call that took the fast path.
+    for a, b in zip(ref.backward(dh.astype(np.float64), np.asfortranarray(dw)), ref_dx):
+        np.testing.assert_array_equal(a, b)
+    net.eval()
+    other_x, other_z = inputs(batch=3, seed=2)
+    mine_x, mine_z = x.copy(), z.copy()
+    net.forward(mine_x, mine_z)
+    net.forward(other_x, other_z)                  # another batch in between
+    out = net.forward(mine_x, mine_z)
+    mine_x[...], mine_z[...] = other_x[:2], other_z[:2]   # the caller reuses its arrays
+    dx = net.backward(dh, dw)
+    for a, b in zip(out + dx, ref_out + ref_dx):
+        np.testing.assert_array_equal(a, b)
+    for k, g in net.grads.items():
+        np.testing.assert_array_equal(g, ref_grads[k], err_msg=k)
+
+
 def test_backward_is_checked(module):
     net = module.Model()
     with pytest.raises(RuntimeError, match="forward first"):

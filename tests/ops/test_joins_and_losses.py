@@ -165,6 +165,9 @@ def test_labels_are_checked():
         net.train_step(x, np.array([0, 5]), lr=0.1)
     with pytest.raises(ValueError, match="out of range"):
         net.train_step(x, np.array([-1, 0]), lr=0.1)
+    for narrow in (np.int8, np.int16, np.int32):       # a negative class of every width
+        with pytest.raises(ValueError, match=r"class -3 is out of range"):
+            net.train_step(x, np.array([0, -3], dtype=narrow), lr=0.1)
     with pytest.raises(ValueError, match="expected shape"):
         net.train_step(x, np.array([0, 1, 2]), lr=0.1)
     with pytest.raises(TypeError, match="whole numbers"):
