@@ -18,6 +18,20 @@ if "CONVDSL_CACHE_DIR" not in os.environ:
     os.environ["CONVDSL_CACHE_DIR"] = _OWN_CACHE
 
 
+# Modules build at -O1 in the suite (a third of -O3's compile time, which is most of the suite's
+# time); the tests that must see the optimiser's code ask for -O3 with the `optimised` fixture
+# (every example, the digits training), and the -Werror checks compile at -O3 (tests/ccheck.py).
+# CONVDSL_OPT set by the caller wins.
+if "CONVDSL_OPT" not in os.environ:
+    os.environ["CONVDSL_OPT"] = "-O1"
+
+
+@pytest.fixture
+def optimised(monkeypatch):
+    """Modules this test builds (in the process and in its subprocesses) are -O3, as users get them."""
+    monkeypatch.setenv("CONVDSL_OPT", "-O3")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
@@ -26,6 +40,23 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+# Under pytest-xdist (`--dist loadgroup`, pyproject.toml) a file's tests stay on one worker, so
+# that the modules they share are compiled once — except in these files, whose tests each build
+# networks of their own: they spread over every worker (the random networks alone would
+# otherwise keep one worker busy for most of the run).
+SPREAD_FILES = frozenset({
+    "tests/campaigns/test_random_networks.py", "tests/e2e/test_compiler_warnings.py",
+    "tests/e2e/test_memory_plan.py", "tests/e2e/test_examples.py", "tests/e2e/test_sanitizers.py",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        where = Path(str(item.fspath)).resolve().relative_to(REPO).as_posix()
+        if where not in SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(where))
 
 
 def pytest_configure(config):

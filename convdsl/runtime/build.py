@@ -51,15 +51,33 @@ LINK_FLAGS = ("-shared", "-fopenmp", "-lm")
 SANITIZE_FLAGS = ("-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer")
 
 
+# CONVDSL_OPT=-O1 (or -O0, -O2, -Os) builds modules at that level instead of -O3: a third of the
+# compile time, for while a network is being written and for the test suite (tests/conftest.py),
+# which keeps -O3 where the optimiser matters (every example, the -Werror checks). Part of the
+# cache key through the flags, so builds at two levels never mix.
+OPT_ENV = "CONVDSL_OPT"
+OPT_LEVELS = ("-O0", "-O1", "-O2", "-O3", "-Os")
+
+
 def sanitizing() -> bool:
     return os.environ.get("CONVDSL_SANITIZE", "") not in ("", "0")
 
 
+def optimisation() -> str:
+    level = os.environ.get(OPT_ENV, "") or "-O3"
+    if level not in OPT_LEVELS:
+        raise ConvDSLError(None, f"{OPT_ENV}={level!r} is not an optimisation level; use one of "
+                                 + ", ".join(OPT_LEVELS))
+    return level
+
+
 def c_flags() -> tuple[str, ...]:
-    """The compile flags of a build now: C_FLAGS, or with the sanitizers their -O3 replaced."""
+    """The compile flags of a build now: C_FLAGS at the level CONVDSL_OPT asks (-O3 by default),
+    or with the sanitizers at theirs."""
+    plain = tuple(f for f in C_FLAGS if not f.startswith("-O"))
     if sanitizing():
-        return tuple(f for f in C_FLAGS if not f.startswith("-O")) + SANITIZE_FLAGS + WARNING_FLAGS
-    return C_FLAGS + WARNING_FLAGS
+        return plain + SANITIZE_FLAGS + WARNING_FLAGS
+    return (optimisation(),) + plain + WARNING_FLAGS
 
 
 def link_flags() -> tuple[str, ...]:

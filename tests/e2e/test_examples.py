@@ -22,7 +22,7 @@ def concrete_shape(dims, batch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path,network", CASES, ids=[f"{p.stem}:{n}" for p, n in CASES])
-def test_example_checks_compiles_and_runs(path, network):
+def test_example_checks_compiles_and_runs(path, network, optimised):
     graph = graph_from_file(path, network)
     module = convdsl.load(path, network)
     net = module.Model(seed=0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from convdsl import ConvDSLError
 from convdsl.runtime.build import c_flags, cache_key, link_flags
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,11 +29,24 @@ def sanitized(args, tmp_path: Path, timeout: int) -> subprocess.CompletedProcess
 
 def test_sanitized_builds_have_flags_and_a_cache_key_of_their_own(monkeypatch):
     monkeypatch.delenv("CONVDSL_SANITIZE", raising=False)
+    monkeypatch.delenv("CONVDSL_OPT", raising=False)
     plain_key, plain_flags = cache_key("source"), c_flags()
     monkeypatch.setenv("CONVDSL_SANITIZE", "1")
     assert cache_key("source") != plain_key
     assert "-fsanitize=address,undefined" in c_flags() and "-O3" not in c_flags() and "-O3" in plain_flags
     assert "-fsanitize=address,undefined" in link_flags()
+
+
+def test_the_optimisation_level_follows_convdsl_opt_and_is_part_of_the_cache_key(monkeypatch):
+    monkeypatch.delenv("CONVDSL_SANITIZE", raising=False)
+    monkeypatch.delenv("CONVDSL_OPT", raising=False)
+    default_key, default_flags = cache_key("source"), c_flags()
+    assert default_flags[0] == "-O3" and sum(f.startswith("-O") for f in default_flags) == 1
+    monkeypatch.setenv("CONVDSL_OPT", "-O1")
+    assert c_flags()[0] == "-O1" and "-O3" not in c_flags() and cache_key("source") != default_key
+    monkeypatch.setenv("CONVDSL_OPT", "-O9; rm -rf /")
+    with pytest.raises(ConvDSLError, match="is not an optimisation level"):
+        c_flags()
 
 
 def assert_clean(proc: subprocess.CompletedProcess) -> None:

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_train_digits_reaches_97_percent(tmp_path):
+def test_train_digits_reaches_97_percent(tmp_path, optimised):
     out = tmp_path / "build"
     proc = subprocess.run([sys.executable, str(REPO / "examples" / "train_digits.py"), "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
