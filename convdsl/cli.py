@@ -202,6 +202,8 @@ environment:
   CONVDSL_CACHE_DIR  where compiled modules are cached (default: $XDG_CACHE_HOME/convdsl,
                      else ~/.cache/convdsl); safe to delete
   CC                 the C compiler (default: cc); it needs OpenMP, as gcc has
+  CONVDSL_OPT        the optimisation level of the builds (default: -O3; -O1 compiles faster)
+  CONVDSL_ALGO       kernel variants to force, e.g. conv=im2col (as --algo)
 """
 
 EPILOG = """\
