@@ -251,7 +251,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
             inputs=tuple(act(v, f"x{i}") for i, v in enumerate(node.inputs)), outputs=(output,),
             params=params, buffers=buffers, saved=saved, epilogue=epilogue,
             workspace=Workspace(work, variant.doc if work != 0 else "", own),
-            parallel=ParallelSplit(variant.parallel, threshold=variant.parallel_threshold),
+            parallel=ParallelSplit(variant.parallel, threshold=variant.parallel_threshold,
+                                   gemm_threshold=variant.gemm_threshold, batch_threshold=variant.batch_threshold),
             fused_into=fused_into.get(nid)))
     steps = [f for f in forward if f.fused_into is None]
     for f in reversed(forward):
