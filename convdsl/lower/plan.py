@@ -108,7 +108,8 @@ def fusions_of(g: Graph, algo=None) -> dict[int, tuple[int, ...]]:
 def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, tuple[int, ...]]:
     """producer node → the chain of nodes whose forward runs in its kernel's epilogue, in order.
 
-    The producer's variant applies epilogues (conv im2col/pointwise, dense). The chain grows one
+    The producer's variant applies epilogues (`fuses_epilogue`: conv and depthwise in every
+    variant, deconv, dense). The chain grows one
     node at a time while the next node is the only reader of the value so far, that value is no
     network output (the last one may be), and the node can run there (`OpDef.fuses_as`): an
     activation; an add of exactly two tensors whose other addend has the same shape and is made

@@ -1,7 +1,7 @@
-"""Epilogue fusion: a conv or dense followed by activations, a residual add and a scale, each the
-only reader of the value before it, runs as one kernel (bias and the fused ops applied as it
-writes, in the network's order), forward and backward matching PyTorch, in every conv variant
-that fuses, at batch 1 and 3, in training and eval mode. Not fused: an activation with other
+"""Epilogue fusion: a conv (every variant), deconv or dense followed by activations, a residual
+add and a scale, each the only reader of the value before it, runs as one kernel (bias and the
+fused ops applied as it writes, in the network's order), forward and backward matching PyTorch,
+at batch 1 and 3, in training and eval mode. Not fused: an activation with other
 readers or a network output before it, an add whose other addend is made later, a scale whose
 factors (not its x) the conv makes."""
 from __future__ import annotations
