@@ -108,7 +108,8 @@ def fusions_of(g: Graph, algo=None) -> dict[int, tuple[int, ...]]:
 def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, tuple[int, ...]]:
     """producer node → the chain of nodes whose forward runs in its kernel's epilogue, in order.
 
-    The producer's variant applies epilogues (conv im2col/pointwise, dense). The chain grows one
+    The producer's variant applies epilogues (`fuses_epilogue`: conv and depthwise in every
+    variant, deconv, dense). The chain grows one
     node at a time while the next node is the only reader of the value so far, that value is no
     network output (the last one may be), and the node can run there (`OpDef.fuses_as`): an
     activation; an add of exactly two tensors whose other addend has the same shape and is made
@@ -251,7 +252,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
             inputs=tuple(act(v, f"x{i}") for i, v in enumerate(node.inputs)), outputs=(output,),
             params=params, buffers=buffers, saved=saved, epilogue=epilogue,
             workspace=Workspace(work, variant.doc if work != 0 else "", own),
-            parallel=ParallelSplit(variant.parallel, threshold=variant.parallel_threshold),
+            parallel=ParallelSplit(variant.parallel, threshold=variant.parallel_threshold,
+                                   gemm_threshold=variant.gemm_threshold, batch_threshold=variant.batch_threshold),
             fused_into=fused_into.get(nid)))
     steps = [f for f in forward if f.fused_into is None]
     for f in reversed(forward):

@@ -133,8 +133,15 @@ class ParallelSplit:
     axis: str                        # batch | batch×channels | elements | gemm | none
     doc: str = ""
     # The least work (elements, or multiply-adds where a kernel says so) for which the step's
-    # loops are split at all; below it one thread runs them. 0: always split.
+    # loops are split at all; below it one thread runs them. 0: always split. The shared
+    # im2col / col2im helpers take it too: their loops over the column matrix are the step's.
     threshold: int = 0
+    # A step that multiplies matrices with the shared GEMM (conv, dense, deconv): the least
+    # multiply-adds of one product for which the GEMM splits it across threads.
+    gemm_threshold: int = 0
+    # A conv's batch loop: from this many multiply-adds per sample on, each sample's GEMMs are
+    # split across the threads; below it each thread takes whole samples.
+    batch_threshold: int = 0
 
 
 @dataclass(frozen=True)

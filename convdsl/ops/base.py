@@ -95,6 +95,12 @@ class Variant:
     # The least work (elements, or multiply-adds where a kernel says so) for which its loops are
     # split at all; below it one thread runs them. 0: always split.
     parallel_threshold: int = 65536
+    # Kernels that call the shared GEMM: the least multiply-adds of one product for which it
+    # splits across threads (ParallelSplit.gemm_threshold), and the per-sample multiply-adds from
+    # which a batch loop splits each sample's GEMMs rather than giving each thread whole samples
+    # (ParallelSplit.batch_threshold).
+    gemm_threshold: int = 65536
+    batch_threshold: int = 8_000_000
     fuses_epilogue: bool = False                     # its forward applies an epilogue as it writes
     # Elements each thread needs of its own when the kernel splits a batch across threads (conv
     # backward: its columns and its share of dW and db), planned like the shared workspace.
@@ -245,6 +251,7 @@ class OpDef:
                                                                 D.product(out.shape)),
                         workspace=lambda in_types, out, attrs: self.scratch_elements(in_types, out, attrs),
                         parallel=self.parallel, parallel_threshold=self.parallel_threshold,
+                        gemm_threshold=self.gemm_threshold,
                         fuses_epilogue=self.fuses_epilogue),)
 
     # A single-variant op whose forward kernel applies an epilogue to each value as it writes its
@@ -277,6 +284,9 @@ class OpDef:
     parallel: ClassVar[str] = "none"
     # The least work for which a single-variant op's loops are split (Variant.parallel_threshold).
     parallel_threshold: ClassVar[int] = 65536
+    # The least multiply-adds of one product for which the shared GEMM splits it across threads
+    # (Variant.gemm_threshold), for a single-variant op whose kernels call it.
+    gemm_threshold: ClassVar[int] = 65536
     # Model state its kernels read besides their operands: "mode" (training or eval; a backward
     # gets the mode of its forward), "random" (the model's random stream, which a forward advances).
     kernel_state: ClassVar[tuple[str, ...]] = ()

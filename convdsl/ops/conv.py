@@ -74,7 +74,7 @@ CONV_VARIANTS = (
     Variant("direct", "conv_direct", "a loop over the window per output channel (one input channel per group)",
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
             applies=_one_channel_per_group, needs="one input channel per group (depthwise)",
-            parallel="batch × channels", parallel_threshold=0),
+            parallel="batch × channels", parallel_threshold=0, fuses_epilogue=True),
 )
 
 

@@ -23,6 +23,9 @@ class Deconv(OpDef):
     name = "deconv"
     saves_for_backward = frozenset({INPUTS})   # dW += X · im2col(dY)ᵀ (dX needs the weights only)
     parallel = "the GEMM's rows for large products"
+    # The bias and the ops after it (activations, a residual add, a scale) are applied in one
+    # pass over each sample's finished output, after col2im has added every tap into it.
+    fuses_epilogue = True
     aliases = ("conv_transpose", "transposed_conv", "deconvolution")
     summary = "transposed convolution (PyTorch ConvTranspose): learned up-sampling (§3.11)"
     args = (Arg("out"), Arg("kernel"), Arg("stride", 1),

@@ -168,7 +168,9 @@ class NodeView:
     size_args: list = field(default_factory=list)       # batch (and dim): what a helper of the kernel needs
     work: str | None = None                       # argument: the shared workspace, when the step has one
     thread_work: str | None = None                # argument: per-thread workspaces (with work_threads)
-    split: dict = field(default_factory=dict)     # how the step's loops are split: axis and threshold
+    # How the step's loops are split: axis and thresholds (its own loops and the im2col helpers',
+    # the GEMM's, the batch loop's), all from the lowered program's ParallelSplit.
+    split: dict = field(default_factory=dict)
     # The gradients its backward is the first to touch, zeroed just before it (gradients share
     # memory by lifetime in training): value index and elements per sample.
     zero_first: list = field(default_factory=list)
@@ -462,7 +464,9 @@ class Target:
                 size_args=self.size_arguments(pg),
                 work="work" if step.workspace.elements != 0 else None,
                 thread_work="thread_work" if step.workspace.per_thread != 0 else None,
-                split={"axis": step.parallel.axis, "threshold": step.parallel.threshold},
+                split={"axis": step.parallel.axis, "threshold": step.parallel.threshold,
+                       "gemm_threshold": step.parallel.gemm_threshold,
+                       "batch_threshold": step.parallel.batch_threshold},
                 zero_first=[{"index": o.value, "numel": host(o.size)} for o in backward.zero_first]))
             for g in op.training_guards(step.attrs, step.in_types, step.out_type):
                 guards.append({"per_sample": host(g.per_sample), "least": g.least,

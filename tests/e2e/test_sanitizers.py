@@ -57,8 +57,9 @@ def assert_clean(proc: subprocess.CompletedProcess) -> None:
 
 
 # Every kernel family once: im2col + GEMM (3×3, strided), the 1×1 GEMM on the input, depthwise's
-# direct loop, pools, batchnorm, dropout, upsample, concat, dense and a loss; epilogues with a
-# residual add and a scale, keeping values for backward; run-time sizes.
+# direct loop, deconv, pools, batchnorm, dropout, upsample, concat, dense and a loss; epilogues
+# with a residual add and a scale, keeping values for backward, in conv, depthwise and deconv
+# kernels; run-time sizes.
 SMALL = """
 import numpy as np, convdsl
 src = '''network San {
@@ -67,9 +68,10 @@ src = '''network San {
     s = a -> globalavgpool
     r = a -> conv(8, kernel=1) -> relu -> add(a)
     e = r -> conv(8, kernel=3, pad=same, bias=false) -> scale(s)
-    b = e -> depthwise(3, stride=2, pad=same) -> conv(8, kernel=1) -> dropout(0.3)
+    b = e -> depthwise(3, stride=2, pad=same) -> relu -> conv(8, kernel=1) -> dropout(0.3)
     c = b -> conv(4, kernel=1, pad=((0, 1), (0, 1))) -> avgpool(2, stride=1) -> maxpool(3, stride=1, pad=same)
-    d = concat(b, c) -> upsample(2, mode=bilinear) -> globalavgpool -> dense(5)
+    u = b -> deconv(8, kernel=3, pad=1) -> relu -> add(b)
+    d = concat(u, c) -> upsample(2, mode=bilinear) -> globalavgpool -> dense(5)
     output d
     loss softmax_cross_entropy(d)
 }

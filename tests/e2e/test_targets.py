@@ -109,6 +109,50 @@ def test_the_thread_split_threshold_comes_from_the_lowered_program():
     assert "#pragma omp parallel for schedule(static)\n" in kernel
 
 
+SHARED_HELPERS = """network Helpers {
+    input x: [3, 6, 6]
+    a = x -> conv(4, kernel=3) -> relu
+    b = a -> deconv(2, kernel=2, stride=2) -> flatten -> dense(5)
+    output b
+}
+"""
+
+
+def test_the_shared_helpers_split_at_the_thresholds_of_the_lowered_program():
+    """The GEMM, im2col / col2im and a conv's batch loop split across threads at the thresholds
+    the plan wrote in each step's ParallelSplit, passed to them by the kernels; the helpers in
+    lib/ hold no threshold of their own."""
+    for name in ("gemm.c.j2", "im2col.c.j2"):
+        lib = (REPO / "templates" / "c" / "lib" / name).read_text()
+        for condition in re.findall(r"#pragma omp parallel[^\n]* if \((.*)\)", lib):
+            assert not re.search(r"\d", condition), (name, condition)
+        assert not re.search(r"PARALLEL_(MACS|BYTES)|65536|8e6", lib), name
+    program = lower(graph_from_source(SHARED_HELPERS))
+    by_op = {s.op: s for s in program.forward}
+    assert [(by_op[op].parallel.threshold, by_op[op].parallel.gemm_threshold) for op in ("conv", "deconv", "dense")] \
+        == [(65536, 65536)] * 3
+    assert by_op["conv"].parallel.batch_threshold == 8_000_000
+
+    def kernels(prog, op):
+        text = C.render(prog).c
+        start = text.index(f"/* {by_op[op].label}: ")
+        return text[start:text.index("#undef", start)]
+
+    assert "cdsl_batch_threads(N, (double)COG * P * CIG * KK * G, CONV_BATCH_SPLIT)" in kernels(program, "conv")
+    changed = replace(program, steps=tuple(
+        replace(s, parallel=replace(s.parallel, threshold=111, gemm_threshold=222, batch_threshold=333))
+        for s in program.steps))
+    for op, prefix in (("conv", "CONV"), ("deconv", "DECONV"), ("dense", "DENSE")):
+        text = kernels(changed, op)
+        assert f"#define {prefix}_GEMM_SPLIT 222\n" in text, op
+        assert text.count(f"{prefix}_GEMM_SPLIT);") >= 2, op
+    conv, deconv = kernels(changed, "conv"), kernels(changed, "deconv")
+    assert "#define CONV_LOOP_SPLIT 111\n" in conv and "#define CONV_BATCH_SPLIT 333\n" in conv
+    assert "CONV_WINDOW, CONV_LOOP_SPLIT);" in conv
+    assert "#define DECONV_LOOP_SPLIT 111\n" in deconv
+    assert "cdsl_col2im(col, yn, DECONV_WINDOW, DECONV_LOOP_SPLIT);" in deconv
+    assert "cdsl_im2col(dyn, col, DECONV_WINDOW, DECONV_LOOP_SPLIT);" in deconv
+
 def test_the_targets_read_the_lowered_program_only():
     """No module of convdsl/targets (nor codegen/render.py) imports the graph, the plan or the passes
     that make it (ops are read for their kernel context and traits)."""

@@ -1,7 +1,7 @@
-"""Epilogue fusion: a conv or dense followed by activations, a residual add and a scale, each the
-only reader of the value before it, runs as one kernel (bias and the fused ops applied as it
-writes, in the network's order), forward and backward matching PyTorch, in every conv variant
-that fuses, at batch 1 and 3, in training and eval mode. Not fused: an activation with other
+"""Epilogue fusion: a conv (every variant), deconv or dense followed by activations, a residual
+add and a scale, each the only reader of the value before it, runs as one kernel (bias and the
+fused ops applied as it writes, in the network's order), forward and backward matching PyTorch,
+at batch 1 and 3, in training and eval mode. Not fused: an activation with other
 readers or a network output before it, an add whose other addend is made later, a scale whose
 factors (not its x) the conv makes."""
 from __future__ import annotations
@@ -206,3 +206,101 @@ def test_every_op_that_fuses_as_an_activation_has_its_formula_template():
     assert {op.name for op in activations} >= {"relu", "leaky_relu", "sigmoid", "tanh"}
     for op in activations:
         assert C.has_template(C.kernel_template(f"{op.template or op.name}_epilogue")), op.name
+
+
+# ---- deconv and the direct depthwise loop fuse like conv ------------------------------------
+
+UPSAMPLE_SRC = """network U {
+    input x: [4, 3, 4]
+    input r: [6, 7, 8]
+    input s: [6]
+    input u: [3, 6, 5]
+    a = x -> deconv(6, kernel=(3, 2), stride=2) -> relu
+    b = x -> deconv(6, kernel=(3, 2), stride=2, groups=2) -> add(r) -> relu
+    c = x -> deconv(6, kernel=(3, 2), stride=2, bias=false) -> scale(s)
+    d = u -> depthwise(kernel=3, multiplier=2, stride=2, pad=1, algo=direct) -> relu
+    e = u -> depthwise(kernel=3, pad=same, algo=direct) -> add(u)
+    f = u -> depthwise(kernel=(1, 3), pad=same, bias=false, algo=direct) -> relu -> add(u)
+    output a, b, c, d, e, f
+}
+"""
+# Inputs are values 0 … 3 in the order declared: x, r, s, u.
+UX, UR, US, UU = range(4)
+
+
+def upsample_reference(x, r, s, u, p):
+    def deconv(name, bias=True, groups=1):
+        return F.conv_transpose2d(x, p[f"{name}.weight"], p[f"{name}.bias"] if bias else None, stride=2,
+                                  groups=groups)
+
+    def depthwise(name, pad, stride=1, bias=True):
+        return F.conv2d(F.pad(u, pad), p[f"{name}.weight"], p[f"{name}.bias"] if bias else None, stride=stride,
+                        groups=3)
+
+    a = F.relu(deconv("deconv1"))
+    b = F.relu(deconv("deconv2", groups=2) + r)
+    c = deconv("deconv3", bias=False) * s[:, :, None, None]
+    d = F.relu(depthwise("depthwise1", (1, 1, 1, 1), stride=2))
+    e = depthwise("depthwise2", (1, 1, 1, 1)) + u
+    f = F.relu(depthwise("depthwise3", (1, 1, 0, 0), bias=False)) + u
+    return a, b, c, d, e, f
+
+
+def test_deconv_and_the_direct_depthwise_loop_fuse_their_epilogues():
+    graph = graph_from_source(UPSAMPLE_SRC)
+    program = lower(graph)
+    forward = {s.label: s for s in program.forward}
+    text = {label: s.epilogue.text() for label, s in forward.items()}
+    value = {n.label: n.output for n in graph.nodes}
+    assert text["deconv1"] == "bias+relu (relu1 fused)"
+    assert text["deconv2"] == f"bias+add(v{UR}) (add1 fused)+relu (relu2 fused)"
+    # The scale's backward reads its x, the deconv's output: training keeps it.
+    assert text["deconv3"] == f"(v{value['deconv3']} kept in training)+scale(v{US}) (scale1 fused)"
+    assert {forward[f"depthwise{i}"].variant for i in (1, 2, 3)} == {"direct"}
+    assert text["depthwise1"] == "bias+relu (relu3 fused)"
+    assert text["depthwise2"] == f"bias+add(v{UU}) (add2 fused)"
+    assert text["depthwise3"] == f"relu (relu4 fused, v{value['relu4']} kept in training)+add(v{UU}) (add3 fused)"
+    assert {label for label in value if label not in forward} == \
+        {"relu1", "add1", "relu2", "scale1", "relu3", "add2", "relu4", "add3"}
+    assert forward["deconv2"].outputs[0].value == value["relu2"]
+    # `convdsl plan` shows each fusion, with the tensors the stages read and keep.
+    lines = {label: next(ln for ln in program_text(program).splitlines() if f" {label} (line" in ln and "forward" in ln)
+             for label in ("deconv2", "deconv3", "depthwise3")}
+    assert "residual=act[" in lines["deconv2"] and "epilogue bias+add(" in lines["deconv2"]
+    assert "factors=act[" in lines["deconv3"] and "kept=act[" in lines["deconv3"]
+    assert "depthwise/direct" in lines["depthwise3"] and "kept=act[" in lines["depthwise3"]
+
+
+_UPSAMPLE_MODULE: list = []
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_deconv_and_direct_depthwise_match_torch_forward_and_backward(batch):
+    if not _UPSAMPLE_MODULE:
+        _UPSAMPLE_MODULE.append(convdsl.load_source(UPSAMPLE_SRC))
+    net = _UPSAMPLE_MODULE[0].Model(seed=0)
+    rng = np.random.default_rng(11 + batch)
+    for p in net.params.values():
+        p[...] = rng.standard_normal(p.shape)
+    shapes = [(4, 3, 4), (6, 7, 8), (6,), (3, 6, 5)]
+    inputs = [rng.standard_normal((batch, *s)).astype(np.float32) for s in shapes]
+    ys = net.forward(*inputs)
+    dys = [rng.standard_normal(y.shape).astype(np.float32) for y in ys]
+    grads = net.backward(*dys)
+    tin = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in inputs]
+    tp = {k: torch.tensor(a, dtype=torch.float64, requires_grad=True) for k, a in net.params.items()}
+    refs = upsample_reference(*tin, tp)
+    for name, y, r in zip("abcdef", ys, refs):
+        assert_close(y, r.detach().numpy(), what=f"forward {name}")
+    sum((r * torch.tensor(dy, dtype=torch.float64)).sum() for r, dy in zip(refs, dys)).backward()
+    for name, g, t in zip("xrsu", grads, tin):
+        assert_close(g, t.grad.numpy(), what=f"d{name}")
+    for k, g in net.grads.items():
+        assert_close(g, tp[k].grad.numpy(), what=f"grad {k}")
+    net.eval()
+    for name, y, r in zip("abcdef", net.forward(*inputs), refs):
+        assert_close(y, r.detach().numpy(), what=f"eval forward {name}")
+
+
+def test_the_fused_deconv_and_depthwise_kernels_compile_without_warnings(tmp_path):
+    assert_c_compiles_cleanly(UPSAMPLE_SRC, tmp_path)
