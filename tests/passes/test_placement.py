@@ -1,6 +1,6 @@
 """Memory placement by lifetime (convdsl/lower/memory.py) places exactly as the first, quadratic
 version did — every offset and every total, on every example in both modes, on the fuzz file of
-400 convolutions and on random lifetimes — while the cost grows as n log n, not n².
+430 convolutions and on random lifetimes — while the cost grows as about n log² n, not n².
 
 The reference below is that first version, kept here word for word in what it computes: for
 every value it scanned all values placed so far, and summed the live sizes at each time by
