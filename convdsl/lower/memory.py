@@ -10,6 +10,13 @@ fit in seeded random orders until one reaches the lower bound) and the smallest 
 placed as those multiples, so that the placement holds at every size; other run-time sizes are
 placed apart, without sharing.
 
+First fit asks, for each value in turn, the lowest offset that no value placed before it and
+live at the same time occupies. An index built once per set of lifetimes answers that without
+scanning every value placed so far: a segment tree over the times (O(log² T) a value), or each
+value's list of the values it overlaps when those lists are short. The peak is a sweep over the
+times. So a network of n layers is placed in about n log² n per order tried, not n², and the
+random orders (each dropped once it cannot beat the best) are tried only up to SEARCH_MAX_VALUES.
+
 Training mode places activations, gradients and saved masks together, by their lifetimes over
 a timeline of the forward steps, then the backward steps (`training_placement`):
 - an activation lives from the step that writes it to its last forward reader, or to the end
@@ -27,8 +34,11 @@ other values and, in the backward, the gradients.
 """
 from __future__ import annotations
 
+import functools
 import random
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..errors import ConvDSLError
 from ..ir import dims as D
@@ -77,51 +87,223 @@ def lifetimes(g: Graph, fusions: dict[int, tuple[int, ...]] | None = None) -> Li
 
 
 def live_peak(life: Lifetimes, nodes: int, probe: dict) -> tuple[Dim, int | None]:
-    """The largest sum of live sizes over the nodes (a lower bound of any placement), and where."""
+    """The largest sum of live sizes over the nodes (a lower bound of any placement), and where.
+    A sweep over the times: a value's size joins the sum at its first time and leaves it after
+    its last (sizes add exactly, so the sums are those of adding up the live values at each time)."""
+    times = max(nodes, 1)
+    born: list[list[int]] = [[] for _ in range(times)]
+    dies: list[list[int]] = [[] for _ in range(times + 1)]
+    for v, (lo, hi) in enumerate(zip(life.first, life.last)):
+        if lo <= hi and lo < times and hi >= 0:
+            born[max(lo, 0)].append(v)
+            dies[min(hi, times - 1) + 1].append(v)
     best: Dim = 0
     where = None
-    for t in range(max(nodes, 1)):
-        live: Dim = 0
-        for v in range(len(life.size)):
-            if life.first[v] <= t <= life.last[v]:
-                live = D.add(live, life.size[v])
+    live: Dim = 0
+    for t in range(times):
+        for v in dies[t]:
+            live = D.sub(live, life.size[v])
+        for v in born[t]:
+            live = D.add(live, life.size[v])
         if where is None or D.evaluate(live, probe) > D.evaluate(best, probe):
             best, where = live, t
     return best, (where if nodes else None)
 
 
-def _overlap(life: Lifetimes, a: int, b: int) -> bool:
-    return life.first[a] <= life.last[b] and life.first[b] <= life.last[a]
+class _Occupancy:
+    """Where the items placed so far lie, for asking what an item's lifetime leaves free: a
+    segment tree over the times whose nodes hold memory intervals, merged and sorted.
+
+    Each tree node has two sets: `whole` (items live over all of its times) and `part` (items
+    live over some of them). An item live over [first, last] and placed at [offset, offset + size)
+    is written into `whole` of every node of the canonical cover of [first, last] (the O(log T)
+    nodes whose time ranges tile it) and into `part` of those nodes' ancestors. The items whose
+    lifetimes meet [first, last] are then exactly those in `whole` or `part` of its cover, or in
+    `whole` of the cover's ancestors: O(log T) sets, each searched by bisection, where the first
+    version scanned every item placed so far (quadratic in the number of layers).
+
+    A set is one sorted list of boundaries, lo₀ hi₀ lo₁ hi₁ …, of disjoint intervals [lo, hi)
+    (touching ones merged): an even position holds where an interval starts, an odd one where it
+    ends. Only whether memory is taken matters, never by whom."""
+
+    def __init__(self, life: Lifetimes):
+        times = max((hi + 1 for hi in life.last), default=1)
+        width = 1
+        while width < times:
+            width *= 2
+        part = 2 * width
+        self.slots = 2 * part           # the sets: node n's `whole` is slot n, its `part` slot part + n
+        self.query: list[tuple[int, ...]] = []      # per item: the slots of the sets its lifetime meets
+        self.write: list[tuple[int, ...]] = []      # per item: the slots of the sets it is written into
+        for lo, hi in zip(life.first, life.last):
+            cover, a, b = [], lo + width, hi + width + 1
+            while a < b:
+                if a & 1:
+                    cover.append(a)
+                    a += 1
+                if b & 1:
+                    b -= 1
+                    cover.append(b)
+                a //= 2
+                b //= 2
+            above: set[int] = set()                 # the cover's ancestors
+            for node in cover:
+                node //= 2
+                while node and node not in above:
+                    above.add(node)
+                    node //= 2
+            ancestors = sorted(above)
+            self.query.append((*cover, *(part + n for n in cover), *ancestors))
+            self.write.append((*cover, *(part + n for n in ancestors)))
+        self.sets: list[list[int] | None] = []
+
+    def empty(self) -> "_Occupancy":
+        """The same lifetimes with nothing placed."""
+        fresh = object.__new__(_Occupancy)
+        fresh.slots, fresh.query, fresh.write = self.slots, self.query, self.write
+        fresh.sets = [None] * self.slots
+        return fresh
+
+    def lowest_free(self, v: int, size: int) -> int:
+        """The lowest offset at which `size` elements meet nothing placed over v's lifetime."""
+        if size == 0:
+            return 0
+        sets = [s for s in map(self.sets.__getitem__, self.query[v]) if s]
+        at, moved = 0, True
+        while moved:
+            moved = False
+            for bounds in sets:
+                i = bisect_right(bounds, at)
+                if i & 1:                           # `at` lies in an interval: past its end
+                    at, moved = bounds[i], True
+                    i += 1
+                while i < len(bounds) and bounds[i] < at + size:     # the next one starts too low
+                    at, moved = bounds[i + 1], True
+                    i += 2
+        return at
+
+    def meets(self, v: int, at: int, size: int) -> bool:
+        """Whether [at, at + size), size > 0, meets something placed over v's lifetime."""
+        for n in self.query[v]:
+            bounds = self.sets[n]
+            if bounds:
+                i = bisect_right(bounds, at)
+                if i & 1 or (i < len(bounds) and bounds[i] < at + size):
+                    return True
+        return False
+
+    def add(self, v: int, at: int, size: int) -> None:
+        if size == 0:
+            return
+        end = at + size
+        sets = self.sets
+        for n in self.write[v]:
+            bounds = sets[n]
+            if bounds is None:
+                sets[n] = [at, end]
+                continue
+            i = bisect_left(bounds, at)             # odd: `at` lies in (or ends) an interval, which grows
+            j = bisect_right(bounds, end)           # odd: `end` lies in (or starts) one, which grows
+            bounds[i:j] = ([] if i & 1 else [at]) + ([] if j & 1 else [end])
 
 
-def _first_fit(life: Lifetimes, order) -> tuple[list[int], int]:
-    offsets: list[int | None] = [None] * len(life.size)
-    for v in order:
-        busy = sorted((offsets[u], offsets[u] + life.size[u]) for u in range(len(life.size))
-                      if offsets[u] is not None and _overlap(life, u, v) and life.size[u])
+class _Neighbours:
+    """The same questions as _Occupancy, answered from each item's list of the items whose
+    lifetimes overlap its own: cheaper when those lists are short (eval mode, where few values
+    are live at once), dearer when they are long (training keeps what backwards read to the end)."""
+
+    def __init__(self, life: Lifetimes):
+        self.size = life.size
+        self.near: list[list[int]] = [[] for _ in life.size]
+        active: list[int] = []
+        # By birth: an item overlaps each earlier-born one still live at its birth.
+        for v in sorted(range(len(life.size)), key=lambda v: life.first[v]):
+            born = life.first[v]
+            active = [u for u in active if life.last[u] >= born]
+            if life.size[v]:
+                for u in active:
+                    self.near[u].append(v)
+                    self.near[v].append(u)
+                active.append(v)
+        self.offsets: list[int | None] = []
+
+    def empty(self) -> "_Neighbours":
+        """The same lifetimes with nothing placed."""
+        fresh = object.__new__(_Neighbours)
+        fresh.size, fresh.near, fresh.offsets = self.size, self.near, [None] * len(self.size)
+        return fresh
+
+    def _busy(self, v: int):
+        offsets, size = self.offsets, self.size
+        return ((offsets[u], offsets[u] + size[u]) for u in self.near[v] if offsets[u] is not None)
+
+    def lowest_free(self, v: int, size: int) -> int:
+        # The first version's scan: up the placed intervals in order, until a gap holds `size`.
         at = 0
-        for lo, hi in busy:
-            if at + life.size[v] <= lo:
+        for lo, hi in sorted(self._busy(v)):
+            if at + size <= lo:
                 break
             at = max(at, hi)
-        offsets[v] = at
-    total = max((o + s for o, s in zip(offsets, life.size)), default=0)
+        return at
+
+    def meets(self, v: int, at: int, size: int) -> bool:
+        return any(lo < at + size and at < hi for lo, hi in self._busy(v))
+
+    def add(self, v: int, at: int, size: int) -> None:
+        self.offsets[v] = at
+
+
+def overlapping_pairs(life: Lifetimes) -> int:
+    """How many ordered pairs of items (an item with itself too) have overlapping lifetimes:
+    each item meets those born by its death, less those dead before its birth."""
+    firsts, lasts = sorted(life.first), sorted(life.last)
+    return sum(bisect_right(firsts, hi) - bisect_left(lasts, lo) for lo, hi in zip(life.first, life.last))
+
+
+def _index(life: Lifetimes) -> _Occupancy | _Neighbours:
+    """Whichever answers the placement's questions faster for these lifetimes: the neighbour
+    lists while an item meets a few dozen others on average, else the tree over the times."""
+    n = len(life.size)
+    times = max(life.last, default=0) + 1
+    if overlapping_pairs(life) <= n * 4 * times.bit_length():
+        return _Neighbours(life)
+    return _Occupancy(life)
+
+
+def _first_fit(life: Lifetimes, order, occupancy: _Occupancy | _Neighbours,
+               above: int | None = None) -> tuple[list[int], int] | None:
+    """Each value in `order` at the lowest offset where it meets no value placed before it
+    whose lifetime overlaps its own; None as soon as the total would reach `above` (an order
+    tried only to beat that total is given up once it cannot)."""
+    placed = occupancy.empty()
+    offsets: list[int] = [0] * len(life.size)
+    total = 0
+    for v in order:
+        size = life.size[v]
+        offsets[v] = at = placed.lowest_free(v, size)
+        placed.add(v, at, size)
+        if at + size > total:
+            total = at + size
+            if above is not None and total >= above:
+                return None
     return offsets, total
 
 
-def _two_ended(life: Lifetimes, order, total: int) -> list[int] | None:
+def _two_ended(life: Lifetimes, order, total: int, occupancy: _Occupancy | _Neighbours) -> list[int] | None:
     """Values alternately at the bottom and at the top of a region of `total` elements: the
     optimum for a chain; None when some value does not fit."""
+    placed = occupancy.empty()
     offsets: list[int | None] = [None] * len(life.size)
     bottom = True
     for v in order:
         size = life.size[v]
-        busy = [(offsets[u], offsets[u] + life.size[u]) for u in range(len(life.size))
-                if offsets[u] is not None and _overlap(life, u, v) and life.size[u]]
         at = 0 if bottom else total - size
-        if any(lo < at + size and at < hi for lo, hi in busy):
+        # An empty value meets nothing: it lies at 0 or at `total`, and all that is placed lies
+        # within [0, total] (every total tried is at least the peak, so at least every size).
+        if size and placed.meets(v, at, size):
             return None
         offsets[v] = at
+        placed.add(v, at, size)
         bottom = not bottom
     return offsets
 
@@ -129,12 +311,13 @@ def _two_ended(life: Lifetimes, order, total: int) -> list[int] | None:
 def place_static(life: Lifetimes, nodes: int, search: int = SEARCH_ORDERS) -> tuple[tuple[int, ...], int]:
     values = range(len(life.size))
     by_birth = sorted(values, key=lambda v: (life.first[v], v))
-    candidates = [_first_fit(life, by_birth),
-                  _first_fit(life, sorted(values, key=lambda v: (-life.size[v], life.first[v], v)))]
+    occupancy = _index(life)                 # built once for every order tried
+    candidates = [_first_fit(life, by_birth, occupancy),
+                  _first_fit(life, sorted(values, key=lambda v: (-life.size[v], life.first[v], v)), occupancy)]
     peak, _ = live_peak(life, nodes, {})
     # Chains reach the peak with both ends; try the bound first, then each fitting total found.
     for total in sorted({peak, *(t for _, t in candidates)}):
-        two = _two_ended(life, by_birth, total)
+        two = _two_ended(life, by_birth, total, occupancy)
         if two is not None:
             candidates.append((two, max((o + s for o, s in zip(two, life.size)), default=0)))
             break
@@ -147,9 +330,9 @@ def place_static(life: Lifetimes, nodes: int, search: int = SEARCH_ORDERS) -> tu
         if total <= peak:
             break
         rng.shuffle(shuffled)
-        tried, t = _first_fit(life, shuffled)
-        if t < total:
-            offsets, total = tried, t
+        tried = _first_fit(life, shuffled, occupancy, above=total)
+        if tried is not None:
+            offsets, total = tried
     return tuple(offsets), total
 
 
@@ -192,9 +375,12 @@ def inference_placement(g: Graph, fusions: dict[int, tuple[int, ...]] | None = N
     return place(lifetimes(g, fusions), len(g.nodes))
 
 
+@functools.lru_cache(maxsize=16)
 def place(life: Lifetimes, times: int, search: int = SEARCH_ORDERS) -> tuple[tuple[Dim, ...], Dim]:
     """Per-sample offsets of every item of `life` (live over times 0 … times − 1), and the
-    total: items whose lifetimes overlap never overlap in memory."""
+    total: items whose lifetimes overlap never overlap in memory. Kept for the last few
+    lifetimes asked (the same answer every time): `check` and the compile that follows it
+    (passes/memory.py, lower/plan.py) place the same network twice."""
     nodes = times
     if all(isinstance(s, int) for s in life.size):
         return place_static(life, nodes, search)
@@ -251,12 +437,19 @@ class TrainingLayout:
 
     def zeroed_before(self, node: int) -> tuple[int, ...]:
         """The values whose gradients node's backward is the first to touch: zeroed just before it."""
-        at = self.timeline.backward[node]
-        return tuple(v for v, t in enumerate(self.first_touch) if t == at)
+        return self._zeroed_at.get(self.timeline.backward[node], ())
 
     def zeroed_at_start(self) -> tuple[int, ...]:
         """The values whose gradients are zeroed as the backward starts (outputs: then seeded)."""
-        return tuple(v for v, t in enumerate(self.first_touch) if t == self.timeline.start)
+        return self._zeroed_at.get(self.timeline.start, ())
+
+    @cached_property
+    def _zeroed_at(self) -> dict[int, tuple[int, ...]]:
+        # time → the values first touched then, in value order; built once for every step's asking.
+        at: dict[int, list[int]] = {}
+        for v, t in enumerate(self.first_touch):
+            at.setdefault(t, []).append(v)
+        return {t: tuple(vs) for t, vs in at.items()}
 
 
 def training_lifetimes(g: Graph, fusions: dict[int, tuple[int, ...]] | None = None,

@@ -18,13 +18,14 @@ sample n starts at N·offset(v) + n·size(v)).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from ..errors import Span
 from ..ir.dims import Dim
 from ..ir.graph import TensorType
-from ..passes.schedule import BufferSlot, ParamSlot   # the parameter and buffer blocks' layout
+from ..passes.schedule import BufferSlot, ParamSlot, slots_by_layer   # the parameter and buffer blocks' layout
 
 # Region names. Per-sample regions scale with the batch; the others are fixed at create.
 INFERENCE = "inference"              # eval mode: activations sharing memory by lifetime
@@ -250,4 +251,9 @@ class Program:
         return self.phase("backward")
 
     def layer_params(self, layer_name: str) -> dict[str, ParamSlot]:
-        return {p.spec.name: p for p in self.params if p.layer.name == layer_name}
+        return dict(self._params_of.get(layer_name, {}))
+
+    @cached_property
+    def _params_of(self) -> dict[str, dict[str, ParamSlot]]:
+        # Built once: asking for every layer's parameters stays linear in the number of layers.
+        return slots_by_layer(self.params, lambda p: p.layer.name)

@@ -47,17 +47,26 @@ def plan_memory(g: Graph) -> MemoryPlan:
     # an activation fused into its producer: the producer, which writes it) to its last reader.
     life = lifetimes(g, fusions)
     probe = {name: 64 for name in g.sym_dims}
+    # A sweep over the nodes: a value's bytes join the sum where it becomes live and leave it
+    # after its last node (sizes add exactly: the sums are those of adding up each node's values).
+    born: list[list[int]] = [[] for _ in g.nodes]
+    dead_after: list[list[int]] = [[] for _ in g.nodes]
+    for v in g.values:
+        if life.first[v.id] <= life.last[v.id] and life.first[v.id] < len(g.nodes):
+            born[life.first[v.id]].append(v.id)
+            dead_after[min(life.last[v.id], len(g.nodes) - 1)].append(v.id)
     live_at = []
     peak: Dim = 0
     peak_node = None
+    live: Dim = 0
     for node in g.nodes:
-        live: Dim = 0
-        for v in g.values:
-            if life.first[v.id] <= node.id <= life.last[v.id]:
-                live = D.add(live, D.mul(life.size[v.id], size))
+        for vid in born[node.id]:
+            live = D.add(live, D.mul(life.size[vid], size))
         live_at.append(live)
         if peak_node is None or _bigger(live, peak, probe):
             peak, peak_node = live, node.id
+        for vid in dead_after[node.id]:
+            live = D.sub(live, D.mul(life.size[vid], size))
     # What the module allocates: the placement by lifetime (the largest live sum is its lower bound).
     _, placed = inference_placement(g, fusions)
     peak = D.mul(placed, size)

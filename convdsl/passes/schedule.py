@@ -7,6 +7,7 @@ so that they can change without touching the templates' meaning.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..ir import dims as D
 from ..ir.dims import Dim
@@ -52,10 +53,27 @@ class Plan:
         return dict(self.algorithms).get(node_id)
 
     def layer_params(self, layer_name: str) -> dict[str, ParamSlot]:
-        return {p.spec.name: p for p in self.params if p.layer.name == layer_name}
+        return dict(self._params_of.get(layer_name, {}))
 
     def layer_buffers(self, layer_name: str) -> dict[str, BufferSlot]:
-        return {b.spec.name: b for b in self.buffers if b.layer == layer_name}
+        return dict(self._buffers_of.get(layer_name, {}))
+
+    # Indexes built once: asking for every layer's slots stays linear in the number of layers.
+    @cached_property
+    def _params_of(self) -> dict[str, dict[str, ParamSlot]]:
+        return slots_by_layer(self.params, lambda p: p.layer.name)
+
+    @cached_property
+    def _buffers_of(self) -> dict[str, dict[str, BufferSlot]]:
+        return slots_by_layer(self.buffers, lambda b: b.layer)
+
+
+def slots_by_layer(slots, layer_of) -> dict[str, dict]:
+    """layer name → {slot name: slot}, in the order of `slots`."""
+    out: dict[str, dict] = {}
+    for slot in slots:
+        out.setdefault(layer_of(slot), {})[slot.spec.name] = slot
+    return out
 
 
 def _align(n: int, to: int = 16) -> int:

@@ -22,6 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable
 
 import jinja2
@@ -184,6 +185,29 @@ _STATE_ARGS = {
 }
 
 
+class _Environment(jinja2.Environment):
+    """Jinja's environment, reading `{{ d.key }}` of a plain dict (or of a read-only view of one)
+    as the item at once. Jinja asks for an attribute first, which on a dict fails by raising an
+    AttributeError before it looks up the item; the templates read tens of thousands of such
+    fields in a large network (each kernel argument's source, each op's kernel context), and
+    those exceptions were a sizeable part of a render. The result is the same: a name the type
+    has as an attribute (`d.get`, `d.items`) is still that attribute."""
+
+    _TYPE_ATTRIBUTES = {dict: frozenset(dir(dict)), MappingProxyType: frozenset(dir(MappingProxyType))}
+
+    def getattr(self, obj, attribute):
+        own = self._TYPE_ATTRIBUTES.get(type(obj))
+        if own is None or attribute in own:
+            try:                                    # jinja2.Environment.getattr, inline
+                return getattr(obj, attribute)
+            except AttributeError:
+                pass
+        try:
+            return obj[attribute]
+        except (TypeError, LookupError, AttributeError):
+            return self.undefined(obj=obj, name=attribute)
+
+
 class Target:
     """A backend target. Subclasses override the hooks in the first section; everything after
     it is shared."""
@@ -276,12 +300,14 @@ class Target:
         written as the target writes integers."""
         if self._env is None:
             def finalize(value):
+                if type(value) is str:              # most of what is written: no int to check
+                    return value
                 if isinstance(value, int) and not isinstance(value, bool):
                     return self.int_literal(value)
                 return value
-            env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resources.templates_dir())),
-                                     undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                                     trim_blocks=False, lstrip_blocks=False, autoescape=False, finalize=finalize)
+            env = _Environment(loader=jinja2.FileSystemLoader(str(resources.templates_dir())),
+                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                               trim_blocks=False, lstrip_blocks=False, autoescape=False, finalize=finalize)
             env.filters["ident"] = checked_identifier
             env.filters["c_int"] = self.int_literal
             self._env = env
