@@ -312,6 +312,15 @@ class ModelBase:
                 return False
         return True
 
+    def _bind(self, xs) -> tuple[list[np.ndarray], _Geometry]:
+        """A forward or train_step's inputs and the geometry of their batch: as given when they
+        are what the prepared batch accepts as is, else through the full path."""
+        geo = self._geometry
+        if geo is not None and geo.key == self._prepared and self._accepts(xs, geo.input_shapes):
+            self._start_forward()
+            return xs, geo
+        return self._bind_and_prepare(xs)
+
     def _bind_and_prepare(self, xs) -> tuple[list[np.ndarray], _Geometry]:
         """The full path of a forward or train_step's inputs: checked, a forward started, the
         batch prepared, then converted; and the geometry of the prepared batch."""
@@ -352,12 +361,7 @@ class ModelBase:
     def forward(self, *xs):
         """Run the network on a batch; returns one array, or a tuple for several outputs."""
         with self.lock:
-            geo = self._geometry
-            if geo is not None and geo.key == self._prepared and self._accepts(xs, geo.input_shapes):
-                self._start_forward()
-                arrays = xs
-            else:
-                arrays, geo = self._bind_and_prepare(xs)
+            arrays, geo = self._bind(xs)
             outs = self._new_arrays(geo.output_shapes, geo.output_ptrs)
             if self.training:
                 inputs = self._pointers(geo.input_ptrs, arrays)
@@ -467,12 +471,7 @@ class ModelBase:
                 raise TypeError(f"train_step takes {n_in} input(s), the target and lr")
             lr = _learning_rate(lr)
             xs = args[:-1]
-            geo = self._geometry
-            if geo is not None and geo.key == self._prepared and self._accepts(xs, geo.input_shapes):
-                self._start_forward()
-                arrays = xs
-            else:
-                arrays, geo = self._bind_and_prepare(xs)
+            arrays, geo = self._bind(xs)
             target = self._target(args[-1], geo)
             # The parameters change: whatever a forward stored is stale, even if the step fails.
             self._forward_key = self._eval_inputs = None

@@ -162,6 +162,32 @@ def test_resnet_blocks_run_each_add_and_the_relu_after_it_in_a_conv_kernel():
                                     for t in chains), chains
 
 
+def check_against_reference(net, reference, shapes, batch, seed, outputs, inputs):
+    """Random parameters and inputs (per-sample `shapes`), then the model's training forward,
+    backward (input and parameter gradients) and eval forward against `reference(*inputs,
+    params)` in float64 torch; `outputs` / `inputs` name them in messages."""
+    rng = np.random.default_rng(seed)
+    for p in net.params.values():
+        p[...] = rng.standard_normal(p.shape)
+    xs = [rng.standard_normal((batch, *s)).astype(np.float32) for s in shapes]
+    ys = net.forward(*xs)
+    dys = [rng.standard_normal(y.shape).astype(np.float32) for y in ys]
+    grads = net.backward(*dys)
+    tin = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in xs]
+    tp = {k: torch.tensor(a, dtype=torch.float64, requires_grad=True) for k, a in net.params.items()}
+    refs = reference(*tin, tp)
+    for name, y, r in zip(outputs, ys, refs):
+        assert_close(y, r.detach().numpy(), what=f"forward {name}")
+    sum((r * torch.tensor(dy, dtype=torch.float64)).sum() for r, dy in zip(refs, dys)).backward()
+    for name, g, t in zip(inputs, grads, tin):
+        assert_close(g, t.grad.numpy(), what=f"d{name}")
+    for k, g in net.grads.items():
+        assert_close(g, tp[k].grad.numpy(), what=f"grad {k}")
+    net.eval()
+    for name, y, r in zip(outputs, net.forward(*xs), refs):
+        assert_close(y, r.detach().numpy(), what=f"eval forward {name}")
+
+
 _RESIDUAL_MODULES: dict = {}
 
 
@@ -172,27 +198,8 @@ def test_fused_residuals_and_scales_match_torch_forward_and_backward(algo, batch
     if key not in _RESIDUAL_MODULES:
         _RESIDUAL_MODULES[key] = convdsl.load_source(RESIDUAL_SRC, algo=algo)
     net = _RESIDUAL_MODULES[key].Model(seed=0)
-    rng = np.random.default_rng(5 + batch)
-    for p in net.params.values():
-        p[...] = rng.standard_normal(p.shape)
-    shapes = [(3, 6, 5), (4, 6, 5), (4,), (10,), (6,), (3, 1, 1)]
-    inputs = [rng.standard_normal((batch, *s)).astype(np.float32) for s in shapes]
-    ys = net.forward(*inputs)
-    dys = [rng.standard_normal(y.shape).astype(np.float32) for y in ys]
-    grads = net.backward(*dys)
-    tin = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in inputs]
-    tp = {k: torch.tensor(a, dtype=torch.float64, requires_grad=True) for k, a in net.params.items()}
-    refs = residual_reference(*tin, tp)
-    for name, y, r in zip("abcdefghk", ys, refs):
-        assert_close(y, r.detach().numpy(), what=f"forward {name}")
-    sum((r * torch.tensor(dy, dtype=torch.float64)).sum() for r, dy in zip(refs, dys)).backward()
-    for name, g, t in zip("xrsvwz", grads, tin):
-        assert_close(g, t.grad.numpy(), what=f"d{name}")
-    for k, g in net.grads.items():
-        assert_close(g, tp[k].grad.numpy(), what=f"grad {k}")
-    net.eval()
-    for name, y, r in zip("abcdefghk", net.forward(*inputs), refs):
-        assert_close(y, r.detach().numpy(), what=f"eval forward {name}")
+    check_against_reference(net, residual_reference, [(3, 6, 5), (4, 6, 5), (4,), (10,), (6,), (3, 1, 1)],
+                            batch, seed=5 + batch, outputs="abcdefghk", inputs="xrsvwz")
 
 
 def test_the_fused_kernels_compile_without_warnings(tmp_path):
@@ -279,27 +286,8 @@ def test_fused_deconv_and_direct_depthwise_match_torch_forward_and_backward(batc
     if not _UPSAMPLE_MODULE:
         _UPSAMPLE_MODULE.append(convdsl.load_source(UPSAMPLE_SRC))
     net = _UPSAMPLE_MODULE[0].Model(seed=0)
-    rng = np.random.default_rng(11 + batch)
-    for p in net.params.values():
-        p[...] = rng.standard_normal(p.shape)
-    shapes = [(4, 3, 4), (6, 7, 8), (6,), (3, 6, 5)]
-    inputs = [rng.standard_normal((batch, *s)).astype(np.float32) for s in shapes]
-    ys = net.forward(*inputs)
-    dys = [rng.standard_normal(y.shape).astype(np.float32) for y in ys]
-    grads = net.backward(*dys)
-    tin = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in inputs]
-    tp = {k: torch.tensor(a, dtype=torch.float64, requires_grad=True) for k, a in net.params.items()}
-    refs = upsample_reference(*tin, tp)
-    for name, y, r in zip("abcdef", ys, refs):
-        assert_close(y, r.detach().numpy(), what=f"forward {name}")
-    sum((r * torch.tensor(dy, dtype=torch.float64)).sum() for r, dy in zip(refs, dys)).backward()
-    for name, g, t in zip("xrsu", grads, tin):
-        assert_close(g, t.grad.numpy(), what=f"d{name}")
-    for k, g in net.grads.items():
-        assert_close(g, tp[k].grad.numpy(), what=f"grad {k}")
-    net.eval()
-    for name, y, r in zip("abcdef", net.forward(*inputs), refs):
-        assert_close(y, r.detach().numpy(), what=f"eval forward {name}")
+    check_against_reference(net, upsample_reference, [(4, 3, 4), (6, 7, 8), (6,), (3, 6, 5)],
+                            batch, seed=11 + batch, outputs="abcdef", inputs="xrsu")
 
 
 def test_the_fused_deconv_and_depthwise_kernels_compile_without_warnings(tmp_path):
