@@ -45,8 +45,10 @@ def test_non_editable_install_compiles_an_example(tmp_path):
     shutil.copy(REPO / "examples" / "lenet5.cnn", work / "lenet5.cnn")
     # -S: no site-packages hooks, so an editable install of the checkout (a .pth file or an
     # import finder) cannot shadow the installed copy; the dependencies' folders are passed
-    # explicitly instead, less anything inside the checkout.
-    dependency_paths = [p for p in sys.path if p and not _inside(p, REPO) and Path(p).is_dir()]
+    # explicitly instead, less anything inside the checkout — but for the virtual environment,
+    # which the README creates there (.venv): its site-packages hold the dependencies.
+    dependency_paths = [p for p in sys.path if p and Path(p).is_dir()
+                        and (not _inside(p, REPO) or _inside(p, Path(sys.prefix).resolve()))]
     env = dict(os.environ, CONVDSL_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join([str(target), *dependency_paths]))
     script = (
