@@ -47,6 +47,11 @@ def networks_in_file(path) -> tuple[str, ...]:
     return tuple(n.name for n in _program(parse_file(path)).networks)
 
 
+# Elements (per sample in the activation blocks) between tensors in a sanitizer build: 64 bytes
+# of float32, past which a kernel that overruns its tensor by a little is caught.
+SANITIZER_GUARD = 16
+
+
 @dataclass(frozen=True)
 class Compiled:
     graph: Graph
@@ -57,7 +62,9 @@ class Compiled:
 def compile_graph(graph: Graph, algo=None) -> Compiled:
     """Lower (with `algo`, the per-run kernel variant override: {"conv": "im2col"} or
     "conv=im2col,depthwise=direct"; CONVDSL_ALGO too) and render the C."""
-    program = lower(graph, algo)
+    from .runtime.build import sanitizing
+    # A sanitizer build keeps every tensor apart, behind a guard zone its module poisons.
+    program = lower(graph, algo, guard=SANITIZER_GUARD if sanitizing() else 0)
     return Compiled(graph, program, render_c(program))
 
 

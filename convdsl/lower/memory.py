@@ -346,6 +346,23 @@ def place_apart(life: Lifetimes) -> tuple[tuple[Dim, ...], Dim]:
     return tuple(offsets), total
 
 
+def place_guarded(life: Lifetimes, guard: int) -> tuple[tuple[Dim, ...], Dim, tuple[tuple[Dim, Dim], ...]]:
+    """Every item apart, each followed by `guard` elements that nothing uses: the layout of a
+    sanitizer build, whose module poisons those gaps (the guards returned, as (offset, elements)),
+    so that a kernel running past one tensor into the next is reported. Sharing memory by
+    lifetime would put another tensor where a guard is. An empty item (a value a fused kernel
+    never writes) gets no guard."""
+    offsets, guards, total = [], [], 0
+    for size in life.size:
+        offsets.append(total)
+        if size == 0:
+            continue
+        total = D.add(total, size)
+        guards.append((total, guard))
+        total = D.add(total, guard)
+    return tuple(offsets), total, tuple(guards)
+
+
 def _common_unit(sizes) -> tuple[Dim, list[int]] | None:
     """(U, k) with size_i == k_i·U for every run-time size, when one U serves them all
     (`19·H·W`, `35·H·W` → U = H·W): they can then be placed as the integers k_i."""
@@ -434,6 +451,7 @@ class TrainingLayout:
     first_touch: tuple[int, ...]             # per value: the time its gradient is zeroed
     timeline: TrainingTimeline
     life: Lifetimes                          # activations, then gradients, then saved masks
+    guards: tuple[tuple[Dim, Dim], ...] = ()  # a guarded placement's gaps (place_guarded)
 
     def zeroed_before(self, node: int) -> tuple[int, ...]:
         """The values whose gradients node's backward is the first to touch: zeroed just before it."""
@@ -530,11 +548,18 @@ def saved_elements(g: Graph) -> dict[int, Dim]:
     return out
 
 
-def training_placement(g: Graph, fusions: dict[int, tuple[int, ...]] | None = None) -> TrainingLayout:
-    """Offsets of every activation, gradient and saved mask in the training block, and its size."""
+def training_placement(g: Graph, fusions: dict[int, tuple[int, ...]] | None = None,
+                       guard: int = 0) -> TrainingLayout:
+    """Offsets of every activation, gradient and saved mask in the training block, and its size;
+    with `guard`, each apart from the others behind a guard of that many elements (place_guarded)."""
     saved = saved_elements(g)
     life, timeline, touch = training_lifetimes(g, fusions, saved)
-    offsets, total = place(life, timeline.end + 1, TRAINING_SEARCH_ORDERS)
+    guards = ()
+    if guard:
+        offsets, total, guards = place_guarded(life, guard)
+    else:
+        offsets, total = place(life, timeline.end + 1, TRAINING_SEARCH_ORDERS)
     nv = len(g.values)
     saved_at = {nid: (offsets[2 * nv + k], elems) for k, (nid, elems) in enumerate(saved.items())}
-    return TrainingLayout(tuple(offsets[:nv]), tuple(offsets[nv:2 * nv]), saved_at, total, touch, timeline, life)
+    return TrainingLayout(tuple(offsets[:nv]), tuple(offsets[nv:2 * nv]), saved_at, total, touch, timeline, life,
+                          guards)

@@ -19,7 +19,7 @@ from ..ir.dims import Dim
 from ..ir.graph import Graph, Node, TensorType
 from ..ops.base import INPUTS, OUTPUT, Variant, lookup, registry
 from ..passes.schedule import make_plan
-from .memory import inference_placement, training_placement
+from .memory import inference_placement, lifetimes, place_guarded, training_placement
 from .program import (ACTIVATION, ACTIVATIONS, BUFFERS, GRADIENTS, INFERENCE, PARAM_GRADS, RESIDUAL, SCALE,
                       THREAD_WORKSPACE, PARAMS, SAVED, TRAINING, WORKSPACE, Boundary, Epilogue, EpilogueStage,
                       LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
@@ -184,22 +184,28 @@ def _stages(g: Graph, producer: Node, chain: tuple[int, ...], act) -> tuple[Epil
     return tuple(stages)
 
 
-def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
-    """The lowered program of a checked graph; `algo` is the per-run variant override."""
+def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int = 0) -> Program:
+    """The lowered program of a checked graph; `algo` is the per-run variant override. `guard`
+    (sanitizer builds): no tensor shares memory with another, and `guard` elements (per sample in
+    the activation blocks) follow each one, which the module poisons (Region.guards)."""
     g = graph
     override = algo_override(algo)
-    plan = make_plan(g)
+    plan = make_plan(g, guard)
 
     def numel(vid: int) -> Dim:
         return D.product(g.values[vid].type.shape)
 
     chosen = chosen_variants(g, override)
     fusions = _fusions(g, chosen)
-    eval_offsets, eval_total = inference_placement(g, fusions)
+    eval_guards = ()
+    if guard:
+        eval_offsets, eval_total, eval_guards = place_guarded(lifetimes(g, fusions), guard)
+    else:
+        eval_offsets, eval_total = inference_placement(g, fusions)
     inference = tuple(Operand(f"v{v.id}", INFERENCE, eval_offsets[v.id], numel(v.id), v.id, v.type.shape)
                       for v in g.values)
     # Training: activations, gradients and saved masks in one block, sharing memory by lifetime.
-    layout = training_placement(g, fusions)
+    layout = training_placement(g, fusions, guard)
     activations = tuple(Operand(f"v{v.id}", ACTIVATIONS, layout.activation[v.id], numel(v.id), v.id, v.type.shape)
                         for v in g.values)
     gradients = tuple(Operand(f"d{v.id}", GRADIENTS, layout.gradient[v.id], numel(v.id), v.id, v.type.shape)
@@ -288,13 +294,15 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
             outputs=trainable, parallel=ParallelSplit("none")))
 
     regions = (
-        Region(INFERENCE, eval_total, True, "eval mode: the values of a forward, sharing memory by lifetime"),
+        Region(INFERENCE, eval_total, True, "eval mode: the values of a forward, sharing memory by lifetime",
+               eval_guards),
         Region(TRAINING, layout.total, True, "training mode: what backward reads, the gradients and saved masks, "
-                                             "sharing memory by lifetime (act, grad and saved offsets are into it)"),
+                                             "sharing memory by lifetime (act, grad and saved offsets are into it)",
+               layout.guards),
         Region(WORKSPACE, workspace_total, False, "one step's scratch (im2col columns), shared by all steps"),
         Region(THREAD_WORKSPACE, thread_total, False, "per thread, when a step splits the batch across threads"),
-        Region(PARAMS, plan.param_total, False, "every parameter"),
-        Region(PARAM_GRADS, plan.param_total, False, "the gradients of the trainable parameters"),
+        Region(PARAMS, plan.param_total, False, "every parameter", plan.param_guards),
+        Region(PARAM_GRADS, plan.param_total, False, "the gradients of the trainable parameters", plan.param_guards),
         Region(BUFFERS, plan.buffer_total, False, "layer state that is not trained (running statistics)"),
     )
 

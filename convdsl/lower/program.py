@@ -49,6 +49,9 @@ class Region:
     size: Dim
     per_sample: bool
     doc: str
+    # Sanitizer builds only (lower(guard=…)): (offset, elements) of every gap between tensors,
+    # poisoned by the module so that a kernel running past one tensor into the next is reported.
+    guards: tuple[tuple[Dim, Dim], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,9 @@ class Plan:
     buffers: tuple[BufferSlot, ...] = ()
     buffer_total: int = 1
     saved: tuple[tuple[int, Dim], ...] = ()   # node id → per-sample elements its forward keeps for backward
+    # With make_plan(guard=…) (sanitizer builds): the gaps after each parameter, (offset, elements),
+    # at least `guard` long, which the module poisons in the parameter and gradient blocks.
+    param_guards: tuple[tuple[int, int], ...] = ()
 
     def param(self, full_name: str) -> ParamSlot:
         return next(p for p in self.params if p.full_name == full_name)
@@ -129,14 +132,18 @@ def choose_algorithm(node, in_type: TensorType | None = None, out_type: TensorTy
     return "im2col"
 
 
-def make_plan(graph: Graph) -> Plan:
-    params = []
+def make_plan(graph: Graph, guard: int = 0) -> Plan:
+    """`guard`: elements kept free after every parameter (sanitizer builds, lower/plan.py)."""
+    params, param_guards = [], []
     offset = 0
     for layer in graph.layers:
         for spec in layer.params:
             size = D.product(spec.shape)
             params.append(ParamSlot(f"{layer.name}.{spec.name}", layer, spec, offset, size))
-            offset = _align(offset + size)
+            end = offset + size
+            offset = _align(end + guard)
+            if guard:
+                param_guards.append((end, offset - end))
     scratch = []
     algorithms = []
     saved = []
@@ -156,4 +163,4 @@ def make_plan(graph: Graph) -> Plan:
     buffers = buffer_layout(graph)
     buffer_total = max((b.offset + b.size for b in buffers), default=0)
     return Plan(graph, tuple(n.id for n in graph.nodes), tuple(params), max(offset, 1), tuple(scratch),
-                tuple(algorithms), buffers, max(buffer_total, 1), tuple(saved))
+                tuple(algorithms), buffers, max(buffer_total, 1), tuple(saved), tuple(param_guards))

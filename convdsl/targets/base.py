@@ -556,6 +556,8 @@ class Target:
                  for k, s in enumerate(saved_steps)]
         regions = {r.name: host(r.size) for r in pg.regions
                    if r.name in PER_SAMPLE_REGIONS + (WORKSPACE, THREAD_WORKSPACE)}
+        # A sanitizer build's guard zones (lower(guard=…)): per sample in the activation blocks.
+        guard_zones = {r.name: [{"offset": host(o), "size": host(n)} for o, n in r.guards] for r in pg.regions}
         buffer_table = [{"name": checked_identifier(b.full_name, dotted=True), "offset": b.offset, "size": b.size,
                          "shape": b.spec.shape, "fill": real(b.spec.fill)} for b in pg.buffers]
         context = {
@@ -564,7 +566,7 @@ class Target:
             "sym_dims": [checked_identifier(s) for s in pg.sym_dims],
             "nodes": nodes, "helpers": helpers, "values": values, "inputs": inputs, "outputs": outputs,
             "params": params, "param_total": pg.param_total, "consts": consts, "loss": loss,
-            "size_checks": size_checks, "regions": regions,
+            "size_checks": size_checks, "regions": regions, "guard_zones": guard_zones,
             "zero_at_start": [{"index": o.value, "numel": host(o.size)} for o in pg.zero_at_start],
             "buffers": buffer_table, "buffer_total": pg.buffer_total, "saved": saved, "training_guards": guards,
         }

@@ -205,7 +205,7 @@ network Chain {
 """
 
 
-def _nothing_shared(g, fusions=None):
+def _nothing_shared(g, fusions=None, guard=0):
     """The training layout with the same lifetimes (and zeroing) but every tensor apart."""
     layout = memory.training_placement(g, fusions)
     offsets, total = memory.place_apart(layout.life)

@@ -109,6 +109,34 @@ def test_the_harness_sees_a_report(tmp_path):
     assert "not caught" not in proc.stdout
 
 
+# A kernel that runs one element past its output, inside the arena: the first relu's loop is made
+# to write y[count] (the C edited after rendering, as a kernel bug would have it). A sanitizer
+# build places every tensor apart behind a poisoned gap, so the write lands in poison whatever
+# follows the tensor; without that gap it landed in the next tensor, unseen (issue 7, item 2).
+INNER_OVERRUN = """
+import dataclasses, sys, numpy as np
+from convdsl.compiler import build_module, compile_graph, graph_from_source
+SRC = "network Inner {\\n input x: [3, 5, 5]\\n y = x -> relu -> relu -> relu\\n output y\\n}\\n"
+compiled = compile_graph(graph_from_source(SRC))
+loop = "for (int64_t i = 0; i < count; i++)"
+assert loop in compiled.source.c
+bad = compiled.source.c.replace(loop, "for (int64_t i = 0; i <= count; i++)", 1)
+module = build_module(dataclasses.replace(compiled, source=dataclasses.replace(compiled.source, c=bad)))
+net = module.Model()
+for mode in sys.argv[1:]:
+    getattr(net, mode)()
+    net.forward(np.ones((2, 3, 5, 5), np.float32))
+print("not caught")
+"""
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_an_overrun_from_one_tensor_into_the_next_is_reported(tmp_path, mode):
+    proc = sanitized(["--", "python", "-c", INNER_OVERRUN, mode], tmp_path, timeout=600)
+    assert proc.returncode != 0 and "ERROR: AddressSanitizer" in proc.stderr, proc.stdout + proc.stderr[-3000:]
+    assert "not caught" not in proc.stdout
+
+
 @pytest.mark.slow
 def test_examples_and_op_tests_run_clean_under_the_sanitizers(tmp_path):
     """Every example (forward, backward, train_step: convolutions of each algorithm, pools,
