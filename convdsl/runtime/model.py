@@ -478,7 +478,9 @@ class ModelBase:
         if key != self._optimizer_key:
             self._optimizer_key = None
             _fill_optimizer(opt, self._lib, self._p, *key)
-            self._optimizer_key = key
+            # Only immutable keywords are remembered (a list of betas may change in place).
+            if type(betas) is tuple:
+                self._optimizer_key = key
         opt.lr = lr
         return opt
 
