@@ -314,3 +314,21 @@ def test_the_c_update_refuses_what_python_would(f32):
         assert words in ffi.string(getattr(lib, f"{p}_last_error")(net._m)).decode()
     for name, a in net.params.items():
         np.testing.assert_array_equal(a, before[name])
+
+
+def test_update_follows_a_backward_on_a_network_without_a_loss():
+    """A custom loop: forward, backward from its own output gradients, update (a network
+    without a loss has no compute_grads or train_step, but its optimizer is there)."""
+    module = convdsl.load_source("network NoLoss {\n    input x: [3]\n    y = x -> dense(2)\n    output y\n}\n")
+    net = module.Model(seed=0)
+    x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    net.forward(x)
+    net.backward(np.ones((4, 2), np.float32))
+    before = {n: p.copy() for n, p in net.params.items()}
+    grads = {n: g.copy() for n, g in net.grads.items()}
+    net.update(0.1, momentum=0.9)                        # the first momentum step is plain SGD
+    for name, p in net.params.items():
+        np.testing.assert_allclose(p, before[name] - np.float32(0.1) * grads[name], rtol=1e-6, atol=1e-7)
+    assert set(net.optimizer_state) == {"optim.dense1.weight.momentum_buffer", "optim.dense1.bias.momentum_buffer"}
+    with pytest.raises(RuntimeError, match="declares no loss"):
+        net.compute_grads(x, np.zeros((4, 2), np.float32))
