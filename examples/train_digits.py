@@ -1,6 +1,7 @@
 """Compile a LeNet-style network, train it on scikit-learn's 8×8 digits, save its weights.
 
     python examples/train_digits.py [--out build] [--epochs 40] [--batch 32] [--lr 0.05]
+    mpirun -n 2 python examples/train_digits.py --distributed     # data-parallel over MPI
 
 It does what `convdsl compile examples/digits_lenet.cnn -o build/` does (the C library
 digitslenet.c and .h, its Makefile and a Python module, all in build/), imports that
@@ -8,6 +9,9 @@ module, trains the network with its generated train_step (plain SGD) on 80% of t
 reports the accuracy on the other 20%, and saves the weights to build/digitslenet.npz,
 which `Model.load` in Python and `digitslenet_load_weights` in C both read. The digits ship
 inside scikit-learn, so this runs offline.
+
+With --distributed, under mpirun, every rank trains the same model on its shard of each batch
+(convdsl.distributed, docs/distributed.md): rank 0 compiles, prints and saves.
 """
 from __future__ import annotations
 
@@ -62,6 +66,18 @@ def compile_into(out: Path):
     return module
 
 
+def compile_distributed(out: Path):
+    """Rank 0 compiles into OUT; the other ranks then load the same network from the build cache."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    module = compile_into(out) if comm.Get_rank() == 0 else None
+    comm.Barrier()              # a failed compile ends rank 0, and mpirun ends the others
+    if module is None:
+        import convdsl
+        module = convdsl.load(SOURCE)
+    return module
+
+
 def accuracy(net, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
     net.eval()
     correct = 0
@@ -72,10 +88,15 @@ def accuracy(net, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
     return correct / len(x)
 
 
-def train(module, epochs: int = 40, batch: int = 32, lr: float = 0.05, seed: int = 0, quiet: bool = False):
+def train(module, epochs: int = 40, batch: int = 32, lr: float = 0.05, seed: int = 0, quiet: bool = False,
+          distributed: bool = False):
     """Train a fresh model of `module` on the digits; returns (model, held-out accuracy)."""
     x_train, x_test, y_train, y_test = load_digits_split(seed)
-    net = module.Model(seed=seed)
+    net = stepper = module.Model(seed=seed)
+    if distributed:             # every rank draws the same batches and trains on its shard of each
+        from convdsl.distributed import DistributedModel
+        stepper = DistributedModel(net)
+        quiet = quiet or not stepper.is_root
     rng = np.random.default_rng(seed)
     steps = (len(x_train) + batch - 1) // batch
     if not quiet:
@@ -86,7 +107,7 @@ def train(module, epochs: int = 40, batch: int = 32, lr: float = 0.05, seed: int
         running = 0.0
         for step in range(steps):
             idx = order[step * batch:(step + 1) * batch]
-            loss = net.train_step(x_train[idx], y_train[idx], lr=lr)
+            loss = stepper.train_step(x_train[idx], y_train[idx], lr=lr)
             running = loss if step == 0 else 0.9 * running + 0.1 * loss
             if not quiet:
                 progress(epoch, epochs, step + 1, steps, running)
@@ -106,14 +127,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of mpirun")
     args = parser.parse_args()
     out = Path(args.out)
-    module = compile_into(out)
-    net, _ = train(module, args.epochs, args.batch, args.lr, args.seed)
+    module = compile_distributed(out) if args.distributed else compile_into(out)
+    net, _ = train(module, args.epochs, args.batch, args.lr, args.seed, distributed=args.distributed)
+    if args.distributed and not is_rank0():
+        return
     weights = out / f"{PREFIX}.npz"
     net.save(weights)
     print(f"saved the weights to {weights}: net.load({str(weights)!r}) in Python, "
           f"{PREFIX}_load_weights(net, \"{weights}\") in C")
+
+
+def is_rank0() -> bool:
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank() == 0
 
 
 if __name__ == "__main__":
