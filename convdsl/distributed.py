@@ -53,6 +53,7 @@ import numpy as np
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_BUCKET_BYTES = 25 << 20
+SPIN_SECONDS = 2e-3             # how long a wait polls MPI without pausing
 
 
 class DistributedError(RuntimeError):
@@ -162,6 +163,10 @@ class DistributedModel:
         self.timeout = timeout
         self.bucket_bytes = int(bucket_bytes)
         self.steps = 0                  # compute_grads calls so far: names the step in errors
+        # Seconds spent so far in each part of a step: `local` (net.compute_grads on this
+        # rank's shard), `allreduce` (weighting the gradients, then waiting for the Allreduce:
+        # the slowest rank's lateness included) and `update` (net.update).
+        self.timing = {"local": 0.0, "allreduce": 0.0, "update": 0.0}
         if abort_on_error:
             self._install_abort_hook()
         self.params, self.grads, self.buffers = flat_views(net)
@@ -175,20 +180,25 @@ class DistributedModel:
     # ---- waiting with a deadline ---------------------------------------------------------
     def _wait(self, requests: list, what: str) -> None:
         """Wait for nonblocking `requests`; a DistributedError after `timeout` seconds."""
-        MPI = self._MPI
-        if MPI.Request.Testall(requests):
+        Testall = self._MPI.Request.Testall
+        if Testall(requests):
             return
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = None if self.timeout is None else started + self.timeout
+        spin_until = started + SPIN_SECONDS
         pause = 0.0
-        while not MPI.Request.Testall(requests):
-            if deadline is not None and time.monotonic() > deadline:
+        while not Testall(requests):
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise DistributedError(
                     f"rank {self.rank} of {self.size}: {what} did not complete within {self.timeout:g} s; "
                     f"another rank has died, hangs, or is that far behind (DistributedModel(timeout=...))")
-            # Poll at once for a while (a collective usually completes in microseconds), then
-            # every millisecond so that a rank waiting for a slow one leaves it the core.
-            time.sleep(pause)
-            pause = min(1e-3, pause + 2e-5)
+            # MPI progresses a nonblocking collective inside Test: poll without a pause while
+            # it is likely to complete soon (as MPI's own Wait would), then every millisecond
+            # or so, to leave the core to a rank that is still computing.
+            if now > spin_until:
+                time.sleep(pause)
+                pause = min(1e-3, pause + 5e-5)
 
     def _allgather_digest(self, digest: bytes, what: str) -> list[bytes]:
         """Every rank's 32-byte digest, in rank order."""
@@ -260,11 +270,13 @@ class DistributedModel:
                 raise ValueError("the inputs and the target must hold the same number of samples")
             mine = tuple(a[self.shard(batch)] for a in args)
         samples = len(mine[0])
+        started = time.perf_counter()
         if samples:
             loss = net.compute_grads(*mine)
         else:                           # fewer samples than ranks: this one adds nothing
             self.grads[...] = 0
             loss = 0.0
+        computed = time.perf_counter()
         if local:
             # Weights need the total: the counts go first, in a message of their own.
             self._scalars[:] = (samples, samples * loss)
@@ -284,12 +296,16 @@ class DistributedModel:
             self._scalars[:] = (samples, weight * loss)
             requests.append(self.comm.Iallreduce(self._MPI.IN_PLACE, self._scalars))
         self._wait(requests, f"the gradient Allreduce of step {step}")
+        self.timing["local"] += computed - started
+        self.timing["allreduce"] += time.perf_counter() - computed
         self.steps = step
         return float(self._scalars[1] / total if local else self._scalars[1])
 
     def update(self, lr, **optimizer) -> None:
         """`net.update(lr, **optimizer)` on every rank: the same step from the same gradients."""
+        started = time.perf_counter()
         self.net.update(lr, **optimizer)
+        self.timing["update"] += time.perf_counter() - started
 
     def train_step(self, *args, lr=None, local: bool = False, **optimizer) -> float:
         """compute_grads then update: `train_step(x, target, lr, optimizer="adam", ...)` with
@@ -302,6 +318,11 @@ class DistributedModel:
         loss = self.compute_grads(*args, local=local)
         self.update(lr, **optimizer)
         return loss
+
+    @property
+    def message_bytes(self) -> int:
+        """Bytes each step Allreduces: the gradient block, the buffers and the loss."""
+        return self.grads.nbytes + self.buffers.nbytes + self._scalars.nbytes
 
     # ---- checks and checkpoints ------------------------------------------------------------
     def in_sync(self) -> bool:
