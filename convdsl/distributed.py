@@ -363,16 +363,21 @@ class DistributedModel:
 
         self._on_root(f"writing the checkpoint {path}", write)
 
-    def resume(self, path) -> int:
+    def resume(self, path, missing_ok: bool = False) -> int:
         """Load the checkpoint at `path` on rank 0, broadcast it to every rank, and return the
-        step it was taken after (collective)."""
+        step it was taken after (collective). With `missing_ok`, a checkpoint that rank 0 does
+        not have is a fresh start: nothing changes and the step is 0."""
         path = _npz(path)
 
         def read():
+            if missing_ok and not path.exists():
+                return None
             self.net.load(path)
             return int(json.loads(_info_path(path).read_text())["step"])
 
         step = self._on_root(f"reading the checkpoint {path}", read)
+        if step is None:
+            return 0
         self._bcast_blocks(f"broadcasting the checkpoint {path}")
         return step
 
