@@ -54,7 +54,12 @@ def main(spec_path: str) -> None:
                     os.kill(os.getpid(), signal.SIGKILL)    # as a crash, or the OOM killer, would
                 time.sleep(fault.get("seconds", 600))
             x, y = batch_for(step, spec["batch"], input_shape, spec["classes"], dtype)
-            loss = dist.train_step(x, y, lr=spec["lr"], **spec.get("optimizer", {}))
+            split = spec.get("local", {}).get(name)
+            if split:                   # each rank is given only its own rows, split[r] of them
+                mine = slice(sum(split[:rank]), sum(split[:rank + 1]))
+                loss = dist.train_step(x[mine], y[mine], lr=spec["lr"], local=True, **spec.get("optimizer", {}))
+            else:                       # every rank is given the whole batch and takes its shard
+                loss = dist.train_step(x, y, lr=spec["lr"], **spec.get("optimizer", {}))
             trajectory.update({f"{step}:{k}": v.copy() for k, v in net.params.items()})
             trajectory[f"{step}:loss"] = np.array(loss)
             if spec.get("checkpoint_every") and step % spec["checkpoint_every"] == 0:
