@@ -75,9 +75,12 @@ int main(int argc, char **argv)
     printf("input gradient sum: %.6f\n", checksum);
     printf("parameters: %d, first is %s\n", lenet5_num_params(), lenet5_param_name(0));
 
+    /* One training step: plain SGD (lr 0.01), torch's defaults for everything else. Adam would be
+     * lenet5_optimizer_defaults(lenet5_adam, 1e-3), with its own fields to change after. */
     int64_t labels[BATCH] = {3, 7};
     double loss = 0;
-    if (lenet5_train_step(net, inputs, labels, 0.01, &loss) != 0) {
+    const lenet5_optimizer sgd = lenet5_optimizer_defaults(lenet5_sgd, 0.01);
+    if (lenet5_train_step(net, inputs, labels, &sgd, &loss) != 0) {
         fprintf(stderr, "train_step: %s\n", lenet5_last_error(net));
         return 1;
     }

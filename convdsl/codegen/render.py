@@ -44,12 +44,15 @@ def _hidden_module(module: str) -> str | None:
 # The public C API is `<prefix>_<suffix>` for these suffixes (templates/c/header.h.j2 declares
 # exactly these; tests/e2e/test_module_names.py checks that the two agree).
 API_SUFFIXES = (
-    "arena_bytes", "backward", "buffer_data", "buffer_dim", "buffer_name", "buffer_rank",
-    "buffer_size", "create", "destroy", "forward", "grad_data", "has_loss", "input_shape",
-    "last_error", "load_weights", "loss", "model", "num_buffers", "num_inputs", "num_outputs",
-    "num_params", "num_sizes", "output_shape", "param_data", "param_dim", "param_name",
-    "param_rank", "param_size", "param_trainable", "prepare", "real", "set_keep_for_backward",
-    "set_memory_limit", "set_training", "train_step", "workspace_bytes",
+    "adam", "adamw", "alloc_optimizer_state", "arena_bytes", "backward", "buffer_data",
+    "buffer_dim", "buffer_name", "buffer_rank", "buffer_size", "compute_grads", "create",
+    "destroy", "forward", "grad_data", "has_loss", "input_shape", "last_error", "load_weights",
+    "loss", "loss_grad", "model", "num_buffers", "num_inputs", "num_outputs", "num_params",
+    "num_sizes", "optimizer", "optimizer_defaults", "optimizer_kind", "optimizer_state",
+    "optimizer_steps", "output_shape", "param_data", "param_dim", "param_name", "param_rank",
+    "param_size", "param_trainable", "prepare", "real", "reset_optimizer",
+    "set_keep_for_backward", "set_memory_limit", "set_optimizer_steps", "set_training", "sgd",
+    "train_step", "update", "workspace_bytes",
 )
 
 # Functions of that form which the C library defines (glibc's exported symbols) or its C11 and

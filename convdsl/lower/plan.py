@@ -27,6 +27,10 @@ from .program import (ACTIVATION, ACTIVATIONS, BUFFERS, GRADIENTS, INFERENCE, PA
 ALGO_ENV = "CONVDSL_ALGO"
 # Costs with run-time sizes are compared at this size of every named dim (as check's memory peak).
 PROBE_SIZE = 64
+# The optimizer's pass over one parameter block is split across threads from this many elements
+# on: a handful of flops per element (Adam's are the most), so a block below it costs less than
+# waking the threads.
+OPTIMIZER_SPLIT = 32768
 
 
 # ---- the per-run variant override ---------------------------------------------------------
@@ -280,12 +284,15 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None) -> Program:
     if g.loss is not None:
         loss = LossStep(g.loss.kind, g.loss.value, g.loss.output_index, g.outputs[g.loss.output_index].name,
                         g.loss.span.line, g.values[g.loss.value].type, dict(g.loss.attrs))
-        steps.append(Step(
-            index=len(steps), phase="update", node=-1, op="sgd", label="update", line=g.loss.span.line,
-            layer="", describe="plain SGD: p -= lr · grad", variant="sgd", variant_template="", attrs={},
-            in_types=(), out_type=TensorType(()),
-            inputs=tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape) for p in trainable),
-            outputs=trainable, parallel=ParallelSplit("none")))
+    # The optimizer's step, after a loss's backward or the caller's own (update from net.grads).
+    update_line = g.loss.span.line if g.loss is not None else (g.span.line if g.span else 0)
+    steps.append(Step(
+        index=len(steps), phase="update", node=-1, op="optimizer", label="update", line=update_line,
+        layer="", describe="optimizer step (sgd, adam or adamw, chosen per call): one fused pass a parameter",
+        variant="fused", variant_template="", attrs={}, in_types=(), out_type=TensorType(()),
+        inputs=tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape) for p in trainable),
+        outputs=trainable,
+        parallel=ParallelSplit("elements", "each parameter block's pass", threshold=OPTIMIZER_SPLIT)))
 
     regions = (
         Region(INFERENCE, eval_total, True, "eval mode: the values of a forward, sharing memory by lifetime"),

@@ -171,6 +171,15 @@ class ModelBase:
         self._c_forward = getattr(lib, f"{p}_forward")
         self._c_backward = getattr(lib, f"{p}_backward")
         self._c_train_step = getattr(lib, f"{p}_train_step")
+        self._c_compute_grads = getattr(lib, f"{p}_compute_grads")
+        self._c_update = getattr(lib, f"{p}_update")
+        # The optimizer's arguments as C reads them, and the keywords they were checked for (a
+        # loop that passes the same keywords every step checks them once).
+        self._optimizer = self._ffi.new(f"{p}_optimizer *")
+        self._optimizer_key: tuple | None = None
+        # What loss_grad recomputes from: the target of the last loss, compute_grads or
+        # train_step, with the geometry and forward it belongs to.
+        self._loss_target: tuple | None = None
         self._c_loss = getattr(lib, f"{p}_loss")
         self._real_array = self._ffi.typeof(f"{p}_real[]")
         self._loss_out = self._ffi.new("double *")
@@ -459,26 +468,141 @@ class ModelBase:
             raise ValueError(f"labels: class {shown} is out of range [0, {classes})")
         return np.ascontiguousarray(arr, dtype=np.int64)
 
-    def train_step(self, *args, lr=None) -> float:
-        """forward, loss, backward and one SGD step (p -= lr · grad); returns the loss."""
+    def _optimizer_args(self, lr, optimizer, momentum, nesterov, weight_decay, betas, eps, max_grad_norm):
+        """The C optimizer struct for these arguments, checked as torch.optim checks them."""
+        lr = _learning_rate(lr)
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr} (lr must be >= 0)")
+        key = (optimizer, momentum, nesterov, weight_decay, betas, eps, max_grad_norm)
+        opt = self._optimizer
+        if key != self._optimizer_key:
+            self._optimizer_key = None
+            _fill_optimizer(opt, self._lib, self._p, *key)
+            self._optimizer_key = key
+        opt.lr = lr
+        return opt
+
+    def _training_args(self, args, lr, what: str):
+        """train_step / compute_grads' inputs and target (and lr, which may come last)."""
+        if self._meta["loss"] is None:
+            raise RuntimeError(f"network {self._meta['network']} declares no loss: add `loss …` to train it")
+        n_in = len(self._meta["inputs"])
+        if what == "train_step" and lr is None and len(args) == n_in + 2:
+            *args, lr = args
+        if len(args) != n_in + 1:
+            raise TypeError(f"{what} takes {n_in} input(s) and the target" + (" and lr" if what == "train_step" else ""))
+        return args[:-1], args[-1], lr
+
+    def train_step(self, *args, lr=None, optimizer="sgd", momentum=0.0, nesterov=False, weight_decay=None,
+                   betas=(0.9, 0.999), eps=1e-8, max_grad_norm=None) -> float:
+        """compute_grads then update, in one C call: forward, loss, backward and one optimizer
+        step (torch.optim's SGD, Adam or AdamW, see update); returns the loss."""
         with self.lock:
-            if self._meta["loss"] is None:
-                raise RuntimeError(f"network {self._meta['network']} declares no loss: add `loss …` to train it")
-            n_in = len(self._meta["inputs"])
-            if lr is None and len(args) == n_in + 2:
-                *args, lr = args
-            if len(args) != n_in + 1:
-                raise TypeError(f"train_step takes {n_in} input(s), the target and lr")
-            lr = _learning_rate(lr)
-            xs = args[:-1]
+            xs, target, lr = self._training_args(args, lr, "train_step")
+            opt = self._optimizer_args(lr, optimizer, momentum, nesterov, weight_decay, betas, eps, max_grad_norm)
             arrays, geo = self._bind(xs)
-            target = self._target(args[-1], geo)
+            target = self._target(target, geo)
             # The parameters change: whatever a forward stored is stale, even if the step fails.
-            self._forward_key = self._eval_inputs = None
+            self._forward_key = self._eval_inputs = self._loss_target = None
             if self._c_train_step(self._m, self._pointers(geo.input_ptrs, arrays), self._ffi.from_buffer(target),
-                                  lr, self._loss_out):
+                                  opt, self._loss_out):
                 raise self._c_error()
+            self._loss_target = (geo.key, self._forwards, target)
             return float(self._loss_out[0])
+
+    def compute_grads(self, *args) -> float:
+        """Forward in training mode (once, in eval mode too), the loss against the target (the
+        last argument), zeroed gradients and the backward from the loss: the parameters'
+        gradients land in `grads`, nothing is updated. Returns the loss. `update` then takes
+        one optimizer step from them (a data-parallel loop averages them in between)."""
+        with self.lock:
+            xs, target, _ = self._training_args(args, None, "compute_grads")
+            arrays, geo = self._bind(xs)
+            target = self._target(target, geo)
+            self._forward_key = self._eval_inputs = self._loss_target = None
+            if self._c_compute_grads(self._m, self._pointers(geo.input_ptrs, arrays), self._ffi.from_buffer(target),
+                                     self._loss_out):
+                raise self._c_error()
+            # Its activations are kept: a loss, loss_grad or backward may follow.
+            self._forward_key = geo.key
+            self._loss_target = (geo.key, self._forwards, target)
+            return float(self._loss_out[0])
+
+    def update(self, lr, *, optimizer="sgd", momentum=0.0, nesterov=False, weight_decay=None, betas=(0.9, 0.999),
+               eps=1e-8, max_grad_norm=None) -> None:
+        """One optimizer step from the current `grads` (compute_grads', or a backward's), in C.
+
+        optimizer: "sgd" (torch.optim.SGD: momentum, nesterov, weight_decay added to the
+        gradient), "adam" (torch.optim.Adam: bias-corrected moments, weight_decay added to the
+        gradient) or "adamw" (torch.optim.AdamW: weight decay decoupled, default 1e-2).
+        weight_decay defaults to 0 for sgd and adam. max_grad_norm first scales the gradients so
+        that their global norm over the trainable parameters is at most that
+        (torch.nn.utils.clip_grad_norm_; `grads` keep the clipped values). The optimizer's state
+        (momentum buffers, Adam's moments and step count) lives in the model: see
+        `optimizer_state`. Frozen and const parameters are never updated."""
+        with self.lock:
+            opt = self._optimizer_args(lr, optimizer, momentum, nesterov, weight_decay, betas, eps, max_grad_norm)
+            self._forward_key = self._eval_inputs = None
+            if self._c_update(self._m, opt):
+                raise self._c_error()
+
+    @_one_at_a_time
+    def loss_grad(self) -> np.ndarray:
+        """The gradient of the loss at the loss's output (shaped like that output, in the file's
+        layout), for the target of the last `loss`, `compute_grads` or `train_step`: what the
+        backward starts from, so that a custom loop need not derive it."""
+        if self._meta["loss"] is None:
+            raise RuntimeError(f"network {self._meta['network']} declares no loss")
+        self._check_pairing("loss_grad")
+        held = self._loss_target
+        if held is None or held[0] != self._prepared or held[1] != self._forwards:
+            raise RuntimeError("loss_grad needs a loss (or compute_grads, train_step) after the last forward")
+        geo = self._geometry
+        grad = np.empty(geo.loss_output_shape, self._dtype)
+        if self._call("loss_grad", self._m, self._ffi.from_buffer(held[2]),
+                      self._ffi.from_buffer(self._real_array, grad, True)):
+            raise self._c_error()
+        return grad
+
+    # ---- the optimizer's state ---------------------------------------------------------
+    _STATE_TENSORS = ((0, "momentum_buffer"), (1, "exp_avg"), (2, "exp_avg_sq"))
+
+    def _optimizer_groups(self) -> dict[str, list[tuple[str, int, int, tuple]]]:
+        """Every array the optimizer's state can have, by group (a weights file holds all of a
+        group or none of it): (name, C tensor, parameter index, shape). Adam's group also has
+        `optim.step`, its step count (when there is a trainable parameter at all)."""
+        groups = {"momentum": [], "adam": []}
+        for index, (name, shape, trainable) in enumerate(self._meta["params"]):
+            if not trainable:
+                continue
+            for tensor, suffix in self._STATE_TENSORS:
+                groups["momentum" if tensor == 0 else "adam"].append((f"optim.{name}.{suffix}", tensor, index, tuple(shape)))
+        return groups
+
+    @property
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimizer's state, as live views of the model's memory, named like torch's
+        optimizer state: `optim.<param>.momentum_buffer` (SGD with momentum),
+        `optim.<param>.exp_avg`, `optim.<param>.exp_avg_sq` and `optim.step` (Adam and AdamW; a
+        copy). Only what a step has started is there: plain SGD has none. It is not in
+        `buffers` (layer state): save writes it beside the parameters and load restores it."""
+        with self.lock:
+            state: dict[str, np.ndarray] = {}
+            adam = False
+            for group in self._optimizer_groups().values():
+                for name, tensor, index, shape in group:
+                    ptr = self._call("optimizer_state", self._m, tensor, index)
+                    if ptr != self._ffi.NULL:
+                        state[name] = self._view(ptr, shape)
+                        adam = adam or tensor != 0
+            if adam:
+                state["optim.step"] = np.array(float(self._call("optimizer_steps", self._m)))
+            return state
+
+    @_one_at_a_time
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's state: the next step starts as a fresh torch optimizer's would."""
+        self._call("reset_optimizer", self._m)
 
     @_one_at_a_time
     def loss(self, target) -> float:
@@ -489,8 +613,10 @@ class ModelBase:
         if self._forward_key is None or self._forward_key != self._prepared:
             raise RuntimeError("loss needs a forward first")
         t = self._target(target, self._geometry)
+        self._loss_target = None
         if self._c_loss(self._m, self._ffi.from_buffer(t), self._loss_out):
             raise self._c_error()
+        self._loss_target = (self._prepared, self._forwards, t)
         return float(self._loss_out[0])
 
     @_one_at_a_time
@@ -524,15 +650,24 @@ class ModelBase:
 
     @_one_at_a_time
     def save(self, path) -> None:
-        """Write every parameter and buffer to an .npz file, by name."""
+        """Write every parameter and buffer to an .npz file, by name, and the optimizer's state
+        (`optimizer_state`), so that training resumes exactly where it was."""
         path = os.fspath(path)
-        np.savez(path, **self.state_dict())
+        np.savez(path, **self.state_dict(), **{name: arr.copy() for name, arr in self.optimizer_state.items()})
 
     @_one_at_a_time
     def load(self, path) -> None:
         """Read parameters and buffers saved by `save`; names and shapes must match exactly,
-        and every value must fit in the model's dtype. Nothing changes unless all of it does."""
+        and every value must fit in the model's dtype. Nothing changes unless all of it does.
+        The optimizer's state comes back with them when the file holds it (each of its groups,
+        SGD's momentum buffers and Adam's moments with the step count, whole or not at all);
+        a file without it leaves the optimizer as a fresh one."""
         state = self._state()
+        groups = self._optimizer_groups()
+        optional = {name: (group, tensor, index, shape) for group, entries in groups.items()
+                    for name, tensor, index, shape in entries}
+        if groups["adam"]:
+            optional["optim.step"] = ("adam", None, None, ())
         try:
             data = np.load(os.fspath(path), allow_pickle=False)
         except (FileNotFoundError, IsADirectoryError, PermissionError):
@@ -544,6 +679,8 @@ class ModelBase:
         with data:
             names = set(data.files)
             expected = set(state)
+            present = {group for name, (group, *_rest) in optional.items() if name in names}
+            expected |= {name for name, (group, *_rest) in optional.items() if group in present}
             if names != expected:
                 missing = sorted(expected - names)
                 extra = sorted(names - expected)
@@ -564,8 +701,38 @@ class ModelBase:
                 if lost is not None:
                     raise ValueError(f"{path}: `{name}` holds {lost:g}, which does not fit in {self._dtype.name} "
                                      f"(largest {np.finfo(self._dtype).max:g})")
+            optimizer = {}
+            for name in sorted(expected - set(state)):
+                group, tensor, index, shape = optional[name]
+                try:
+                    value = data[name]
+                except Exception as e:
+                    raise ValueError(f"{path}: `{name}` cannot be read ({e})") from None
+                if value.shape != shape or value.dtype.kind not in "biuf":
+                    raise ValueError(f"{path}: `{name}` has shape {value.shape} and dtype {value.dtype}, "
+                                     f"expected real numbers shaped {shape}")
+                if tensor is None:
+                    steps = float(value)
+                    if not (math.isfinite(steps) and steps >= 0 and steps == int(steps)):
+                        raise ValueError(f"{path}: `{name}` holds {steps:g}, not a count of steps")
+                    optimizer[name] = (None, None, int(steps))
+                    continue
+                converted, lost = _narrowed(value, self._dtype)
+                if lost is not None:
+                    raise ValueError(f"{path}: `{name}` holds {lost:g}, which does not fit in {self._dtype.name}")
+                optimizer[name] = (tensor, index, converted)
+        # Allocated before anything changes, so that running out of memory changes nothing.
+        self._call("reset_optimizer", self._m)
+        for group, first_tensor in (("momentum", 0), ("adam", 1)):
+            if group in present and groups[group] and self._call("alloc_optimizer_state", self._m, first_tensor):
+                raise MemoryError(self._c_error())
         for name, value in staged.items():
             state[name][...] = value
+        for name, (tensor, index, value) in optimizer.items():
+            if tensor is None:
+                self._call("set_optimizer_steps", self._m, value)
+            else:
+                self._view(self._call("optimizer_state", self._m, tensor, index), value.shape)[...] = value
 
     def __repr__(self) -> str:
         n = sum(a.size for a in self.params.values())
@@ -583,6 +750,56 @@ def _learning_rate(lr) -> float:
         shown = repr(lr)
         raise ValueError(f"lr must be a finite number, got {shown if len(shown) <= 40 else shown[:37] + '...'}")
     return value
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def _hyperparameter(value, what: str, *, low: float = 0.0, below: float | None = None) -> float:
+    """A finite real number >= low (and < below when given), refused as torch.optim does."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Invalid {what}: {value!r} (expected a number)")
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError):
+        number = math.nan
+    if not math.isfinite(number) or number < low or (below is not None and number >= below):
+        bounds = f"in [{low:g}, {below:g})" if below is not None else f">= {low:g}"
+        raise ValueError(f"Invalid {what}: {value!r} (must be finite and {bounds})")
+    return number
+
+
+def _fill_optimizer(opt, lib, prefix: str, optimizer, momentum, nesterov, weight_decay, betas, eps,
+                    max_grad_norm) -> None:
+    """Check an optimizer's keywords (torch.optim's rules and messages) and write them into the C struct."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}")
+    if not isinstance(nesterov, (bool, np.bool_)):
+        raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
+    momentum = _hyperparameter(momentum, "momentum value")
+    if optimizer != "sgd" and (momentum != 0 or nesterov):
+        raise ValueError(f"momentum and nesterov are SGD's; {optimizer} keeps moments of its own (betas)")
+    if nesterov and momentum <= 0:
+        raise ValueError("Nesterov momentum requires a momentum (> 0) and zero dampening")
+    if weight_decay is None:
+        weight_decay = 1e-2 if optimizer == "adamw" else 0.0
+    weight_decay = _hyperparameter(weight_decay, "weight_decay value")
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be a pair of numbers (beta1, beta2), got {betas!r}") from None
+    beta1 = _hyperparameter(beta1, "beta parameter at index 0", below=1.0)
+    beta2 = _hyperparameter(beta2, "beta parameter at index 1", below=1.0)
+    eps = _hyperparameter(eps, "epsilon value")
+    if max_grad_norm is None:
+        clip = 0.0
+    else:
+        clip = _hyperparameter(max_grad_norm, "max_grad_norm")
+        if clip <= 0:
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (must be > 0, or None for no clipping)")
+    opt.kind = getattr(lib, f"{prefix}_{optimizer}")
+    opt.momentum, opt.nesterov, opt.weight_decay = momentum, int(bool(nesterov)), weight_decay
+    opt.beta1, opt.beta2, opt.eps, opt.max_grad_norm = beta1, beta2, eps, clip
 
 
 def make_model_class(ext_module, meta: dict) -> type:

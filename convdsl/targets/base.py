@@ -32,7 +32,7 @@ from ..errors import ConvDSLError
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..lower.program import (ACTIVATION, ACTIVATIONS, PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary, Operand,
-                             Program, Step)
+                             ParallelSplit, Program, Step)
 from ..ops.base import lookup
 from ..ops.losses import LOSSES
 
@@ -558,7 +558,14 @@ class Target:
                    if r.name in PER_SAMPLE_REGIONS + (WORKSPACE, THREAD_WORKSPACE)}
         buffer_table = [{"name": checked_identifier(b.full_name, dotted=True), "offset": b.offset, "size": b.size,
                          "shape": b.spec.shape, "fill": real(b.spec.fill)} for b in pg.buffers]
+        # The optimizer's step (lib/optimizer.c.j2): how its pass over each parameter block is
+        # split across threads, as the plan set it.
+        update_step = next((s for s in pg.steps if s.phase == "update"), None)
+        update_split = update_step.parallel if update_step is not None else ParallelSplit("none")
+        update = {"split": {"axis": update_split.axis, "threshold": update_split.threshold},
+                  "line": update_step.line if update_step is not None else pg.line}
         context = {
+            "update": update,
             "prefix": prefix, "net": pg, "source_name": comment_safe(Path(pg.source_path).name),
             "ctype": self.scalar_type(dtype), "math": self.math_functions(dtype),
             "sym_dims": [checked_identifier(s) for s in pg.sym_dims],
