@@ -45,6 +45,7 @@ import os
 import pickle
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -220,11 +221,6 @@ class DistributedModel:
         step = max(1, self.bucket_bytes // max(block.itemsize, 1))
         return [block[i:i + step] for i in range(0, block.size, step)]
 
-    def _bcast_blocks(self, what: str) -> None:
-        requests = [self.comm.Ibcast(b, root=self.root) for blk in (self.params, self.buffers)
-                    for b in self._buckets(blk)]
-        self._wait(requests, what)
-
     def _install_abort_hook(self) -> None:
         comm = self.comm
 
@@ -248,9 +244,22 @@ class DistributedModel:
         """The rows of a whole batch of `batch` samples that this rank trains on."""
         return slice(*shard_bounds(batch, self.size, self.rank))
 
-    def broadcast_state(self) -> None:
-        """Make every rank's parameters and buffers rank 0's (done when created)."""
-        self._bcast_blocks("broadcasting the parameters from rank 0")
+    def broadcast_state(self, what: str = "broadcasting rank 0's parameters") -> None:
+        """Make every rank's parameters, buffers and optimizer state rank 0's (done when created,
+        and by resume). They travel as the .npz that `Model.save` writes, which the other ranks
+        `load`: the optimizer's state, which the model allocates on its first step, with them."""
+        def saved() -> bytes:
+            with tempfile.TemporaryDirectory(prefix="convdsl-state-") as folder:
+                file = Path(folder) / "state.npz"
+                self.net.save(file)
+                return file.read_bytes()
+
+        data = self._on_root(what, saved)
+        if not self.is_root:
+            with tempfile.TemporaryDirectory(prefix="convdsl-state-") as folder:
+                file = Path(folder) / "state.npz"
+                file.write_bytes(data)
+                self.net.load(file)
 
     def compute_grads(self, *args, local: bool = False) -> float:
         """`net.compute_grads` over the ranks: gradients of the mean loss over the whole batch
@@ -326,8 +335,12 @@ class DistributedModel:
 
     # ---- checks and checkpoints ------------------------------------------------------------
     def in_sync(self) -> bool:
-        """Whether every rank's parameters and buffers are bit for bit the same (collective)."""
-        digest = hashlib.sha256(self.params.tobytes() + self.buffers.tobytes()).digest()
+        """Whether every rank's parameters, buffers and optimizer state are bit for bit the same
+        (collective)."""
+        digest = hashlib.sha256(self.params.tobytes() + self.buffers.tobytes())
+        for name, value in sorted(self.net.optimizer_state.items()):
+            digest.update(name.encode() + np.ascontiguousarray(value).tobytes())
+        digest = digest.digest()
         digests = self._allgather_digest(digest, "comparing the parameters of every rank")
         return len(set(digests)) == 1
 
@@ -378,7 +391,7 @@ class DistributedModel:
         step = self._on_root(f"reading the checkpoint {path}", read)
         if step is None:
             return 0
-        self._bcast_blocks(f"broadcasting the checkpoint {path}")
+        self.broadcast_state(f"broadcasting the checkpoint {path}")
         return step
 
     def abort(self, code: int = 1) -> None:

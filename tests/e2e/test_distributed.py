@@ -45,8 +45,8 @@ network DistBN {
 }
 """
 NETS = {"f32": CONV_NET.format(dtype="f32", tag="F32"), "f64": CONV_NET.format(dtype="f64", tag="F64"), "bn": BN_NET}
-BATCH, CLASSES, LR = 7, 3, 0.2
-OPTIMIZER = {}
+BATCH, CLASSES, LR = 7, 3, 0.1
+OPTIMIZER = {"momentum": 0.9, "weight_decay": 1e-3}   # state (momentum buffers) that checkpoints carry
 
 
 @pytest.fixture(scope="module")
