@@ -160,3 +160,19 @@ def test_a_rank_that_hangs_makes_the_others_stop_with_a_clear_error(modules, tmp
     assert seconds < 30
     assert "rank 0 of 2: the gradient Allreduce of step 2 did not complete within 2 s" in proc.stderr
     assert "aborting every rank" in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_digits_runs_distributed_under_mpirun(tmp_path, optimised):
+    """The README's command: `mpirun -n 2 python examples/train_digits.py --distributed` (here
+    for 3 epochs): rank 0 alone prints and saves, and the model it saved has learnt."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, str(REPO / "examples" / "train_digits.py"),
+                           "--distributed", "--epochs", "3", "--out", str(tmp_path / "build")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert sum(line.startswith("epoch ") for line in lines) == 3          # one rank's log, not two
+    [result] = [line for line in lines if line.startswith("held-out accuracy: ")]
+    assert float(result.split(":")[1].split("%")[0]) > 80, result
+    assert (tmp_path / "build" / "digitslenet.npz").is_file()
