@@ -136,6 +136,7 @@ def test_batchnorm_running_statistics_are_averaged_over_the_shards(modules, tmp_
         assert_close(got[f"{name}.running_var"], (1 - momentum) + momentum * var, **F32)
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_stops_the_job_and_a_checkpoint_resumes_it(modules, tmp_path):
     """Rank 1 is killed before step 5 of 6 (checkpoints after steps 2 and 4): mpirun ends every rank;
     resumed from the checkpoint, training reaches step 6 on the uninterrupted trajectory."""
@@ -176,3 +177,41 @@ def test_train_digits_runs_distributed_under_mpirun(tmp_path, optimised):
     [result] = [line for line in lines if line.startswith("held-out accuracy: ")]
     assert float(result.split(":")[1].split("%")[0]) > 80, result
     assert (tmp_path / "build" / "digitslenet.npz").is_file()
+
+
+# ---- in this process, a world of one rank (mpi4py starts MPI without mpirun) -------------------
+def test_flat_views_are_the_models_memory(modules):
+    from convdsl.distributed import flat_views
+    net = modules["bn"].Model(seed=0)
+    params, grads, buffers = flat_views(net)
+    grads[...] = 7
+    buffers[...] = 3
+    params[...] = -1
+    assert all((g == 7).all() for g in net.grads.values())
+    assert all((b == 3).all() for b in net.buffers.values())
+    assert all((p == -1).all() for p in net.params.values())
+    assert grads.size >= sum(g.size for g in net.grads.values())
+
+
+@pytest.mark.parametrize("batch, ranks", [(7, 2), (7, 3), (2, 3), (64, 5)])
+def test_shards_split_a_batch_as_array_split(batch, ranks):
+    rows = np.arange(batch)
+    assert [list(rows[slice(*shard_bounds(batch, ranks, r))]) for r in range(ranks)] == \
+        [list(part) for part in np.array_split(rows, ranks)]
+
+
+def test_checkpoint_and_resume_on_one_rank(modules, tmp_path):
+    from convdsl.distributed import DistributedError, DistributedModel
+    net = modules["f32"].Model(seed=0)
+    dist = DistributedModel(net, abort_on_error=False)
+    x, y = batch_for(1, BATCH, (2, 6, 6), CLASSES, np.float32)
+    dist.train_step(x, y, lr=LR, **OPTIMIZER)
+    dist.checkpoint(tmp_path / "ckpt", step=1)                 # .npz added, as np.savez does
+    saved = {**net.state_dict(), **{k: v.copy() for k, v in net.optimizer_state.items()}}
+    dist.train_step(x, y, lr=LR, **OPTIMIZER)
+    assert dist.resume(tmp_path / "ckpt.npz") == 1
+    now = {**net.state_dict(), **net.optimizer_state}
+    assert saved.keys() == now.keys() and all(np.array_equal(saved[k], now[k]) for k in saved)
+    assert dist.resume(tmp_path / "none.npz", missing_ok=True) == 0
+    with pytest.raises(DistributedError, match="reading the checkpoint .*none.npz failed on rank 0: FileNotFoundError"):
+        dist.resume(tmp_path / "none.npz")
