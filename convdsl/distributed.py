@@ -2,7 +2,7 @@
 
     from convdsl.distributed import DistributedModel
     net = module.Model(seed=0)
-    dist = DistributedModel(net)                    # parameters broadcast from rank 0
+    dist = DistributedModel(net)                    # rank 0's state broadcast to every rank
     for x, y in batches:                            # the same whole batch on every rank
         loss = dist.train_step(x, y, lr=0.1)        # each rank takes its shard of it
 
@@ -36,6 +36,9 @@ rank then applies the same `net.update`, so the parameters stay identical.
   is killed). `checkpoint(path, step)` writes, from rank 0, the model's `.npz` (what
   `Model.save` writes, which `Model.load` reads in a single process) and the step it was
   taken after; `resume(path)` loads it on rank 0, broadcasts it, and returns that step.
+- **State travels whole.** Creating a DistributedModel, and `resume`, give every rank rank 0's
+  parameters, buffers and optimizer state (momentum buffers, Adam's moments and step count),
+  sent as the .npz that `Model.save` writes and loaded by the others with `Model.load`.
 """
 from __future__ import annotations
 
@@ -145,7 +148,8 @@ def _signature(net) -> bytes:
 class DistributedModel:
     """A Model trained data-parallel over the ranks of `comm` (default MPI.COMM_WORLD).
 
-    `timeout` bounds every wait for the other ranks (seconds; None waits for ever);
+    `timeout` bounds every wait for the other ranks (seconds; None waits for ever; the
+    attribute may be changed between steps);
     `bucket_bytes` bounds one Allreduce message; `abort_on_error` installs an excepthook that
     calls MPI_Abort after printing an uncaught exception, so that no rank waits for a dead
     one. Creating it is collective: every rank must create one, from the same network.
