@@ -301,14 +301,17 @@ class DistributedModel:
         else:
             total = len(args[0])
         weight = samples / total
-        self.grads *= weight
-        self.buffers *= weight
-        requests = [self.comm.Iallreduce(self._MPI.IN_PLACE, b) for blk in (self.grads, self.buffers)
-                    for b in self._buckets(blk)]
+        if weight != 1:                 # one rank with the whole batch: nothing to weight
+            self.grads *= weight
+            self.buffers *= weight
         if not local:
             self._scalars[:] = (samples, weight * loss)
-            requests.append(self.comm.Iallreduce(self._MPI.IN_PLACE, self._scalars))
-        self._wait(requests, f"the gradient Allreduce of step {step}")
+        if self.size > 1:
+            requests = [self.comm.Iallreduce(self._MPI.IN_PLACE, b) for blk in (self.grads, self.buffers)
+                        for b in self._buckets(blk)]
+            if not local:
+                requests.append(self.comm.Iallreduce(self._MPI.IN_PLACE, self._scalars))
+            self._wait(requests, f"the gradient Allreduce of step {step}")
         self.timing["local"] += computed - started
         self.timing["allreduce"] += time.perf_counter() - computed
         self.steps = step
