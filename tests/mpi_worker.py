@@ -46,7 +46,7 @@ def main(spec_path: str) -> None:
         net = module.Model(seed=rank)
         # Start-up (imports, loading the module) may keep a rank busy for a while on a loaded
         # machine; the staged faults come later, under the spec's deadline.
-        dist = DistributedModel(net, timeout=120.0)
+        dist = DistributedModel(net, timeout=120.0, bucket_bytes=spec.get("bucket_bytes", 25 << 20))
         dist.timeout = spec.get("timeout", 60.0)
         checkpoint = out / f"{name}.checkpoint.npz"
         start = dist.resume(checkpoint) if spec.get("resume") else 0
