@@ -148,9 +148,15 @@ def test_a_rank_that_dies_stops_the_job_and_a_checkpoint_resumes_it(modules, tmp
     assert "BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES" in proc.stdout + proc.stderr    # mpiexec's words
     assert json.loads((tmp_path / "f32.checkpoint.npz.json").read_text())["step"] == 4
     assert not (tmp_path / "f32.trajectory.npz").exists()        # rank 0 never finished
+    reference = reference_trajectory(modules["f32"], 6)
+    # The checkpoint is the model after step 4, momentum buffers included, for one process too.
+    net = modules["f32"].Model(seed=3)
+    net.load(tmp_path / "f32.checkpoint.npz")
+    assert net.optimizer_state
+    for k, v in reference[3][0].items():
+        assert_close(net.params[k], v, what=f"checkpoint {k}", **F32)
     proc, _ = run_ranks(2, tmp_path, ["f32"], steps=6, resume=True)
     assert proc.returncode == 0, proc.stderr
-    reference = reference_trajectory(modules["f32"], 6)
     assert_follows(tmp_path, "f32", reference, [5, 6], F32)
     with np.load(tmp_path / "f32.trajectory.npz") as got:
         assert "4:loss" not in got.files                          # it did start after step 4
