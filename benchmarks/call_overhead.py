@@ -109,8 +109,10 @@ def measure(module, x, target, batches: int, budget_s: float) -> list[tuple[str,
         lr = 1e-6
         loss = ffi.new("double *")
         target_p = ffi.cast("void *", ffi.from_buffer(target))
+        sgd = ffi.new(f"{net._p}_optimizer *", getattr(net._lib, f"{net._p}_optimizer_defaults")(
+            getattr(net._lib, f"{net._p}_sgd"), lr))
         row("train_step", lambda: net.train_step(x, target, lr=lr),
-            lambda: c_train_step(m, ins_p, target_p, lr, loss))
+            lambda: c_train_step(m, ins_p, target_p, sgd, loss))
     return rows
 
 

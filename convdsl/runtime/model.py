@@ -478,7 +478,9 @@ class ModelBase:
         if key != self._optimizer_key:
             self._optimizer_key = None
             _fill_optimizer(opt, self._lib, self._p, *key)
-            self._optimizer_key = key
+            # Only immutable keywords are remembered (a list of betas may change in place).
+            if type(betas) is tuple:
+                self._optimizer_key = key
         opt.lr = lr
         return opt
 
@@ -511,10 +513,11 @@ class ModelBase:
             return float(self._loss_out[0])
 
     def compute_grads(self, *args) -> float:
-        """Forward in training mode (once, in eval mode too), the loss against the target (the
-        last argument), zeroed gradients and the backward from the loss: the parameters'
-        gradients land in `grads`, nothing is updated. Returns the loss. `update` then takes
-        one optimizer step from them (a data-parallel loop averages them in between)."""
+        """A forward in the model's mode (training, unless eval() was called; an eval-mode one
+        keeps its activations for this backward, as train_step's does), the loss against the
+        target (the last argument), zeroed gradients and the backward from the loss: the
+        parameters' gradients land in `grads`, nothing is updated. Returns the loss. `update`
+        then takes one optimizer step from them (a data-parallel loop averages them in between)."""
         with self.lock:
             xs, target, _ = self._training_args(args, None, "compute_grads")
             arrays, geo = self._bind(xs)

@@ -122,7 +122,7 @@ def test_the_shared_helpers_split_at_the_thresholds_of_the_lowered_program():
     """The GEMM, im2col / col2im and a conv's batch loop split across threads at the thresholds
     the plan wrote in each step's ParallelSplit, passed to them by the kernels; the helpers in
     lib/ hold no threshold of their own."""
-    for name in ("gemm.c.j2", "im2col.c.j2"):
+    for name in ("gemm.c.j2", "im2col.c.j2", "optimizer.c.j2"):
         lib = (REPO / "templates" / "c" / "lib" / name).read_text()
         for condition in re.findall(r"#pragma omp parallel[^\n]* if \((.*)\)", lib):
             assert not re.search(r"\d", condition), (name, condition)
@@ -152,6 +152,23 @@ def test_the_shared_helpers_split_at_the_thresholds_of_the_lowered_program():
     assert "#define DECONV_LOOP_SPLIT 111\n" in deconv
     assert "cdsl_col2im(col, yn, DECONV_WINDOW, DECONV_LOOP_SPLIT);" in deconv
     assert "cdsl_im2col(dyn, col, DECONV_WINDOW, DECONV_LOOP_SPLIT);" in deconv
+
+def test_the_optimizer_splits_each_parameter_block_at_the_update_steps_threshold():
+    """The optimizer's passes (lib/optimizer.c.j2) split across threads from the threshold of
+    the lowered program's update step, which the plan sets; nothing in the template."""
+    from convdsl.lower.plan import OPTIMIZER_SPLIT
+    program = lower(graph_from_source(SHARED_HELPERS))
+    [update] = program.phase("update")
+    assert update.parallel.threshold == OPTIMIZER_SPLIT
+    text = C.render(program).c
+    passes = text[text.index("static void cdsl_sgd_block"):text.index("static int cdsl_optimizer_check")]
+    assert passes.count(f"#pragma omp parallel for schedule(static) if (n > {OPTIMIZER_SPLIT})") == 3
+    changed = replace(program, steps=tuple(replace(s, parallel=replace(s.parallel, threshold=4321))
+                                           if s.phase == "update" else s for s in program.steps))
+    text = C.render(changed).c
+    passes = text[text.index("static double cdsl_grad_global_norm"):text.index("static int cdsl_optimizer_check")]
+    assert passes.count("if (n > 4321)") == 4 and str(OPTIMIZER_SPLIT) not in passes
+
 
 def test_the_targets_read_the_lowered_program_only():
     """No module of convdsl/targets (nor codegen/render.py) imports the graph, the plan or the passes
