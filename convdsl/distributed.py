@@ -270,7 +270,8 @@ class DistributedModel:
         land in every rank's `net.grads`, and the mean loss is returned. `args` are the inputs
         and the target. By default every rank is given the same whole batch and takes its
         shard (`shard`); with `local=True` each rank's arrays are its own samples, any number
-        of them (one more Allreduce of two numbers finds the total)."""
+        of them (one more Allreduce of two numbers finds the total). Every rank must be in
+        the same mode (`net.train()` / `net.eval()`), as in any collective call."""
         net, n_in = self.net, len(self.net._meta["inputs"])
         if len(args) != n_in + 1:
             raise TypeError(f"compute_grads takes {n_in} input(s) and the target, got {len(args)} argument(s)")
@@ -301,14 +302,16 @@ class DistributedModel:
         else:
             total = len(args[0])
         weight = samples / total
+        # Only a training-mode forward moves the running statistics; an eval-mode one leaves
+        # them equal on every rank, where averaging would only add rounding.
+        blocks = (self.grads, self.buffers) if net.training else (self.grads,)
         if weight != 1:                 # one rank with the whole batch: nothing to weight
-            self.grads *= weight
-            self.buffers *= weight
+            for block in blocks:
+                block *= weight
         if not local:
             self._scalars[:] = (samples, weight * loss)
         if self.size > 1:
-            requests = [self.comm.Iallreduce(self._MPI.IN_PLACE, b) for blk in (self.grads, self.buffers)
-                        for b in self._buckets(blk)]
+            requests = [self.comm.Iallreduce(self._MPI.IN_PLACE, b) for blk in blocks for b in self._buckets(blk)]
             if not local:
                 requests.append(self.comm.Iallreduce(self._MPI.IN_PLACE, self._scalars))
             self._wait(requests, f"the gradient Allreduce of step {step}")

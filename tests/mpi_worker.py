@@ -67,6 +67,14 @@ def main(spec_path: str) -> None:
             trajectory[f"{step}:loss"] = np.array(loss)
             if spec.get("checkpoint_every") and step % spec["checkpoint_every"] == 0:
                 dist.checkpoint(checkpoint, step)
+        if spec.get("eval_step"):
+            # An eval-mode forward leaves the running statistics as they are, on every rank.
+            before = {k: v.copy() for k, v in net.buffers.items()}
+            net.eval()
+            dist.compute_grads(*batch_for(spec["steps"] + 1, spec["batch"], input_shape, spec["classes"], dtype))
+            net.train()
+            if any(not np.array_equal(before[k], v) for k, v in net.buffers.items()):
+                raise SystemExit(f"rank {rank}: an eval-mode step changed the running statistics of {name}")
         if not dist.in_sync():
             raise SystemExit(f"rank {rank}: the ranks' parameters differ after training {name}")
         if dist.is_root:

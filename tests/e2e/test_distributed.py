@@ -121,9 +121,10 @@ def test_ranks_train_as_one_process_on_the_whole_batch(ranks, modules, tmp_path)
 
 
 def test_batchnorm_running_statistics_are_averaged_over_the_shards(modules, tmp_path):
-    """One step: the running mean is the whole batch's, the variance the shards' weighted mean."""
+    """One step: the running mean is the whole batch's, the variance the shards' weighted mean;
+    then an eval-mode compute_grads leaves them as they are (the worker checks)."""
     ranks, momentum = 3, 0.25
-    proc, _ = run_ranks(ranks, tmp_path, ["bn"], steps=1)
+    proc, _ = run_ranks(ranks, tmp_path, ["bn"], steps=1, eval_step=True)
     assert proc.returncode == 0, proc.stderr
     x, _ = batch_for(1, BATCH, (2, 6, 6), CLASSES, np.float32)
     x = x.astype(np.float64)
