@@ -36,13 +36,15 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
     fault = spec.get("fault") or {}
+    from mpi4py import MPI
+    rank = MPI.COMM_WORLD.Get_rank()
     for name, source in spec["nets"].items():
+        if rank in spec.get("other_net_on", ()):     # a rank started with another network
+            source = spec["other_net"]
         module = convdsl.load_source(source)
         dtype = np.dtype({"f32": np.float32, "f64": np.float64}[module.META["dtype"]])
         input_shape = tuple(module.META["inputs"][0]["dims"])
         # Each rank starts from its own seed: the broadcast from rank 0 must make them equal.
-        from mpi4py import MPI
-        rank = MPI.COMM_WORLD.Get_rank()
         net = module.Model(seed=rank)
         # Start-up (imports, loading the module) may keep a rank busy for a while on a loaded
         # machine; the staged faults come later, under the spec's deadline.

@@ -188,6 +188,13 @@ def test_train_digits_runs_distributed_under_mpirun(tmp_path, optimised):
     assert (tmp_path / "build" / "digitslenet.npz").is_file()
 
 
+
+def test_ranks_started_with_different_networks_stop_at_once(modules, tmp_path):
+    proc, _ = run_ranks(3, tmp_path, ["f32"], steps=1, other_net_on=[2], other_net=NETS["f64"])
+    assert proc.returncode != 0
+    assert "DistributedError: ranks [2] hold a different network (or dtype) than rank 0" in proc.stderr
+
+
 # ---- in this process, a world of one rank (mpi4py starts MPI without mpirun) -------------------
 def test_flat_views_are_the_models_memory(modules):
     from convdsl.distributed import flat_views
