@@ -46,14 +46,15 @@ def main(spec_path: str) -> None:
         input_shape = tuple(module.META["inputs"][0]["dims"])
         # Each rank starts from its own seed: the broadcast from rank 0 must make them equal.
         net = module.Model(seed=rank)
-        # Start-up (imports, loading the module) may keep a rank busy for a while on a loaded
-        # machine; the staged faults come later, under the spec's deadline.
+        # Start-up (imports, loading the module) and the steps may keep a rank busy for a while
+        # on a loaded machine: the spec's deadline starts at the step of the staged fault.
         dist = DistributedModel(net, timeout=120.0, bucket_bytes=spec.get("bucket_bytes", 25 << 20))
-        dist.timeout = spec.get("timeout", 60.0)
         checkpoint = out / f"{name}.checkpoint.npz"
         start = dist.resume(checkpoint) if spec.get("resume") else 0
         trajectory = {}
         for step in range(start + 1, spec["steps"] + 1):
+            if fault.get("step") == step:
+                dist.timeout = spec.get("timeout", 60.0)
             if fault.get("rank") == rank and fault.get("step") == step:
                 if fault["how"] == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)    # as a crash, or the OOM killer, would
