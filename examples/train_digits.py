@@ -3,6 +3,7 @@
     python examples/train_digits.py [--out build] [--epochs 40] [--batch 32] [--lr LR]
                                     [--optimizer sgd|momentum|nesterov|adam|adamw]
                                     [--schedule constant|cosine] [--max-grad-norm N]
+    mpirun -n 2 python examples/train_digits.py --distributed     # data-parallel over MPI
 
 It does what `convdsl compile examples/digits_lenet.cnn -o build/` does (the C library
 digitslenet.c and .h, its Makefile and a Python module, all in build/), imports that
@@ -12,6 +13,9 @@ generated C; --schedule cosine adds a warm-up and cosine decay of the lr) on 80%
 reports the accuracy on the other 20%, and saves the weights to build/digitslenet.npz,
 which `Model.load` in Python and `digitslenet_load_weights` in C both read. The digits ship
 inside scikit-learn, so this runs offline.
+
+With --distributed, under mpirun, every rank trains the same model on its shard of each batch
+(convdsl.distributed, docs/distributed.md): rank 0 compiles, prints and saves.
 """
 from __future__ import annotations
 
@@ -66,6 +70,18 @@ def compile_into(out: Path):
     return module
 
 
+def compile_distributed(out: Path):
+    """Rank 0 compiles into OUT; the other ranks then load the same network from the build cache."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    module = compile_into(out) if comm.Get_rank() == 0 else None
+    comm.Barrier()              # a failed compile ends rank 0, and mpirun ends the others
+    if module is None:
+        import convdsl
+        module = convdsl.load(SOURCE)
+    return module
+
+
 def accuracy(net, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
     net.eval()
     correct = 0
@@ -87,13 +103,18 @@ OPTIMIZERS = {
 
 
 def train(module, epochs: int = 40, batch: int = 32, lr: float | None = None, seed: int = 0, quiet: bool = False,
-          optimizer: str = "sgd", schedule: str = "constant", max_grad_norm: float | None = None):
+          optimizer: str = "sgd", schedule: str = "constant", max_grad_norm: float | None = None,
+          distributed: bool = False):
     """Train a fresh model of `module` on the digits; returns (model, held-out accuracy)."""
     from convdsl import schedules
     options, default_lr = OPTIMIZERS[optimizer]
     lr = default_lr if lr is None else lr
     x_train, x_test, y_train, y_test = load_digits_split(seed)
-    net = module.Model(seed=seed)
+    net = stepper = module.Model(seed=seed)
+    if distributed:             # every rank draws the same batches and trains on its shard of each
+        from convdsl.distributed import DistributedModel
+        stepper = DistributedModel(net)
+        quiet = quiet or not stepper.is_root
     rng = np.random.default_rng(seed)
     steps = (len(x_train) + batch - 1) // batch
     lr_at = (schedules.cosine(lr, total_steps=epochs * steps, warmup_steps=steps) if schedule == "cosine"
@@ -107,8 +128,8 @@ def train(module, epochs: int = 40, batch: int = 32, lr: float | None = None, se
         running = 0.0
         for step in range(steps):
             idx = order[step * batch:(step + 1) * batch]
-            loss = net.train_step(x_train[idx], y_train[idx], lr=lr_at(epoch * steps + step),
-                                  max_grad_norm=max_grad_norm, **options)
+            loss = stepper.train_step(x_train[idx], y_train[idx], lr=lr_at(epoch * steps + step),
+                                      max_grad_norm=max_grad_norm, **options)
             running = loss if step == 0 else 0.9 * running + 0.1 * loss
             if not quiet:
                 progress(epoch, epochs, step + 1, steps, running)
@@ -134,15 +155,23 @@ def main() -> None:
                         help="cosine: one epoch of linear warm-up, then cosine decay to 0 (convdsl.schedules)")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradients' global norm to this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distributed", action="store_true", help="data-parallel over the ranks of mpirun")
     args = parser.parse_args()
     out = Path(args.out)
-    module = compile_into(out)
+    module = compile_distributed(out) if args.distributed else compile_into(out)
     net, _ = train(module, args.epochs, args.batch, args.lr, args.seed, optimizer=args.optimizer,
-                   schedule=args.schedule, max_grad_norm=args.max_grad_norm)
+                   schedule=args.schedule, max_grad_norm=args.max_grad_norm, distributed=args.distributed)
+    if args.distributed and not is_rank0():
+        return
     weights = out / f"{PREFIX}.npz"
     net.save(weights)
     print(f"saved the weights to {weights}: net.load({str(weights)!r}) in Python, "
           f"{PREFIX}_load_weights(net, \"{weights}\") in C")
+
+
+def is_rank0() -> bool:
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank() == 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ CITING = [*sorted((REPO / "convdsl").rglob("*.py")), *sorted((REPO / "templates"
           *sorted((REPO / "examples").glob("*")), *sorted((REPO / "tests").rglob("*.py")),
           *sorted((REPO / "benchmarks").rglob("*.py")), REPO / "README.md", REPO / "docs" / "language.md",
           REPO / "docs" / "check-report.schema.json"]
-USER_DOCS = [REPO / "README.md", REPO / "docs" / "language.md", BACKGROUND]
+USER_DOCS = [REPO / "README.md", REPO / "docs" / "language.md", REPO / "docs" / "distributed.md", BACKGROUND]
 
 
 def background_entries() -> set[str]:
