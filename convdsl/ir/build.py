@@ -460,7 +460,9 @@ class GraphBuilder:
             if a is not None:
                 spans[a.name] = expr.span
             positional.append(self.loss_argument(expr, scope, a))
-        keywords = {k.name: self.loss_argument(k.value, scope, args.get(k.name)) for k in call.kwargs}
+        # An argument the loss lacks is said first (bind), before its value is read.
+        keywords = {k.name: self.loss_argument(k.value, scope, args[k.name]) if k.name in args else None
+                    for k in call.kwargs}
         ctx = OpContext(call.span, spans, self.layout, self.dtype)
         attrs = ldef.normalize(ldef.bind(positional, keywords, ctx), self.values[ref.value].type, ctx)
         self.loss = (call.func, ref.value, attrs, call.span)
@@ -468,11 +470,14 @@ class GraphBuilder:
     def loss_argument(self, e, scope: Scope, arg: Arg | None):
         """A loss's argument: as an op's, and also a bare word it takes (`activation=sigmoid`, where
         `sigmoid` is an op's name elsewhere) and a list of numbers (`weight=[1.0, 2.0]`)."""
-        if arg is not None and isinstance(e, ast.Name) and e.id in arg.symbols:
-            return Symbol(e.id)
+        if arg is not None and arg.symbols and isinstance(e, ast.Name) and \
+                (e.id in arg.symbols or scope.lookup(e.id) is None):
+            return Symbol(e.id)         # a word it does not take is refused by the loss, with its words
         if isinstance(e, ast.ListLit):
             items = []
             for item in e.items:
+                if isinstance(item, ast.ListLit):
+                    raise ConvDSLError(item.span, "a list here is flat: one number per class, as [1.0, 2.0, 0.5]")
                 v = self.eval(item, scope)
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise ConvDSLError(getattr(item, "span", e.span), f"a list here holds numbers, got "

@@ -42,6 +42,9 @@ class LossDef:
     relative_why: ClassVar[str] = ""
 
     def bind(self, positional: list, keywords: dict, ctx: OpContext) -> dict:
+        if "reduction" in keywords:
+            raise ctx.error(f"{self.name} has no argument `reduction`: a loss is one number for the whole batch, "
+                            f"as with PyTorch's default reduction=\"mean\"", arg="reduction")
         return bind_arguments(self.name, self.args, positional, keywords, ctx, "the output it reads")
 
     def normalize(self, attrs: dict, t: TensorType, ctx: OpContext) -> dict:
