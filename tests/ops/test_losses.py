@@ -255,3 +255,21 @@ def test_dice_labels_are_checked():
         net.train_step(x, np.full((1, *MAP[1:]), 4), lr=0.1)
     with pytest.raises(ValueError, match=r"labels: expected shape \(1, 3, 5\)"):
         net.train_step(x, np.zeros((1, 3)), lr=0.1)
+
+
+# Each kernel's branches once: the weights and the ignore index, per pixel and per sample, both
+# Dice activations (sigmoid in NHWC: a target turned channel-first and the scratch together).
+STRICT_RUNS = [("cross-entropy-weighted-ignored", "f32", "NCHW"), ("cross-entropy-weighted-per-sample", "f64", "NCHW"),
+               ("sigmoid-cross-entropy", "f32", "NHWC"), ("dice-softmax", "f32", "NHWC"),
+               ("dice-sigmoid", "f64", "NHWC"), ("l1", "f32", "NCHW"), ("smooth-l1", "f64", "NHWC")]
+
+
+@pytest.mark.slow
+def test_every_loss_compiles_without_a_warning(tmp_path):
+    """Strict flags at -O3 (tests/ccheck.py) for each loss's kernel and the host glue that
+    allocates its scratch and turns its target channel-first."""
+    from ccheck import assert_c_compiles_cleanly
+    for i, (name, dtype, layout) in enumerate(STRICT_RUNS):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        assert_c_compiles_cleanly(source(CASES[name], dtype, layout), folder)
