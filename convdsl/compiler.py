@@ -78,7 +78,8 @@ def module_meta(graph: Graph) -> dict:
     buffers = [(b.full_name, tuple(b.spec.shape)) for b in buffer_layout(graph)]
     loss = None
     if graph.loss is not None:
-        loss = {"kind": graph.loss.kind, "target_kind": LOSSES[graph.loss.kind].target_kind,
+        target = LOSSES[graph.loss.kind].target(graph.loss.attrs)
+        loss = {"kind": graph.loss.kind, "target_kind": target.kind, "ignore_index": target.ignore_index,
                 "output_index": graph.loss.output_index}
     from .codegen.render import module_name
     return {"network": graph.name, "prefix": module_name(graph.name), "dtype": graph.dtype,

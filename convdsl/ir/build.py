@@ -19,7 +19,7 @@ from ..frontend.parser import bad_byte_position, decode_source, file_end, parse,
 from ..frontend.unparse import expr as expr_text
 from ..ops.base import (INIT_CALLS, Arg, ConstTensor, OpContext, Symbol, SymbolCall, alias_names, describe_value,
                         lookup, op_alias, op_relative, registry, symbol_vocabulary)
-from ..ops.losses import LOSSES, is_other_loss, loss_alias
+from ..ops.losses import LOSSES, is_other_loss, loss_alias, loss_relative
 from . import dims as D
 from .budget import Budget, BudgetExceeded, short_text
 from .graph import Graph, InputDecl, Layer, LossDecl, Node, OutputDecl, TensorType, Value
@@ -203,7 +203,7 @@ class GraphBuilder:
                 raise ConvDSLError(span, "the loss must read one of the network's outputs; add it to `output`")
             loss_decl = LossDecl(kind, vid, index, attrs, span)
             vt = self.values[vid].type
-            fewest = LOSSES[kind].min_classes
+            fewest = LOSSES[kind].min_classes(attrs)
             if isinstance(vt.shape[0], int) and vt.shape[0] < fewest:
                 raise ConvDSLError(span, f"{kind} needs at least {fewest} classes (channels); "
                                          f"the output is {vt.text(self.layout)}")
@@ -445,21 +445,62 @@ class GraphBuilder:
             raise ConvDSLError(stmt.span, "a network has one loss")
         if call.func not in LOSSES:
             raise ConvDSLError(call.span, self.unknown_loss(call.func))
-        if len(call.args) != 1 or call.kwargs:
-            raise ConvDSLError(call.span, f"{call.func} takes one argument: the output it reads")
+        ldef = LOSSES[call.func]
+        if not call.args:
+            raise ConvDSLError(call.span, f"{call.func} reads one of the network's outputs: "
+                                          f"`loss {call.func}(NAME)`")
         ref = self.eval(call.args[0], scope)
         if not isinstance(ref, TensorRef):
             raise ConvDSLError(call.args[0].span, f"{call.func} reads a tensor")
-        self.loss = (call.func, ref.value, {}, call.span)
+        args = {a.name: a for a in ldef.args}
+        spans = {k.name: k.value.span for k in call.kwargs}
+        positional = []
+        for i, expr in enumerate(call.args[1:]):
+            a = ldef.args[i] if i < len(ldef.args) else None
+            if a is not None:
+                spans[a.name] = expr.span
+            positional.append(self.loss_argument(expr, scope, a))
+        # An argument the loss lacks is said first (bind), before its value is read.
+        keywords = {k.name: self.loss_argument(k.value, scope, args[k.name]) if k.name in args else None
+                    for k in call.kwargs}
+        ctx = OpContext(call.span, spans, self.layout, self.dtype)
+        attrs = ldef.normalize(ldef.bind(positional, keywords, ctx), self.values[ref.value].type, ctx)
+        self.loss = (call.func, ref.value, attrs, call.span)
+
+    def loss_argument(self, e, scope: Scope, arg: Arg | None):
+        """A loss's argument: as an op's, and also a bare word it takes (`activation=sigmoid`, where
+        `sigmoid` is an op's name elsewhere) and a list of numbers (`weight=[1.0, 2.0]`)."""
+        if arg is not None and arg.symbols and isinstance(e, ast.Name) and \
+                (e.id in arg.symbols or scope.lookup(e.id) is None):
+            return Symbol(e.id)         # a word it does not take is refused by the loss, with its words
+        if isinstance(e, ast.ListLit):
+            items = []
+            for item in e.items:
+                if isinstance(item, ast.ListLit):
+                    raise ConvDSLError(item.span, "a list here is flat: one number per class, as [1.0, 2.0, 0.5]")
+                v = self.eval(item, scope)
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ConvDSLError(getattr(item, "span", e.span), f"a list here holds numbers, got "
+                                                                      f"{describe_value(v)}")
+                items.append(v)
+            return tuple(items)
+        v = self.eval_arg(e, scope, arg)
+        if isinstance(v, TensorRef):
+            raise ConvDSLError(e.span, "a loss reads one tensor; its other arguments are numbers or words")
+        return v
 
     @staticmethod
     def unknown_loss(name: str) -> str:
         """Only a plain misspelling or another library's name for the same loss is suggested: a
-        different loss (binary cross-entropy, mae) is not the one the user wants."""
+        different loss (nll, hinge) is not the one the user wants; the closest of ours to one
+        the language lacks is named with the difference (binary_cross_entropy)."""
         known = f"(known: {', '.join(LOSSES)})"
         alias = loss_alias(name)
         if alias is not None:
             return f"unknown loss `{name}`; did you mean `{alias.name}`?"
+        relative = loss_relative(name)
+        if relative is not None:
+            return f"unknown loss `{name}`: {relative.relative_why}"
         if is_other_loss(name):
             return f"unknown loss `{name}`: it is not in the language {known}"
         hint = did_you_mean(name, LOSSES)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..ir import dims as D
 from ..ir.dims import Dim
+from ..ops.losses import LOSSES
 from .program import Operand, Program, Step
 
 _REGION_SHORT = {"inference": "eval", "training": "train", "activations": "act", "gradients": "grad", "saved": "saved", "params": "params",
@@ -65,5 +66,6 @@ def program_text(program: Program) -> str:
     lines.append("steps (training mode's places; eval mode reads and writes the same values at their eval places):")
     lines.extend(step_text(s) for s in program.steps)
     if program.loss is not None:
-        lines.append(f"loss: {program.loss.kind}({program.loss.output_name}) (line {program.loss.line})")
+        call = LOSSES[program.loss.kind].describe(program.loss.output_name, program.loss.attrs)
+        lines.append(f"loss: {call} (line {program.loss.line})")
     return "\n".join(lines) + "\n"

@@ -159,6 +159,37 @@ class OpContext:
         return t.text(self.layout)
 
 
+def bind_arguments(owner: str, args: tuple[Arg, ...], positional: list, keywords: dict, ctx: OpContext,
+                   first: str) -> dict:
+    """Match a call's arguments to `args` (an op's, or a loss's; `first` names what comes before
+    them: "its input"); unknown, doubled and missing ones are errors at their span."""
+    names = [a.name for a in args]
+    if positional and not args:
+        raise ctx.error(f"{owner} takes no arguments besides {first}")
+    if len(positional) > len(args):
+        raise ctx.error(f"{owner} takes at most {len(args)} argument(s) after {first}"
+                        + (f" ({', '.join(names)})" if names else "") + f", got {len(positional)}")
+    bound: dict[str, Any] = {}
+    for arg, value in zip(args, positional):
+        bound[arg.name] = value
+    for key, value in keywords.items():
+        if key not in names:
+            hint = next((n for n in KEYWORD_ALIASES.get(key.lower(), ()) if n in names), None) or \
+                did_you_mean(key, names)
+            msg = f"{owner} has no argument `{key}`"
+            msg += f"; did you mean `{hint}`?" if hint else (f" (it takes: {', '.join(names)})" if names else "")
+            raise ctx.error(msg, arg=key)
+        if key in bound:
+            raise ctx.error(f"argument `{key}` of {owner} is given twice", arg=key)
+        bound[key] = value
+    for arg in args:
+        if arg.name not in bound:
+            if arg.default is REQUIRED:
+                raise ctx.error(f"{owner} needs the argument `{arg.name}`")
+            bound[arg.name] = arg.default
+    return bound
+
+
 class OpDef:
     """Base for every layer kind. Subclasses set `name` and `args` and override what differs."""
 
@@ -212,31 +243,7 @@ class OpDef:
     # -- arguments
     def bind(self, positional: list, keywords: dict, ctx: OpContext) -> dict:
         """Match call arguments to `args`; unknown and missing ones are errors at their span."""
-        names = [a.name for a in self.args]
-        if positional and not self.args:
-            raise ctx.error(f"{self.name} takes no arguments besides its input")
-        if len(positional) > len(self.args):
-            raise ctx.error(f"{self.name} takes at most {len(self.args)} argument(s) after its input"
-                            + (f" ({', '.join(names)})" if names else "") + f", got {len(positional)}")
-        bound: dict[str, Any] = {}
-        for arg, value in zip(self.args, positional):
-            bound[arg.name] = value
-        for key, value in keywords.items():
-            if key not in names:
-                hint = next((n for n in KEYWORD_ALIASES.get(key.lower(), ()) if n in names), None) or \
-                    did_you_mean(key, names)
-                msg = f"{self.name} has no argument `{key}`"
-                msg += f"; did you mean `{hint}`?" if hint else (f" (it takes: {', '.join(names)})" if names else "")
-                raise ctx.error(msg, arg=key)
-            if key in bound:
-                raise ctx.error(f"argument `{key}` of {self.name} is given twice", arg=key)
-            bound[key] = value
-        for arg in self.args:
-            if arg.name not in bound:
-                if arg.default is REQUIRED:
-                    raise ctx.error(f"{self.name} needs the argument `{arg.name}`")
-                bound[arg.name] = arg.default
-        return bound
+        return bind_arguments(self.name, self.args, positional, keywords, ctx, "its input")
 
     def normalize(self, attrs: dict, in_types: tuple[TensorType, ...], ctx: OpContext) -> dict:
         """Validate argument values against the inputs and fill derived ones (padding per axis …)."""

@@ -601,7 +601,7 @@ def unshared_heavy(g: Graph):
 @rule("W111", "softmax-before-loss")
 def softmax_before_loss(g: Graph):
     loss = g.loss
-    applied = LOSSES[loss.kind].applies if loss is not None else None
+    applied = LOSSES[loss.kind].applies(loss.attrs) if loss is not None else None
     if applied is None:
         return
     node = producer(g, loss.value)

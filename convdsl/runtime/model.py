@@ -434,13 +434,19 @@ class ModelBase:
             self._call("set_training", self._m, mode)
 
     def _target(self, target, geo: _Geometry) -> np.ndarray:
-        """The loss's target checked against the prepared batch `geo`: class labels, or an
-        array shaped like the loss's output."""
+        """The loss's target checked against the prepared batch `geo`, as the loss's kind of target
+        says (ops/losses.py, in the module's metadata): class labels, an array shaped like the
+        loss's output, or such an array of probabilities."""
         if geo.classes is None:
             arr = self._as_array(target, "target")
             if arr.shape != geo.loss_output_shape:
                 raise ValueError(f"target: expected shape {geo.loss_output_shape} (like the output), "
                                  f"got {arr.shape}")
+            if self._meta["loss"]["target_kind"] == "probabilities":
+                # Written as "inside", so that a NaN is outside.
+                inside = (arr >= 0) & (arr <= 1)
+                if not inside.all():
+                    raise ValueError(f"target: values must be probabilities in [0, 1], got {arr[~inside].flat[0]}")
             return arr
         arr = target if type(target) is np.ndarray else np.asarray(target)
         kind, classes = arr.dtype.kind, geo.classes
@@ -461,11 +467,17 @@ class ModelBase:
             outside_any = arr.min() < 0 or arr.max() >= classes
         else:
             outside_any = arr.max() >= classes
+        ignored = self._meta["loss"].get("ignore_index")
         if outside_any:
             outside = (arr < 0) | (arr >= classes)
+            if ignored is not None:
+                outside &= arr != ignored
+            if not outside.any():
+                return np.ascontiguousarray(arr, dtype=np.int64)
             bad = arr[outside].flat[0]
             shown = int(bad) if kind == "f" else bad
-            raise ValueError(f"labels: class {shown} is out of range [0, {classes})")
+            raise ValueError(f"labels: class {shown} is out of range [0, {classes})"
+                             + ("" if ignored is None else f" and is not the ignore_index, {ignored}"))
         return np.ascontiguousarray(arr, dtype=np.int64)
 
     def _optimizer_args(self, lr, optimizer, momentum, nesterov, weight_decay, betas, eps, max_grad_norm):

@@ -34,7 +34,7 @@ from ..ir.dims import Dim
 from ..lower.program import (ACTIVATION, ACTIVATIONS, PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary, Operand,
                              ParallelSplit, Program, Step)
 from ..ops.base import lookup
-from ..ops.losses import LOSSES
+from ..ops.losses import LABELS, LOSSES, PROBABILITIES
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -47,6 +47,17 @@ def checked_identifier(name: str, dotted: bool = False) -> str:
     if not (_DOTTED if dotted else _IDENT).match(name):
         raise ConvDSLError(None, f"internal error: `{name!r}` is not a valid identifier for generated code")
     return name
+
+
+_CALL_TEXT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\([A-Za-z0-9_.,=\[\] +-]*\)$")
+
+
+def checked_call_text(text: str) -> str:
+    """A loss written as a call (`dice(y, eps=0.5)`) for a generated comment: names, numbers and
+    list brackets only, so that it can close no comment."""
+    if not _CALL_TEXT.match(text):
+        raise ConvDSLError(None, f"internal error: `{text!r}` is not a call the generated code may show")
+    return text
 
 
 def comment_safe(text: str) -> str:
@@ -533,14 +544,20 @@ class Target:
             ldef = LOSSES[pg.loss.kind]
             t = pg.loss.type
             y = pg.activations[pg.loss.value]
+            attrs = pg.loss.attrs
             loss = {"kind": ldef.name, "template": self.loss_template(ldef), "value": pg.loss.value,
                     "line": pg.loss.line, "output_name": checked_identifier(pg.loss.output_name),
-                    "y": value_view(pg.loss.value), "k": ldef.kernel_context(t, c), "host_k": ldef.kernel_context(t, host),
+                    "call": checked_call_text(ldef.describe(pg.loss.output_name, attrs)),
+                    "y": value_view(pg.loss.value), "k": ldef.kernel_context(t, attrs, c),
+                    "host_k": ldef.kernel_context(t, attrs, host),
+                    "scratch": host(ldef.scratch_doubles(t, attrs)) if ldef.scratch_doubles(t, attrs) != 0 else None,
                     "args": self.size_arguments(pg) + [KernelArg("y", "input", {"region": ACTIVATIONS, "value": y.value,
                                                                                 "offset": y.offset})],
-                    "transpose_target": ldef.target_kind == "values" and pg.layout == "NHWC" and t.rank > 1
+                    # A target shaped like the output comes in the file's layout; the kernel reads it
+                    # channel-first. Labels are one per position in both layouts.
+                    "transpose_target": ldef.target(attrs).kind != LABELS and pg.layout == "NHWC" and t.rank > 1
                     and D.product(t.spatial) != 1,
-                    "target_doc": _target_doc(ldef, t, pg.layout)}
+                    "target_doc": _target_doc(ldef, attrs, t)}
 
         values = [{"index": v.id, "numel": host(D.product(v.type.shape)), "offset": host(pg.activations[v.id].offset),
                    "grad_offset": host(pg.gradients[v.id].offset), "eval_offset": host(pg.inference[v.id].offset)}
@@ -605,8 +622,12 @@ def _init_text(spec) -> str:
             "zeros": "zeros", "ones": "ones", "const": "from a const"}[kind]
 
 
-def _target_doc(ldef, t, layout: str) -> str:
-    if ldef.target_kind == "labels":
-        shape = ldef.target_shape(t)
-        return "int64 labels [N" + "".join(f", {D.to_text(d)}" for d in shape) + "]"
+def _target_doc(ldef, attrs, t) -> str:
+    target = ldef.target(attrs)
+    if target.kind == LABELS:
+        shape = ldef.target_shape(t, attrs)
+        skipped = "" if target.ignore_index is None else f", label {target.ignore_index} ignored"
+        return "int64 labels [N" + "".join(f", {D.to_text(d)}" for d in shape) + "]" + skipped
+    if target.kind == PROBABILITIES:
+        return "an array shaped like the output, values in [0, 1]"
     return "an array shaped like the output"

@@ -20,7 +20,7 @@ import torch
 import convdsl
 from convdsl import ConvDSLError
 from netgen import check_case
-from netlang import Case, DropoutKeys, Interp, Invalid, render, torch_loss
+from netlang import Case, DropoutKeys, Interp, Invalid, loss_target, render, torch_loss
 
 TOL = {"f32": dict(rtol=1e-4, atol=1e-5), "f64": dict(rtol=1e-7, atol=1e-9)}
 
@@ -263,15 +263,25 @@ class Runner:
             compare("param-grad", net.grads[name], grads_of[0][k], self.tol, f"{what}: gradient of {name}", noise[k])
         return runs
 
-    def target(self, out_ref: torch.Tensor, kind: str):
+    def target(self, out_ref: torch.Tensor, loss):
         """(target as the model takes it, the same for the reference)."""
-        if kind == "mse":
+        kind = loss_target(loss)
+        if kind == "values":
             t = self.rng.standard_normal(tuple(out_ref.shape)).astype(self.dtype)
+            return to_file(t, self.layout), torch.tensor(t.astype(np.float64))
+        if kind == "probabilities":
+            t = self.rng.random(tuple(out_ref.shape))
+            t[self.rng.random(t.shape) < 0.25] = 1.0        # hard labels among the soft ones
+            t = t.astype(self.dtype)
             return to_file(t, self.layout), torch.tensor(t.astype(np.float64))
         n, c = out_ref.shape[:2]
         spatial = tuple(out_ref.shape[2:])
         per_pixel = spatial if not all(d == 1 for d in spatial) else ()
         labels = self.rng.integers(0, c, size=(n, *per_pixel))
+        ignore = loss.arg("ignore_index")
+        if ignore is not None:
+            labels[self.rng.random(labels.shape) < 0.3] = ignore
+            labels.flat[0] = 0 if ignore != 0 else 1    # one label counts: the loss is no 0 / 0
         return labels, torch.tensor(labels)
 
     def run(self) -> None:
@@ -326,10 +336,9 @@ class Runner:
         it = runs[0][0]
         if it.loss is None:
             return
-        kind, index = it.loss
-        target, target_ref = self.target(runs[0][1][index], kind)
-        losses = [float(torch_loss(kind, r[1][index].detach(), target_ref if r is runs[0] else
-                                   target_ref.to(r[1][index].dtype) if kind == "mse" else target_ref))
+        loss, index = it.loss
+        target, target_ref = self.target(runs[0][1][index], loss)
+        losses = [float(torch_loss(loss, r[1][index].detach(), self.target_like(target_ref, r[1][index])))
                   for r in runs]
         try:
             got = net.loss(target)
@@ -337,23 +346,27 @@ class Runner:
             raise CampaignFailure("refused", f"Model.loss raised {type(e).__name__}: {e}") from None
         compare("loss", got, losses[0], self.tol, "Model.loss after the last forward",
                 losses[1] if len(losses) > 1 else None)
-        self.train_step(net, xs, target, target_ref, keys, kind, index)
+        self.train_step(net, xs, target, target_ref, keys, loss, index)
 
-    def train_step(self, net, xs, target, target_ref, keys, kind, index) -> None:
+    @staticmethod
+    def target_like(target_ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A real target in the dtype of the reference run's output (labels as they are)."""
+        return target_ref.to(out.dtype) if target_ref.is_floating_point() else target_ref
+
+    def train_step(self, net, xs, target, target_ref, keys, loss, index) -> None:
         before = {k: np.array(v) for k, v in net.params.items()}
         runs = self.references(net, xs, keys, grad=False)
         trainable = list(net.grads)
         lr = self.case.lr
         results = []
         for it, outs, params, _, buffers in runs:
-            t = target_ref.to(outs[index].dtype) if kind == "mse" else target_ref
-            loss = torch_loss(kind, outs[index], t)
+            value = torch_loss(loss, outs[index], self.target_like(target_ref, outs[index]))
             grads = [None] * len(trainable)
-            if trainable and loss.requires_grad:
-                grads = torch.autograd.grad(loss, [params[n] for n in trainable], allow_unused=True)
+            if trainable and value.requires_grad:
+                grads = torch.autograd.grad(value, [params[n] for n in trainable], allow_unused=True)
             after = {n: before[n].astype(np.float64) - lr * (0.0 if g is None else g.double().numpy())
                      for n, g in zip(trainable, grads)}
-            results.append((float(loss.detach()), after, {n: b.double().numpy() for n, b in buffers.items()}))
+            results.append((float(value.detach()), after, {n: b.double().numpy() for n, b in buffers.items()}))
         noisy = results[1] if len(results) > 1 else None
         try:
             got = net.train_step(*[to_file(x, self.layout) for x in xs.values()], target, lr=lr)

@@ -12,8 +12,8 @@ import random
 import torch
 
 from netlang import (OPS, Apply, Arith, Assign, BlockDef, Case, ConstDecl, ConstName, Dec, InitFn, Input, Interp,
-                     Invalid, LayerDecl, LayerVal, Loss, Measure, Output, ParamRef, Program, Ref, Repeat, Return,
-                     Scope, Sym, V)
+                     Invalid, LayerDecl, LayerVal, Loss, Measure, NumList, Output, ParamRef, Program, Ref, Repeat,
+                     Return, Scope, Sym, V)
 
 # How often each op is drawn for a chain step (maps / vectors are filtered by applicability).
 OP_WEIGHTS = {
@@ -111,6 +111,35 @@ class Generator:
                 name = "aux"
             self.body.append(Input(name, dims))
             self.order.append(name)
+
+    def draw_loss(self, target_name: str, u: float) -> Loss:
+        """A loss of the output `target_name` and its arguments. `u` is the draw the choice of loss
+        always took from the main stream; the rest come from a stream of their own, so that the
+        choices after the loss (batches, learning rate) are those they were before there were
+        more losses to choose from."""
+        v = self.state.scope.bindings[target_name]
+        own = random.Random(f"loss {self.seed}")
+        classes = v.channels >= 2
+        if classes and u < 0.4:
+            kind = "softmax_cross_entropy"
+        else:
+            kind = own.choice(("mse", "l1", "smooth_l1", "sigmoid_cross_entropy", "dice"))
+        kwargs = []
+        if kind == "softmax_cross_entropy":
+            written = own.choice(((), ("weight",), ("ignore_index",), ("weight", "ignore_index")))
+            if "weight" in written and not v.flags[0]:
+                kwargs.append(("weight", NumList(tuple(Dec(own.choice(("0.5", "1", "1.5", "2", "0.25", "3")))
+                                                       for _ in range(v.channels)))))
+            if "ignore_index" in written:
+                kwargs.append(("ignore_index", own.choice((255, -100, 0))))
+        elif kind == "dice":
+            if not classes or own.random() < 0.4:
+                kwargs.append(("activation", Sym("sigmoid")))
+            if own.random() < 0.5:
+                kwargs.append(("eps", Dec(own.choice(("0.5", "1e-3", "2")))))
+        elif kind == "smooth_l1" and own.random() < 0.7:
+            kwargs.append(("beta", Dec(own.choice(("0.5", "2", "0", "1e-1")))))
+        return Loss(kind, target_name, tuple(kwargs))
 
     def program(self, body=None) -> Program:
         return Program(f"Rnd{self.seed}", self.layout, self.dtype, tuple(self.blocks),
@@ -815,9 +844,7 @@ class Generator:
         self.body.append(Output(tuple(outs)))
         if rng.random() < 0.5:
             target_name = rng.choice(outs)
-            v = self.state.scope.bindings[target_name]
-            kind = "softmax_cross_entropy" if v.channels >= 2 and rng.random() < 0.6 else "mse"
-            self.body.append(Loss(kind, target_name))
+            self.body.append(self.draw_loss(target_name, rng.random()))
         program = self.program()
         training = self.training
         interp = abstract_interp(program, self.size_list, training).run()
@@ -894,6 +921,7 @@ def features(case: Case) -> set[str]:
             out.add("outputs:several")
         if isinstance(s, Loss):
             out.add(f"loss:{s.kind}")
+            out |= {f"loss:{s.kind}:{k}" for k, _ in s.kwargs}
         if isinstance(s, Repeat):
             out.add("repeat")
         if isinstance(s, LayerDecl):

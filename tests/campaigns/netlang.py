@@ -69,6 +69,12 @@ class Measure:
 
 
 @dataclass(frozen=True)
+class NumList:
+    """A flat list of numbers, `[0.5, 2.0]` (a loss's class weights)."""
+    values: tuple    # Dec / int
+
+
+@dataclass(frozen=True)
 class Arith:
     op: str          # + - * //
     left: object
@@ -135,6 +141,16 @@ class Output:
 class Loss:
     kind: str
     name: str
+    kwargs: tuple = ()        # ((name, value), …): weight=NumList, ignore_index=int, beta=Dec, activation=Sym …
+
+    def arg(self, name: str, default=None):
+        """The argument's value as a Python number or word (its default when not written)."""
+        v = dict(self.kwargs).get(name)
+        if v is None:
+            return default
+        if isinstance(v, NumList):
+            return tuple(x.value if isinstance(x, Dec) else float(x) for x in v.values)
+        return v.value if isinstance(v, Dec) else v.name if isinstance(v, Sym) else v
 
 
 @dataclass(frozen=True)
@@ -174,7 +190,7 @@ class Case:
 
 # ---- JSON ---------------------------------------------------------------------------------
 
-_CLASSES = {c.__name__: c for c in (Sym, Dec, InitFn, ConstName, ParamRef, Measure, Arith, Ref, Apply, Input,
+_CLASSES = {c.__name__: c for c in (Sym, Dec, InitFn, ConstName, ParamRef, Measure, NumList, Arith, Ref, Apply, Input,
                                     Assign, LayerDecl, ConstDecl, Repeat, Output, Loss, Return, BlockDef,
                                     Program, Case)}
 
@@ -219,6 +235,8 @@ def render_value(v) -> str:
         return f"{v.name}({v.arg.text})"
     if isinstance(v, Measure):
         return f"{v.fn}({v.name})"
+    if isinstance(v, NumList):
+        return "[" + ", ".join(render_value(x) for x in v.values) + "]"
     if isinstance(v, Arith):
         return f"{render_value(v.left)} {v.op} {render_value(v.right)}"
     if isinstance(v, tuple):
@@ -273,7 +291,8 @@ def render_stmt(s, indent: str, breaks: bool) -> list[str]:
     if isinstance(s, Output):
         return [f"{indent}output {', '.join(s.names)}"]
     if isinstance(s, Loss):
-        return [f"{indent}loss {s.kind}({s.name})"]
+        args = [s.name] + [f"{k}={render_value(v)}" for k, v in s.kwargs]
+        return [f"{indent}loss {s.kind}({', '.join(args)})"]
     if isinstance(s, Return):
         return [f"{indent}return {render_expr(s.expr)}"]
     raise TypeError(f"cannot write {s!r}")
@@ -508,9 +527,12 @@ class Interp:
             if s.name not in names:
                 raise Invalid("loss of a non-output")
             v = dict(self.outputs)[s.name]
-            if s.kind == "softmax_cross_entropy" and v.channels < 2:
-                raise Invalid("cross-entropy needs 2 classes")
-            self.loss = (s.kind, names.index(s.name))
+            if loss_target(s) == "labels" and v.channels < 2:
+                raise Invalid(f"{s.kind} over a softmax needs 2 classes")
+            weight = s.arg("weight")
+            if weight is not None and (len(weight) != v.channels or v.flags[0]):
+                raise Invalid("one class weight per channel, and a fixed number of channels")
+            self.loss = (s, names.index(s.name))
         elif isinstance(s, Return):
             v = self.eval(s.expr, scope)
             if not isinstance(v, V):
@@ -1402,11 +1424,45 @@ OPS: dict[str, OpSpec] = {cls.name: cls() for cls in (
 
 # ---- losses -------------------------------------------------------------------------------
 
-def torch_loss(kind: str, y, target):
-    """softmax_cross_entropy: labels per sample ([N]) for a vector or an all-1 map, per position
-    otherwise, mean over batch and positions; mse: mean over every element."""
+def loss_target(loss: Loss) -> str:
+    """What the loss compares the output with (docs/language.md §7): class labels (one per sample,
+    or per position of a map), values shaped like the output, or such values in [0, 1]."""
+    if loss.kind == "softmax_cross_entropy" or loss.kind == "dice" and loss.arg("activation", "softmax") == "softmax":
+        return "labels"
+    if loss.kind in ("sigmoid_cross_entropy", "dice"):
+        return "probabilities"
+    return "values"
+
+
+def dice_loss(p, t, eps: float):
+    """1 − the mean over classes (dim 1) of (2 Σ p·t + eps) / (Σ p + Σ t + eps), summed over the
+    batch and every position."""
+    axes = [0, *range(2, p.dim())]
+    return 1 - ((2 * (p * t).sum(axes) + eps) / (p.sum(axes) + t.sum(axes) + eps)).mean()
+
+
+def torch_loss(loss: Loss, y, target):
+    """The loss as docs/language.md §7 defines it, from PyTorch: the mean over the batch (and
+    positions) of mse, l1, smooth_l1(beta), sigmoid_cross_entropy (binary cross-entropy with
+    logits), softmax_cross_entropy (class weights, ignore_index; labels per sample ([N]) for a
+    vector or an all-1 map, per position otherwise), and Dice over softmax or sigmoid."""
+    kind = loss.kind
     if kind == "mse":
         return ((y - target) ** 2).mean()
-    if y.dim() > 2 and all(d == 1 for d in y.shape[2:]):
+    if kind == "l1":
+        return (y - target).abs().mean()
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(y, target, beta=loss.arg("beta", 1.0))
+    if kind == "sigmoid_cross_entropy":
+        return F.binary_cross_entropy_with_logits(y, target)
+    if y.dim() > 2 and all(d == 1 for d in y.shape[2:]) and loss_target(loss) == "labels":
         y = y.reshape(y.shape[0], y.shape[1])
-    return F.cross_entropy(y, target)
+    if kind == "dice":
+        eps = loss.arg("eps", 1.0)
+        if loss.arg("activation", "softmax") == "sigmoid":
+            return dice_loss(torch.sigmoid(y), target, eps)
+        return dice_loss(torch.softmax(y, dim=1), F.one_hot(target, y.shape[1]).movedim(-1, 1).to(y.dtype), eps)
+    weight = loss.arg("weight")
+    ignore = loss.arg("ignore_index")
+    return F.cross_entropy(y, target, weight=None if weight is None else torch.tensor(weight, dtype=y.dtype),
+                           ignore_index=-100 if ignore is None else ignore)

@@ -100,7 +100,7 @@ def rename(node, old: str, new: str):
     if isinstance(node, Output):
         return Output(tuple(new if n == old else n for n in node.names))
     if isinstance(node, Loss):
-        return Loss(node.kind, new if node.name == old else node.name)
+        return Loss(node.kind, new if node.name == old else node.name, node.kwargs)
     return node
 
 
@@ -144,6 +144,9 @@ def candidates(case: Case):
     losses = [s for s in body if isinstance(s, Loss)]
     if losses:
         yield replace(case, program=replace(p, body=tuple(s for s in body if not isinstance(s, Loss))))
+        if any(s.kwargs for s in losses):      # the loss with its defaults
+            yield replace(case, program=replace(p, body=tuple(replace(s, kwargs=()) if isinstance(s, Loss) else s
+                                                              for s in body)))
     for k in range(len(p.blocks)):
         yield replace(case, program=replace(p, blocks=p.blocks[:k] + p.blocks[k + 1:]))
     for new in inline_aliases(body):

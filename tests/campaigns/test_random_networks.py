@@ -65,7 +65,9 @@ QUICK_MUST_COVER = {
     "pad:valid", "pad:same", "pad:full", "pad:int", "pad:tuple", "pad:pairs-asymmetric", "pad:pairs-end-only",
     "conv:stride", "conv:dilation", "conv:groups", "flip=true", "frozen=true", "bias=false", "weight=const",
     "layer", "layer:applied", "repeat", "block", "block:applied", "block:default-argument", "block-arg:ParamRef",
-    "block-arg:Measure", "loss:mse", "loss:softmax_cross_entropy", "dropout:p>0", "algo:im2col",
+    "block-arg:Measure", "loss:mse", "loss:softmax_cross_entropy", "loss:softmax_cross_entropy:weight",
+    "loss:softmax_cross_entropy:ignore_index", "loss:sigmoid_cross_entropy", "loss:dice", "loss:dice:activation",
+    "loss:dice:eps", "loss:l1", "loss:smooth_l1", "loss:smooth_l1:beta", "dropout:p>0", "algo:im2col",
     "init:xavier", "init:zeros", "init:ones", "init:normal", "init:uniform", "deconv:output_pad", "tiled:tile",
     "upsample:bilinear", "depthwise:multiplier", "style:pipe", "style:call", "args:positional-and-keyword",
 }

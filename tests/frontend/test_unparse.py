@@ -47,6 +47,16 @@ def test_precedence_tuples_negatives_and_long_chains():
     assert "\n        -> conv(4, kernel=3, pad=same)" in text      # the long chain continues on a new line
 
 
+def test_a_loss_with_arguments_round_trips():
+    for loss in ("softmax_cross_entropy(y, weight=[0.5, 2, 0.001], ignore_index=-100)",
+                 "dice(y, activation=sigmoid, eps=0.5)", "smooth_l1(y, 0.25)"):
+        src = f"network N {{\n    input x: [3, 4, 4]\n    y = x -> conv(3, kernel=1)\n    output y\n    loss {loss}\n}}\n"
+        module = parse(src)
+        text = unparse.module(module)
+        assert f"loss {loss}" in text
+        assert shape(parse(text)) == shape(module)
+
+
 def test_a_pipe_inside_arithmetic_keeps_its_parentheses():
     call = ast.Call("f", (ast.Name("x", None),), (), None, piped=True)
     assert unparse.expr(ast.BinOp("+", call, ast.Num(1, None), None)) == "(x -> f) + 1"

@@ -90,13 +90,25 @@ def loss_message(loss: str) -> str:
     return message(f"input x: [10]\n y = x -> dense(4)\n output y\n loss {loss}(y)")
 
 
+KNOWN_LOSSES = "(known: softmax_cross_entropy, sigmoid_cross_entropy, dice, mse, l1, smooth_l1)"
+
+
 def test_a_different_loss_is_not_suggested():
-    known = "(known: softmax_cross_entropy, mse)"
-    assert loss_message("binary_cross_entropy") == \
-        f"unknown loss `binary_cross_entropy`: it is not in the language {known}"
-    assert loss_message("mae") == f"unknown loss `mae`: it is not in the language {known}"
-    assert loss_message("hinge_of_doom") == f"unknown loss `hinge_of_doom` {known}"
-    assert loss_message("softmax") == f"`softmax` is an op, not a loss {known}"
+    assert loss_message("hinge") == f"unknown loss `hinge`: it is not in the language {KNOWN_LOSSES}"
+    assert loss_message("nll") == f"unknown loss `nll`: it is not in the language {KNOWN_LOSSES}"
+    assert loss_message("hinge_of_doom") == f"unknown loss `hinge_of_doom` {KNOWN_LOSSES}"
+    assert loss_message("softmax") == f"`softmax` is an op, not a loss {KNOWN_LOSSES}"
+
+
+def test_a_loss_close_to_ours_says_how_it_differs():
+    # binary_cross_entropy takes probabilities, ours takes the scores: not the same loss.
+    for name in ("binary_cross_entropy", "BCELoss", "binary_crossentropy"):
+        assert loss_message(name) == (
+            f"unknown loss `{name}`: it takes probabilities; `sigmoid_cross_entropy` takes the scores before the "
+            f"sigmoid and applies it itself (PyTorch's binary_cross_entropy_with_logits)")
+    assert loss_message("HuberLoss") == ("unknown loss `HuberLoss`: `smooth_l1(y, beta=δ)` is PyTorch's "
+                                         "HuberLoss(delta=δ) divided by δ")
+    assert loss_message("l2") == "unknown loss `l2`: `mse` is the mean of the squared differences"
 
 
 def test_the_same_loss_under_another_name_or_misspelt_is_suggested():
@@ -106,6 +118,11 @@ def test_the_same_loss_under_another_name_or_misspelt_is_suggested():
         "unknown loss `softmax_crossentropy`; did you mean `softmax_cross_entropy`?"
     assert op_message("CrossEntropyLoss") == \
         "`CrossEntropyLoss` is a loss; write it in a `loss` statement: `loss softmax_cross_entropy(…)`"
+    for name, ours in (("BCEWithLogitsLoss", "sigmoid_cross_entropy"), ("binary_cross_entropy_with_logits",
+                                                                       "sigmoid_cross_entropy"),
+                       ("L1Loss", "l1"), ("mae", "l1"), ("SmoothL1Loss", "smooth_l1"), ("DiceLoss", "dice"),
+                       ("dcie", "dice")):
+        assert loss_message(name) == f"unknown loss `{name}`; did you mean `{ours}`?"
 
 
 # ---- the implicit batch -------------------------------------------------------------------------
