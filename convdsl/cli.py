@@ -1,4 +1,4 @@
-"""The `convdsl` command: check, compile, graph, convert."""
+"""The `convdsl` command: check, compile, plan, graph, convert, export, import."""
 from __future__ import annotations
 
 import argparse
@@ -185,6 +185,49 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _weights_file(path: str, graph) -> dict:
+    """The arrays of an .npz weight file (Model.save), or a clear error when it cannot be read."""
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError) as e:
+        raise ConvDSLError(None, f"--weights {path}: cannot read the weights of {graph.name} ({e})") from None
+
+
+def _initial_state(graph, algo=None) -> dict:
+    """A network's weights as a new Model(seed=0) has them (the C demo's, with no weight file)."""
+    from .compiler import build_module, compile_graph
+    return build_module(compile_graph(graph, algo)).Model(seed=0).state_dict()
+
+
+def cmd_export(args) -> int:
+    from .onnx import require_onnx
+    from .onnx.export import export_graph
+    onnx = require_onnx()
+    graphs = _graphs(args.file, args.network)
+    if len(graphs) > 1:
+        raise ConvDSLError(None, f"export: {args.file} holds {len(graphs)} networks "
+                                 f"({', '.join(g.name for g in graphs)}); say which with --network")
+    (graph,) = graphs
+    if args.weights:
+        state = _weights_file(args.weights, graph)
+        expected = {f"{layer.name}.{p.name}" for layer in graph.layers for p in layer.params}
+        missing = sorted(expected - set(state))
+        if missing:
+            raise ConvDSLError(None, f"--weights {args.weights}: no {', '.join(missing[:5])}"
+                                     + (" …" if len(missing) > 5 else "") + f" for {graph.name}")
+    else:
+        state = _initial_state(graph)
+    model = export_graph(graph, state)
+    out = Path(args.output)
+    with _writing(out.parent if str(out.parent) else Path(".")):
+        onnx.save(model, str(out))
+    where = f"the weights of {args.weights}" if args.weights else "the weights of Model(seed=0)"
+    print(f"{graph.name}: wrote {out} (opset {model.opset_import[0].version}, {len(model.graph.node)} nodes, {where})")
+    return 0
+
+
 def _lint_options(p) -> None:
     p.add_argument("--allow", action="append", metavar="CODE", help="silence a warning code (repeatable)")
     p.add_argument("--werror", action="store_true", help="treat warnings as errors")
@@ -256,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     _algo_option(p)
     _lint_options(p)
     p.set_defaults(run=cmd_compile)
+    p = sub.add_parser("export", help="write the network as an ONNX model (opset 17, a symbolic batch axis)",
+                       description="Write the network of FILE as an ONNX model whose onnxruntime outputs equal\n"
+                                   "the compiled module's forward in inference mode. local and tiled layers have\n"
+                                   "no ONNX form. Needs the onnx extra: pip install 'convdsl[onnx]'.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", metavar="FILE", help=FILE_HELP)
+    p.add_argument("-o", "--output", required=True, metavar="NET.onnx", help="the ONNX file to write")
+    p.add_argument("--weights", metavar="W.npz",
+                   help="weights saved by Model.save (default: those of Model(seed=0), which needs a C compiler)")
+    p.add_argument("--network", help="the network to export, when the file holds several")
+    p.set_defaults(run=cmd_export)
     p = sub.add_parser("plan", help="print the lowered program: per step its kernel variant, operands, "
                                     "epilogue, workspace and threads")
     p.add_argument("file")
