@@ -228,6 +228,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    import numpy as np
+    from .onnx.importer import import_model
+    out = Path(args.output)
+    if out.suffix != ".cnn":
+        raise ConvDSLError(None, f"import: the output is a .cnn file, got {out}")
+    text, weights, name = import_model(args.model, out, args.network)
+    weights_path = out.with_suffix(".npz")
+    with _writing(out.parent if str(out.parent) else Path(".")):
+        out.write_text(text)
+        np.savez(weights_path, **weights)
+    print(f"{name}: wrote {out} and {weights_path} ({len(weights)} arrays; net.load({str(weights_path)!r}))")
+    return 0
+
+
 def _lint_options(p) -> None:
     p.add_argument("--allow", action="append", metavar="CODE", help="silence a warning code (repeatable)")
     p.add_argument("--werror", action="store_true", help="treat warnings as errors")
@@ -310,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights saved by Model.save (default: those of Model(seed=0), which needs a C compiler)")
     p.add_argument("--network", help="the network to export, when the file holds several")
     p.set_defaults(run=cmd_export)
+    p = sub.add_parser("import", help="turn an ONNX model into a .cnn file and its weights (.npz)",
+                       description="Write the network of an ONNX model as OUT.cnn (named layers, one line per\n"
+                                   "layer, comments naming the ONNX nodes) and its weights as OUT.npz, under the\n"
+                                   "compiled module's parameter names (Model.load). Needs the onnx extra.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX file to read")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.cnn", help="the .cnn file to write (weights beside it)")
+    p.add_argument("--network", help="the network's name (default: from OUT's file name)")
+    p.set_defaults(run=cmd_import)
     p = sub.add_parser("plan", help="print the lowered program: per step its kernel variant, operands, "
                                     "epilogue, workspace and threads")
     p.add_argument("file")
