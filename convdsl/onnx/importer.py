@@ -158,7 +158,11 @@ class _Importer:
     def get(self, n: _Node, name: str):
         if name not in self.env:
             raise n.error(f"input `{name}` is not produced by any earlier node, initializer or graph input")
-        return self.env[name]
+        v = self.env[name]
+        if isinstance(v, _Shuffling) and n.op not in ("Transpose", "Reshape"):
+            raise v.nodes[0].error("a reshape to channel groups whose result is read by another node: the "
+                                   "language lacks `reshape`")
+        return v
 
     def val(self, n: _Node, i: int) -> Val:
         v = self.get(n, n.inputs[i])
@@ -984,6 +988,8 @@ def _reshape_target(imp: _Importer, n: _Node, x: Val, target) -> tuple | None:
 
 def _reshape(imp: _Importer, n: _Node):
     x = imp.get(n, n.inputs[0])
+    if isinstance(x, _Shuffling):
+        return _shuffle_step(imp, n, x)
     if isinstance(x, Const):
         return _fold(imp, n)
     target = imp.const(n, 1, "the shape", numeric=False).reshape(-1)
@@ -1047,40 +1053,57 @@ def _squeeze(imp: _Importer, n: _Node):
     _view(imp, n, x, tuple(d for i, d in enumerate(full) if i not in axes and i > 0), f"by Squeeze{sorted(axes)}")
 
 
+@dataclass
+class _Shuffling:
+    """A channel shuffle under way: x reshaped to [N, g, C/g, *S] (`swapped` once transposed)."""
+    x: Val
+    groups: int
+    nodes: list
+    swapped: bool = False
+
+
 def _channel_shuffle(imp: _Importer, n: _Node, x: Val, target) -> bool:
-    """Reshape [N, C, *S] → [N, g, C/g, *S], Transpose (0, 2, 1, …), Reshape back → shuffle(g)."""
+    """Reshape [N, C, *S] → [N, g, C/g, *S], Transpose (0, 2, 1, …), Reshape back → shuffle(g).
+    The shape of the last Reshape may be computed between the nodes, so the pattern is followed
+    node by node: the first two leave a _Shuffling in place of a value, the third writes it."""
     readers = imp.consumers.get(n.outputs[0], [])
     if len(readers) != 1 or readers[0].op != "Transpose" or n.outputs[0] in imp.graph_outputs:
         return False
-    tr = readers[0]
-    after = imp.consumers.get(tr.outputs[0], [])
-    if len(after) != 1 or after[0].op != "Reshape" or tr.outputs[0] in imp.graph_outputs:
-        return False
-    back = after[0]
     c = x.shape[0]
-    per_sample = _reshape_target(imp, n, x, target) if True else None
+    per_sample = _reshape_target(imp, n, x, target)
     if per_sample is None or len(per_sample) < 2 or not isinstance(c, int):
         return False
     g, cg = per_sample[0], per_sample[1]
     if not (isinstance(g, int) and isinstance(cg, int) and g * cg == c and tuple(per_sample[2:]) == tuple(x.shape[1:])):
         return False
-    perm = list(tr.attrs.get("perm", []))
+    perm = list(readers[0].attrs.get("perm", []))
     if perm != [0, 2, 1, *range(3, len(per_sample) + 1)]:
         return False
-    if back.inputs[1] not in imp.env or not isinstance(imp.env[back.inputs[1]], Const):
-        return False
-    swapped = Val(x.ref, (cg, g, *x.shape[1:]))
-    final = _reshape_target(imp, back, swapped, imp.env[back.inputs[1]].value.reshape(-1))
-    if final is None or tuple(final) != tuple(x.shape):
-        return False
-    imp.done.update((tr.index, back.index))
-    imp.emit(back, f"shuffle({g})", [x.ref], x.shape)
-    imp.steps[-1].comment = f"{n.name} (Reshape) + {tr.name} (Transpose) + {back.name} (Reshape)"
+    imp.env[n.outputs[0]] = _Shuffling(x, g, [n])
     return True
+
+
+def _shuffle_step(imp: _Importer, n: _Node, s: _Shuffling):
+    if n.op == "Transpose" and not s.swapped:
+        imp.env[n.outputs[0]] = _Shuffling(s.x, s.groups, [*s.nodes, n], True)
+        return
+    if n.op == "Reshape" and s.swapped:
+        x = s.x
+        swapped = Val(x.ref, (x.shape[0] // s.groups, s.groups, *x.shape[1:]))
+        final = _reshape_target(imp, n, swapped, imp.const(n, 1, "the shape", numeric=False).reshape(-1))
+        if final is not None and tuple(final) == tuple(x.shape):
+            imp.emit(n, f"shuffle({s.groups})", [x.ref], x.shape)
+            imp.steps[-1].comment = " + ".join(f"{m.name} ({m.op})" for m in [*s.nodes, n])
+            return
+    first = s.nodes[0]
+    raise first.error("a reshape to channel groups that is not a channel shuffle (Reshape [N, g, C/g, …], "
+                      "Transpose (0, 2, 1, …), Reshape [N, C, …]): the language lacks `reshape`")
 
 
 def _transpose(imp: _Importer, n: _Node):
     x = imp.get(n, n.inputs[0])
+    if isinstance(x, _Shuffling):
+        return _shuffle_step(imp, n, x)
     if isinstance(x, Const):
         return _fold(imp, n)
     perm = list(n.attr("perm", []))
@@ -1200,7 +1223,7 @@ def _step_value_name(s: Step, imp: _Importer) -> str:
     """A chain's value is named after the scope of its last node: `layer1_0_relu`, else its op."""
     node, _, op = s.comment.partition(" (")
     op = op.split(")")[0]
-    base = _Importer.node_base(type("N", (), {"name": node, "op": op})())
+    base = _identifier(_Importer.node_base(type("N", (), {"name": node, "op": op})()), "v")
     if base == op.lower() or base in imp.names:
         base = f"{base}_out"
     return base
