@@ -235,6 +235,9 @@ class _Importer:
             raise ConvDSLError(None, f"import: graph input `{vi.name}` has element type "
                                      f"{self.onnx.TensorProto.DataType.Name(elem)}; the language's inputs are "
                                      f"float (f32) or double (f64)")
+        if t.HasField("shape") and len(t.shape.dim) == 1:
+            raise ConvDSLError(None, f"import: graph input `{vi.name}` has rank 1: with the batch axis taken out, "
+                                     f"each sample would be a scalar; the language's tensors are [C, …] per sample")
         if not t.HasField("shape") or len(t.shape.dim) < 2:
             raise ConvDSLError(None, f"import: graph input `{vi.name}` needs a shape [batch, channels, …] "
                                      f"(rank 2 to 5)")
@@ -296,6 +299,7 @@ def _pool_out(size, before, after, keff, stride):
 def _window(imp: _Importer, n: _Node, x: Val, kernel, allow_ceil: bool, dilation=None):
     """(stride, pad text, output spatial sizes) of a conv or pool node from its attributes."""
     rank = len(x.shape) - 1
+    imp.ceil_padded = False
     if len(kernel) != rank:
         raise n.error(f"kernel {list(kernel)} does not fit an input of {rank} spatial axes", "kernel_shape")
     strides = tuple(n.attr("strides", [1] * rank))
@@ -341,6 +345,8 @@ def _window(imp: _Importer, n: _Node, x: Val, kernel, allow_ceil: bool, dilation
                 out -= 1
             extra = max((out - 1) * st + k - (s + b + a), 0)
             new.append((b, a + extra))
+        if new != list(pairs):
+            imp.ceil_padded = True
         pairs = new
     outs = [_pool_out(s, b, a, k, st) for s, (b, a), k, st in zip(spatial, pairs, keff, strides)]
     if all(b == 0 and a == 0 for b, a in pairs):
@@ -428,9 +434,7 @@ def _conv_transpose(imp: _Importer, n: _Node):
         want = list(n.attrs.get("output_shape", [s * st for s, st in zip(sizes, strides)]))[-rank:]
         pairs = []
         for s, st, k, op_, o in zip(sizes, strides, keff, output_padding, want):
-            total = st * (s - 1) + op_ + k - o
-            if total < 0:
-                raise n.error(f"output_shape {want} is larger than the transposed convolution makes", "output_shape")
+            total = st * (s - 1) + op_ + k - o      # below 0: cells added at the end
             if auto == "SAME_UPPER":
                 pairs.append((total // 2, total - total // 2))
             else:
@@ -493,6 +497,9 @@ def _pool(kind: str):
             op = "l2pool"
         strides, pad, outs = _window(imp, n, x, kernel, allow_ceil=kind != "lppool")
         if kind == "avgpool" and n.attr("count_include_pad", 0) and pad is not None:
+            if imp.ceil_padded:
+                raise n.error("count_include_pad=1 with a ceil_mode window that reaches past the padding: that "
+                              "window's divisor counts the padding but not the cells past it", "ceil_mode")
             return _avgpool_counting_padding(imp, n, x, kernel, strides, pad, outs)
         args = [_tuple_text(kernel)] + _window_args(kernel, strides, pad, stride_default=kernel)
         imp.emit(n, f"{op}({', '.join(args)})", [x.ref], (x.shape[0], *outs))
@@ -733,17 +740,17 @@ def _reduce(op: str):
         if axes != list(range(2, rank)) or rank < 3:
             raise n.error(f"a reduction over axes {axes}: the language reduces over every spatial axis "
                           f"({list(range(2, rank))}) only (global pooling)", "axes")
-        keep = n.attr("keepdims", 1)
         v = imp.emit(n, op, [x.ref], (x.shape[0], *(1 for _ in x.shape[1:])))
-        if not keep:
-            imp.alias(n, v, shape=(x.shape[0],), lang=(x.shape[0], *(1 for _ in x.shape[1:])))
+        if not n.attr("keepdims", 1):          # [N, C]: the pooled map flattened
+            imp.steps.append(Step("flatten", [v.ref], f"{n.name} ({n.op}, keepdims=0)"))
+            imp.env[n.outputs[0]] = Val(len(imp.steps) - 1, (x.shape[0],))
     return translate
 
 
 def _dropout(imp: _Importer, n: _Node):
     x = imp.val(n, 0)
-    if len(n.outputs) > 1 and n.outputs[1] and imp.consumers.get(n.outputs[1]):
-        raise n.error("the mask output is read by another node; the language's dropout keeps its mask inside")
+    if len(n.outputs) > 1 and n.outputs[1] and (imp.consumers.get(n.outputs[1]) or n.outputs[1] in imp.graph_outputs):
+        raise n.error("the mask output is used; the language's dropout keeps its mask inside")
     ratio = n.attrs.get("ratio", 0.5)
     if len(n.inputs) > 1 and n.inputs[1]:
         ratio = float(imp.const(n, 1, "ratio").reshape(-1)[0])
@@ -775,10 +782,26 @@ def _resize(imp: _Importer, n: _Node):
             scales = None
         coord = n.attr("coordinate_transformation_mode", "half_pixel")
         nearest = n.attr("nearest_mode", "round_prefer_floor")
-        if n.attrs.get("axes") is not None:
-            raise n.error("the axes attribute", "axes")
         if n.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
-            raise n.error("keep_aspect_ratio_policy", "keep_aspect_ratio_policy")
+            raise n.error("keep_aspect_ratio_policy other than stretch changes the factors to keep the aspect "
+                          "ratio; the language's factors are given per axis", "keep_aspect_ratio_policy")
+        axes = n.attrs.get("axes")
+        if axes is not None:
+            # scales / sizes for these axes only: the others keep their size.
+            axes = [a + rank if a < 0 else a for a in axes]
+            if sorted(axes) != list(range(2, rank)):
+                raise n.error(f"resizing axes {axes}: the language resizes every spatial axis "
+                              f"({list(range(2, rank))}) and no other", "axes")
+            if scales is not None:
+                full = [1.0] * rank
+                for a, v in zip(axes, np.asarray(scales).reshape(-1)):
+                    full[a] = float(v)
+                scales = np.asarray(full)
+            if sizes is not None:
+                full = [BATCH, x.shape[0], *x.shape[1:]]
+                for a, v in zip(axes, np.asarray(sizes).reshape(-1)):
+                    full[a] = int(v)
+                sizes = np.asarray([0, *full[1:]], dtype=object)
     mode = n.attr("mode", "nearest")
     if scales is None and sizes is None:
         raise n.error("Resize needs scales or sizes")
@@ -786,7 +809,7 @@ def _resize(imp: _Importer, n: _Node):
         spatial = _static(n, x.shape[1:], "Resize by `sizes`")
         full = [int(s) for s in np.asarray(sizes).reshape(-1)]
         if len(full) != rank or any(o % i for o, i in zip(full[2:], spatial)):
-            raise n.error(f"sizes {full} are not whole multiples of the input's {list(spatial)}", "sizes")
+            raise n.error(f"spatial sizes {full[2:]} are not whole multiples of the input's {list(spatial)}: the language's upsample takes whole factors", "sizes")
         factors = [o // i for o, i in zip(full[2:], spatial)]
         if full[1] != x.shape[0]:
             raise n.error("resizing the channel axis", "sizes")
@@ -992,7 +1015,7 @@ def _reshape(imp: _Importer, n: _Node):
         return _shuffle_step(imp, n, x)
     if isinstance(x, Const):
         return _fold(imp, n)
-    target = imp.const(n, 1, "the shape", numeric=False).reshape(-1)
+    target = [v if isinstance(v, str) else int(v) for v in imp.const(n, 1, "the shape", numeric=False).reshape(-1)]
     shuffled = _channel_shuffle(imp, n, x, target)
     if shuffled:
         return
@@ -1245,10 +1268,16 @@ def import_model(model_path, out_path, network: str | None = None) -> tuple[str,
     except Exception as e:
         raise ConvDSLError(None, f"import: {model_path} is not an ONNX model ({type(e).__name__}: {e})") from None
     name = network or network_name(str(out_path))
-    imp = _Importer(model, str(model_path), name)
-    imp.names.add(name)
-    outputs = imp.run()
-    text, weights = _write(imp, outputs, str(model_path))
-    from ..compiler import graph_from_source
-    graph_from_source(text, str(out_path))       # what is written always checks
+    text, weights = import_model_proto(model, name, str(model_path), str(out_path))
     return text, weights, name
+
+
+def import_model_proto(model, network: str, model_path: str = "model.onnx", out_path: str = "<import>"):
+    """(the .cnn text, the weights) of a loaded ONNX model, as the network `network`."""
+    imp = _Importer(model, model_path, network)
+    imp.names.add(network)
+    outputs = imp.run()
+    text, weights = _write(imp, outputs, model_path)
+    from ..compiler import graph_from_source
+    graph_from_source(text, out_path)            # what is written always checks
+    return text, weights
