@@ -114,12 +114,22 @@ def cmd_compile(args) -> int:
     status = 0
     algo = _algo(args)
     written = []
-    for graph in _graphs(args.file, args.network):
+    graphs = _graphs(args.file, args.network)
+    if args.weights and len(graphs) > 1:
+        raise ConvDSLError(None, f"compile --weights: {args.file} holds {len(graphs)} networks "
+                                 f"({', '.join(g.name for g in graphs)}); say which with --network")
+    builtin = set()
+    for graph in graphs:
         status = max(status, _report_warnings(_warnings(graph, args), args))
         if status:
             continue
         compiled = compile_graph(graph, algo)
         src = compiled.source
+        weights_c = None
+        if args.weights:          # checked before anything is written
+            from .codegen.weights import checked_state, render_weights
+            state = checked_state(compiled.program, _weights_file(args.weights, graph), f"--weights {args.weights}")
+            weights_c = render_weights(compiled.program, src.prefix, graph.name, state, Path(args.weights).name)
         ext_name, so_path = build_extension(src.prefix, src.c, src.h, src.cdef)
         with _writing(out):
             out.mkdir(parents=True, exist_ok=True)
@@ -132,11 +142,16 @@ def cmd_compile(args) -> int:
                 meta_literal=repr(module_meta(graph)), ext_name_literal=repr(ext_name),
                 so_name_literal=repr(so_path.name), so_size=size, so_sha256_literal=repr(sha256))
             (out / f"{src.prefix}.py").write_text(py)
+            if weights_c is not None:
+                (out / f"{src.prefix}_weights.c").write_text(weights_c)
+                builtin.add(src.prefix)
         written.append((graph.name, src.prefix))
-        print(f"{graph.name}: wrote {out / (src.prefix + '.c')}, {src.prefix}.h, {src.prefix}.py and {so_path.name}")
+        print(f"{graph.name}: wrote {out / (src.prefix + '.c')}, {src.prefix}.h, {src.prefix}.py and {so_path.name}"
+              + (f"; {src.prefix}_weights.c holds the weights of {args.weights}, built into the C library"
+                 if src.prefix in builtin else ""))
     if written:
         with _writing(out):
-            _write_makefile(out, Path(args.file).name, written, C_FLAGS)
+            _write_makefile(out, Path(args.file).name, written, C_FLAGS, builtin)
     return status
 
 
@@ -152,13 +167,14 @@ def _writing(out: Path):
         raise ConvDSLError(None, f"cannot write the compiled network to {where}: {reason}") from None
 
 
-def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_flags: tuple[str, ...]) -> None:
+def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_flags: tuple[str, ...],
+                    builtin: set = frozenset()) -> None:
     """A Makefile beside the C files: static and shared libraries and a demo program, built with
     the flags of convdsl's own builds (OpenMP and PIC are the Makefile's business)."""
     from .codegen.render import comment_safe, environment
     one = len(written) == 1
-    networks = [{"name": name, "prefix": prefix, "demo_target": "demo" if one else f"{prefix}_demo"}
-                for name, prefix in written]
+    networks = [{"name": name, "prefix": prefix, "demo_target": "demo" if one else f"{prefix}_demo",
+                 "builtin_weights": prefix in builtin} for name, prefix in written]
     libraries = [f"lib{prefix}.{kind}" for _, prefix in written for kind in ("a", "so")]
     text = environment().get_template("c/Makefile.j2").render(
         networks=networks, libraries=libraries, source_name=comment_safe(source),
@@ -275,6 +291,8 @@ examples:
 COMPILE_EPILOG = """\
 For each network NAME of FILE (lower-cased), OUTPUT receives:
   NAME.c, NAME.h       the C library, with no Python in it (examples/c_api_demo.c uses it)
+  NAME_weights.c       with --weights W.npz: those weights as C data, built into the library by
+                       the Makefile, so that NAME_create() starts from them
   NAME.py, _NAME_*.so  an importable Python module: sys.path.insert(0, OUTPUT); import NAME
   Makefile             `make -C OUTPUT` builds libNAME.a and libNAME.so (-O3 -march=native,
                        OpenMP); `make -C OUTPUT demo DEMO=program.c` builds OUTPUT/NAME_demo
@@ -308,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help=FILE_HELP)
     p.add_argument("-o", "--output", metavar="OUTPUT", default="build", help="output folder (default: build)")
     p.add_argument("--network", help="only this network of the file")
+    p.add_argument("--weights", metavar="W.npz",
+                   help="build these weights (saved by Model.save) into the C library: NAME_weights.c, and "
+                        "NAME_create() starts from them")
     p.add_argument("--emit", choices=("module", "lowered"), default="module",
                    help="module: C, header and Python module (the default); lowered: print the lowered program "
                         "(as `convdsl plan`) and write nothing")
