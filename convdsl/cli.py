@@ -250,7 +250,7 @@ def cmd_import(args) -> int:
     out = Path(args.output)
     if out.suffix != ".cnn":
         raise ConvDSLError(None, f"import: the output is a .cnn file, got {out}")
-    text, weights, name = import_model(args.model, out, args.network)
+    text, weights, name = import_model(args.model, out, args.network, args.loss)
     weights_path = out.with_suffix(".npz")
     with _writing(out.parent if str(out.parent) else Path(".")):
         out.write_text(text)
@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.onnx", help="the ONNX file to read")
     p.add_argument("-o", "--output", required=True, metavar="OUT.cnn", help="the .cnn file to write (weights beside it)")
     p.add_argument("--network", help="the network's name (default: from OUT's file name)")
+    p.add_argument("--loss", metavar="LOSS", help="add `loss LOSS(first output)` (softmax_cross_entropy or mse), "
+                                                  "so that the module has train_step")
     p.set_defaults(run=cmd_import)
     p = sub.add_parser("plan", help="print the lowered program: per step its kernel variant, operands, "
                                     "epilogue, workspace and threads")

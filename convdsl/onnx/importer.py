@@ -102,8 +102,9 @@ _LANGUAGE_WORDS = frozenset({"network", "block", "use", "input", "layer", "const
 
 
 class _Importer:
-    def __init__(self, model, source: str, network: str):
+    def __init__(self, model, source: str, network: str, loss: str | None = None):
         self.onnx = require_onnx()
+        self.loss = loss
         self.model = model
         self.source = source
         self.network = network
@@ -1234,6 +1235,8 @@ def _write(imp: _Importer, outputs, model_path: str) -> tuple[str, dict]:
             lines += [_with_comment(t, c) for t, (_, c) in zip(text, chain)]
     lines.append("")
     lines.append("    output " + ", ".join(bound[v.ref] for _, v in outputs))
+    if imp.loss:
+        lines.append(f"    loss {imp.loss}({bound[outputs[0][1].ref]})" + "   # added by `convdsl import --loss`")
     lines.append("}")
     weights = {}
     for s in decls:
@@ -1257,7 +1260,7 @@ def network_name(path: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in stem.split("_") if p) or "Imported"
 
 
-def import_model(model_path, out_path, network: str | None = None) -> tuple[str, dict, str]:
+def import_model(model_path, out_path, network: str | None = None, loss: str | None = None) -> tuple[str, dict, str]:
     """(the .cnn text, the weights by parameter and buffer name, the network's name) of an ONNX
     file. The text is checked by building it, so what is written always compiles."""
     onnx = require_onnx()
@@ -1268,13 +1271,15 @@ def import_model(model_path, out_path, network: str | None = None) -> tuple[str,
     except Exception as e:
         raise ConvDSLError(None, f"import: {model_path} is not an ONNX model ({type(e).__name__}: {e})") from None
     name = network or network_name(str(out_path))
-    text, weights = import_model_proto(model, name, str(model_path), str(out_path))
+    text, weights = import_model_proto(model, name, str(model_path), str(out_path), loss)
     return text, weights, name
 
 
-def import_model_proto(model, network: str, model_path: str = "model.onnx", out_path: str = "<import>"):
-    """(the .cnn text, the weights) of a loaded ONNX model, as the network `network`."""
-    imp = _Importer(model, model_path, network)
+def import_model_proto(model, network: str, model_path: str = "model.onnx", out_path: str = "<import>",
+                       loss: str | None = None):
+    """(the .cnn text, the weights) of a loaded ONNX model, as the network `network`; `loss` (a
+    loss of the language, on the first output) makes it trainable."""
+    imp = _Importer(model, model_path, network, loss)
     imp.names.add(network)
     outputs = imp.run()
     text, weights = _write(imp, outputs, model_path)

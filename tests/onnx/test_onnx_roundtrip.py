@@ -195,3 +195,48 @@ def test_mobilenet_v2_block_needs_relu6_which_the_language_lacks(tmp_path):
         import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
     text = str(err.value)
     assert "(Clip)" in text and "relu6" in text and "node " in text
+
+
+def test_the_readme_path_import_check_compile_train(tmp_path, capsys):
+    export(randomised(SEBlock()), (2, 3, 8, 8), tmp_path / "model.onnx")
+    out = tmp_path / "net.cnn"
+    assert main(["import", str(tmp_path / "model.onnx"), "-o", str(out), "--loss", "mse"]) == 0
+    assert "loss mse(y)" in out.read_text()
+    assert main(["check", str(out)]) == 0
+    assert "Net" in capsys.readouterr().out
+    net = convdsl.load(out).Model(seed=0)
+    net.load(tmp_path / "net.npz")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    target = rng.standard_normal((4, 8, 8, 8)).astype(np.float32)
+    first = net.train_step(x, target, lr=0.05)
+    for _ in range(5):
+        last = net.train_step(x, target, lr=0.05)
+    assert last < first
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not a protobuf at all", "is not an ONNX model"),
+    (None, "no such file"),
+])
+def test_unreadable_models_are_errors_not_tracebacks(tmp_path, capsys, content, message):
+    path = tmp_path / "m.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["import", str(path), "-o", str(tmp_path / "m.cnn")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_an_unsupported_node_is_named_with_its_index_op_and_attribute(tmp_path):
+    helper = onnx.helper
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 5, 5])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="first"),
+             helper.make_node("MaxPool", ["r"], ["y"], name="pool", kernel_shape=[2, 2], dilations=[2, 2])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    with pytest.raises(ConvDSLError) as err:
+        import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
+    assert str(err.value).splitlines()[0] == ("convdsl: error: import: node 1 `pool` (MaxPool), attribute "
+                                              "`dilations`: dilated pooling is not in the language")
