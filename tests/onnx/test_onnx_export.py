@@ -113,10 +113,11 @@ def test_every_expressible_example_exports_to_what_the_module_computes(path, net
     assert_exported_equal(graph, net, model, shapes, np.float64 if graph.dtype == "f64" else np.float32)
 
 
+# Each compiles a module; the run-time-sizes one stays in the quick subset (the CLI test reuses it).
 @pytest.mark.parametrize("text,shapes", [
-    (MAP_OPS, [[(3, 12, 12, 4)]]),
+    pytest.param(MAP_OPS, [[(3, 12, 12, 4)]], marks=pytest.mark.slow),
     (RUN_TIME_SIZES, [[(2, 3, 10, 14)], [(1, 3, 7, 5)]]),
-    (ONE_AND_THREE_D, [[(2, 4, 16), (2, 2, 6, 6, 6)]]),
+    pytest.param(ONE_AND_THREE_D, [[(2, 4, 16), (2, 2, 6, 6, 6)]], marks=pytest.mark.slow),
 ], ids=["map-ops-nhwc", "run-time-sizes", "1d-3d"])
 def test_every_exportable_op_matches_the_module(text, shapes):
     graph = graph_from_source(text)
@@ -152,7 +153,7 @@ def test_cli_export_writes_a_checked_model_from_a_weight_file(tmp_path, capsys):
     source = tmp_path / "net.cnn"
     source.write_text(RUN_TIME_SIZES)
     graph = graph_from_file(source)
-    net = randomised(convdsl.load(source).Model(seed=0)).eval()
+    net = randomised(convdsl.load_source(RUN_TIME_SIZES).Model(seed=0)).eval()   # the module built above
     net.save(tmp_path / "w.npz")
     assert main(["export", str(source), "-o", str(tmp_path / "net.onnx"), "--weights", str(tmp_path / "w.npz")]) == 0
     assert "wrote" in capsys.readouterr().out

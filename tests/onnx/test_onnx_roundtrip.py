@@ -116,6 +116,19 @@ class ChannelShuffle(nn.Module):
         return F.relu(x + y)
 
 
+class FullyConvolutional(nn.Module):
+    """Exported with run-time height and width: they become the .cnn's run-time sizes H and W."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = self.b(F.max_pool2d(F.relu(self.a(x)), 2))
+        return F.interpolate(y, scale_factor=2, mode="nearest")
+
+
 class MobileNetV2Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -138,12 +151,13 @@ def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def export(model, shape, path, fold=True):
+def export(model, shape, path, fold=True, spatial=False):
+    axes = {0: "batch", **({2: "H", 3: "W"} if spatial else {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randn(*shape),), str(path), dynamo=False, opset_version=17,
                           input_names=["x"], output_names=["y"], do_constant_folding=fold,
-                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+                          dynamic_axes={"x": axes, "y": {0: "batch"}})
 
 
 CASES = {
@@ -156,7 +170,23 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
+def test_run_time_sizes_round_trip(tmp_path):
+    model = randomised(FullyConvolutional())
+    export(model, (2, 3, 16, 16), tmp_path / "m.onnx", spatial=True)
+    text, weights, _ = import_model(tmp_path / "m.onnx", tmp_path / "fcn.cnn")
+    assert "input x: [3, H, W]" in text
+    net = convdsl.load_source(text).Model(seed=0)
+    for name, value in weights.items():
+        net.params[name][...] = value
+    x = torch.randn(3, 3, 12, 20)                   # not the export's size
+    np.testing.assert_allclose(net.forward(x.numpy()), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+# Each compiles a module (5–10 s on a loaded machine): slow, but for the U-Net piece, which keeps a
+# round trip in the quick subset.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c == "unet-piece" else pytest.mark.slow)
+                                  for c in CASES])
 def test_pytorch_model_round_trips(case, tmp_path):
     cls, shape, fold = CASES[case]
     model = randomised(cls())
@@ -197,6 +227,7 @@ def test_mobilenet_v2_block_needs_relu6_which_the_language_lacks(tmp_path):
     assert "(Clip)" in text and "relu6" in text and "node " in text
 
 
+@pytest.mark.slow
 def test_the_readme_path_import_check_compile_train(tmp_path, capsys):
     export(randomised(SEBlock()), (2, 3, 8, 8), tmp_path / "model.onnx")
     out = tmp_path / "net.cnn"
