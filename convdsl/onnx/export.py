@@ -32,6 +32,7 @@ class _Emitter:
         self.nodes = []
         self.initializers = []
         self.names: dict[int, str] = {}         # value id → ONNX tensor name
+        self.params: dict[str, str] = {}        # layer.param → its initializer
         self._used: set[str] = set()
 
     def fresh(self, base: str) -> str:
@@ -59,12 +60,15 @@ class _Emitter:
 
     def param(self, n: Node, pname: str, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> str:
         key = f"{n.layer}.{pname}"
+        if key in self.params:            # a shared layer: every use reads the one initializer
+            return self.params[key]
         if key not in self.state:
             raise ConvDSLError(n.span, f"export: the weights have no `{key}`")
         arr = np.asarray(self.state[key], dtype=self.dtype)
         if transform is not None:
             arr = transform(arr)
-        return self.constant(key, arr)
+        self.params[key] = self.constant(key, arr)
+        return self.params[key]
 
     def x(self, n: Node, i: int = 0) -> str:
         return self.names[n.inputs[i]]
@@ -281,8 +285,10 @@ def export_graph(graph: Graph, state: dict[str, np.ndarray]) -> "onnx.ModelProto
             shape = list(t.shape)
         graph_outputs.append(onnx.helper.make_tensor_value_info(name, elem, [BATCH, *(_dim_proto(d) for d in shape)]))
     g = onnx.helper.make_graph(e.nodes, graph.name, graph_inputs, graph_outputs, e.initializers)
+    from .. import __version__
     model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", OPSET)],
-                                   producer_name="convdsl", doc_string=f"{graph.name} from {graph.source_path}")
+                                   producer_name="convdsl", producer_version=__version__,
+                                   doc_string=f"{graph.name} from {graph.source_path}")
     model.ir_version = 8           # what opset 17 needs; onnxruntime reads it
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -56,6 +56,7 @@ class Step:
     inputs: list                      # refs of the language values it reads (the first is piped)
     comment: str                      # the ONNX node it comes from
     layer: str | None = None          # its `layer` declaration's name, when it has weights
+    declares: bool = True             # False for a second use of a shared layer
     weights: dict = field(default_factory=dict)     # param/buffer name → array
     consts: list = field(default_factory=list)      # (name, text) const declarations it needs
 
@@ -115,6 +116,7 @@ class _Importer:
         self.inputs: list[tuple[str, tuple]] = []
         self.names: set[str] = set()
         self.done: set[int] = set()            # nodes already translated as part of a pattern
+        self.shared: dict[tuple, str] = {}      # (call, weight initializers) → the layer that has them
         self.fixed_batch: int | None = None
         self.dtype = "f32"
         nodes = [_Node(p, i, self.onnx) for i, p in enumerate(self.graph.node)]
@@ -185,7 +187,7 @@ class _Importer:
 
     def emit(self, n: _Node, call: str, inputs: list, shape: tuple, lang: tuple | None = None,
              layer: str | None = None, weights: dict | None = None, output: int = 0, consts=None) -> Val:
-        step = Step(call, inputs, f"{n.name} ({n.op})", layer, weights or {}, consts or [])
+        step = Step(call, inputs, f"{n.name} ({n.op})", layer=layer, weights=weights or {}, consts=consts or [])
         self.steps.append(step)
         v = Val(len(self.steps) - 1, tuple(shape), None if lang is None else tuple(lang))
         self.env[n.outputs[output]] = v
@@ -194,6 +196,18 @@ class _Importer:
     def alias(self, n: _Node, v: Val, shape: tuple | None = None, lang: tuple | None = None, output: int = 0):
         self.env[n.outputs[output]] = Val(v.ref, v.shape if shape is None else tuple(shape),
                                           v.lang if lang is None else tuple(lang))
+
+    def share(self, n: _Node, name: str, call: str, weight_inputs: list[str]):
+        """A layer whose weight tensors (the same initializers) an earlier node of the same call
+        already has is that node's layer, used again: one set of weights, as `layer` means."""
+        key = (call, tuple(weight_inputs))
+        first = self.shared.get(key)
+        if first is None:
+            self.shared[key] = name
+            return
+        step = self.steps[-1]
+        self.names.discard(name)
+        step.layer, step.declares, step.weights = first, False, {}
 
     def weight(self, arr: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(arr, dtype=np.float64 if self.dtype == "f64" else np.float32)
@@ -217,7 +231,14 @@ class _Importer:
                 raise n.error(f"ops of the domain `{n.proto.domain}` are not ONNX operators the importer knows")
             if translate is None:
                 raise n.error(f"the language has no counterpart of {n.op}")
-            translate(self, n)
+            try:
+                translate(self, n)
+            except ConvDSLError:
+                raise
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+                # A node the ONNX checker would refuse (an attribute missing or of the wrong kind):
+                # said at the node, not as a traceback.
+                raise n.error(f"malformed node ({type(e).__name__}: {e})") from None
         outputs = []
         for o in self.graph.output:
             v = self.env.get(o.name)
@@ -412,6 +433,7 @@ def _conv(imp: _Importer, n: _Node):
     call = f"{op}({', '.join(args)})"
     imp.emit(n, name, [x.ref], (out, *outs), layer=name, weights=weights)
     imp.steps[-1].call = call
+    imp.share(n, name, call, [n.inputs[1], *(n.inputs[2:3] if b is not None else [])])
 
 
 def _conv_transpose(imp: _Importer, n: _Node):
@@ -1098,10 +1120,12 @@ def _channel_shuffle(imp: _Importer, n: _Node, x: Val, target) -> bool:
     if per_sample is None or len(per_sample) < 2 or not isinstance(c, int):
         return False
     g, cg = per_sample[0], per_sample[1]
-    if not (isinstance(g, int) and isinstance(cg, int) and g * cg == c and tuple(per_sample[2:]) == tuple(x.shape[1:])):
+    tail = tuple(per_sample[2:])
+    flat = all(isinstance(d, int) for d in x.shape[1:]) and tail == (math.prod(x.shape[1:]),)
+    if not (isinstance(g, int) and isinstance(cg, int) and g * cg == c and (tail == tuple(x.shape[1:]) or flat)):
         return False
     perm = list(readers[0].attrs.get("perm", []))
-    if perm != [0, 2, 1, *range(3, len(per_sample) + 1)]:
+    if perm != [0, 2, 1, *range(3, len(per_sample) + 1)]:       # the spatial axes stay where they are
         return False
     imp.env[n.outputs[0]] = _Shuffling(x, g, [n])
     return True
@@ -1193,9 +1217,9 @@ def _write(imp: _Importer, outputs, model_path: str) -> tuple[str, dict]:
     for name, v in outputs:
         if v.ref not in out_name and not isinstance(v.ref, str):
             out_name[v.ref] = imp.fresh(name, "y")
-    producer = imp.model.producer_name or "an unknown producer"
+    producer = " ".join(p for p in (imp.model.producer_name, imp.model.producer_version) if p) or "an unknown producer"
     lines = [f"# {imp.network}: imported from {Path(model_path).name} by `convdsl import` "
-             f"(ONNX opset {imp.opset}, made by {producer} {imp.model.producer_version}).",
+             f"(ONNX opset {imp.opset}, made by {producer}).",
              "# Each line names the ONNX node it comes from; the weights are in the .npz file beside this one.",
              f"network {imp.network} {{"]
     if imp.dtype == "f64":
@@ -1207,7 +1231,7 @@ def _write(imp: _Importer, outputs, model_path: str) -> tuple[str, dict]:
     for s in steps:
         for cname, text in s.consts:
             lines.append(f"    const {cname} = {text}")
-    decls = [s for s in steps if s.layer]
+    decls = [s for s in steps if s.layer and s.declares]
     if decls:
         lines.append("")
         for s in decls:

@@ -17,6 +17,7 @@ from convdsl.cli import main
 from convdsl.compiler import graph_from_file, graph_from_source, networks_in_file
 from convdsl.errors import ConvDSLError
 from convdsl.onnx.export import export_graph
+from convdsl.onnx.importer import import_model_proto
 from convdsl.passes.schedule import buffer_layout
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,6 +102,45 @@ def exported(graph, net):
     for value in model.graph.input:
         assert value.type.tensor_type.shape.dim[0].dim_param == "N"      # the batch is symbolic
     return model
+
+
+def random_state(graph, seed=0):
+    rng = np.random.default_rng(seed)
+    state = {f"{layer.name}.{p.name}": rng.standard_normal(p.shape).astype(np.float32)
+             for layer in graph.layers for p in layer.params}
+    state.update({b.full_name: rng.uniform(0.5, 1.5, b.spec.shape).astype(np.float32) for b in buffer_layout(graph)})
+    return state
+
+
+@pytest.mark.parametrize("path,network", CASES, ids=[f"{p.stem}:{n}" for p, n in CASES])
+def test_every_expressible_example_imports_back_with_its_weights(path, network):
+    """export → import: the same layers (a shared `layer` stays one), under the same names (a block's
+    `inception1.conv3` is `inception1_conv3`), with the same weights."""
+    graph = graph_from_file(path, network)
+    state = random_state(graph)
+    text, weights = import_model_proto(export_graph(graph, state), "Back")
+    back = graph_from_source(text)
+    assert sum(len(layer.params) for layer in back.layers) == sum(len(layer.params) for layer in graph.layers)
+    flipped = {f"{n.layer}.weight" for n in graph.nodes if n.attrs.get("flip")}   # written as cross-correlation
+    expected = {name.rsplit(".", 1)[0].replace(".", "_") + "." + name.rsplit(".", 1)[1]:
+                np.flip(value, axis=tuple(range(2, value.ndim))) if name in flipped else value
+                for name, value in state.items()}
+    assert weights.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_shared_layer_with_run_time_sizes_round_trips_through_onnx(tmp_path):
+    path = REPO / "examples" / "refine.cnn"
+    net = randomised(convdsl.load(path).Model(seed=0)).eval()
+    text, weights = import_model_proto(export_graph(graph_from_file(path), net.state_dict()), "RefineBack")
+    assert text.count("layer U = conv(32, kernel=3, pad=1)") == 1 and text.count("-> U ") == 4   # declared once, used 4 times
+    back = convdsl.load_source(text).Model(seed=0)
+    for name, value in weights.items():
+        back.params[name][...] = value
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 13)).astype(np.float32)
+    np.testing.assert_allclose(back.eval().forward(x), net.forward(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
