@@ -131,7 +131,7 @@ def test_every_expressible_example_imports_back_with_its_weights(path, network):
 
 
 @pytest.mark.slow
-def test_a_shared_layer_with_run_time_sizes_round_trips_through_onnx(tmp_path):
+def test_a_shared_layer_with_run_time_sizes_round_trips_through_onnx(tmp_path, optimised):
     path = REPO / "examples" / "refine.cnn"
     net = randomised(convdsl.load(path).Model(seed=0)).eval()
     text, weights = import_model_proto(export_graph(graph_from_file(path), net.state_dict()), "RefineBack")
@@ -145,7 +145,8 @@ def test_a_shared_layer_with_run_time_sizes_round_trips_through_onnx(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path,network", CASES, ids=[f"{p.stem}:{n}" for p, n in CASES])
-def test_every_expressible_example_exports_to_what_the_module_computes(path, network):
+def test_every_expressible_example_exports_to_what_the_module_computes(path, network, optimised):
+    # -O3 (`optimised`), as test_examples.py builds them: the same modules, compiled once per run.
     graph = graph_from_file(path, network)
     net = randomised(convdsl.load(path, network).Model(seed=0)).eval()
     model = exported(graph, net)
