@@ -506,6 +506,8 @@ def _pool(kind: str):
         x = imp.val(n, 0)
         if len(n.outputs) > 1 and n.outputs[1]:
             raise n.error("the second output (the indices of the maxima) is not in the language")
+        if "kernel_shape" not in n.attrs:
+            raise n.error("a pool needs its kernel_shape", "kernel_shape")
         kernel = tuple(n.attr("kernel_shape"))
         rank = len(x.shape) - 1
         if any(d != 1 for d in n.attr("dilations", [1] * rank)):
@@ -1308,5 +1310,10 @@ def import_model_proto(model, network: str, model_path: str = "model.onnx", out_
     outputs = imp.run()
     text, weights = _write(imp, outputs, model_path)
     from ..compiler import graph_from_source
-    graph_from_source(text, out_path)            # what is written always checks
+    try:
+        graph_from_source(text, out_path)        # what is written always checks
+    except ConvDSLError as e:
+        # The quoted line ends with the comment naming the ONNX node it comes from.
+        raise ConvDSLError(None, f"import: the network made from {Path(model_path).name} does not check, so "
+                                 f"nothing was written:\n{e}") from None
     return text, weights

@@ -271,3 +271,18 @@ def test_an_unsupported_node_is_named_with_its_index_op_and_attribute(tmp_path):
         import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
     assert str(err.value).splitlines()[0] == ("convdsl: error: import: node 1 `pool` (MaxPool), attribute "
                                               "`dilations`: dilated pooling is not in the language")
+
+
+def test_a_model_whose_network_does_not_check_says_where_and_writes_nothing(tmp_path, capsys):
+    helper = onnx.helper
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 5, 5]),
+              helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 2, 4, 4])]
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Concat", ["x", "z"], ["y"], name="join", axis=1)]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert main(["import", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.cnn")]) == 1
+    err = capsys.readouterr().err
+    assert "does not check, so nothing was written" in err and "concat: channels may differ" in err
+    assert "# join (Concat)" in err                  # the quoted line names the ONNX node
+    assert not (tmp_path / "m.cnn").exists() and not (tmp_path / "m.npz").exists()
