@@ -1017,7 +1017,7 @@ def _reshape_target(imp: _Importer, n: _Node, x: Val, target) -> tuple | None:
     if not resolved:
         return None
     first = resolved[0]
-    if not (first == BATCH or (self_fixed := imp.fixed_batch) is not None and first == self_fixed):
+    if not (first == BATCH or imp.fixed_batch is not None and first == imp.fixed_batch):
         if first == -1 and all(isinstance(d, int) and d > 0 for d in resolved[1:]) and \
                 all(isinstance(d, int) for d in x.shape) and math.prod(x.shape) == math.prod(resolved[1:]):
             return tuple(resolved[1:])
@@ -1060,11 +1060,6 @@ def _view(imp: _Importer, n: _Node, x: Val, per_sample, what: str):
     # [C] ↔ [C, 1, 1]: the same values; the language keeps the vector (scale reads it as a gate).
     if len(lang) == 1 and per_sample and per_sample[0] == lang[0] and all(d == 1 for d in per_sample[1:]):
         return imp.alias(n, x, shape=per_sample, lang=lang)
-    if per_sample and len(x.shape) >= 1 and tuple(d for d in per_sample if d != 1) == tuple(d for d in x.shape if d != 1) \
-            and per_sample[0] == x.shape[0] and len(lang) > 1:
-        if all(d == 1 for d in x.shape[1:]) and all(d == 1 for d in per_sample[1:]):
-            if len(per_sample) == 1:
-                return _to_flat(imp, n, x)
     raise n.error(f"a reshape of [{', '.join(map(str, x.shape))}] {what}: the language lacks `reshape` "
                   f"(it has flatten, and the channel shuffle's reshape-transpose-reshape)")
 
