@@ -352,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compiled module's parameter names (Model.load). Needs the onnx extra.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL.onnx", help="the ONNX file to read")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.cnn", help="the .cnn file to write (weights beside it)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.cnn",
+                   help="the .cnn file to write (the weights beside it, as OUT.npz)")
     p.add_argument("--network", help="the network's name (default: from OUT's file name)")
     p.add_argument("--loss", metavar="LOSS", help="add `loss LOSS(first output)` (softmax_cross_entropy or mse), "
                                                   "so that the module has train_step")

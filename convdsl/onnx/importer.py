@@ -834,7 +834,8 @@ def _resize(imp: _Importer, n: _Node):
         spatial = _static(n, x.shape[1:], "Resize by `sizes`")
         full = [int(s) for s in np.asarray(sizes).reshape(-1)]
         if len(full) != rank or any(o % i for o, i in zip(full[2:], spatial)):
-            raise n.error(f"spatial sizes {full[2:]} are not whole multiples of the input's {list(spatial)}: the language's upsample takes whole factors", "sizes")
+            raise n.error(f"spatial sizes {full[2:]} are not whole multiples of the input's {list(spatial)}: "
+                          f"the language's upsample takes whole factors", "sizes")
         factors = [o // i for o, i in zip(full[2:], spatial)]
         if full[1] != x.shape[0]:
             raise n.error("resizing the channel axis", "sizes")

@@ -111,7 +111,8 @@ def test_structural_order_pairs_each_layer_with_its_module():
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda sd: sd.pop("fc.bias"), "layer `dense1` has \\['bias', 'weight'\\] but its counterpart `fc` has \\['weight'\\]"),
+    (lambda sd: sd.pop("fc.bias"),
+     "layer `dense1` has \\['bias', 'weight'\\] but its counterpart `fc` has \\['weight'\\]"),
     (lambda sd: sd.update({"extra.weight": np.zeros(3)}), "has 41 layers with weights, the state_dict 42 modules"),
     (lambda sd: sd.update({"conv1.weight": np.zeros((8, 3, 5, 5))}),
      "`conv1.weight` is \\[8, 3, 7, 7\\] but its counterpart `conv1.weight` is \\[8, 3, 5, 5\\]"),

@@ -135,7 +135,8 @@ def test_a_shared_layer_with_run_time_sizes_round_trips_through_onnx(tmp_path, o
     path = REPO / "examples" / "refine.cnn"
     net = randomised(convdsl.load(path).Model(seed=0)).eval()
     text, weights = import_model_proto(export_graph(graph_from_file(path), net.state_dict()), "RefineBack")
-    assert text.count("layer U = conv(32, kernel=3, pad=1)") == 1 and text.count("-> U ") == 4   # declared once, used 4 times
+    # U is declared once and used in each of the 4 rounds.
+    assert text.count("layer U = conv(32, kernel=3, pad=1)") == 1 and text.count("-> U ") == 4
     back = convdsl.load_source(text).Model(seed=0)
     for name, value in weights.items():
         back.params[name][...] = value
