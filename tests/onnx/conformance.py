@@ -99,3 +99,37 @@ def merged(group):
     opset = max(model.opset_import[0].version for _, _, model, _, _ in group)
     graph = onnx.helper.make_graph(nodes, "conformance", inputs, outputs, inits)
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+
+
+def tables() -> str:
+    """The pass count and the tables of docs/onnx.md's conformance section, from this onnx
+    package: `PYTHONPATH=. python tests/onnx/conformance.py` after onnx or the importer changes."""
+    import re
+    from collections import defaultdict
+
+    from convdsl.errors import ConvDSLError
+    from convdsl.onnx.importer import import_model_proto
+    counts = defaultdict(lambda: [0, 0])
+    refused = {}
+    for op, case in node_cases():
+        model, _, _, _ = as_import_model(op, case)
+        try:
+            import_model_proto(model, "OnnxCase")
+            counts[op][0] += 1
+        except ConvDSLError as e:
+            counts[op][1] += 1
+            reason = re.sub(r"^convdsl: error: import: ", "", str(e).splitlines()[0])
+            reason = re.sub(r"^node 0 `#0` \(\w+\)(, attribute `(\w+)`)?: ",
+                            lambda m: f"`{m.group(2)}`: " if m.group(2) else "", reason)
+            refused[case.name] = (op, reason.replace("|", "\\|"))
+    passed = sum(p for p, _ in counts.values())
+    lines = [f"{passed} of the {passed + len(refused)} cases pass", "",
+             "| ONNX op | cases that pass | excluded |", "|---|---|---|"]
+    lines += [f"| {op} | {p} | {r} |" for op, (p, r) in counts.items()]
+    lines += ["", "| case | op | why it is excluded |", "|---|---|---|"]
+    lines += [f"| `{name}` | {op} | {reason} |" for name, (op, reason) in refused.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(tables())
