@@ -521,9 +521,9 @@ class ModelBase:
     @_one_at_a_time
     def state_dict(self, mapping: dict | None = None) -> dict[str, np.ndarray]:
         """Copies of every parameter and buffer by name; with `mapping` ({our name: their name},
-        as load_state_dict returns it) under the other framework's names."""
+        as load_state_dict returns it) under the other framework's names (ours where it has none)."""
         state = {name: arr.copy() for name, arr in self._state().items()}
-        return state if mapping is None else {mapping[name]: arr for name, arr in state.items()}
+        return state if mapping is None else {mapping.get(name, name): arr for name, arr in state.items()}
 
     @_one_at_a_time
     def load_state_dict(self, sd, mapping: dict | None = None, verbose: bool = True) -> dict[str, str]:
