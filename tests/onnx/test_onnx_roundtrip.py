@@ -286,3 +286,16 @@ def test_a_model_whose_network_does_not_check_says_where_and_writes_nothing(tmp_
     assert "does not check, so nothing was written" in err and "concat: channels may differ" in err
     assert "# join (Concat)" in err                  # the quoted line names the ONNX node
     assert not (tmp_path / "m.cnn").exists() and not (tmp_path / "m.npz").exists()
+
+
+@pytest.mark.parametrize("cls,shape,expected", [
+    (SEBlock, (2, 3, 8, 8), "y = scale("), (ChannelShuffle, (2, 8, 6, 6), "-> shuffle(4)"),
+])
+def test_a_fixed_batch_is_the_implicit_batch_too(tmp_path, cls, shape, expected):
+    # Without dynamic axes the exporter writes the batch (2) into the shapes it computes.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(randomised(cls()), (torch.randn(*shape),), str(tmp_path / "m.onnx"), dynamo=False,
+                          opset_version=17, do_constant_folding=False)
+    text, _, _ = import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
+    assert expected in text and f"[{', '.join(map(str, shape[1:]))}]" in text
