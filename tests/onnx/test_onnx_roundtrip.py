@@ -289,7 +289,7 @@ def test_a_model_whose_network_does_not_check_says_where_and_writes_nothing(tmp_
 
 
 @pytest.mark.parametrize("cls,shape,expected", [
-    (SEBlock, (2, 3, 8, 8), "y = scale("), (ChannelShuffle, (2, 8, 6, 6), "-> shuffle(4)"),
+    (SEBlock, (2, 3, 8, 8), " = scale(tanh_out, sigmoid_out)"), (ChannelShuffle, (2, 8, 6, 6), "-> shuffle(4)"),
 ])
 def test_a_fixed_batch_is_the_implicit_batch_too(tmp_path, cls, shape, expected):
     # Without dynamic axes the exporter writes the batch (2) into the shapes it computes.
