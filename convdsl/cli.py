@@ -1,4 +1,4 @@
-"""The `convdsl` command: check, compile, graph, convert."""
+"""The `convdsl` command: check, compile, plan, graph, convert, export, import."""
 from __future__ import annotations
 
 import argparse
@@ -114,12 +114,22 @@ def cmd_compile(args) -> int:
     status = 0
     algo = _algo(args)
     written = []
-    for graph in _graphs(args.file, args.network):
+    graphs = _graphs(args.file, args.network)
+    if args.weights and len(graphs) > 1:
+        raise ConvDSLError(None, f"compile --weights: {args.file} holds {len(graphs)} networks "
+                                 f"({', '.join(g.name for g in graphs)}); say which with --network")
+    builtin = set()
+    for graph in graphs:
         status = max(status, _report_warnings(_warnings(graph, args), args))
         if status:
             continue
         compiled = compile_graph(graph, algo)
         src = compiled.source
+        weights_c = None
+        if args.weights:          # checked before anything is written
+            from .codegen.weights import checked_state, render_weights
+            state = checked_state(compiled.program, _weights_file(args.weights, graph), f"--weights {args.weights}")
+            weights_c = render_weights(compiled.program, src.prefix, graph.name, state, Path(args.weights).name)
         ext_name, so_path = build_extension(src.prefix, src.c, src.h, src.cdef)
         with _writing(out):
             out.mkdir(parents=True, exist_ok=True)
@@ -132,11 +142,16 @@ def cmd_compile(args) -> int:
                 meta_literal=repr(module_meta(graph)), ext_name_literal=repr(ext_name),
                 so_name_literal=repr(so_path.name), so_size=size, so_sha256_literal=repr(sha256))
             (out / f"{src.prefix}.py").write_text(py)
+            if weights_c is not None:
+                (out / f"{src.prefix}_weights.c").write_text(weights_c)
+                builtin.add(src.prefix)
         written.append((graph.name, src.prefix))
-        print(f"{graph.name}: wrote {out / (src.prefix + '.c')}, {src.prefix}.h, {src.prefix}.py and {so_path.name}")
+        print(f"{graph.name}: wrote {out / (src.prefix + '.c')}, {src.prefix}.h, {src.prefix}.py and {so_path.name}"
+              + (f"; {src.prefix}_weights.c holds the weights of {args.weights}, built into the C library"
+                 if src.prefix in builtin else ""))
     if written:
         with _writing(out):
-            _write_makefile(out, Path(args.file).name, written, C_FLAGS)
+            _write_makefile(out, Path(args.file).name, written, C_FLAGS, builtin)
     return status
 
 
@@ -152,13 +167,14 @@ def _writing(out: Path):
         raise ConvDSLError(None, f"cannot write the compiled network to {where}: {reason}") from None
 
 
-def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_flags: tuple[str, ...]) -> None:
+def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_flags: tuple[str, ...],
+                    builtin: set = frozenset()) -> None:
     """A Makefile beside the C files: static and shared libraries and a demo program, built with
     the flags of convdsl's own builds (OpenMP and PIC are the Makefile's business)."""
     from .codegen.render import comment_safe, environment
     one = len(written) == 1
-    networks = [{"name": name, "prefix": prefix, "demo_target": "demo" if one else f"{prefix}_demo"}
-                for name, prefix in written]
+    networks = [{"name": name, "prefix": prefix, "demo_target": "demo" if one else f"{prefix}_demo",
+                 "builtin_weights": prefix in builtin} for name, prefix in written]
     libraries = [f"lib{prefix}.{kind}" for _, prefix in written for kind in ("a", "so")]
     text = environment().get_template("c/Makefile.j2").render(
         networks=networks, libraries=libraries, source_name=comment_safe(source),
@@ -182,6 +198,64 @@ def cmd_convert(args) -> int:
     if args.weights:
         target = Path(args.weights_out) if args.weights_out else out.with_suffix(".npz")
         print(f"{conversion.network}: wrote {target} ({len(conversion.moves)} arrays)")
+    return 0
+
+
+def _weights_file(path: str, graph) -> dict:
+    """The arrays of an .npz weight file (Model.save), or a clear error when it cannot be read."""
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError) as e:
+        raise ConvDSLError(None, f"--weights {path}: cannot read the weights of {graph.name} ({e})") from None
+
+
+def _initial_state(graph, algo=None) -> dict:
+    """A network's weights as a new Model(seed=0) has them (the C demo's, with no weight file)."""
+    from .compiler import build_module, compile_graph
+    return build_module(compile_graph(graph, algo)).Model(seed=0).state_dict()
+
+
+def cmd_export(args) -> int:
+    from .onnx import require_onnx
+    from .onnx.export import export_graph
+    onnx = require_onnx()
+    graphs = _graphs(args.file, args.network)
+    if len(graphs) > 1:
+        raise ConvDSLError(None, f"export: {args.file} holds {len(graphs)} networks "
+                                 f"({', '.join(g.name for g in graphs)}); say which with --network")
+    (graph,) = graphs
+    if args.weights:
+        state = _weights_file(args.weights, graph)
+        expected = {f"{layer.name}.{p.name}" for layer in graph.layers for p in layer.params}
+        missing = sorted(expected - set(state))
+        if missing:
+            raise ConvDSLError(None, f"--weights {args.weights}: no {', '.join(missing[:5])}"
+                                     + (" …" if len(missing) > 5 else "") + f" for {graph.name}")
+    else:
+        state = _initial_state(graph)
+    model = export_graph(graph, state)
+    out = Path(args.output)
+    with _writing(out.parent if str(out.parent) else Path(".")):
+        onnx.save(model, str(out))
+    where = f"the weights of {args.weights}" if args.weights else "the weights of Model(seed=0)"
+    print(f"{graph.name}: wrote {out} (opset {model.opset_import[0].version}, {len(model.graph.node)} nodes, {where})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    import numpy as np
+    from .onnx.importer import import_model
+    out = Path(args.output)
+    if out.suffix != ".cnn":
+        raise ConvDSLError(None, f"import: the output is a .cnn file, got {out}")
+    text, weights, name = import_model(args.model, out, args.network, args.loss)
+    weights_path = out.with_suffix(".npz")
+    with _writing(out.parent if str(out.parent) else Path(".")):
+        out.write_text(text)
+        np.savez(weights_path, **weights)
+    print(f"{name}: wrote {out} and {weights_path} ({len(weights)} arrays; net.load({str(weights_path)!r}))")
     return 0
 
 
@@ -217,6 +291,8 @@ examples:
 COMPILE_EPILOG = """\
 For each network NAME of FILE (lower-cased), OUTPUT receives:
   NAME.c, NAME.h       the C library, with no Python in it (examples/c_api_demo.c uses it)
+  NAME_weights.c       with --weights W.npz: those weights as C data, built into the library by
+                       the Makefile, so that NAME_create() starts from them
   NAME.py, _NAME_*.so  an importable Python module: sys.path.insert(0, OUTPUT); import NAME
   Makefile             `make -C OUTPUT` builds libNAME.a and libNAME.so (-O3 -march=native,
                        OpenMP); `make -C OUTPUT demo DEMO=program.c` builds OUTPUT/NAME_demo
@@ -250,12 +326,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help=FILE_HELP)
     p.add_argument("-o", "--output", metavar="OUTPUT", default="build", help="output folder (default: build)")
     p.add_argument("--network", help="only this network of the file")
+    p.add_argument("--weights", metavar="W.npz",
+                   help="build these weights (saved by Model.save) into the C library: NAME_weights.c, and "
+                        "NAME_create() starts from them")
     p.add_argument("--emit", choices=("module", "lowered"), default="module",
                    help="module: C, header and Python module (the default); lowered: print the lowered program "
                         "(as `convdsl plan`) and write nothing")
     _algo_option(p)
     _lint_options(p)
     p.set_defaults(run=cmd_compile)
+    p = sub.add_parser("export", help="write the network as an ONNX model (opset 17, a symbolic batch axis)",
+                       description="Write the network of FILE as an ONNX model whose onnxruntime outputs equal\n"
+                                   "the compiled module's forward in inference mode. local and tiled layers have\n"
+                                   "no ONNX form. Needs the onnx extra: pip install 'convdsl[onnx]'.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", metavar="FILE", help=FILE_HELP)
+    p.add_argument("-o", "--output", required=True, metavar="NET.onnx", help="the ONNX file to write")
+    p.add_argument("--weights", metavar="W.npz",
+                   help="weights saved by Model.save (default: those of Model(seed=0), which needs a C compiler)")
+    p.add_argument("--network", help="the network to export, when the file holds several")
+    p.set_defaults(run=cmd_export)
+    p = sub.add_parser("import", help="turn an ONNX model into a .cnn file and its weights (.npz)",
+                       description="Write the network of an ONNX model as OUT.cnn (named layers, one line per\n"
+                                   "layer, comments naming the ONNX nodes) and its weights as OUT.npz, under the\n"
+                                   "compiled module's parameter names (Model.load). Needs the onnx extra.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX file to read")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.cnn",
+                   help="the .cnn file to write (the weights beside it, as OUT.npz)")
+    p.add_argument("--network", help="the network's name (default: from OUT's file name)")
+    p.add_argument("--loss", metavar="LOSS", help="add `loss LOSS(first output)` (softmax_cross_entropy or mse), "
+                                                  "so that the module has train_step")
+    p.set_defaults(run=cmd_import)
     p = sub.add_parser("plan", help="print the lowered program: per step its kernel variant, operands, "
                                     "epilogue, workspace and threads")
     p.add_argument("file")

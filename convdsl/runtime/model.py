@@ -660,8 +660,34 @@ class ModelBase:
         return {**self.params, **self.buffers}
 
     @_one_at_a_time
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {name: arr.copy() for name, arr in self._state().items()}
+    def state_dict(self, mapping: dict | None = None) -> dict[str, np.ndarray]:
+        """Copies of every parameter and buffer by name; with `mapping` ({our name: their name},
+        as load_state_dict returns it) under the other framework's names (ours where it has none)."""
+        state = {name: arr.copy() for name, arr in self._state().items()}
+        return state if mapping is None else {mapping.get(name, name): arr for name, arr in state.items()}
+
+    @_one_at_a_time
+    def load_state_dict(self, sd, mapping: dict | None = None, verbose: bool = True) -> dict[str, str]:
+        """Load a PyTorch state_dict (tensors or arrays by name) into the parameters and buffers:
+        by `mapping` ({our name: their name}), by equal names, or else by structural order with
+        every shape checked (runtime/state.py); prints the correspondence found by order
+        (`conv1.weight ← stem.0.weight`) unless verbose=False, and returns it. Anything that does
+        not pair off exactly raises ValueError; nothing changes unless all of it loads."""
+        from .state import as_arrays, correspondence, network_order
+        theirs = as_arrays(sd)
+        pairs, how = correspondence(network_order(self.params, self.buffers), theirs, mapping)
+        staged = {}
+        for name, other in pairs.items():
+            staged[name], lost = _narrowed(theirs[other], self._dtype)
+            if lost is not None:
+                raise ValueError(f"`{other}` holds {lost:g}, which does not fit in {self._dtype.name}")
+        if verbose and how == "order":
+            width = max(len(n) for n in pairs)
+            print("\n".join(f"{n.ljust(width)} ← {t}" for n, t in pairs.items()))
+        state = self._state()
+        for name, value in staged.items():
+            state[name][...] = value
+        return dict(pairs)
 
     @_one_at_a_time
     def save(self, path) -> None:
