@@ -55,12 +55,13 @@ def source(cases, dtype: str = "f32", layout: str = "NCHW") -> str:
 _MODULES: dict[str, object] = {}
 
 
-def compile_cases(cases, dtype: str = "f32", layout: str = "NCHW", algo: dict | None = None):
-    """The cases' network, compiled once per run; `algo` forces kernel variants (convdsl.load's)."""
+def compile_cases(cases, dtype: str = "f32", layout: str = "NCHW", algo: dict | None = None, backend: str = "c"):
+    """The cases' network, compiled once per run; `algo` forces kernel variants (convdsl.load's),
+    `backend` is convdsl.load's too."""
     src = source(cases, dtype, layout)
-    key = (src, tuple(sorted((algo or {}).items())))
+    key = (src, tuple(sorted((algo or {}).items())), backend)
     if key not in _MODULES:
-        _MODULES[key] = convdsl.load_source(src, algo=algo)
+        _MODULES[key] = convdsl.load_source(src, algo=algo, backend=backend)
     return _MODULES[key]
 
 
