@@ -26,26 +26,6 @@ if "CONVDSL_OPT" not in os.environ:
     os.environ["CONVDSL_OPT"] = "-O1"
 
 
-def _opencl_platforms() -> tuple[int, str]:
-    """How many OpenCL platforms the ICD loader finds, and if none, why (for the skip reason)."""
-    import ctypes
-    try:
-        lib = ctypes.CDLL("libOpenCL.so.1")
-    except OSError:
-        return 0, "no OpenCL ICD loader (libOpenCL.so.1): install ocl-icd-libopencl1 and a driver (pocl-opencl-icd)"
-    count = ctypes.c_uint(0)
-    status = lib.clGetPlatformIDs(0, None, ctypes.byref(count))
-    if status != 0 or count.value == 0:
-        return 0, f"no OpenCL platform (clGetPlatformIDs: {status}): install a driver, e.g. pocl-opencl-icd"
-    return count.value, ""
-
-
-OPENCL_PLATFORMS, NO_OPENCL = _opencl_platforms()
-requires_opencl = pytest.mark.skipif(OPENCL_PLATFORMS == 0, reason=NO_OPENCL or "OpenCL is there")
-# The backends a test that builds models runs on: `backend` below. The OpenCL one needs a platform
-# (CI has PoCL; .ci/run fails without it).
-BACKENDS = ("c", pytest.param("opencl", marks=requires_opencl))
-
 # OpenCL programs in the suite: PoCL's compiler at -O0 (as the C builds are -O1, for the compile
 # time), and the device binaries and PoCL's own kernel cache kept per user between runs, beside
 # (not in) the per-run module cache: PoCL compiles each kernel through LLVM when it first runs,
@@ -56,6 +36,10 @@ if "CONVDSL_OPENCL_OPTIONS" not in os.environ:
 _OPENCL_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "convdsl-tests" / "opencl"
 os.environ.setdefault("CONVDSL_OPENCL_CACHE_DIR", str(_OPENCL_CACHE))
 os.environ.setdefault("POCL_CACHE_DIR", str(_OPENCL_CACHE / "pocl"))
+
+
+# (After the settings above: asking the ICD loader for platforms starts PoCL, which reads them.)
+from backends import BACKENDS, requires_opencl  # noqa: E402,F401  (the backend fixture below)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
