@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import convdsl
 from convdsl.compiler import graph_from_source, module_meta
-from opcases import (opencl_suite, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, forced_runs, run_cases,
-                     source, variant_plan, variant_run)
+from opcases import (opencl_suite, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, forced_runs,
+                     run_cases, source, variant_plan, variant_run)
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

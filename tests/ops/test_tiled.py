@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import convdsl
-from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats,
-                     source, unshared_reference)
+from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases,
+                     layer_stats, source, unshared_reference)
 from reference import F64, assert_close
 
 CASES = (
