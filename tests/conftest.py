@@ -35,7 +35,9 @@ if "CONVDSL_OPENCL_OPTIONS" not in os.environ:
     os.environ["CONVDSL_OPENCL_OPTIONS"] = "-cl-opt-disable"
 _OPENCL_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "convdsl-tests" / "opencl"
 os.environ.setdefault("CONVDSL_OPENCL_CACHE_DIR", str(_OPENCL_CACHE))
-os.environ.setdefault("POCL_CACHE_DIR", str(_OPENCL_CACHE / "pocl"))
+# PoCL's own cache, one per pytest-xdist worker: several processes sharing one PoCL cache have
+# crashed in PoCL's history (worker names repeat from run to run, so each stays warm).
+os.environ.setdefault("POCL_CACHE_DIR", str(_OPENCL_CACHE / f"pocl-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"))
 
 
 # (After the settings above: asking the ICD loader for platforms starts PoCL, which reads them.)
