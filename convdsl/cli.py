@@ -216,6 +216,8 @@ environment:
   CONVDSL_OPENCL_DEVICE  --backend opencl: the device, as P:D, an index or part of its name
                      (default: the first one found)
   CONVDSL_OPENCL_OPTIONS  --backend opencl: options added to the OpenCL compiler's
+  CONVDSL_OPENCL_CACHE_DIR  --backend opencl: where device binaries are cached
+                     (default: opencl/ in the module cache)
 """
 
 EPILOG = """\
