@@ -37,7 +37,10 @@ _OPENCL_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 os.environ.setdefault("CONVDSL_OPENCL_CACHE_DIR", str(_OPENCL_CACHE))
 # PoCL's own cache, one per pytest-xdist worker: several processes sharing one PoCL cache have
 # crashed in PoCL's history (worker names repeat from run to run, so each stays warm).
-os.environ.setdefault("POCL_CACHE_DIR", str(_OPENCL_CACHE / f"pocl-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"))
+# (The workers inherit the controller's environment: a folder this file chose is chosen again.)
+if "POCL_CACHE_DIR" not in os.environ or os.environ.get("CONVDSL_TESTS_POCL_CACHE") == os.environ["POCL_CACHE_DIR"]:
+    os.environ["POCL_CACHE_DIR"] = str(_OPENCL_CACHE / f"pocl-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
+    os.environ["CONVDSL_TESTS_POCL_CACHE"] = os.environ["POCL_CACHE_DIR"]
 
 
 # (After the settings above: asking the ICD loader for platforms starts PoCL, which reads them.)
