@@ -1,6 +1,6 @@
 """convdsl against onnxruntime (inference) and PyTorch (training), side by side in one process.
 
-    python benchmarks/bench.py [--runs 20] [--only vgg3x3,resnet18] [--quick] [--out FILE | -]
+    python benchmarks/bench.py [--runs 20] [--only vgg3x3,resnet18] [--quick] [--opencl] [--out FILE | -]
 
 Every config of issue 10's table: a .cnn network from benchmarks/nets/ (LeNet-5 is
 examples/lenet5.cnn), compiled by this checkout of convdsl; the same network in PyTorch,
@@ -19,6 +19,10 @@ timed in alternation; a ratio is the median over the rounds of one side's time o
 other's in the same round. GFLOP/s counts 2 FLOPs per MAC as `convdsl check` counts MACs
 (forward+backward: forward plus backward MACs), and is given as a share of the float32 FMA
 peak the script measures on the same thread count (benchmarks/fma_peak.c).
+
+--opencl adds the OpenCL backend (convdsl.load(..., backend="opencl") on the first OpenCL device,
+or CONVDSL_OPENCL_DEVICE's): the same parameters, checked against the same float64 PyTorch
+output and gradients, timed in the same rounds as the C backend and PyTorch.
 
 The thread count is OMP_NUM_THREADS (else one per core): OpenMP's for convdsl,
 torch.set_num_threads and intra_op_num_threads for the others. The table and what the machine
@@ -379,6 +383,7 @@ class Row:
     train_ratio: float = 0.0      # convdsl / PyTorch, forward+backward
     error: float = 0.0            # the largest error of an output, as a share of its largest magnitude
     off: list = field(default_factory=list)   # gradients outside the tolerance (Agreement)
+    device: str = ""              # the OpenCL device, with --opencl
 
 
 def variants_of(program) -> list[str]:
@@ -393,10 +398,11 @@ def variants_of(program) -> list[str]:
     return out
 
 
-def run_config(config: Config, batches, runs: int, warmup: int, threads: int):
+def run_config(config: Config, batches, runs: int, warmup: int, threads: int, opencl: bool = False):
     graph = graph_from_file(config.path, config.network)
     compiled = compile_graph(graph)
     module = build_module(compiled)
+    cl_net = build_module(compile_graph(graph, backend="opencl")).Model(seed=0) if opencl else None
     stats = collect(graph)
     rng = np.random.default_rng(0)
     net = module.Model(seed=0)
@@ -431,6 +437,18 @@ def run_config(config: Config, batches, runs: int, warmup: int, threads: int):
             with torch.no_grad():
                 twin(xt)
         fwd = alternate([lambda: net.forward(x), lambda: session.run(None, {"x": x}), torch_forward], runs, warmup)
+        if cl_net is not None:
+            # The same parameters and statistics on the device (the mirrors sync at the next call).
+            for name, array in net.params.items():
+                cl_net.params[name][...] = array
+            for name, array in statistics_at_start.items():
+                cl_net.buffers[name][...] = array
+            cl_net.eval()
+            errors.append(agree(f"{config.key} N={batch}: OpenCL forward", cl_net.forward(x), y32, y64))
+            row.device = cl_net.device
+            cl_fwd = alternate([lambda: net.forward(x), lambda: cl_net.forward(x)], runs, warmup)
+            row.ms["opencl"] = statistics.median(cl_fwd[1]) * 1e3
+            row.ms["opencl_c_fwd"] = statistics.median(cl_fwd[0]) * 1e3
 
         # Training mode: batchnorm on the batch's statistics; forward then backward, computing
         # the input's gradient and every parameter's.
@@ -458,14 +476,32 @@ def run_config(config: Config, batches, runs: int, warmup: int, threads: int):
             net.forward(x)
             net.backward(dy)
 
+        if cl_net is not None:
+            cl_net.train()
+            for name, array in statistics_at_start.items():
+                cl_net.buffers[name][...] = array
+            cl_net.forward(x)
+            gradients.append(agree(f"{config.key} N={batch}: OpenCL dx", cl_net.backward(dy), xg.grad.numpy(),
+                                   xg64.grad.numpy(), strict=False))
+            for name, grad in cl_net.grads.items():
+                gradients.append(agree(f"{config.key} N={batch}: OpenCL d{name}", grad, grads32[name].numpy(),
+                                       grads64[name].numpy(), strict=False))
+
+            def opencl_train():
+                cl_net.forward(x)
+                cl_net.backward(dy)
+            cl_train = alternate([ours_train, opencl_train], runs, warmup)
+            row.ms["opencl_train"] = statistics.median(cl_train[1]) * 1e3
+            row.ms["opencl_c_train"] = statistics.median(cl_train[0]) * 1e3
+
         def torch_train():
             twin.zero_grad(set_to_none=True)
             xg.grad = None
             twin(xg).backward(dyt)
         train = alternate([ours_train, torch_train], runs, warmup)
 
-        row.ms = {name: statistics.median(t) * 1e3 for name, t in
-                  zip(("convdsl", "onnxruntime", "torch", "convdsl_train", "torch_train"), fwd + train)}
+        row.ms.update({name: statistics.median(t) * 1e3 for name, t in
+                       zip(("convdsl", "onnxruntime", "torch", "convdsl_train", "torch_train"), fwd + train)})
         row.fwd_ratio = median_ratio(fwd[0], fwd[1])
         row.fwd_torch_ratio = median_ratio(fwd[0], fwd[2])
         row.train_ratio = median_ratio(train[0], train[1])
@@ -566,6 +602,22 @@ def report(rows, variants, peak: FmaPeak, threads: int, runs: int, warmup: int, 
         lines.append(f"| {r.title} | {r.batch} | {r.train_flops / 1e9:.3g} | {r.ms['convdsl_train']:.3f} | "
                      f"{r.ms['torch_train']:.3f} | {r.train_ratio:.2f} | "
                      f"{rate(r.train_flops, r.ms['convdsl_train'], p)} | {rate(r.train_flops, r.ms['torch_train'], p)} |")
+    cl_rows = [r for r in rows if "opencl" in r.ms]
+    if cl_rows:
+        lines += [
+            "", f"### OpenCL backend ({cl_rows[0].device})", "",
+            "Timed in rounds alternating with the C backend (its times in these rounds beside them); the "
+            "OpenCL side's forward includes writing the input to the device and reading the output back, "
+            "its forward+backward the gradients' reads too.", "",
+            "| config | N | OpenCL fwd ms | C fwd ms | OpenCL / C fwd | OpenCL fwd+bwd ms | C fwd+bwd ms | "
+            "OpenCL / C fwd+bwd | OpenCL / PyTorch fwd+bwd |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in cl_rows:
+            m = r.ms
+            lines.append(f"| {r.title} | {r.batch} | {m['opencl']:.3f} | {m['opencl_c_fwd']:.3f} | "
+                         f"{m['opencl'] / m['opencl_c_fwd']:.2f} | {m['opencl_train']:.3f} | {m['opencl_c_train']:.3f} | "
+                         f"{m['opencl_train'] / m['opencl_c_train']:.2f} | {m['opencl_train'] / m['torch_train']:.2f} |")
     lines += ["", "### What the plan chose (forward steps of each convdsl config)", ""]
     for (title, key), steps in variants.items():
         if len(steps) <= 3:
@@ -595,6 +647,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: every config at its smallest batch, 2 rounds after 1 warm-up; "
                              "writes nothing unless --out is given")
+    parser.add_argument("--opencl", action="store_true",
+                        help="also time the OpenCL backend (on CONVDSL_OPENCL_DEVICE, else the first device)")
     parser.add_argument("--out", default=None, help="markdown file to (re)write (default benchmarks/RESULTS.md); "
                                                     "'-' for none")
     args = parser.parse_args()
@@ -618,7 +672,7 @@ def main() -> None:
     for config in configs:
         batches = config.batches[:1] if args.quick else config.batches
         print(f"{config.key}: {config.title}", flush=True)
-        config_rows, steps = run_config(config, batches, runs, warmup, threads)
+        config_rows, steps = run_config(config, batches, runs, warmup, threads, args.opencl)
         rows += config_rows
         variants[(config.title, config.key)] = steps
         peak.sample(bursts=5)

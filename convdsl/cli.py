@@ -34,13 +34,14 @@ def _report_warnings(warnings, args) -> int:
 def cmd_check(args) -> int:
     if args.json:
         return _check_json(args)
-    from .targets import C
+    from .targets import target
     from .passes.memory import plan_memory
     from .passes.stats import collect
     from .report import text_report
     status = 0
+    backend = target(args.backend)
     for i, graph in enumerate(_graphs(args.file, args.network)):
-        C.check_supported(graph)
+        backend.check_supported(graph)
         warnings = _warnings(graph, args)
         if i:
             print()
@@ -52,14 +53,15 @@ def cmd_check(args) -> int:
 def _check_json(args) -> int:
     """The report as one JSON document on stdout, errors included; stderr as without --json."""
     import json
-    from .targets import C
+    from .targets import target
     from .passes.memory import plan_memory
     from .passes.stats import collect
     from .report import json_document, json_network
     documents, errors, status = [], [], 0
     try:
+        backend = target(args.backend)
         for graph in _graphs(args.file, args.network):
-            C.check_supported(graph)
+            backend.check_supported(graph)
             warnings = _warnings(graph, args)
             documents.append(json_network(graph, collect(graph), plan_memory(graph), warnings,
                                           "error" if args.werror else "warning"))
@@ -123,14 +125,14 @@ def cmd_compile(args) -> int:
         status = max(status, _report_warnings(_warnings(graph, args), args))
         if status:
             continue
-        compiled = compile_graph(graph, algo)
+        compiled = compile_graph(graph, algo, args.backend)
         src = compiled.source
         weights_c = None
         if args.weights:          # checked before anything is written
             from .codegen.weights import checked_state, render_weights
             state = checked_state(compiled.program, _weights_file(args.weights, graph), f"--weights {args.weights}")
             weights_c = render_weights(compiled.program, src.prefix, graph.name, state, Path(args.weights).name)
-        ext_name, so_path = build_extension(src.prefix, src.c, src.h, src.cdef)
+        ext_name, so_path = build_extension(src.prefix, src.c, src.h, src.cdef, compiled.backend)
         with _writing(out):
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{src.prefix}.c").write_text(src.c)
@@ -139,7 +141,7 @@ def cmd_compile(args) -> int:
             size, sha256 = file_digest(out / so_path.name)
             py = environment().get_template("python/module.py.j2").render(
                 network=graph.name, source_name=comment_safe(Path(graph.source_path).name), prefix=src.prefix,
-                meta_literal=repr(module_meta(graph)), ext_name_literal=repr(ext_name),
+                meta_literal=repr(module_meta(graph, compiled.backend)), ext_name_literal=repr(ext_name),
                 so_name_literal=repr(so_path.name), so_size=size, so_sha256_literal=repr(sha256))
             (out / f"{src.prefix}.py").write_text(py)
             if weights_c is not None:
@@ -151,7 +153,7 @@ def cmd_compile(args) -> int:
                  if src.prefix in builtin else ""))
     if written:
         with _writing(out):
-            _write_makefile(out, Path(args.file).name, written, C_FLAGS, builtin)
+            _write_makefile(out, Path(args.file).name, written, C_FLAGS, args.backend, builtin)
     return status
 
 
@@ -168,16 +170,16 @@ def _writing(out: Path):
 
 
 def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_flags: tuple[str, ...],
-                    builtin: set = frozenset()) -> None:
+                    backend: str = "c", builtin: set = frozenset()) -> None:
     """A Makefile beside the C files: static and shared libraries and a demo program, built with
-    the flags of convdsl's own builds (OpenMP and PIC are the Makefile's business)."""
+    the flags of convdsl's own builds (OpenMP, OpenCL and PIC are the Makefile's business)."""
     from .codegen.render import comment_safe, environment
     one = len(written) == 1
     networks = [{"name": name, "prefix": prefix, "demo_target": "demo" if one else f"{prefix}_demo",
                  "builtin_weights": prefix in builtin} for name, prefix in written]
     libraries = [f"lib{prefix}.{kind}" for _, prefix in written for kind in ("a", "so")]
     text = environment().get_template("c/Makefile.j2").render(
-        networks=networks, libraries=libraries, source_name=comment_safe(source),
+        networks=networks, libraries=libraries, source_name=comment_safe(source), backend=backend,
         optimise_flags=[f for f in c_flags if f not in ("-fopenmp", "-fPIC") and not f.startswith("-fvisibility")])
     (out / "Makefile").write_text(text)
     print(f"wrote {out / 'Makefile'}: `make -C {out}` builds {', '.join(libraries)}; "
@@ -264,6 +266,12 @@ def _lint_options(p) -> None:
     p.add_argument("--werror", action="store_true", help="treat warnings as errors")
 
 
+def _backend_option(p) -> None:
+    p.add_argument("--backend", choices=("c", "opencl"), default="c",
+                   help="c: C kernels with OpenMP (the default); opencl: OpenCL C kernels with C host code over "
+                        "the OpenCL API (-lOpenCL), for any OpenCL device (CONVDSL_OPENCL_DEVICE picks one)")
+
+
 def _algo_option(p) -> None:
     p.add_argument("--algo", action="append", metavar="OP=VARIANT",
                    help="run every OP layer with this kernel variant where it applies, e.g. conv=im2col "
@@ -278,6 +286,11 @@ environment:
   CC                 the C compiler (default: cc); it needs OpenMP, as gcc has
   CONVDSL_OPT        the optimisation level of the builds (default: -O3; -O1 compiles faster)
   CONVDSL_ALGO       kernel variants to force, e.g. conv=im2col (as --algo)
+  CONVDSL_OPENCL_DEVICE  --backend opencl: the device, as P:D, an index or part of its name
+                     (default: the first one found)
+  CONVDSL_OPENCL_OPTIONS  --backend opencl: options added to the OpenCL compiler's
+  CONVDSL_OPENCL_CACHE_DIR  --backend opencl: where device binaries are cached
+                     (default: opencl/ in the module cache)
 """
 
 EPILOG = """\
@@ -317,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help=FILE_HELP)
     p.add_argument("--network", help="only this network of the file")
     p.add_argument("--json", action="store_true", help="the report as JSON (docs/check-report.schema.json)")
+    _backend_option(p)
     _lint_options(p)
     p.set_defaults(run=cmd_check)
     p = sub.add_parser("compile", help="write the C library, a Makefile and an importable Python module",
@@ -332,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit", choices=("module", "lowered"), default="module",
                    help="module: C, header and Python module (the default); lowered: print the lowered program "
                         "(as `convdsl plan`) and write nothing")
+    _backend_option(p)
     _algo_option(p)
     _lint_options(p)
     p.set_defaults(run=cmd_compile)

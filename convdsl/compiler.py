@@ -57,18 +57,26 @@ class Compiled:
     graph: Graph
     program: Program
     source: CSource
+    backend: str = "c"
 
 
-def compile_graph(graph: Graph, algo=None) -> Compiled:
+def compile_graph(graph: Graph, algo=None, backend: str = "c") -> Compiled:
     """Lower (with `algo`, the per-run kernel variant override: {"conv": "im2col"} or
-    "conv=im2col,depthwise=direct"; CONVDSL_ALGO too) and render the C."""
+    "conv=im2col,depthwise=direct"; CONVDSL_ALGO too) and render the source for `backend`
+    (`c`, or `opencl`: kernels in OpenCL C, host code in C over the OpenCL API). An op the
+    backend has no kernels for is refused at its line."""
     from .runtime.build import sanitizing
-    # A sanitizer build keeps every tensor apart, behind a guard zone its module poisons.
-    program = lower(graph, algo, guard=SANITIZER_GUARD if sanitizing() else 0)
-    return Compiled(graph, program, render_c(program))
+    from .targets import target
+    chosen = target(backend)
+    chosen.check_supported(graph)
+    # A sanitizer build of a target whose module poisons guard zones keeps every tensor apart,
+    # behind one.
+    guard = SANITIZER_GUARD if sanitizing() and chosen.poisons_guard_zones else 0
+    program = lower(graph, algo, guard=guard)
+    return Compiled(graph, program, render_c(program, chosen), chosen.name)
 
 
-def module_meta(graph: Graph) -> dict:
+def module_meta(graph: Graph, backend: str = "c") -> dict:
     """What the Python side needs to check arrays: names and shapes, nothing executable."""
     def dim(d):
         return d if isinstance(d, int) else D.to_text(d)
@@ -82,7 +90,7 @@ def module_meta(graph: Graph) -> dict:
         loss = {"kind": graph.loss.kind, "target_kind": target.kind, "ignore_index": target.ignore_index,
                 "output_index": graph.loss.output_index}
     from .codegen.render import module_name
-    return {"network": graph.name, "prefix": module_name(graph.name), "dtype": graph.dtype,
+    return {"network": graph.name, "prefix": module_name(graph.name), "dtype": graph.dtype, "backend": backend,
             "layout": graph.layout, "inputs": inputs, "outputs": outputs, "sym_dims": list(graph.sym_dims),
             "params": params, "buffers": buffers, "loss": loss}
 
@@ -92,9 +100,9 @@ def build_module(compiled: Compiled) -> types.ModuleType:
     from .runtime.build import build_extension, load_extension
     from .runtime.model import make_model_class
     src = compiled.source
-    ext_name, path = build_extension(src.prefix, src.c, src.h, src.cdef)
+    ext_name, path = build_extension(src.prefix, src.c, src.h, src.cdef, compiled.backend)
     ext = load_extension(ext_name, path)
-    meta = module_meta(compiled.graph)
+    meta = module_meta(compiled.graph, compiled.backend)
     module = types.ModuleType(src.prefix, f"Network {compiled.graph.name}, compiled by convdsl.")
     module.Model = make_model_class(ext, meta)
     module.META = meta
@@ -103,11 +111,13 @@ def build_module(compiled: Compiled) -> types.ModuleType:
     return module
 
 
-def load(path, network: str | None = None, algo=None) -> types.ModuleType:
+def load(path, network: str | None = None, algo=None, backend: str = "c") -> types.ModuleType:
     """Compile a .cnn file (or reuse a cached build) and return its module; writes nothing beside it.
-    `algo` picks kernel variants for this build: {"conv": "im2col"} (see convdsl/lower/plan.py)."""
-    return build_module(compile_graph(graph_from_file(path, network), algo))
+    `algo` picks kernel variants for this build: {"conv": "im2col"} (see convdsl/lower/plan.py).
+    `backend="opencl"` builds it for an OpenCL device (Model(seed, device=…) picks one)."""
+    return build_module(compile_graph(graph_from_file(path, network), algo, backend))
 
 
-def load_source(text: str, network: str | None = None, path: str = "<string>", algo=None) -> types.ModuleType:
-    return build_module(compile_graph(graph_from_source(text, path, network), algo))
+def load_source(text: str, network: str | None = None, path: str = "<string>", algo=None,
+                backend: str = "c") -> types.ModuleType:
+    return build_module(compile_graph(graph_from_source(text, path, network), algo, backend))

@@ -4,6 +4,9 @@
  *   make -C build demo DEMO=../examples/c_api_demo.c      # builds build/lenet5_demo
  *   ./build/lenet5_demo [weights.npz]
  *
+ * The same program runs on the library compiled for OpenCL (--backend opencl, linked with
+ * -lOpenCL): lenet5_create then takes the device CONVDSL_OPENCL_DEVICE names, or the first.
+ *
  * It creates LeNet-5 with the parameters drawn from seed 0 or, given a file written by
  * Model.save in Python, with those weights; then runs forward on two synthetic images,
  * backward with dL/dy = 1, one training step, and prints the logits, a gradient checksum
@@ -24,7 +27,7 @@ int main(int argc, char **argv)
     }
     lenet5_model *net = lenet5_create(0);
     if (!net) {
-        fprintf(stderr, "out of memory\n");
+        fprintf(stderr, "could not create the model: %s\n", lenet5_last_error(NULL));
         return 1;
     }
     if (argc == 2) {

@@ -26,6 +26,33 @@ if "CONVDSL_OPT" not in os.environ:
     os.environ["CONVDSL_OPT"] = "-O1"
 
 
+# OpenCL programs in the suite: PoCL's compiler at -O0 (as the C builds are -O1, for the compile
+# time), and the device binaries and PoCL's own kernel cache kept per user between runs, beside
+# (not in) the per-run module cache: PoCL compiles each kernel through LLVM when it first runs,
+# ~0.3 s a kernel, which a second run of the suite does not pay again. Both caches are keyed by
+# the program source, the options and the device, so no run can read another's stale kernels.
+if "CONVDSL_OPENCL_OPTIONS" not in os.environ:
+    os.environ["CONVDSL_OPENCL_OPTIONS"] = "-cl-opt-disable"
+_OPENCL_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "convdsl-tests" / "opencl"
+os.environ.setdefault("CONVDSL_OPENCL_CACHE_DIR", str(_OPENCL_CACHE))
+# PoCL's own cache, one per pytest-xdist worker: several processes sharing one PoCL cache have
+# crashed in PoCL's history (worker names repeat from run to run, so each stays warm).
+# (The workers inherit the controller's environment: a folder this file chose is chosen again.)
+if "POCL_CACHE_DIR" not in os.environ or os.environ.get("CONVDSL_TESTS_POCL_CACHE") == os.environ["POCL_CACHE_DIR"]:
+    os.environ["POCL_CACHE_DIR"] = str(_OPENCL_CACHE / f"pocl-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
+    os.environ["CONVDSL_TESTS_POCL_CACHE"] = os.environ["POCL_CACHE_DIR"]
+
+
+# (After the settings above: asking the ICD loader for platforms starts PoCL, which reads them.)
+from backends import BACKENDS, requires_opencl  # noqa: E402,F401  (the backend fixture below)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    """The backend a test builds its models for: each test that asks runs on C and on OpenCL."""
+    return request.param
+
+
 @pytest.fixture
 def optimised(monkeypatch):
     """Modules this test builds (in the process and in its subprocesses) are -O3, as users get them."""

@@ -49,6 +49,10 @@ LINK_FLAGS = ("-shared", "-fopenmp", "-lm")
 # next is reported too. Loading such a module needs libasan first in the process: see
 # tests/sanitize.sh and docs/testing.md.
 SANITIZE_FLAGS = ("-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer")
+# The OpenCL backend's host code (templates/opencl/module.cl.j2) calls the OpenCL C API through
+# the ICD loader, which finds the installed drivers (PoCL, a GPU's) at run time; it has no
+# OpenMP loops of its own.
+BACKEND_LINK_FLAGS = {"c": (), "opencl": ("-lOpenCL",)}
 
 
 # CONVDSL_OPT=-O1 (or -O0, -O2, -Os) builds modules at that level instead of -O3: a third of the
@@ -71,17 +75,20 @@ def optimisation() -> str:
     return level
 
 
-def c_flags() -> tuple[str, ...]:
+def c_flags(backend: str = "c") -> tuple[str, ...]:
     """The compile flags of a build now: C_FLAGS at the level CONVDSL_OPT asks (-O3 by default),
-    or with the sanitizers at theirs."""
-    plain = tuple(f for f in C_FLAGS if not f.startswith("-O"))
+    or with the sanitizers at theirs (the OpenCL host code without OpenMP)."""
+    plain = tuple(f for f in C_FLAGS if not f.startswith("-O") and (backend == "c" or f != "-fopenmp"))
     if sanitizing():
         return plain + SANITIZE_FLAGS + WARNING_FLAGS
     return (optimisation(),) + plain + WARNING_FLAGS
 
 
-def link_flags() -> tuple[str, ...]:
-    return LINK_FLAGS + (("-fsanitize=address,undefined",) if sanitizing() else ())
+def link_flags(backend: str = "c") -> tuple[str, ...]:
+    if backend not in BACKEND_LINK_FLAGS:
+        raise ConvDSLError(None, f"unknown backend {backend!r}; known: {', '.join(BACKEND_LINK_FLAGS)}")
+    return (LINK_FLAGS + BACKEND_LINK_FLAGS[backend]
+            + (("-fsanitize=address,undefined",) if sanitizing() else ()))
 
 
 class CompilerWarning(UserWarning):
@@ -141,10 +148,10 @@ def _cpu_id() -> str:
     return "\n".join(parts)
 
 
-def cache_key(*texts: str) -> str:
+def cache_key(*texts: str, backend: str = "c") -> str:
     import cffi
     h = hashlib.sha256()
-    for part in (*texts, "\0".join(c_flags() + link_flags()), _compiler_version(compiler()), _cpu_id(),
+    for part in (*texts, backend, "\0".join(c_flags(backend) + link_flags(backend)), _compiler_version(compiler()), _cpu_id(),
                  sys.implementation.cache_tag or "", sysconfig.get_config_var("EXT_SUFFIX") or "",
                  cffi.__version__, "convdsl-build-3"):
         h.update(part.encode())
@@ -188,10 +195,11 @@ def _matches_manifest(target: Path) -> bool:
     return isinstance(recorded, dict) and recorded.get("size") == size and recorded.get("sha256") == sha256
 
 
-def build_extension(prefix: str, c_source: str, header: str, cdef: str) -> tuple[str, Path]:
+def build_extension(prefix: str, c_source: str, header: str, cdef: str, backend: str = "c") -> tuple[str, Path]:
     """Return (extension module name, path to the shared object), compiling only on a cache miss
-    or when the cached module does not match its manifest."""
-    key = cache_key(c_source, header, cdef)
+    or when the cached module does not match its manifest. The backend (`c`, `opencl`) is part
+    of the key, with its flags."""
+    key = cache_key(c_source, header, cdef, backend=backend)
     ext_name, target = extension_path(prefix, key)
     if str(target) in _LOADED or _matches_manifest(target):
         return ext_name, target
@@ -202,7 +210,7 @@ def build_extension(prefix: str, c_source: str, header: str, cdef: str) -> tuple
     except (OSError, ValueError) as e:
         raise _cache_problem(root, e) from None
     try:
-        _build_in(work, prefix, ext_name, key, target, c_source, header, cdef)
+        _build_in(work, prefix, ext_name, key, target, c_source, header, cdef, backend)
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG and len(prefix) > NAME_IN_PATH:
             raise ConvDSLError(None, f"the network name is too long to build ({len(prefix)} characters): "
@@ -215,7 +223,7 @@ def build_extension(prefix: str, c_source: str, header: str, cdef: str) -> tuple
 
 
 def _build_in(work: Path, prefix: str, ext_name: str, key: str, target: Path,
-              c_source: str, header: str, cdef: str) -> None:
+              c_source: str, header: str, cdef: str, backend: str = "c") -> None:
     import cffi
     (work / f"{prefix}.h").write_text(header)     # the generated C includes it by this name
     (work / "network.c").write_text(c_source)
@@ -227,8 +235,8 @@ def _build_in(work: Path, prefix: str, ext_name: str, key: str, target: Path,
         ffi.emit_c_code(str(work / wrapper))
     # Relative names, run inside the build folder: the temporary folder's name does not end
     # up in the binary, so every build of one key is byte for byte the same file.
-    cmd = [compiler(), *c_flags(), f"-I{sysconfig.get_paths()['include']}", "-I.", wrapper,
-           "-o", target.name, *link_flags()]
+    cmd = [compiler(), *c_flags(backend), f"-I{sysconfig.get_paths()['include']}", "-I.", wrapper,
+           "-o", target.name, *link_flags(backend)]
     try:
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -134,13 +134,25 @@ class ModelBase:
     _lib: Any = None
     _meta: dict = {}
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, device: str | int | None = None):
+        """`device` (OpenCL backend only): "P:D", a device index, or part of the device's name;
+        None takes CONVDSL_OPENCL_DEVICE, else the first device found."""
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2 ** 64:
             raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         meta = self._meta
         self._p = meta["prefix"]
         self._dtype = np.dtype(DTYPES[meta["dtype"]])
-        raw = self._call("create", int(seed))
+        self.backend = meta.get("backend", "c")
+        if self.backend == "opencl":
+            spec = self._ffi.NULL if device is None else str(device).encode()
+            raw = self._call("create_on", int(seed), spec)
+            if raw == self._ffi.NULL:
+                raise RuntimeError(self._ffi.string(self._call("last_error", self._ffi.NULL)).decode())
+        else:
+            if device is not None:
+                raise ValueError(f"device={device!r} is for the OpenCL backend; {meta['network']} was built "
+                                 f"for the C backend (convdsl.load(..., backend=\"opencl\"))")
+            raw = self._call("create", int(seed))
         if raw == self._ffi.NULL:
             raise MemoryError(f"could not allocate the parameters of {meta['network']}")
         self._m = self._ffi.gc(raw, getattr(self._lib, f"{self._p}_destroy"))
@@ -645,6 +657,18 @@ class ModelBase:
         self.training = False
         self._call("set_training", self._m, 0)
         return self
+
+    @property
+    def device(self) -> str:
+        """The device the model runs on: "cpu (C backend)", or the OpenCL platform / device."""
+        if self.backend != "opencl":
+            return "cpu (C backend)"
+        return self._ffi.string(self._call("device_name", self._m)).decode()
+
+    @property
+    def program_from_cache(self) -> bool:
+        """OpenCL: whether this model's kernels came from the device-binary cache (no compile)."""
+        return self.backend == "opencl" and bool(self._call("program_from_cache", self._m))
 
     @_one_at_a_time
     def memory(self) -> dict[str, int]:

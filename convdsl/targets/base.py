@@ -226,6 +226,9 @@ class Target:
     name = ""
     template_dir = ""        # folder under templates/
     kernel_ext = ""          # ops/<kind>.<ext>.j2
+    # Whether its module poisons the gaps of a guarded layout (Region.guards) in a sanitizer
+    # build: only memory the sanitized host code's kernels touch can be watched that way.
+    poisons_guard_zones = False
 
     # ---- what differs between targets ---------------------------------------------------
 

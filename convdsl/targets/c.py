@@ -36,6 +36,7 @@ class CTarget(Target):
     name = "c"
     template_dir = "c"
     kernel_ext = "c"
+    poisons_guard_zones = True
 
     def scalar_type(self, dtype: str) -> str:
         return _SCALAR[dtype]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import convdsl
+from backends import requires_opencl
 from netcheck import CampaignFailure, compare, run_case
 from netgen import features, generate
 from netlang import DropoutKeys, dumps, loads, render, splitmix_outputs
@@ -44,6 +46,18 @@ def test_random_network(seed):
 @pytest.mark.parametrize("seed", range(QUICK, TOTAL))
 def test_random_network_more(seed):
     run_case(generate(seed, BUDGET))
+
+
+# On the OpenCL backend: every fifth network of the quick slice (each is an OpenCL program of its
+# own, which PoCL compiles kernel by kernel the first time), against the same reference.
+OPENCL_SEEDS = range(0, QUICK, 5)
+
+
+@requires_opencl
+@pytest.mark.parametrize("seed", OPENCL_SEEDS)
+def test_random_network_on_opencl(seed):
+    case = generate(seed, BUDGET)
+    run_case(case, convdsl.load_source(render(case.program), backend="opencl"))
 
 
 @pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.stem)

@@ -1,5 +1,6 @@
 """`convdsl compile` end to end: the C library compiles cleanly on its own, a plain C program
-uses it, and the written Python module imports and agrees with it."""
+uses it, and the written Python module imports and agrees with it — for the C backend and for
+OpenCL (`--backend opencl`: the same C API over OpenCL kernels, linked with -lOpenCL)."""
 from __future__ import annotations
 
 import shutil
@@ -19,9 +20,9 @@ def run(cmd, **kw):
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def compiled(tmp_path_factory, backend):
     out = tmp_path_factory.mktemp("build")
-    proc = run([sys.executable, "-m", "convdsl", "compile", str(LENET), "-o", str(out)])
+    proc = run([sys.executable, "-m", "convdsl", "compile", str(LENET), "-o", str(out), "--backend", backend])
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -41,10 +42,11 @@ def test_c_library_compiles_without_warnings(compiled, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_c_program_uses_the_library(compiled, tmp_path):
+def test_c_program_uses_the_library(compiled, tmp_path, backend):
     exe = tmp_path / "demo"
+    libraries = ["-lOpenCL", "-lm"] if backend == "opencl" else ["-lm"]
     proc = run(["gcc", "-std=c11", "-Wall", "-Werror", "-O2", "-fopenmp", f"-I{compiled}",
-                str(REPO / "examples" / "c_api_demo.c"), str(compiled / "lenet5.c"), "-lm", "-o", str(exe)])
+                str(REPO / "examples" / "c_api_demo.c"), str(compiled / "lenet5.c"), *libraries, "-o", str(exe)])
     assert proc.returncode == 0, proc.stderr
     proc = run([str(exe)])
     assert proc.returncode == 0, proc.stderr

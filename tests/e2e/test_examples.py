@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import convdsl
+from backends import requires_opencl
 from convdsl.compiler import graph_from_file, networks_in_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,11 +21,21 @@ def concrete_shape(dims, batch):
     return (batch, *(d if isinstance(d, int) else RUN_TIME_SIZE for d in dims))
 
 
+# On OpenCL too: these examples (each OpenCL program costs PoCL tens of seconds the first time;
+# every example passed there when this list was chosen). Between them they hold every op but
+# l2pool, maxout, avgpool, globalmaxpool, leaky_relu and tanh, whose op tests run on OpenCL.
+OPENCL_EXAMPLES = ("lenet5", "digits_lenet", "digits_fc", "inception_se", "resnet_block", "segmentation_upsample",
+                   "shufflenet_unit", "local_faces", "refine")
+RUNS = [pytest.param(path, name, "c", id=f"{path.stem}:{name}") for path, name in CASES] + \
+       [pytest.param(path, name, "opencl", id=f"{path.stem}:{name}:opencl", marks=requires_opencl)
+        for path, name in CASES if path.stem in OPENCL_EXAMPLES]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path,network", CASES, ids=[f"{p.stem}:{n}" for p, n in CASES])
-def test_example_checks_compiles_and_runs(path, network, optimised):
+@pytest.mark.parametrize("path,network,backend", RUNS)
+def test_example_checks_compiles_and_runs(path, network, backend, optimised):
     graph = graph_from_file(path, network)
-    module = convdsl.load(path, network)
+    module = convdsl.load(path, network, backend=backend)
     net = module.Model(seed=0)
     rng = np.random.default_rng(0)
     dtype = np.float64 if graph.dtype == "f64" else np.float32

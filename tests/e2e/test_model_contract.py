@@ -1,5 +1,6 @@
 """The generated Model's contract (§7): memory shared with numpy, every array checked,
-nothing a caller passes can crash the process or be misread."""
+nothing a caller passes can crash the process or be misread — on the C backend and on OpenCL
+(the `backend` fixture of tests/conftest.py: every test here runs on both)."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,8 @@ network R {
 
 
 @pytest.fixture(scope="module")
-def module():
-    return convdsl.load_source(NET)
+def module(backend):
+    return convdsl.load_source(NET, backend=backend)
 
 
 @pytest.fixture
@@ -202,8 +203,8 @@ def test_seeds(module):
         module.Model(seed=-1)
 
 
-def test_shared_layer_over_repeat_and_run_time_sizes_match_torch():
-    net = convdsl.load_source(SHARED).Model(seed=0)
+def test_shared_layer_over_repeat_and_run_time_sizes_match_torch(backend):
+    net = convdsl.load_source(SHARED, backend=backend).Model(seed=0)
     rng = np.random.default_rng(9)
     for p in net.params.values():
         p[...] = rng.standard_normal(p.shape) * 0.5
@@ -226,9 +227,9 @@ def test_shared_layer_over_repeat_and_run_time_sizes_match_torch():
         assert_close(net.grads["U.bias"], b.grad.numpy(), what="shared bias gradient")
 
 
-def test_run_time_sizes_too_small_are_errors_not_crashes():
+def test_run_time_sizes_too_small_are_errors_not_crashes(backend):
     module = convdsl.load_source("network V {\n input x: [1, H, W]\n y = x -> conv(2, kernel=5) -> maxpool(2)\n"
-                                 " output y\n}\n")
+                                 " output y\n}\n", backend=backend)
     net = module.Model()
     with pytest.raises(ValueError, match="too small"):
         net.forward(np.zeros((1, 1, 4, 9), dtype=np.float32))
@@ -301,9 +302,9 @@ def test_odd_inputs_that_are_fine_are_read_right(net):
         np.testing.assert_array_equal(a, b)
 
 
-def test_train_step_learning_rates(module):
+def test_train_step_learning_rates(module, backend):
     from fractions import Fraction
-    net = convdsl.load_source(NET.replace("output h, w", "output h, w\n    loss mse(w)")).Model(seed=0)
+    net = convdsl.load_source(NET.replace("output h, w", "output h, w\n    loss mse(w)"), backend=backend).Model(seed=0)
     x, z = inputs()
     assert np.isfinite(net.train_step(x, z, np.zeros((2, 3)), lr=Fraction(1, 100)))
     for bad in (10 ** 400, float("nan"), "0.1", None, True):

@@ -17,6 +17,7 @@ import convdsl
 from convdsl import ConvDSLError
 from convdsl.compiler import compile_graph, graph_from_source
 from convdsl.passes.stats import collect
+from backends import requires_opencl
 from reference import assert_close, to_nchw, to_nhwc
 from ccheck import assert_c_compiles_cleanly  # noqa: F401  (the op tests import it from here)
 
@@ -55,12 +56,13 @@ def source(cases, dtype: str = "f32", layout: str = "NCHW") -> str:
 _MODULES: dict[str, object] = {}
 
 
-def compile_cases(cases, dtype: str = "f32", layout: str = "NCHW", algo: dict | None = None):
-    """The cases' network, compiled once per run; `algo` forces kernel variants (convdsl.load's)."""
+def compile_cases(cases, dtype: str = "f32", layout: str = "NCHW", algo: dict | None = None, backend: str = "c"):
+    """The cases' network, compiled once per run; `algo` forces kernel variants (convdsl.load's),
+    `backend` is convdsl.load's too."""
     src = source(cases, dtype, layout)
-    key = (src, tuple(sorted((algo or {}).items())))
+    key = (src, tuple(sorted((algo or {}).items())), backend)
     if key not in _MODULES:
-        _MODULES[key] = convdsl.load_source(src, algo=algo)
+        _MODULES[key] = convdsl.load_source(src, algo=algo, backend=backend)
     return _MODULES[key]
 
 
@@ -307,3 +309,35 @@ def standard_suite(cases, reference, seed: int):
         finite_differences(compile_cases(cases, dtype="f64"), cases, np.random.default_rng(seed + 2))
 
     return runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64
+
+
+def opencl_suite(cases, reference, seed: int, ids: tuple[str, ...]):
+    """The OpenCL backend's test of an op file, as (fixture, test) to bind at module level:
+
+        opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=31, ids=(...))
+
+    values and every gradient against `reference` at batch 1 and 3 (batch 3 at each case's second
+    size), on the cases `ids`: a selection that covers each kernel's paths (every rank, padding
+    form, flag and run-time sizes the file has), not every case — PoCL compiles each kernel
+    through LLVM, about half a second each, and every case adds kernels. The variants of the C
+    backend are one kernel there, so no variant is forced."""
+    by_id = {c.id: c for c in cases}
+    missing = [i for i in ids if i not in by_id]
+    assert not missing, f"no such cases: {missing}"
+    chosen = [by_id[i] for i in ids]
+
+    @pytest.fixture(scope="module")
+    def opencl_runs():
+        module = compile_cases(chosen, backend="opencl")
+        rng = np.random.default_rng(seed)
+        net = module.Model(seed=0)
+        randomize(net, rng)
+        return {1: run_cases(module, chosen, 1, rng, net=net), 3: run_cases(module, chosen, 3, rng, net=net, variant=1)}
+
+    @requires_opencl
+    @pytest.mark.parametrize("batch", (1, 3))
+    @pytest.mark.parametrize("index", range(len(chosen)), ids=list(ids))
+    def test_opencl_matches_torch(opencl_runs, index, batch):
+        compare_with_torch(opencl_runs[batch], index, chosen[index], reference)
+
+    return opencl_runs, test_opencl_matches_torch

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import Case, compare_with_torch, compile_cases, run_cases
+from opcases import opencl_suite, Case, compare_with_torch, compile_cases, run_cases
 from reference import assert_close
 
 
@@ -50,6 +50,14 @@ CASES = (
     Case("softmax-runtime", (4, 5), "softmax", dict(kind="softmax"), dims=(4, "L"), shape2=(4, 9)),
 )
 IDS = [c.id for c in CASES]
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    'relu-2d', 'sigmoid-1d', 'tanh-3d', 'leaky-0.2',
+    'softmax-2d-map', 'softmax-vector', 'relu-runtime', 'softmax-runtime',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=405, ids=OPENCL_CASES)
 
 
 @pytest.fixture(scope="module")

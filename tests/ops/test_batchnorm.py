@@ -71,8 +71,8 @@ def buffers_of(net):
 
 @pytest.mark.parametrize("layout", ("NCHW", "NHWC"))
 @pytest.mark.parametrize("batch,variant", ((2, 0), (3, 1)))
-def test_training_mode_matches_torch(layout, batch, variant):
-    module = compile_cases(CASES, layout=layout)
+def test_training_mode_matches_torch(layout, batch, variant, backend):
+    module = compile_cases(CASES, layout=layout, backend=backend)
     net = module.Model(seed=0)
     rng = np.random.default_rng(7 + batch)
     randomize(net, rng)
@@ -88,8 +88,8 @@ def test_training_mode_matches_torch(layout, batch, variant):
 
 
 @pytest.mark.parametrize("layout", ("NCHW", "NHWC"))
-def test_inference_mode_uses_the_running_statistics(layout):
-    module = compile_cases(CASES, layout=layout)
+def test_inference_mode_uses_the_running_statistics(layout, backend):
+    module = compile_cases(CASES, layout=layout, backend=backend)
     net = module.Model(seed=0)
     rng = np.random.default_rng(11)
     randomize(net, rng)
@@ -106,8 +106,8 @@ def test_inference_mode_uses_the_running_statistics(layout):
         assert np.array_equal(m0, m1) and np.array_equal(v0, v1)
 
 
-def test_finite_differences_float64_both_modes():
-    module = compile_cases(CASES, dtype="f64")
+def test_finite_differences_float64_both_modes(backend):
+    module = compile_cases(CASES, dtype="f64", backend=backend)
     rng = np.random.default_rng(13)
     for training in (True, False):
         net = module.Model(seed=0)
@@ -138,8 +138,8 @@ def torch_net(net):
     return model
 
 
-def test_running_statistics_follow_torch_over_training_steps_and_only_training_forwards():
-    net = convdsl.load_source(NET).Model(seed=3)
+def test_running_statistics_follow_torch_over_training_steps_and_only_training_forwards(backend):
+    net = convdsl.load_source(NET, backend=backend).Model(seed=3)
     model = torch_net(net)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rng = np.random.default_rng(5)

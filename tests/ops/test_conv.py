@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import convdsl
 from convdsl.compiler import graph_from_source, module_meta
-from opcases import (Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, forced_runs, run_cases,
-                     source, variant_plan, variant_run)
+from opcases import (opencl_suite, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, forced_runs,
+                     run_cases, source, variant_plan, variant_run)
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -121,6 +121,15 @@ CASES = (
               shape2=(3, 3, 6)),
 )
 IDS = [c.id for c in CASES]
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    '1d-pairs-flip', '2d-same-dilated-strided', '2d-groups-dilation-stride', '2d-flip-groups-stride',
+    '2d-pointwise-pad-after', '2d-frozen', '3d-same-mixed', 'depthwise-m2',
+    'depthwise-1d-wide-kernel-flip', 'separable-2d', 'runtime-same-stride', 'runtime-1d-depthwise',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=105, ids=OPENCL_CASES)
 
 # Every kernel variant of the conv family runs every case it applies to: the plan's own choice
 # in the `auto` build, each other applicable variant in a build that forces it (convdsl.load's

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch.nn.functional as F
 
-from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats,
-                     source)
+from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases,
+                     layer_stats, source)
 
 CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -37,6 +37,14 @@ CASES = (
 
 runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
     standard_suite(CASES, reference, seed=21)
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    '2d-everything', '1d-nobias', '3d', 'output-pad-below-dilation',
+    'frozen-groups', 'runtime-size',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=22, ids=OPENCL_CASES)
 
 
 def test_parameter_shapes_and_frozen():

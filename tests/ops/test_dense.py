@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import convdsl
 from convdsl.compiler import graph_from_source, module_meta
-from opcases import Case, compare_with_torch, compile_cases, run_cases
+from opcases import opencl_suite, Case, compare_with_torch, compile_cases, run_cases
 from reference import assert_close, torch_params
 
 
@@ -43,6 +43,14 @@ CASES = (
     Case("dense-large-map", (20, 6, 7), "dense(90)", dict(kind="dense")),
 )
 IDS = [c.id for c in CASES]
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    'flatten-2d-map', 'flatten-vector', 'dense-flat', 'dense-flat-nobias',
+    'dense-3d-map',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=29, ids=OPENCL_CASES)
 
 
 def with_layout(case: Case, layout: str) -> Case:

@@ -19,13 +19,14 @@ SRC = """network D {{
 """
 
 
-def load(p=0.3, dims="[4, 50, 60]", dtype="f32", layout="NCHW"):
-    return convdsl.load_source(SRC.format(p=p, dims=dims, dtype=dtype, layout=layout))
+def load(p=0.3, dims="[4, 50, 60]", dtype="f32", layout="NCHW", backend="c"):
+    return convdsl.load_source(SRC.format(p=p, dims=dims, dtype=dtype, layout=layout), backend=backend)
 
 
 @pytest.fixture(scope="module")
-def module():
-    return load()
+def module(backend):
+    """On both backends: the OpenCL kernels draw the C backend's masks (one seed, the same masks)."""
+    return load(backend=backend)
 
 
 def positive_input(rng, shape, dtype=np.float32):

@@ -18,6 +18,7 @@ import convdsl
 from convdsl.compiler import graph_from_source
 from convdsl.lower import lower
 from convdsl.lower.show import program_text
+from backends import requires_opencl
 from ccheck import assert_c_compiles_cleanly
 from reference import assert_close
 
@@ -60,9 +61,14 @@ def test_the_program_fuses_each_activation_into_its_producer():
     assert not {"relu1", "relu2", "relu3"} & set(epilogues)
 
 
-@pytest.mark.parametrize("algo", [None, {"conv": "im2col"}], ids=["auto", "im2col"])
-def test_fused_kernels_match_torch_forward_and_backward(algo):
-    net = convdsl.load_source(SRC, algo=algo).Model(seed=0)
+# OpenCL has one kernel for every conv variant: the plan's own choice there.
+ALGOS = [pytest.param(None, "c", id="auto"), pytest.param({"conv": "im2col"}, "c", id="im2col"),
+         pytest.param(None, "opencl", id="opencl", marks=requires_opencl)]
+
+
+@pytest.mark.parametrize("algo,backend", ALGOS)
+def test_fused_kernels_match_torch_forward_and_backward(algo, backend):
+    net = convdsl.load_source(SRC, algo=algo, backend=backend).Model(seed=0)
     rng = np.random.default_rng(4)
     for p in net.params.values():
         p[...] = rng.standard_normal(p.shape)
@@ -192,11 +198,11 @@ _RESIDUAL_MODULES: dict = {}
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("algo", [None, {"conv": "im2col"}], ids=["auto", "im2col"])
-def test_fused_residuals_and_scales_match_torch_forward_and_backward(algo, batch):
-    key = repr(algo)
+@pytest.mark.parametrize("algo,backend", ALGOS)
+def test_fused_residuals_and_scales_match_torch_forward_and_backward(algo, backend, batch):
+    key = (repr(algo), backend)
     if key not in _RESIDUAL_MODULES:
-        _RESIDUAL_MODULES[key] = convdsl.load_source(RESIDUAL_SRC, algo=algo)
+        _RESIDUAL_MODULES[key] = convdsl.load_source(RESIDUAL_SRC, algo=algo, backend=backend)
     net = _RESIDUAL_MODULES[key].Model(seed=0)
     check_against_reference(net, residual_reference, [(3, 6, 5), (4, 6, 5), (4,), (10,), (6,), (3, 1, 1)],
                             batch, seed=5 + batch, outputs="abcdefghk", inputs="xrsvwz")
@@ -278,14 +284,14 @@ def test_deconv_and_the_direct_depthwise_loop_fuse_their_epilogues():
     assert "depthwise/direct" in lines["depthwise3"] and "kept=act[" in lines["depthwise3"]
 
 
-_UPSAMPLE_MODULE: list = []
+_UPSAMPLE_MODULES: dict = {}
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_deconv_and_direct_depthwise_match_torch_forward_and_backward(batch):
-    if not _UPSAMPLE_MODULE:
-        _UPSAMPLE_MODULE.append(convdsl.load_source(UPSAMPLE_SRC))
-    net = _UPSAMPLE_MODULE[0].Model(seed=0)
+def test_fused_deconv_and_direct_depthwise_match_torch_forward_and_backward(batch, backend):
+    if backend not in _UPSAMPLE_MODULES:
+        _UPSAMPLE_MODULES[backend] = convdsl.load_source(UPSAMPLE_SRC, backend=backend)
+    net = _UPSAMPLE_MODULES[backend].Model(seed=0)
     check_against_reference(net, upsample_reference, [(4, 3, 4), (6, 7, 8), (6,), (3, 6, 5)],
                             batch, seed=11 + batch, outputs="abcdef", inputs="xrsu")
 

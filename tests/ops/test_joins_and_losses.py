@@ -30,10 +30,10 @@ network J {{
 SHAPE = (4, 5, 3)
 
 
-def joins_module(dtype="f32", layout="NCHW"):
+def joins_module(dtype="f32", layout="NCHW", backend="c"):
     dims = SHAPE if layout == "NCHW" else (*SHAPE[1:], SHAPE[0])
     text = "[" + ", ".join(map(str, dims)) + "]"
-    return convdsl.load_source(JOINS.format(dtype=dtype, layout=layout, a=text, b=text, c=text))
+    return convdsl.load_source(JOINS.format(dtype=dtype, layout=layout, a=text, b=text, c=text), backend=backend)
 
 
 def joins_reference(a, b, c, v):
@@ -43,8 +43,8 @@ def joins_reference(a, b, c, v):
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_joins_match_torch(layout, batch):
-    net = joins_module(layout=layout).Model()
+def test_joins_match_torch(layout, batch, backend):
+    net = joins_module(layout=layout, backend=backend).Model()
     rng = np.random.default_rng(61 + batch)
     xs = [rng.standard_normal((batch, *SHAPE)).astype(np.float32) for _ in range(3)]
     v = rng.standard_normal((batch, 4)).astype(np.float32)
@@ -117,8 +117,8 @@ def sgd_check(net, loss_t, params, loss, lr, before):
         assert_close(net.params[name], before[name] - lr * p.grad.numpy(), what=f"updated {name}")
 
 
-def test_train_step_is_a_torch_sgd_step_per_sample_labels():
-    net = convdsl.load_source(CLASSIFIER).Model(seed=4)
+def test_train_step_is_a_torch_sgd_step_per_sample_labels(backend):
+    net = convdsl.load_source(CLASSIFIER, backend=backend).Model(seed=4)
     rng = np.random.default_rng(70)
     x = rng.standard_normal((6, 3, 8, 8)).astype(np.float32)
     labels = rng.integers(0, 5, size=6)
@@ -131,8 +131,8 @@ def test_train_step_is_a_torch_sgd_step_per_sample_labels():
     sgd_check(net, F.cross_entropy(logits, torch.tensor(labels)), p, loss, 0.1, before)
 
 
-def test_train_step_per_pixel_labels_nhwc():
-    net = convdsl.load_source(SEGMENTER).Model(seed=5)
+def test_train_step_per_pixel_labels_nhwc(backend):
+    net = convdsl.load_source(SEGMENTER, backend=backend).Model(seed=5)
     rng = np.random.default_rng(71)
     x = rng.standard_normal((2, 6, 5, 2)).astype(np.float32)          # NHWC
     labels = rng.integers(0, 3, size=(2, 6, 5))
@@ -143,8 +143,8 @@ def test_train_step_per_pixel_labels_nhwc():
     sgd_check(net, F.cross_entropy(scores, torch.tensor(labels)), p, loss, 0.5, before)
 
 
-def test_mse_train_step_and_loss():
-    net = convdsl.load_source(REGRESSOR).Model(seed=6)
+def test_mse_train_step_and_loss(backend):
+    net = convdsl.load_source(REGRESSOR, backend=backend).Model(seed=6)
     rng = np.random.default_rng(72)
     x = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)
     target = rng.standard_normal((3, 2, 4, 4)).astype(np.float32)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats, source,
-                     torch_pad)
+from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats,
+                     source, torch_pad)
 
 AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -41,6 +41,14 @@ CASES = (
 
 runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
     standard_suite(CASES, reference, seed=31)
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    '2d-odd-same', '2d-pairs', '1d', '3d',
+    'runtime-size',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=32, ids=OPENCL_CASES)
 
 
 def test_gradient_at_a_zero_output_is_zero():

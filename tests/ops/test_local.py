@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from convdsl.cli import main as convdsl_main
-from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
+from opcases import (opencl_suite, Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
                      finite_differences, layer_stats, run_cases, source, unshared_reference)
 
 CASES = (
@@ -28,6 +28,13 @@ CASES = (
     Case("parallel", (4, 12, 12), "local(8, kernel=3)", dict(kernel=(3, 3), stride=(1, 1), pads=((0, 0), (0, 0)))),
 )
 IDS = [c.id for c in CASES]
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    '2d-odd-stride2-same', '2d-pairs-nobias', '1d', 'frozen',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, unshared_reference, seed=4, ids=OPENCL_CASES)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import convdsl
-from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats, source)
+from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats,
+                     source)
 
 
 def reference(x, params, *, k):
@@ -26,6 +27,14 @@ CASES = (
 
 runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
     standard_suite(CASES, reference, seed=41)
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    '2d-k3', '1d-k2', 'flat-vector', '3d-k4',
+    'runtime-size',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=42, ids=OPENCL_CASES)
 
 
 def test_ties_send_the_gradient_to_the_first_channel():

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import Case, compare_with_torch, compile_cases, run_cases
+from opcases import opencl_suite, Case, compare_with_torch, compile_cases, run_cases
 from reference import assert_close, pad_pairs, pad_spatial
 
 MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -92,6 +92,15 @@ CASES = (
     pool_case("globalmax-runtime", (3, 5, 7), "globalmax", dims=(3, "P", "Q"), shape2=(3, 2, 9)),
 )
 IDS = [c.id for c in CASES]
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    'max-2d-overlap-same', 'max-2d-pairs', 'max-3d-pad', 'avg-2d-same-stride',
+    'avg-1d-pairs', 'avg-3d-same', 'globalavg-2d', 'globalmax-1d',
+    'max-runtime', 'avg-runtime-same', 'globalmax-runtime',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=63, ids=OPENCL_CASES)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats,
-                     source)
+from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases,
+                     layer_stats, source)
 
 
 def reference(x, params, *, groups):
@@ -26,6 +26,14 @@ CASES = (
 
 runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
     standard_suite(CASES, reference, seed=51)
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    '2d-g3', '1d-g4', 'flat-vector', '3d-g2',
+    'runtime-size',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=52, ids=OPENCL_CASES)
 
 
 def test_channel_order():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import convdsl
-from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats,
-                     source, unshared_reference)
+from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases,
+                     layer_stats, source, unshared_reference)
 from reference import F64, assert_close
 
 CASES = (
@@ -32,6 +32,14 @@ CASES = (
 
 runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
     standard_suite(CASES, unshared_reference, seed=11)
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    '2d-t2', '2d-odd-same', '1d-nobias', 'frozen',
+    'runtime-size',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, unshared_reference, seed=12, ids=OPENCL_CASES)
 
 
 EQUIVALENCE = """

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch.nn.functional as F
 
-from opcases import (standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats, source)
+from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats,
+                     source)
 
 
 def reference(x, params, *, factor, mode="nearest"):
@@ -36,6 +37,15 @@ CASES = (
 
 runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
     standard_suite(CASES, reference, seed=61)
+
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
+OPENCL_CASES = (
+    '2d-nearest-per-axis', '1d-nearest', '3d-nearest', '2d-bilinear-odd',
+    '2d-bilinear-one-axis', '1d-linear', '3d-trilinear', '1-pixel-bilinear',
+    'runtime-size',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=62, ids=OPENCL_CASES)
 
 
 def test_check_rows():
