@@ -13,7 +13,7 @@ from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, 
 from .spatial import (effective_kernel, input_rank_check, output_sizes, pad_arg, per_axis, resolve_padding,
                       window_context)
 
-ALGOS = ("auto", "im2col", "pointwise", "direct")
+ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked")
 
 _WINDOW_ARGS = (
     Arg("stride", 1), pad_arg(), Arg("dilation", 1),
@@ -61,6 +61,39 @@ def _columns_and_gradients(in_types, out, attrs):
     return D.add(_columns(in_types, out, attrs), _own_gradients(in_types, out, attrs))
 
 
+# lib/conv_blocked's tile: at most 8 output channels (CDSL_MR) by 32 output columns (CDSL_NR: two
+# AVX-512 vectors of f32; AVX2 and narrower targets use fewer of both). Workspace sizes are
+# planned for the largest tile, so that any target's build fits in them.
+BLOCKED_MAX_ROWS = 8
+BLOCKED_MAX_COLS = 32
+
+
+def _blocked_workspace(in_types, out, attrs):
+    """The packed weights (every group's channels rounded up to whole blocks of rows) and one
+    sample's input, zero-padded and split by phase along every axis (lib/conv_blocked), each
+    phase with a tile's width of slack; the backward (im2col's) reuses the same memory for its
+    column matrix."""
+    k, s, r = attrs["kernel"], attrs["stride"], attrs["dilation"]
+    groups, cig, cog = attrs["groups"], attrs["in"] // attrs["groups"], attrs["out"] // attrs["groups"]
+    weights = groups * (cog + BLOCKED_MAX_ROWS - 1) * cig * D.product(k)
+    grid = D.product([D.add(o, (kk - 1) * rr // st) for o, kk, st, rr in zip(out.spatial, k, s, r)])
+    padded = D.mul(attrs["in"] * D.product(s), D.add(grid, BLOCKED_MAX_COLS))
+    return D.maximum(D.add(weights, padded), _columns(in_types, out, attrs))
+
+
+def _blocked_cost(in_types, out, attrs):
+    # The multiply-adds the tiles compute: rows past the group's channels and the grid's columns
+    # past each output row's end (the window's reach) included; plus writing each output and
+    # the padded copy.
+    k, s, r = attrs["kernel"], attrs["stride"], attrs["dilation"]
+    cog = attrs["out"] // attrs["groups"]
+    rows = -(-cog // BLOCKED_MAX_ROWS) * BLOCKED_MAX_ROWS
+    grid_row = D.add(out.spatial[-1], (k[-1] - 1) * r[-1] // s[-1])
+    per_position = attrs["in"] * D.product(k) * rows
+    macs = D.mul(per_position, D.mul(D.product(out.spatial[:-1]), grid_row))
+    return D.add(D.add(macs, D.mul(attrs["out"], D.product(out.spatial))), D.product(in_types[0].shape))
+
+
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
@@ -75,6 +108,11 @@ CONV_VARIANTS = (
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
             applies=_one_channel_per_group, needs="one input channel per group (depthwise)",
             parallel="batch × channels", parallel_threshold=0, fuses_epilogue=True),
+    Variant("blocked", "conv", "direct convolution, register-blocked over output channels × output columns "
+                               "(backward as im2col)",
+            cost=_blocked_cost, workspace=_blocked_workspace,
+            parallel="output channel blocks × output rows in each sample (backward: as im2col)",
+            fuses_epilogue=True, thread_workspace=_columns_and_gradients),
 )
 
 
@@ -86,7 +124,7 @@ class Conv(OpDef):
     summary = "convolution (cross-correlation; flip=true for the mathematical one)"
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("groups", 1), *_LAYER_ARGS)
     template = "conv"
-    c_helpers = ("gemm", "im2col")
+    c_helpers = ("gemm", "im2col", "conv_blocked")
     convolution = True
 
     def backward_reads(self, attrs):
