@@ -28,6 +28,13 @@ def _kernel_text(k: tuple[int, ...]) -> str:
     return "×".join(map(str, k))
 
 
+# lib/conv_blocked's tile: at most 8 output channels (CDSL_MR) by 32 output columns (CDSL_NR: two
+# AVX-512 vectors of f32; AVX2 and narrower targets use fewer of both). Workspace sizes are
+# planned for the largest tile, so that any target's build fits in them.
+BLOCKED_MAX_ROWS = 8
+BLOCKED_MAX_COLS = 32
+
+
 # ---- kernel variants: applicability on the attributes, cost in element operations per sample ----
 
 def _is_pointwise(attrs) -> bool:
@@ -42,9 +49,13 @@ def _one_channel_per_group(attrs) -> bool:
 
 
 def _gemm_cost(in_types, out, attrs):
-    # A GEMM of few rows per group (COG) pays its packing and loop overhead on every row.
+    # A GEMM of few rows per group (COG) pays its packing and loop overhead on every row, and its
+    # micro-tiles compute whole panels of columns (positions): 32 wide with AVX-512, so a small
+    # map (a 4×4 one: 16 positions) wastes half of every tile.
     rows = attrs["out"] // attrs["groups"]
-    macs = Conv.macs_of(attrs, out)
+    positions = D.product(out.spatial)
+    tiled = D.mul(D.floordiv(D.add(positions, BLOCKED_MAX_COLS - 1), BLOCKED_MAX_COLS), BLOCKED_MAX_COLS)
+    macs = D.mul(attrs["in"] // attrs["groups"] * D.product(attrs["kernel"]) * attrs["out"], tiled)
     return D.add(macs, D.floordiv(D.mul(macs, 4), rows))
 
 
@@ -59,13 +70,6 @@ def _own_gradients(in_types, out, attrs):
 
 def _columns_and_gradients(in_types, out, attrs):
     return D.add(_columns(in_types, out, attrs), _own_gradients(in_types, out, attrs))
-
-
-# lib/conv_blocked's tile: at most 8 output channels (CDSL_MR) by 32 output columns (CDSL_NR: two
-# AVX-512 vectors of f32; AVX2 and narrower targets use fewer of both). Workspace sizes are
-# planned for the largest tile, so that any target's build fits in them.
-BLOCKED_MAX_ROWS = 8
-BLOCKED_MAX_COLS = 32
 
 
 def _blocked_workspace(in_types, out, attrs):
@@ -83,15 +87,20 @@ def _blocked_workspace(in_types, out, attrs):
 
 def _blocked_cost(in_types, out, attrs):
     # The multiply-adds the tiles compute: rows past the group's channels and the grid's columns
-    # past each output row's end (the window's reach) included; plus writing each output and
-    # the padded copy.
+    # past each output row's end (the window's reach) included. Measured against im2col on this
+    # project's benchmark layers (benchmarks/RESULTS.md), a tile's multiply-add costs ~0.9 of the
+    # packed GEMM's (no column panels to gather, no partial sums of C between blocks of K); a 1×1
+    # window reuses no input across taps, so there the padded copy is pure overhead (1.3–1.7×
+    # the GEMM's time). Writing each output and the padded copy: two operations per element.
     k, s, r = attrs["kernel"], attrs["stride"], attrs["dilation"]
     cog = attrs["out"] // attrs["groups"]
     rows = -(-cog // BLOCKED_MAX_ROWS) * BLOCKED_MAX_ROWS
     grid_row = D.add(out.spatial[-1], (k[-1] - 1) * r[-1] // s[-1])
     per_position = attrs["in"] * D.product(k) * rows
     macs = D.mul(per_position, D.mul(D.product(out.spatial[:-1]), grid_row))
-    return D.add(D.add(macs, D.mul(attrs["out"], D.product(out.spatial))), D.product(in_types[0].shape))
+    work = D.floordiv(D.mul(macs, 9), 10) if D.product(k) > 1 else D.add(macs, D.floordiv(macs, 4))
+    copies = D.add(D.mul(attrs["out"], D.product(out.spatial)), D.product(in_types[0].shape))
+    return D.add(work, D.mul(copies, 2))
 
 
 CONV_VARIANTS = (
@@ -111,7 +120,7 @@ CONV_VARIANTS = (
     Variant("blocked", "conv", "direct convolution, register-blocked over output channels × output columns "
                                "(backward as im2col)",
             cost=_blocked_cost, workspace=_blocked_workspace,
-            parallel="output channel blocks × output rows in each sample (backward: as im2col)",
+            parallel="channel blocks × position tiles of each sample (backward: as im2col)",
             fuses_epilogue=True, thread_workspace=_columns_and_gradients),
 )
 
