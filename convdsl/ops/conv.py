@@ -95,9 +95,13 @@ def _blocked_cost(in_types, out, attrs):
     k, s, r = attrs["kernel"], attrs["stride"], attrs["dilation"]
     cog = attrs["out"] // attrs["groups"]
     rows = -(-cog // BLOCKED_MAX_ROWS) * BLOCKED_MAX_ROWS
+    # Tiles run along each depth slice's grid positions, (OH − 1)·WQ + OW of them, in whole tiles.
     grid_row = D.add(out.spatial[-1], (k[-1] - 1) * r[-1] // s[-1])
+    height = out.spatial[-2] if len(out.spatial) > 1 else 1
+    span = D.add(D.mul(D.add(height, -1), grid_row), out.spatial[-1])
+    tiled = D.mul(D.floordiv(D.add(span, BLOCKED_MAX_COLS - 1), BLOCKED_MAX_COLS), BLOCKED_MAX_COLS)
     per_position = attrs["in"] * D.product(k) * rows
-    macs = D.mul(per_position, D.mul(D.product(out.spatial[:-1]), grid_row))
+    macs = D.mul(per_position, D.mul(D.product(out.spatial[:-2]), tiled))
     work = D.floordiv(D.mul(macs, 9), 10) if D.product(k) > 1 else D.add(macs, D.floordiv(macs, 4))
     copies = D.add(D.mul(attrs["out"], D.product(out.spatial)), D.product(in_types[0].shape))
     return D.add(work, D.mul(copies, 2))
