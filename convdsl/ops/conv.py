@@ -13,7 +13,7 @@ from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, 
 from .spatial import (effective_kernel, input_rank_check, output_sizes, pad_arg, per_axis, resolve_padding,
                       window_context)
 
-ALGOS = ("auto", "im2col", "pointwise", "direct")
+ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked")
 
 _WINDOW_ARGS = (
     Arg("stride", 1), pad_arg(), Arg("dilation", 1),
@@ -26,6 +26,13 @@ _LAYER_ARGS = (
 
 def _kernel_text(k: tuple[int, ...]) -> str:
     return "×".join(map(str, k))
+
+
+# lib/conv_blocked's tile: at most 8 output channels (CDSL_MR) by 32 output columns (CDSL_NR: two
+# AVX-512 vectors of f32; AVX2 and narrower targets use fewer of both). Workspace sizes are
+# planned for the largest tile, so that any target's build fits in them.
+BLOCKED_MAX_ROWS = 8
+BLOCKED_MAX_COLS = 32
 
 
 # ---- kernel variants: applicability on the attributes, cost in element operations per sample ----
@@ -42,9 +49,13 @@ def _one_channel_per_group(attrs) -> bool:
 
 
 def _gemm_cost(in_types, out, attrs):
-    # A GEMM of few rows per group (COG) pays its packing and loop overhead on every row.
+    # A GEMM of few rows per group (COG) pays its packing and loop overhead on every row, and its
+    # micro-tiles compute whole panels of columns (positions): 32 wide with AVX-512, so a small
+    # map (a 4×4 one: 16 positions) wastes half of every tile.
     rows = attrs["out"] // attrs["groups"]
-    macs = Conv.macs_of(attrs, out)
+    positions = D.product(out.spatial)
+    tiled = D.mul(D.floordiv(D.add(positions, BLOCKED_MAX_COLS - 1), BLOCKED_MAX_COLS), BLOCKED_MAX_COLS)
+    macs = D.mul(attrs["in"] // attrs["groups"] * D.product(attrs["kernel"]) * attrs["out"], tiled)
     return D.add(macs, D.floordiv(D.mul(macs, 4), rows))
 
 
@@ -61,6 +72,41 @@ def _columns_and_gradients(in_types, out, attrs):
     return D.add(_columns(in_types, out, attrs), _own_gradients(in_types, out, attrs))
 
 
+def _blocked_workspace(in_types, out, attrs):
+    """The packed weights (every group's channels rounded up to whole blocks of rows) and one
+    sample's input, zero-padded and split by phase along every axis (lib/conv_blocked), each
+    phase with a tile's width of slack; the backward (im2col's) reuses the same memory for its
+    column matrix."""
+    k, s, r = attrs["kernel"], attrs["stride"], attrs["dilation"]
+    groups, cig, cog = attrs["groups"], attrs["in"] // attrs["groups"], attrs["out"] // attrs["groups"]
+    weights = groups * (cog + BLOCKED_MAX_ROWS - 1) * cig * D.product(k)
+    grid = D.product([D.add(o, (kk - 1) * rr // st) for o, kk, st, rr in zip(out.spatial, k, s, r)])
+    padded = D.mul(attrs["in"] * D.product(s), D.add(grid, BLOCKED_MAX_COLS))
+    return D.maximum(D.add(weights, padded), _columns(in_types, out, attrs))
+
+
+def _blocked_cost(in_types, out, attrs):
+    # The multiply-adds the tiles compute: rows past the group's channels and the grid's columns
+    # past each output row's end (the window's reach) included. Measured against im2col on this
+    # project's benchmark layers (benchmarks/RESULTS.md), a tile's multiply-add costs ~0.9 of the
+    # packed GEMM's (no column panels to gather, no partial sums of C between blocks of K); a 1×1
+    # window reuses no input across taps, so there the padded copy is pure overhead (1.3–1.7×
+    # the GEMM's time). Writing each output and the padded copy: two operations per element.
+    k, s, r = attrs["kernel"], attrs["stride"], attrs["dilation"]
+    cog = attrs["out"] // attrs["groups"]
+    rows = -(-cog // BLOCKED_MAX_ROWS) * BLOCKED_MAX_ROWS
+    # Tiles run along each depth slice's grid positions, (OH − 1)·WQ + OW of them, in whole tiles.
+    grid_row = D.add(out.spatial[-1], (k[-1] - 1) * r[-1] // s[-1])
+    height = out.spatial[-2] if len(out.spatial) > 1 else 1
+    span = D.add(D.mul(D.add(height, -1), grid_row), out.spatial[-1])
+    tiled = D.mul(D.floordiv(D.add(span, BLOCKED_MAX_COLS - 1), BLOCKED_MAX_COLS), BLOCKED_MAX_COLS)
+    per_position = attrs["in"] * D.product(k) * rows
+    macs = D.mul(per_position, D.mul(D.product(out.spatial[:-2]), tiled))
+    work = D.floordiv(D.mul(macs, 9), 10) if D.product(k) > 1 else D.add(macs, D.floordiv(macs, 4))
+    copies = D.add(D.mul(attrs["out"], D.product(out.spatial)), D.product(in_types[0].shape))
+    return D.add(work, D.mul(copies, 2))
+
+
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
@@ -75,6 +121,11 @@ CONV_VARIANTS = (
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
             applies=_one_channel_per_group, needs="one input channel per group (depthwise)",
             parallel="batch × channels", parallel_threshold=0, fuses_epilogue=True),
+    Variant("blocked", "conv", "direct convolution, register-blocked over output channels × output columns "
+                               "(backward as im2col)",
+            cost=_blocked_cost, workspace=_blocked_workspace,
+            parallel="channel blocks × position tiles of each sample (backward: as im2col)",
+            fuses_epilogue=True, thread_workspace=_columns_and_gradients),
 )
 
 
@@ -86,7 +137,7 @@ class Conv(OpDef):
     summary = "convolution (cross-correlation; flip=true for the mathematical one)"
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("groups", 1), *_LAYER_ARGS)
     template = "conv"
-    c_helpers = ("gemm", "im2col")
+    c_helpers = ("gemm", "im2col", "conv_blocked")
     convolution = True
 
     def backward_reads(self, attrs):

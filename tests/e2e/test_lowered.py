@@ -49,7 +49,7 @@ def test_every_step_line_names_variant_operands_epilogue_workspace_threads():
     # forward: 12 layers less the 4 relus fused into conv1, conv2, dense1, dense2; backward: all 12
     assert len(lines) == len(program.steps) == 8 + 12 + 1
     conv1 = lines[0]
-    assert "conv1 (line 7)" in conv1 and "conv/im2col" in conv1
+    assert "conv1 (line 7)" in conv1 and "conv/blocked" in conv1
     # conv1 + bias + relu1 as one kernel writing relu1's output (value 2) once
     # (training block offsets: the input is kept apart from everything; relu1's output, which
     # maxpool1's and relu1's backwards read, is placed first)
@@ -76,8 +76,10 @@ def variants(program):
 
 
 def test_the_plan_picks_by_cost_and_the_file_overrides_one_layer():
-    assert variants(lower(graph_from_source(SRC))) == ["pointwise", "direct", "im2col"]
+    assert variants(lower(graph_from_source(SRC))) == ["pointwise", "direct", "blocked"]
     forced = SRC.replace("conv(4, kernel=1)", "conv(4, kernel=1, algo=im2col)")
+    assert variants(lower(graph_from_source(forced))) == ["im2col", "direct", "blocked"]
+    forced = forced.replace("conv(6, kernel=3, pad=same)", "conv(6, kernel=3, pad=same, algo=im2col)")
     assert variants(lower(graph_from_source(forced))) == ["im2col", "direct", "im2col"]
 
 
@@ -94,14 +96,16 @@ def test_run_override_applies_where_the_variant_applies(monkeypatch):
     g = graph_from_source(SRC)
     assert variants(lower(g, {"conv": "im2col", "depthwise": "im2col"})) == ["im2col", "im2col", "im2col"]
     # direct does not apply to a conv with 4 input channels per group: the plan's choice stays
-    assert variants(lower(g, "conv=direct")) == ["pointwise", "direct", "im2col"]
+    assert variants(lower(g, "conv=direct")) == ["pointwise", "direct", "blocked"]
+    # blocked applies to every conv: forced, it replaces the 1×1's pointwise GEMM too
+    assert variants(lower(g, "conv=blocked")) == ["blocked", "direct", "blocked"]
     monkeypatch.setenv("CONVDSL_ALGO", "depthwise:im2col")
-    assert variants(lower(g)) == ["pointwise", "im2col", "im2col"]
-    assert variants(lower(g, {"depthwise": "direct"})) == ["pointwise", "direct", "im2col"]   # explicit wins
+    assert variants(lower(g)) == ["pointwise", "im2col", "blocked"]
+    assert variants(lower(g, {"depthwise": "direct"})) == ["pointwise", "direct", "blocked"]   # explicit wins
 
 
 @pytest.mark.parametrize("algo, message", [
-    ({"conv": "winograd"}, "conv has no variant `winograd`; it has im2col, pointwise, direct"),
+    ({"conv": "winograd"}, "conv has no variant `winograd`; it has im2col, pointwise, direct, blocked"),
     ({"convolution": "im2col"}, "there is no op `convolution`"),
     ("conv", "`conv` is not OP=VARIANT"),
 ])

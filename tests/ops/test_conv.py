@@ -167,16 +167,18 @@ def test_forward_and_gradients_match_torch(runs, forced, variant, index, batch):
 
 def test_every_variant_is_run_and_applies_by_its_rule():
     """pointwise only where the input is the column matrix (1×1, stride 1, no padding before or
-    after any axis), direct only with one input channel per group, im2col everywhere."""
+    after any axis), direct only with one input channel per group, im2col and blocked everywhere."""
     pointwise = {IDS[i] for v, i in VARIANTS.pairs if v == "pointwise"}
     assert {"2d-pointwise-groups", "runtime-pointwise"} <= pointwise
     assert not pointwise & {"2d-pointwise-pad-after", "1d-pointwise-pad-after", "2d-pointwise-groups-pad-after",
                             "3d-pointwise-pad-after-nobias", "runtime-pointwise-pad-after", "2d-pointwise-stride"}
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "im2col"} == set(IDS)
+    assert {IDS[i] for v, i in VARIANTS.pairs if v == "blocked"} == set(IDS)
     direct = {IDS[i] for v, i in VARIANTS.pairs if v == "direct"}
     assert {"depthwise-m1", "depthwise-m2", "conv-groups-is-channels", "3d-full-stride"} <= direct
     assert "2d-pointwise-groups" not in direct
     assert VARIANTS.forced["im2col"], "im2col is forced where the plan picks another variant"
+    assert VARIANTS.forced["blocked"], "blocked is forced where the plan picks another variant"
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
