@@ -13,7 +13,7 @@ from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, 
 from .spatial import (effective_kernel, input_rank_check, output_sizes, pad_arg, per_axis, resolve_padding,
                       window_context)
 
-ALGOS = ("auto", "im2col", "pointwise", "direct")
+ALGOS = ("auto", "im2col", "pointwise", "direct", "winograd2", "winograd4")
 
 _WINDOW_ARGS = (
     Arg("stride", 1), pad_arg(), Arg("dilation", 1),
@@ -61,6 +61,68 @@ def _columns_and_gradients(in_types, out, attrs):
     return D.add(_columns(in_types, out, attrs), _own_gradients(in_types, out, attrs))
 
 
+# ---- Winograd F(m×m, 3×3) (lib/winograd.c.j2): 3×3, stride 1, dilation 1, 2-D ----
+
+WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}     # variant → m, the output tile's side
+# The tile block a Winograd kernel transforms, multiplies and transforms back at a time: about
+# this many elements of V and M together (L2-sized), in a multiple of 32 tiles (of every NR).
+WINOGRAD_BLOCK_ELEMENTS = 1 << 17
+
+
+def _is_winograd_shape(attrs) -> bool:
+    return len(attrs["kernel"]) == 2 and attrs["kernel"] == (3, 3) and attrs["stride"] == (1, 1) \
+        and attrs["dilation"] == (1, 1)
+
+
+def winograd_block(attrs, m: int) -> int:
+    """Tiles per block: V (α² × C/G × NB) and M (α² × K/G × NB) near WINOGRAD_BLOCK_ELEMENTS."""
+    per_tile = (m + 2) ** 2 * (attrs["in"] // attrs["groups"] + attrs["out"] // attrs["groups"])
+    return max(32, min(512, WINOGRAD_BLOCK_ELEMENTS // per_tile // 32 * 32))
+
+
+def _winograd_tiles(out, m: int) -> Dim:
+    return D.mul(D.ceildiv(out.spatial[0], m), D.ceildiv(out.spatial[1], m))
+
+
+def _winograd_workspace(m: int):
+    def workspace(in_types, out, attrs):
+        # V and M of one block, then the packed transformed kernels of every group, rows rounded up
+        # to a panel (at most MR − 1 ≤ 7 more): the forward's [K/G rows × C/G] or the input
+        # gradient's [C/G rows × K/G], whichever is larger; 16 more to align V.
+        t, g = (m + 2) ** 2, attrs["groups"]
+        cg, kg = attrs["in"] // g, attrs["out"] // g
+        return t * (cg + kg) * winograd_block(attrs, m) + g * t * cg * kg + 7 * t * g * max(cg, kg) + 16
+    return workspace
+
+
+def _winograd_cost(m: int):
+    def cost(in_types, out, attrs):
+        t, g = (m + 2) ** 2, attrs["groups"]
+        cg, kg = attrs["in"] // g, attrs["out"] // g
+        tiles = _winograd_tiles(out, m)
+        products = D.mul(tiles, t * cg * kg * g)
+        # Per tile and channel, the transforms' loads, adds and scattered stores (counted from
+        # lib/winograd.c.j2); the kernel transform runs once per call, counted here per sample.
+        transforms = D.mul(tiles, WINOGRAD_INPUT_OPS[m] * attrs["in"] + WINOGRAD_OUTPUT_OPS[m] * attrs["out"])
+        return D.add(D.add(products, D.floordiv(D.mul(products, 4), kg)), D.add(transforms, WINOGRAD_KERNEL_OPS[m] * cg * kg * g))
+    return cost
+
+
+WINOGRAD_INPUT_OPS = {2: 64, 4: 250}
+WINOGRAD_OUTPUT_OPS = {2: 32, 4: 120}
+WINOGRAD_KERNEL_OPS = {2: 60, 4: 200}
+
+
+def _winograd_variant(name: str) -> Variant:
+    m = WINOGRAD_TILES[name]
+    return Variant(
+        name, "conv", f"Winograd F({m}×{m}, 3×3): {(m + 2) ** 2} channel products per {m}×{m} output tile",
+        cost=_winograd_cost(m), applies=_is_winograd_shape,
+        needs="a 2-D 3×3 kernel at stride 1 without dilation",
+        workspace=_winograd_workspace(m), parallel="tiles × channels (dW: batch, as im2col)", fuses_epilogue=True,
+        thread_workspace=_own_gradients)
+
+
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
@@ -75,6 +137,8 @@ CONV_VARIANTS = (
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
             applies=_one_channel_per_group, needs="one input channel per group (depthwise)",
             parallel="batch × channels", parallel_threshold=0, fuses_epilogue=True),
+    _winograd_variant("winograd2"),
+    _winograd_variant("winograd4"),
 )
 
 
@@ -86,7 +150,7 @@ class Conv(OpDef):
     summary = "convolution (cross-correlation; flip=true for the mathematical one)"
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("groups", 1), *_LAYER_ARGS)
     template = "conv"
-    c_helpers = ("gemm", "im2col")
+    c_helpers = ("gemm", "im2col", "winograd")
     convolution = True
 
     def backward_reads(self, attrs):
@@ -192,7 +256,8 @@ class Conv(OpDef):
         return f"{self.name}({', '.join(parts)})"
 
     def kernel_context(self, attrs, in_types, out, c) -> dict:
-        return window_context(attrs, in_types[0], out, c)
+        return {**window_context(attrs, in_types[0], out, c),
+                "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()}}
 
 
 @register
