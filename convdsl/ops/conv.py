@@ -86,13 +86,23 @@ def _winograd_tiles(out, m: int) -> Dim:
 
 def _winograd_workspace(m: int):
     def workspace(in_types, out, attrs):
-        # V and M of one block, then the packed transformed kernels of every group, rows rounded up
-        # to a panel (at most MR − 1 ≤ 7 more): the forward's [K/G rows × C/G] or the input
-        # gradient's [C/G rows × K/G], whichever is larger; 16 more to align V.
+        # V and M of one block, then the input gradient's packed transformed kernels of every group,
+        # [C/G rows × K/G] per position, rows rounded up to a panel (at most MR − 1 ≤ 7 more); 16
+        # more to align V. The forward's own kernels are kept in the derived region.
         t, g = (m + 2) ** 2, attrs["groups"]
         cg, kg = attrs["in"] // g, attrs["out"] // g
-        return t * (cg + kg) * winograd_block(attrs, m) + g * t * cg * kg + 7 * t * g * max(cg, kg) + 16
+        return t * (cg + kg) * winograd_block(attrs, m) + g * t * (cg + 7) * kg + 16
     return workspace
+
+
+def _winograd_derived(m: int):
+    def derived(attrs):
+        # The copy of the weights the kept kernels were made from, then those kernels: per group
+        # and position [K/G rows rounded up to a panel × C/G].
+        t, g = (m + 2) ** 2, attrs["groups"]
+        cg, kg = attrs["in"] // g, attrs["out"] // g
+        return attrs["out"] * cg * 9 + g * t * (kg + 7) * cg
+    return derived
 
 
 def _winograd_cost(m: int):
@@ -119,7 +129,7 @@ def _winograd_variant(name: str) -> Variant:
         name, "conv", f"Winograd F({m}×{m}, 3×3): {(m + 2) ** 2} channel products per {m}×{m} output tile",
         cost=_winograd_cost(m), applies=_is_winograd_shape,
         needs="a 2-D 3×3 kernel at stride 1 without dilation",
-        workspace=_winograd_workspace(m), parallel="tiles × channels (dW: batch, as im2col)", fuses_epilogue=True,
+        workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels (dW: batch, as im2col)", fuses_epilogue=True,
         thread_workspace=_own_gradients)
 
 
