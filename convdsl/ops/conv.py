@@ -74,6 +74,19 @@ def _is_winograd_shape(attrs) -> bool:
         and attrs["dilation"] == (1, 1)
 
 
+# F(4×4, 3×3) rounds with transform entries up to 8 (Aᵀ) and 5 (Bᵀ): against PyTorch in f64,
+# f32 results of normal(0, 1) data and weights at 16² to 56², batch 1 to 4, used up to 0.68 of
+# the f32 tolerance (rtol 1e-4, atol 1e-5 after scale) for 16 to 256 input channels (forward and
+# dX; F(2×2, 3×3): at most 0.05, as im2col's 0.03). In f32 it applies up to this many input
+# channels per group, where it was measured; f64 has no bound.
+WINOGRAD4_F32_MAX_CHANNELS = 256
+
+
+def _is_winograd4_shape(attrs) -> bool:
+    return _is_winograd_shape(attrs) and (attrs["dtype"] == "f64"
+                                          or attrs["in"] // attrs["groups"] <= WINOGRAD4_F32_MAX_CHANNELS)
+
+
 def winograd_block(attrs, m: int) -> int:
     """Tiles per block: V (α² × C/G × NB) and M (α² × K/G × NB) near WINOGRAD_BLOCK_ELEMENTS."""
     per_tile = (m + 2) ** 2 * (attrs["in"] // attrs["groups"] + attrs["out"] // attrs["groups"])
@@ -105,30 +118,38 @@ def _winograd_derived(m: int):
     return derived
 
 
+# The cost model in the im2col variant's units (its GEMM's multiply-adds plus the columns), fitted
+# to one core of the machine the variants were measured on (16 to 512 channels, 4² to 56² maps,
+# benchmarks/RESULTS.md): each product's multiply-add costs WINOGRAD_PRODUCT_WEIGHT of im2col's
+# (short reductions over C/G, strided M), and the micro-kernel always computes whole panels of
+# NR tiles (at most 32 for f32 on 512-bit vectors), so a small map pays for the panel's empty
+# lanes; each input or output transform of one channel of one tile costs WINOGRAD_TILE_OPS[m]. The
+# kernel transform is kept across calls (`derived`), so it is not counted per sample.
+WINOGRAD_PRODUCT_WEIGHT = 1.2
+WINOGRAD_TILE_OPS = {2: 150, 4: 600}
+_WIDEST_VECTOR_BYTES = 64
+
+
 def _winograd_cost(m: int):
     def cost(in_types, out, attrs):
         t, g = (m + 2) ** 2, attrs["groups"]
         cg, kg = attrs["in"] // g, attrs["out"] // g
         tiles = _winograd_tiles(out, m)
-        products = D.mul(tiles, t * cg * kg * g)
-        # Per tile and channel, the transforms' loads, adds and scattered stores (counted from
-        # lib/winograd.c.j2); the kernel transform runs once per call, counted here per sample.
-        transforms = D.mul(tiles, WINOGRAD_INPUT_OPS[m] * attrs["in"] + WINOGRAD_OUTPUT_OPS[m] * attrs["out"])
-        return D.add(D.add(products, D.floordiv(D.mul(products, 4), kg)), D.add(transforms, WINOGRAD_KERNEL_OPS[m] * cg * kg * g))
+        panel = 2 * _WIDEST_VECTOR_BYTES // (8 if attrs["dtype"] == "f64" else 4)
+        lanes = D.mul(D.ceildiv(tiles, panel), panel)
+        products = D.floordiv(D.mul(lanes, int(WINOGRAD_PRODUCT_WEIGHT * 10) * t * cg * kg * g), 10)
+        return D.add(products, D.mul(tiles, WINOGRAD_TILE_OPS[m] * (attrs["in"] + attrs["out"])))
     return cost
-
-
-WINOGRAD_INPUT_OPS = {2: 64, 4: 250}
-WINOGRAD_OUTPUT_OPS = {2: 32, 4: 120}
-WINOGRAD_KERNEL_OPS = {2: 60, 4: 200}
 
 
 def _winograd_variant(name: str) -> Variant:
     m = WINOGRAD_TILES[name]
     return Variant(
         name, "conv", f"Winograd F({m}×{m}, 3×3): {(m + 2) ** 2} channel products per {m}×{m} output tile",
-        cost=_winograd_cost(m), applies=_is_winograd_shape,
-        needs="a 2-D 3×3 kernel at stride 1 without dilation",
+        cost=_winograd_cost(m), applies=_is_winograd_shape if m == 2 else _is_winograd4_shape,
+        needs="a 2-D 3×3 kernel at stride 1 without dilation" + (
+            "" if m == 2 else f", and in f32 at most {WINOGRAD4_F32_MAX_CHANNELS} input channels per group "
+                              "(where its rounding error is measured inside the f32 tolerance)"),
         workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels (dW: batch, as im2col)", fuses_epilogue=True,
         thread_workspace=_own_gradients)
 
@@ -206,6 +227,7 @@ class Conv(OpDef):
             "init": parse_init(attrs["init"], ctx),
             "frozen": frozen, "weight": weight,
             "algo": expect_symbol(attrs["algo"], ALGOS, ctx, "algo"),
+            "dtype": ctx.dtype,          # Winograd F(4×4, 3×3) applies by its measured f32 error
         }
         chosen = next((v for v in self.variants() if v.name == normalized["algo"]), None)
         if chosen is not None and not chosen.applies(normalized):
