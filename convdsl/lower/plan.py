@@ -20,7 +20,7 @@ from ..ir.graph import Graph, Node, TensorType
 from ..ops.base import INPUTS, OUTPUT, Variant, lookup, registry
 from ..passes.schedule import make_plan
 from .memory import inference_placement, lifetimes, place_guarded, training_placement
-from .program import (ACTIVATION, ACTIVATIONS, BUFFERS, GRADIENTS, INFERENCE, PARAM_GRADS, RESIDUAL, SCALE,
+from .program import (ACTIVATION, ACTIVATIONS, BUFFERS, DERIVED, GRADIENTS, INFERENCE, PARAM_GRADS, RESIDUAL, SCALE,
                       THREAD_WORKSPACE, PARAMS, SAVED, TRAINING, WORKSPACE, Boundary, Epilogue, EpilogueStage,
                       LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
 
@@ -227,7 +227,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
 
     fused_into = {nid: producer for producer, chain in fusions.items() for nid in chain}
 
-    forward, workspace_total, thread_total = [], 0, 0
+    forward, workspace_total, thread_total, derived_total = [], 0, 0, 0
     for nid in plan.order:
         node: Node = g.nodes[nid]
         op = lookup(node.op)
@@ -244,6 +244,11 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
                        for local, slot in plan.layer_params(node.layer).items())
         buffers = tuple(Operand(local, BUFFERS, slot.offset, slot.size, None, slot.spec.shape, False)
                         for local, slot in plan.layer_buffers(node.layer).items())
+        kept = variant.derived(node.attrs)
+        derived = None
+        if kept:
+            derived = Operand("derived", DERIVED, derived_total, kept)
+            derived_total += kept
         saved = None
         if nid in saved_offset:
             off, elems = saved_offset[nid]
@@ -260,7 +265,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
             layer=node.layer, describe=op.describe(node.attrs), variant=variant.name,
             variant_template=variant.template, attrs=node.attrs, in_types=in_types, out_type=out_t,
             inputs=tuple(act(v, f"x{i}") for i, v in enumerate(node.inputs)), outputs=(output,),
-            params=params, buffers=buffers, saved=saved, epilogue=epilogue,
+            params=params, buffers=buffers, saved=saved, derived=derived, epilogue=epilogue,
             workspace=Workspace(work, variant.doc if work != 0 else "", own),
             parallel=ParallelSplit(variant.parallel, threshold=variant.parallel_threshold,
                                    gemm_threshold=variant.gemm_threshold, batch_threshold=variant.batch_threshold),
@@ -311,6 +316,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         Region(PARAMS, plan.param_total, False, "every parameter", plan.param_guards),
         Region(PARAM_GRADS, plan.param_total, False, "the gradients of the trainable parameters", plan.param_guards),
         Region(BUFFERS, plan.buffer_total, False, "layer state that is not trained (running statistics)"),
+        Region(DERIVED, derived_total, False, "per step, kept across calls: kernels' transforms of their weights "
+                                              "(Winograd), remade when the weights change"),
     )
 
     def maker(v) -> str:

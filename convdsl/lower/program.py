@@ -39,6 +39,7 @@ PARAM_GRADS = "param_grads"
 BUFFERS = "buffers"
 WORKSPACE = "workspace"
 THREAD_WORKSPACE = "thread_workspace"   # per thread; the module multiplies by its thread count
+DERIVED = "derived"                  # per step, kept across calls: what a kernel derives from the weights
 PER_SAMPLE_REGIONS = (INFERENCE, TRAINING)
 
 
@@ -169,6 +170,9 @@ class Step:
     params: tuple[Operand, ...] = ()
     buffers: tuple[Operand, ...] = ()
     saved: Operand | None = None     # what the forward keeps for this step's backward
+    # A forward's memory kept across calls, derived from its weights (Variant.derived): Winograd's
+    # transformed kernels and the copy of the weights they were made from.
+    derived: Operand | None = None
     epilogue: Epilogue = Epilogue()
     workspace: Workspace = Workspace()
     parallel: ParallelSplit = ParallelSplit("none")

@@ -12,10 +12,11 @@ from __future__ import annotations
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ops.losses import LOSSES
-from .program import Operand, Program, Step
+from .program import DERIVED, Operand, Program, Step
 
 _REGION_SHORT = {"inference": "eval", "training": "train", "activations": "act", "gradients": "grad", "saved": "saved", "params": "params",
-                 "param_grads": "pgrad", "buffers": "buf", "workspace": "ws", "thread_workspace": "tws"}
+                 "param_grads": "pgrad", "buffers": "buf", "workspace": "ws", "thread_workspace": "tws",
+                 "derived": "drv"}
 
 
 def _dim(d: Dim) -> str:
@@ -37,6 +38,8 @@ def step_text(step: Step) -> str:
         operands += [operand_text(b) for b in step.buffers]
         if step.saved is not None:
             operands.append(operand_text(step.saved))
+        if step.derived is not None and step.phase == "forward":
+            operands.append(operand_text(step.derived))
     work = _dim(step.workspace.elements) if step.workspace.elements != 0 else "0"
     if step.workspace.per_thread != 0:
         work += f" + {_dim(step.workspace.per_thread)} per thread"
@@ -52,6 +55,8 @@ def program_text(program: Program) -> str:
              f"buffers channel-first)"]
     lines.append("regions (elements; per sample where marked):")
     for r in program.regions:
+        if r.name == DERIVED and r.size == 0:
+            continue            # only Winograd steps keep memory across calls: said where there is some
         lines.append(f"  {_REGION_SHORT[r.name]:<7} {r.name:<12} {_dim(r.size):>10}{' per sample' if r.per_sample else ''}"
                      f"  {r.doc}")
     lines.append("inputs:  " + ", ".join(f"{b.name}=act[{_dim(program.activations[b.value].offset)}:+"

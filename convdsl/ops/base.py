@@ -105,6 +105,11 @@ class Variant:
     # Elements each thread needs of its own when the kernel splits a batch across threads (conv
     # backward: its columns and its share of dW and db), planned like the shared workspace.
     thread_workspace: Callable[[tuple, TensorType, dict], Dim] = _no_workspace
+    # Elements its forward keeps from one call to the next, derived from the parameters alone
+    # (Winograd's transformed kernels, with the copy of the weights they were made from): the
+    # kernel remakes them when the weights differ from that copy (after an update, a load, a
+    # write into Model.params). Planned per step in the `derived` region, zero at create.
+    derived: Callable[[dict], int] = lambda attrs: 0
 
 
 @dataclass(frozen=True)

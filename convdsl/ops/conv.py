@@ -13,7 +13,7 @@ from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, 
 from .spatial import (effective_kernel, input_rank_check, output_sizes, pad_arg, per_axis, resolve_padding,
                       window_context)
 
-ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked")
+ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked", "winograd2", "winograd4")
 
 _WINDOW_ARGS = (
     Arg("stride", 1), pad_arg(), Arg("dilation", 1),
@@ -107,6 +107,99 @@ def _blocked_cost(in_types, out, attrs):
     return D.add(work, D.mul(copies, 2))
 
 
+# ---- Winograd F(m×m, 3×3) (lib/winograd.c.j2): 3×3, stride 1, dilation 1, 2-D ----
+
+WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}     # variant → m, the output tile's side
+# The tile block a Winograd kernel transforms, multiplies and transforms back at a time: about
+# this many elements of V and M together (L2-sized), in a multiple of 32 tiles (of every NR).
+WINOGRAD_BLOCK_ELEMENTS = 1 << 17
+
+
+def _is_winograd_shape(attrs) -> bool:
+    return len(attrs["kernel"]) == 2 and attrs["kernel"] == (3, 3) and attrs["stride"] == (1, 1) \
+        and attrs["dilation"] == (1, 1)
+
+
+# F(4×4, 3×3) rounds with transform entries up to 8 (Aᵀ) and 5 (Bᵀ): against PyTorch in f64,
+# f32 results of normal(0, 1) data and weights at 16² to 56², batch 1 to 4, used up to 0.68 of
+# the f32 tolerance (rtol 1e-4, atol 1e-5 after scale) for 16 to 256 input channels (forward and
+# dX; F(2×2, 3×3): at most 0.05, as im2col's 0.03). In f32 it applies up to this many input
+# channels per group, where it was measured; f64 has no bound.
+WINOGRAD4_F32_MAX_CHANNELS = 256
+
+
+def _is_winograd4_shape(attrs) -> bool:
+    return _is_winograd_shape(attrs) and (attrs["dtype"] == "f64"
+                                          or attrs["in"] // attrs["groups"] <= WINOGRAD4_F32_MAX_CHANNELS)
+
+
+def winograd_block(attrs, m: int) -> int:
+    """Tiles per block: V (α² × C/G × NB) and M (α² × K/G × NB) near WINOGRAD_BLOCK_ELEMENTS."""
+    per_tile = (m + 2) ** 2 * (attrs["in"] // attrs["groups"] + attrs["out"] // attrs["groups"])
+    return max(32, min(512, WINOGRAD_BLOCK_ELEMENTS // per_tile // 32 * 32))
+
+
+def _winograd_tiles(out, m: int) -> Dim:
+    return D.mul(D.ceildiv(out.spatial[0], m), D.ceildiv(out.spatial[1], m))
+
+
+def _winograd_workspace(m: int):
+    def workspace(in_types, out, attrs):
+        # V and M of one block, then the input gradient's packed transformed kernels of every group,
+        # [C/G rows × K/G] per position, rows rounded up to a panel (at most MR − 1 ≤ 7 more); 16
+        # more to align V. The forward's own kernels are kept in the derived region.
+        t, g = (m + 2) ** 2, attrs["groups"]
+        cg, kg = attrs["in"] // g, attrs["out"] // g
+        return t * (cg + kg) * winograd_block(attrs, m) + g * t * (cg + 7) * kg + 16
+    return workspace
+
+
+def _winograd_derived(m: int):
+    def derived(attrs):
+        # The copy of the weights the kept kernels were made from, then those kernels: per group
+        # and position [K/G rows rounded up to a panel × C/G].
+        t, g = (m + 2) ** 2, attrs["groups"]
+        cg, kg = attrs["in"] // g, attrs["out"] // g
+        return attrs["out"] * cg * 9 + g * t * (kg + 7) * cg
+    return derived
+
+
+# The cost model in the im2col variant's units (its GEMM's multiply-adds plus the columns), fitted
+# to one core of the machine the variants were measured on (16 to 512 channels, 4² to 56² maps,
+# benchmarks/RESULTS.md): each product's multiply-add costs WINOGRAD_PRODUCT_WEIGHT of im2col's
+# (short reductions over C/G, strided M), and the micro-kernel always computes whole panels of
+# NR tiles (at most 32 for f32 on 512-bit vectors), so a small map pays for the panel's empty
+# lanes; each input or output transform of one channel of one tile costs WINOGRAD_TILE_OPS[m]. The
+# kernel transform is kept across calls (`derived`), so it is not counted per sample.
+WINOGRAD_PRODUCT_WEIGHT = 1.2
+WINOGRAD_TILE_OPS = {2: 150, 4: 600}
+_WIDEST_VECTOR_BYTES = 64
+
+
+def _winograd_cost(m: int):
+    def cost(in_types, out, attrs):
+        t, g = (m + 2) ** 2, attrs["groups"]
+        cg, kg = attrs["in"] // g, attrs["out"] // g
+        tiles = _winograd_tiles(out, m)
+        panel = 2 * _WIDEST_VECTOR_BYTES // (8 if attrs["dtype"] == "f64" else 4)
+        lanes = D.mul(D.ceildiv(tiles, panel), panel)
+        products = D.floordiv(D.mul(lanes, int(WINOGRAD_PRODUCT_WEIGHT * 10) * t * cg * kg * g), 10)
+        return D.add(products, D.mul(tiles, WINOGRAD_TILE_OPS[m] * (attrs["in"] + attrs["out"])))
+    return cost
+
+
+def _winograd_variant(name: str) -> Variant:
+    m = WINOGRAD_TILES[name]
+    return Variant(
+        name, "conv", f"Winograd F({m}×{m}, 3×3): {(m + 2) ** 2} channel products per {m}×{m} output tile",
+        cost=_winograd_cost(m), applies=_is_winograd_shape if m == 2 else _is_winograd4_shape,
+        needs="a 2-D 3×3 kernel at stride 1 without dilation" + (
+            "" if m == 2 else f", and in f32 at most {WINOGRAD4_F32_MAX_CHANNELS} input channels per group "
+                              "(where its rounding error is measured inside the f32 tolerance)"),
+        workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels (dW: batch, as im2col)", fuses_epilogue=True,
+        thread_workspace=_own_gradients)
+
+
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
@@ -126,6 +219,8 @@ CONV_VARIANTS = (
             cost=_blocked_cost, workspace=_blocked_workspace,
             parallel="channel blocks × position tiles of each sample (backward: as im2col)",
             fuses_epilogue=True, thread_workspace=_columns_and_gradients),
+    _winograd_variant("winograd2"),
+    _winograd_variant("winograd4"),
 )
 
 
@@ -137,7 +232,7 @@ class Conv(OpDef):
     summary = "convolution (cross-correlation; flip=true for the mathematical one)"
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("groups", 1), *_LAYER_ARGS)
     template = "conv"
-    c_helpers = ("gemm", "im2col", "conv_blocked")
+    c_helpers = ("gemm", "im2col", "conv_blocked", "winograd")
     convolution = True
 
     def backward_reads(self, attrs):
@@ -183,6 +278,7 @@ class Conv(OpDef):
             "init": parse_init(attrs["init"], ctx),
             "frozen": frozen, "weight": weight,
             "algo": expect_symbol(attrs["algo"], ALGOS, ctx, "algo"),
+            "dtype": ctx.dtype,          # Winograd F(4×4, 3×3) applies by its measured f32 error
         }
         chosen = next((v for v in self.variants() if v.name == normalized["algo"]), None)
         if chosen is not None and not chosen.applies(normalized):
@@ -243,7 +339,8 @@ class Conv(OpDef):
         return f"{self.name}({', '.join(parts)})"
 
     def kernel_context(self, attrs, in_types, out, c) -> dict:
-        return window_context(attrs, in_types[0], out, c)
+        return {**window_context(attrs, in_types[0], out, c),
+                "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()}}
 
 
 @register

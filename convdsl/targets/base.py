@@ -31,8 +31,8 @@ from .. import resources
 from ..errors import ConvDSLError
 from ..ir import dims as D
 from ..ir.dims import Dim
-from ..lower.program import (ACTIVATION, ACTIVATIONS, PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary, Operand,
-                             ParallelSplit, Program, Step)
+from ..lower.program import (ACTIVATION, ACTIVATIONS, DERIVED, PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary,
+                             Operand, ParallelSplit, Program, Step)
 from ..ops.base import lookup
 from ..ops.losses import LABELS, LOSSES, PROBABILITIES
 
@@ -179,6 +179,7 @@ class NodeView:
     backward_args: list = field(default_factory=list)   # KernelArgs of its backward kernel
     size_args: list = field(default_factory=list)       # batch (and dim): what a helper of the kernel needs
     work: str | None = None                       # argument: the shared workspace, when the step has one
+    derived: str | None = None                    # argument: the step's memory kept across calls (Step.derived)
     thread_work: str | None = None                # argument: per-thread workspaces (with work_threads)
     # How the step's loops are split: axis and thresholds (its own loops and the im2col helpers',
     # the GEMM's, the batch loop's), all from the lowered program's ParallelSplit.
@@ -415,6 +416,8 @@ class Target:
                 args.append(KernelArg(f"epi_keep{i}", "output", {**src(stage.keep_input), "training_only": True}))
         if step.workspace.elements != 0:
             args.append(KernelArg("work", "output", {"region": WORKSPACE}))
+        if step.derived is not None:
+            args.append(KernelArg("derived", "output", src(step.derived)))
         args += [_STATE_ARGS[s]["forward"] for s in lookup(step.op).kernel_state if "forward" in _STATE_ARGS[s]]
         return args
 
@@ -503,6 +506,7 @@ class Target:
                 backward_args=self.backward_arguments(pg, backward, saved_index),
                 size_args=self.size_arguments(pg),
                 work="work" if step.workspace.elements != 0 else None,
+                derived="derived" if step.derived is not None else None,
                 thread_work="thread_work" if step.workspace.per_thread != 0 else None,
                 split={"axis": step.parallel.axis, "threshold": step.parallel.threshold,
                        "gemm_threshold": step.parallel.gemm_threshold,
@@ -575,7 +579,7 @@ class Target:
         saved = [{"index": k, "numel": host(s.saved.size), "offset": host(s.saved.offset), "node": s.label}
                  for k, s in enumerate(saved_steps)]
         regions = {r.name: host(r.size) for r in pg.regions
-                   if r.name in PER_SAMPLE_REGIONS + (WORKSPACE, THREAD_WORKSPACE)}
+                   if r.name in PER_SAMPLE_REGIONS + (WORKSPACE, THREAD_WORKSPACE, DERIVED)}
         # A sanitizer build's guard zones (lower(guard=…)): per sample in the activation blocks.
         guard_zones = {r.name: [{"offset": host(o), "size": host(n)} for o, n in r.guards] for r in pg.regions}
         buffer_table = [{"name": checked_identifier(b.full_name, dotted=True), "offset": b.offset, "size": b.size,

@@ -60,6 +60,34 @@ def test_random_network_on_opencl(seed):
     run_case(case, convdsl.load_source(render(case.program), backend="opencl"))
 
 
+# Networks whose 2-D 3×3 stride-1 convs (and depthwise ones) run as a forced Winograd variant
+# (CONVDSL_ALGO), as users force one: f64 convs (seed 3), f32 depthwise (7), f32 NHWC convs (38).
+WINOGRAD_SEEDS = [(3, "winograd4"), (7, "winograd4"), (38, "winograd2")]
+WINOGRAD_MORE = [(3, "winograd2"), (7, "winograd2"), (38, "winograd4"), (15, "winograd4"), (31, "winograd2"),
+                 (42, "winograd4")]
+
+
+def run_forcing(monkeypatch, seed: int, variant: str) -> None:
+    from convdsl.compiler import graph_from_source
+    from convdsl.lower import lower
+    case = generate(seed, BUDGET)
+    monkeypatch.setenv("CONVDSL_ALGO", f"conv={variant},depthwise={variant}")
+    assert variant in {s.variant for s in lower(graph_from_source(render(case.program))).forward}, \
+        f"seed {seed} has no layer {variant} applies to"
+    run_case(case)
+
+
+@pytest.mark.parametrize("seed, variant", WINOGRAD_SEEDS)
+def test_random_network_forcing_winograd(monkeypatch, seed, variant):
+    run_forcing(monkeypatch, seed, variant)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed, variant", WINOGRAD_MORE)
+def test_random_network_forcing_winograd_more(monkeypatch, seed, variant):
+    run_forcing(monkeypatch, seed, variant)
+
+
 @pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.stem)
 def test_regression(path):
     case, text = read_regression(path)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import convdsl
 from convdsl.compiler import graph_from_source, module_meta
-from opcases import (opencl_suite, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, forced_runs,
+from opcases import (opencl_suite, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, finite_differences,
+                     forced_runs,
                      run_cases, source, variant_plan, variant_run)
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
 
@@ -112,8 +113,15 @@ CASES = (
     conv_case("large-depth", (34, 14, 14), 40, 3, pad=1),
     conv_case("large-positions", (2, 48, 47), 3, 3, pad="same"),
     conv_case("large-depthwise", (24, 30, 30), None, 5, kind="depthwise", pad="same"),
+    # 3×3 at stride 1, the Winograd variants' shapes: padding before one side only, after only,
+    # wider than the kernel, none; groups with flip; one-row and odd maps; run-time sizes below
+    conv_case("3x3-pairs-asymmetric-wide", (3, 9, 7), 4, 3, pad=((2, 0), (0, 3))),
+    conv_case("3x3-end-only-nobias", (2, 5, 10), 3, 3, pad=((0, 2), (0, 1)), bias=False),
+    conv_case("3x3-groups-flip-same", (4, 6, 9), 6, 3, groups=2, flip=True, pad="same"),
+    conv_case("3x3-one-row", (2, 1, 7), 3, 3, pad=1),
     # run-time sizes: one model, the batch-3 run at a second size
     conv_case("runtime-same-stride", (3, 9, 7), 4, 3, stride=2, pad="same", dims=(3, "H", "W"), shape2=(3, 6, 10)),
+    conv_case("runtime-3x3-same", (3, 9, 7), 4, 3, pad="same", dims=(3, "P", "Q"), shape2=(3, 6, 13)),
     conv_case("runtime-1d-depthwise", (2, 9), None, 3, kind="depthwise", pad="same", stride=2, dims=(2, "L"),
               shape2=(2, 14)),
     conv_case("runtime-pointwise", (3, 5, 4), 4, 1, dims=(3, "A", "B"), shape2=(3, 7, 2)),
@@ -179,6 +187,48 @@ def test_every_variant_is_run_and_applies_by_its_rule():
     assert "2d-pointwise-groups" not in direct
     assert VARIANTS.forced["im2col"], "im2col is forced where the plan picks another variant"
     assert VARIANTS.forced["blocked"], "blocked is forced where the plan picks another variant"
+    for winograd in ("winograd2", "winograd4"):
+        runs_it = {IDS[i] for v, i in VARIANTS.pairs if v == winograd}
+        assert runs_it == {c.id for c in CASES if c.ref.get("kernel") == 3 and c.ref.get("stride", 1) == 1
+                           and c.ref.get("dilation", 1) == 1 and len(c.shape) == 3}, winograd
+        assert {"3x3-pairs-asymmetric-wide", "3x3-groups-flip-same", "runtime-3x3-same", "large-depth"} <= runs_it
+
+
+# Winograd in float64: each applicable case forced to each Winograd variant in the op's own
+# `algo=`, so that one f64 module holds both.
+WINOGRAD_CASES = tuple(
+    Case(f"{c.id}-{v}", c.shape, c.op[:-1] + f", algo={v})", c.ref, c.dims)
+    for v in ("winograd2", "winograd4") for i, c in enumerate(CASES)
+    if (v, i) in VARIANTS.pairs and "large" not in c.id and "runtime" not in c.id)
+
+
+def test_winograd_finite_differences_float64():
+    assert len(WINOGRAD_CASES) >= 14
+    finite_differences(compile_cases(WINOGRAD_CASES, dtype="f64"), WINOGRAD_CASES, np.random.default_rng(104))
+
+
+def test_winograd_remakes_its_kernels_when_the_weights_change():
+    """The forward keeps its transformed kernels across calls: a write into Model.params, a
+    train_step and a load must each be seen by the next forward."""
+    src = ("network W {\n input x: [5, 8, 7]\n y = x -> conv(6, kernel=3, pad=same, algo=winograd4) -> relu"
+           " -> conv(4, kernel=3, pad=((0, 2), (1, 0)), algo=winograd2)\n output y\n loss mse(y)\n}\n")
+    net = convdsl.load_source(src).Model(seed=0)
+    rng = np.random.default_rng(105)
+    x = rng.standard_normal((2, 5, 8, 7)).astype(np.float32)
+
+    def expected():
+        p = torch_params(net)
+        h = F.relu(F.conv2d(torch.tensor(x, dtype=torch.float64), p["conv1.weight"], p["conv1.bias"], padding=1))
+        return F.conv2d(pad_spatial(h, ((0, 2), (1, 0))), p["conv2.weight"], p["conv2.bias"]).detach().numpy()
+
+    assert_close(net.forward(x), expected(), what="first forward")
+    for name in ("conv1.weight", "conv2.weight"):
+        net.params[name][...] = rng.standard_normal(net.params[name].shape)
+        assert_close(net.forward(x), expected(), what=f"after writing {name}")
+    net.train()
+    net.train_step(x, rng.standard_normal((2, 4, 8, 6)).astype(np.float32), lr=0.1)
+    net.eval()
+    assert_close(net.forward(x), expected(), what="after a train_step")
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
