@@ -109,9 +109,10 @@ def test_the_thread_split_threshold_comes_from_the_lowered_program():
     assert "#pragma omp parallel for schedule(static)\n" in kernel
 
 
+# The conv forced to im2col: its kernels are the ones that call the GEMM and im2col helpers.
 SHARED_HELPERS = """network Helpers {
     input x: [3, 6, 6]
-    a = x -> conv(4, kernel=3) -> relu
+    a = x -> conv(4, kernel=3, algo=im2col) -> relu
     b = a -> deconv(2, kernel=2, stride=2) -> flatten -> dense(5)
     output b
 }
