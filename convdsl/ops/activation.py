@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..ir import dims as D
-from .base import OUTPUT, Arg, OpDef, expect_float, register
+from .base import INPUTS, OUTPUT, Arg, OpDef, expect_float, register
 
 
 class Pointwise(OpDef):
@@ -19,7 +19,7 @@ class Pointwise(OpDef):
 class Relu(Pointwise):
     name = "relu"
     parallel = "elements"
-    relatives = ("relu6", "elu", "selu", "gelu", "silu", "swish", "mish", "softplus", "hardswish", "celu")
+    relatives = ("selu", "mish", "softplus", "celu")
     summary = "max(x, 0)"
 
 
@@ -27,14 +27,13 @@ class Relu(Pointwise):
 class Sigmoid(Pointwise):
     name = "sigmoid"
     aliases = ("logistic",)
-    relatives = ("hardsigmoid",)
     summary = "1 / (1 + e^-x)"
 
 
 @register
 class Tanh(Pointwise):
     name = "tanh"
-    relatives = ("hardtanh", "softsign")
+    relatives = ("softsign",)
     summary = "tanh(x)"
 
 
@@ -42,7 +41,7 @@ class Tanh(Pointwise):
 class LeakyRelu(Pointwise):
     name = "leaky_relu"
     aliases = ("lrelu",)
-    relatives = ("prelu", "rrelu")
+    relatives = ("rrelu",)
     summary = "x if x > 0 else alpha·x"
     args = (Arg("alpha", 0.01),)
 
@@ -51,6 +50,92 @@ class LeakyRelu(Pointwise):
 
     def describe(self, attrs):
         return f"leaky_relu({attrs['alpha']:g})"
+
+
+class InputPointwise(Pointwise):
+    """An activation whose derivative is not a function of its output (silu, gelu, hardswish
+    are not one-to-one): its backward reads x. Fused into a producer, training keeps the value
+    the producer made for it (lower/plan.py's `keep`), as for scale."""
+    saves_for_backward = frozenset({INPUTS})
+    parallel = "elements"
+
+
+@register
+class Clip(Pointwise):
+    name = "clip"
+    parallel = "elements"
+    aliases = ("clamp", "hardtanh")
+    summary = "min(max(x, min), max): PyTorch's hardtanh / clamp, ONNX Clip"
+    args = (Arg("min"), Arg("max"))
+
+    def normalize(self, attrs, in_types, ctx):
+        lo = expect_float(attrs["min"], ctx, "min")
+        hi = expect_float(attrs["max"], ctx, "max")
+        # The backward tells the linear part from the output, lo < y < hi: an empty range has none.
+        if not lo < hi:
+            raise ctx.error(f"clip needs min < max, got min={attrs['min']} and max={attrs['max']}", arg="max")
+        return {"min": lo, "max": hi}
+
+    def describe(self, attrs):
+        return f"clip({attrs['min']:g}, {attrs['max']:g})"
+
+
+@register
+class Relu6(Clip):
+    name = "relu6"
+    aliases = ()
+    template = "clip"              # clip(0, 6): one kernel, one epilogue formula
+    summary = "min(max(x, 0), 6) (MobileNet)"
+    args = ()
+
+    def normalize(self, attrs, in_types, ctx):
+        return {"min": 0.0, "max": 6.0}
+
+    def describe(self, attrs):
+        return "relu6"
+
+
+@register
+class HardSigmoid(Pointwise):
+    name = "hardsigmoid"
+    parallel = "elements"
+    aliases = ("hard_sigmoid",)
+    summary = "min(max(x/6 + 1/2, 0), 1), as PyTorch's Hardsigmoid"
+
+
+@register
+class HardSwish(InputPointwise):
+    name = "hardswish"
+    aliases = ("hard_swish", "hswish")
+    summary = "x · min(max(x + 3, 0), 6) / 6 (MobileNetV3)"
+
+
+@register
+class Silu(InputPointwise):
+    name = "silu"
+    aliases = ("swish",)
+    summary = "x · sigmoid(x) (swish)"
+
+
+@register
+class Gelu(InputPointwise):
+    name = "gelu"
+    summary = "x · Φ(x), Φ the normal CDF, with erf (PyTorch's exact GELU)"
+
+
+@register
+class Elu(Pointwise):
+    name = "elu"
+    parallel = "elements"
+    summary = "x if x > 0 else alpha·(e^x − 1)"
+    args = (Arg("alpha", 1.0),)
+
+    def normalize(self, attrs, in_types, ctx):
+        # alpha ≥ 0 keeps y > 0 exactly where x > 0, so that the backward can read y alone.
+        return {"alpha": expect_float(attrs["alpha"], ctx, "alpha", lo=0.0)}
+
+    def describe(self, attrs):
+        return f"elu({attrs['alpha']:g})"
 
 
 @register
