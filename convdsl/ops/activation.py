@@ -1,8 +1,10 @@
-"""Element-wise activations and the per-position softmax over channels (§4.1)."""
+"""Element-wise activations, prelu (a learned slope per channel) and the per-position softmax over
+channels (§4.1)."""
 from __future__ import annotations
 
 from ..ir import dims as D
-from .base import INPUTS, OUTPUT, Arg, OpDef, expect_float, register
+from ..ir.graph import Init, ParamSpec
+from .base import INPUTS, OUTPUT, Arg, OpDef, expect_bool, expect_float, register
 
 
 class Pointwise(OpDef):
@@ -147,6 +149,40 @@ class Softmax(OpDef):
     positionwise = True            # the channels of one position, each position on its own
     locality = "position"
     saves_for_backward = frozenset({OUTPUT})   # dx_c = y_c · (dy_c − Σ_k dy_k y_k)
+
+    def kernel_context(self, attrs, in_types, out, c):
+        t = in_types[0]
+        return {"C": c(t.channels), "spatial": c(D.product(t.spatial))}
+
+
+@register
+class Prelu(OpDef):
+    name = "prelu"
+    saves_for_backward = frozenset({INPUTS})   # dx and the slopes' gradient both tell x > 0 from x
+    parallel = "channels"
+    summary = "x if x > 0 else a[c]·x, a learned slope per channel (PyTorch's PReLU(num_parameters=C))"
+    args = (Arg("init", 0.25), Arg("shared", False))
+    positionwise = True
+    locality = "channel"
+
+    def normalize(self, attrs, in_types, ctx):
+        (t,) = in_types
+        if not isinstance(t.channels, int):
+            raise ctx.error(f"prelu needs a fixed channel count; the input is {ctx.shape_text(t)}")
+        return {"C": t.channels, "init": expect_float(attrs["init"], ctx, "init"),
+                "shared": expect_bool(attrs["shared"], ctx, "shared")}
+
+    def param_specs(self, in_types, attrs):
+        # One slope per channel, or one for all (PyTorch's PReLU() default, num_parameters=1).
+        n = 1 if attrs["shared"] else attrs["C"]
+        return (ParamSpec("weight", (n,), Init("const"), True, 1, 1, (attrs["init"],) * n),)
+
+    def macs(self, in_types, out, attrs):
+        return D.product(out.shape)
+
+    def describe(self, attrs):
+        parts = ([f"init={attrs['init']:g}"] if attrs["init"] != 0.25 else []) + (["shared"] if attrs["shared"] else [])
+        return "prelu" + (f"({', '.join(parts)})" if parts else "")
 
     def kernel_context(self, attrs, in_types, out, c):
         t = in_types[0]
