@@ -116,6 +116,7 @@ class Arg:
     lacks: tuple[str, ...] = ()      # values other libraries take here that the language lacks
     lacks_why: str = ""              # said when one of `lacks` is written: "reflect padding is …"
     symbols: tuple[str, ...] = ()    # bare words it takes (`same`, `he`): the language's vocabulary
+    shape: bool = False              # takes a shape written as a list, as `input` has it: `[C, H, W]`
 
 
 INIT_SYMBOLS = ("he", "xavier", "zeros", "ones")
