@@ -260,8 +260,9 @@ class OpDef:
     # that `fuses_as` says can run there, in the network's order.
     fuses_epilogue: ClassVar[bool] = False
     # How a producer's kernel can apply this op as it writes (lower/plan.py decides when it may):
-    # "activation" (an element-wise function of the value: relu …; then saves_for_backward must
-    # be {OUTPUT}), "residual" (the sum with one other tensor of the same shape: add), "scale"
+    # "activation" (an element-wise function of the value: relu …; then saves_for_backward is
+    # {OUTPUT}, or {INPUTS} for one whose derivative its output does not give — silu, gelu —, which
+    # training then keeps as the producer writes it), "residual" (the sum with one other tensor of the same shape: add), "scale"
     # (times a per-sample factor of its channel: scale). None: it runs as a kernel of its own.
     fuses_as: ClassVar[str | None] = None
 
