@@ -1567,6 +1567,10 @@ class GroupNorm(OpSpec):
     def check(self, ins, a, it):
         g = self.group_count(ins[0], a)
         _eps(a)
+        if min(ins[0].channels // g * math.prod(s[1:]) for s in ins[0].shapes()) == 1:
+            # Not a rule of the language (each value becomes its bias): F.group_norm refuses one
+            # value per group at batch 1, as batch_norm does, though no batch statistic is taken.
+            raise Invalid("campaign: PyTorch's group_norm refuses one value per group")
         if it.abstract and it.program.dtype == "f32" and \
                 min(ins[0].channels // g * math.prod(s[1:]) for s in ins[0].shapes()) < 4:
             # As for batchnorm: with fewer than 4 values per group the gradient through the
