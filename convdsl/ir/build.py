@@ -637,6 +637,9 @@ class GraphBuilder:
             raise self.undefined(e.id, e.span, scope, arg)
         if isinstance(e, ast.Str):
             raise self.string_error(e, scope, arg)
+        if isinstance(e, ast.ListLit) and arg is not None and arg.shape:
+            # A shape, written as shapes are (`reshape([C, H, W])`): its sizes, each evaluated.
+            return tuple(self.eval(i, scope) for i in e.items)
         return self.eval(e, scope)
 
     def undefined(self, name: str, span: Span, scope: Scope, arg: Arg | None = None) -> ConvDSLError:

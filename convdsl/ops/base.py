@@ -121,6 +121,7 @@ class Arg:
     lacks: tuple[str, ...] = ()      # values other libraries take here that the language lacks
     lacks_why: str = ""              # said when one of `lacks` is written: "reflect padding is …"
     symbols: tuple[str, ...] = ()    # bare words it takes (`same`, `he`): the language's vocabulary
+    shape: bool = False              # takes a shape written as a list, as `input` has it: `[C, H, W]`
 
 
 INIT_SYMBOLS = ("he", "xavier", "zeros", "ones")
@@ -271,8 +272,9 @@ class OpDef:
     # that `fuses_as` says can run there, in the network's order.
     fuses_epilogue: ClassVar[bool] = False
     # How a producer's kernel can apply this op as it writes (lower/plan.py decides when it may):
-    # "activation" (an element-wise function of the value: relu …; then saves_for_backward must
-    # be {OUTPUT}), "residual" (the sum with one other tensor of the same shape: add), "scale"
+    # "activation" (an element-wise function of the value: relu …; then saves_for_backward is
+    # {OUTPUT}, or {INPUTS} for one whose derivative its output does not give — silu, gelu —, which
+    # training then keeps as the producer writes it), "residual" (the sum with one other tensor of the same shape: add), "scale"
     # (times a per-sample factor of its channel: scale). None: it runs as a kernel of its own.
     fuses_as: ClassVar[str | None] = None
 

@@ -10,8 +10,8 @@ from ..ir.dims import Dim
 from ..ir.graph import Init, ParamSpec, TensorType
 from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, describe_value, expect_bool, expect_int,
                    expect_symbol, init_arg, parse_init, register)
-from .spatial import (effective_kernel, input_rank_check, output_sizes, pad_arg, per_axis, resolve_padding,
-                      window_context)
+from .spatial import (PAD_MODES, effective_kernel, input_rank_check, output_sizes, pad_arg, pad_mode_arg, per_axis,
+                      resolve_padding, window_context)
 
 ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked", "winograd2", "winograd4")
 
@@ -20,8 +20,32 @@ _WINDOW_ARGS = (
 )
 _LAYER_ARGS = (
     Arg("bias", True), Arg("flip", False), init_arg(), Arg("frozen", False),
-    Arg("weight", None), Arg("algo", Symbol("auto"), symbols=ALGOS),
+    Arg("weight", None), Arg("algo", Symbol("auto"), symbols=ALGOS), pad_mode_arg(),
 )
+
+
+def explicit_padding(op: str, builder, x, attrs: dict, ctx: OpContext):
+    """(input, attributes) of a convolution whose padding is filled as `pad_mode` says: with
+    zeros, unchanged (the kernels skip the padded cells); reflect or replicate, a pad layer
+    `<label>.pad` first (ops/pad.py) and the convolution then without padding, which gives the
+    same output size (out = (in + before + after − keff) // stride + 1 either way)."""
+    mode = expect_symbol(attrs["pad_mode"], PAD_MODES, ctx, "pad_mode")
+    if mode == "zeros":
+        return x, attrs
+    t = builder.type_of(x)
+    rank = input_rank_check(op, t, ctx)
+    kernel = per_axis(attrs["kernel"], rank, ctx, "kernel")
+    stride = per_axis(attrs["stride"], rank, ctx, "stride")
+    dilation = per_axis(attrs["dilation"], rank, ctx, "dilation")
+    pads = resolve_padding(attrs["pad"], t.spatial, kernel, stride, dilation, ctx)
+    if not all(isinstance(p, int) for pair in pads for p in pair):
+        raise ctx.error(f"pad_mode={mode} needs padding known at check time, but pad={describe_value(attrs['pad'])} "
+                        f"depends on the run-time size of {ctx.shape_text(t)}", arg="pad")
+    rest = {**attrs, "pad": Symbol("valid"), "pad_mode": Symbol("zeros")}
+    if all(p == 0 for pair in pads for p in pair):
+        return x, rest
+    padded = builder.apply_primitive("pad", (x,), {"pad": tuple(pads), "mode": Symbol(mode)}, ctx, "pad")
+    return padded, rest
 
 
 def _kernel_text(k: tuple[int, ...]) -> str:
@@ -245,6 +269,13 @@ class Conv(OpDef):
     def groups(self, attrs: dict, cin, ctx: OpContext) -> int:
         return expect_int(attrs["groups"], "groups", ctx, "groups", minimum=1)
 
+    def expand(self, builder, inputs, attrs, ctx):
+        # Reflect and replicate padding: a pad layer, then this convolution on the padded map.
+        x, rest = explicit_padding(self.name, builder, inputs[0], attrs, ctx)
+        if x is inputs[0] and rest is attrs:
+            return None
+        return builder.apply_primitive(self.name, (x,), rest, ctx, None)
+
     def normalize(self, attrs: dict, in_types, ctx: OpContext) -> dict:
         (t,) = in_types
         rank = input_rank_check(self.name, t, ctx)
@@ -270,6 +301,8 @@ class Conv(OpDef):
                                 f"this {self.name}'s weight is [{', '.join(map(str, wshape))}] "
                                 f"(out, in/groups, *kernel)", arg="weight")
         frozen = expect_bool(attrs["frozen"], ctx, "frozen")
+        if expect_symbol(attrs["pad_mode"], PAD_MODES, ctx, "pad_mode") != "zeros":
+            raise ctx.error("internal error: a convolution with pad_mode other than zeros is not expanded")
         normalized = {
             "out": out, "in": cin, "groups": groups, "kernel": kernel, "stride": stride,
             "dilation": dilation, "pads": pads, "pad_spec": attrs["pad"],
@@ -368,10 +401,11 @@ class Separable(OpDef):
     aliases = ("separable_conv", "separable_convolution")
     summary = "depthwise then 1×1 conv with the bias, as in Keras (§3.8)"
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("bias", True), init_arg(),
-            Arg("frozen", False))
+            Arg("frozen", False), pad_mode_arg())
 
     def expand(self, builder, inputs, attrs, ctx):
-        dw = builder.apply_primitive("depthwise", inputs, {
+        x, attrs = explicit_padding(self.name, builder, inputs[0], attrs, ctx)
+        dw = builder.apply_primitive("depthwise", (x,), {
             "kernel": attrs["kernel"], "stride": attrs["stride"], "pad": attrs["pad"],
             "dilation": attrs["dilation"], "bias": False, "init": attrs["init"], "frozen": attrs["frozen"],
         }, ctx, "dw")

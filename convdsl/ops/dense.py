@@ -1,16 +1,18 @@
-"""dense (fully connected) and flatten (§2.4, §2.5)."""
+"""dense (fully connected), flatten and reshape (§2.4, §2.5)."""
 from __future__ import annotations
+
+import math
 
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import INPUTS, Arg, OpDef, expect_bool, expect_int, init_arg, parse_init, register
+from .base import (INPUTS, Arg, OpDef, check_attribute_size, describe_value, expect_bool, expect_int, init_arg,
+                   parse_init, register)
 
 
 @register
 class Flatten(OpDef):
     name = "flatten"
     saves_for_backward = frozenset()           # dy reshaped
-    relatives = ("reshape", "view")
     summary = "→ [C·H·W] in the layout's order (C,H,W for NCHW; H,W,C for NHWC)"
     flattens = True
 
@@ -82,3 +84,61 @@ class Dense(OpDef):
 
     def describe(self, attrs):
         return f"dense({attrs['out']}" + (", frozen" if attrs["frozen"] else "") + ")"
+
+
+@register
+class Reshape(OpDef):
+    """The same values under another shape, read and written in the layout's order (C, H, W in
+    NCHW; H, W, C in NHWC, where the shape is written channels last as `input` has it): the
+    flatten and unflatten of ONNX graphs, `reshape([8, 4, 4])` of a vector of 128."""
+    name = "reshape"
+    saves_for_backward = frozenset()           # dy under the input's shape
+    aliases = ("view", "unflatten")
+    summary = "the same values under another shape, in the layout's order; element counts must match"
+    args = (Arg("shape", shape=True, forms="a shape written as a list, such as [8, 4, 4]; one size may be -1"),)
+
+    def normalize(self, attrs, in_types, ctx):
+        (t,) = in_types
+        written = attrs["shape"]
+        written = written if isinstance(written, tuple) else (written,)
+        if not 1 <= len(written) <= 4:
+            raise ctx.error(f"`shape` must have 1 to 4 sizes (a vector or a map of 1 to 3 spatial axes), "
+                            f"got {describe_value(attrs['shape'])}", arg="shape")
+        for v in written:
+            if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+                raise ctx.error(f"`shape` sizes must be positive integers (or one -1, for the size that makes "
+                                f"the counts match), got {describe_value(attrs['shape'])}", arg="shape")
+            check_attribute_size(v, ctx, "shape")
+        if not all(isinstance(d, int) for d in t.shape):
+            raise ctx.error(f"reshape needs an input of fixed size; the input is {ctx.shape_text(t)}")
+        count = D.product(t.shape)
+        if written.count(-1) > 1:
+            raise ctx.error("`shape` may leave one size to be inferred (-1), not more", arg="shape")
+        known = math.prod(v for v in written if v != -1)
+        if -1 in written:
+            if count % known:
+                raise ctx.error(f"reshape: no size for -1 makes {describe_value(written)} hold the {count} values "
+                                f"of the input {ctx.shape_text(t)}", arg="shape")
+            written = tuple(count // known if v == -1 else v for v in written)
+        elif known != count:
+            raise ctx.error(f"reshape: [{', '.join(map(str, written))}] holds {known} values but the input "
+                            f"{ctx.shape_text(t)} holds {count}", arg="shape")
+        # Buffers are channel-first inside; a map written in NHWC has its channels last.
+        shape = written if ctx.layout == "NCHW" or len(written) == 1 else (written[-1], *written[:-1])
+        return {"shape": shape, "layout": ctx.layout}
+
+    def infer(self, in_types, attrs, ctx):
+        return TensorType(attrs["shape"])
+
+    def describe(self, attrs):
+        shape = attrs["shape"]
+        shown = shape if attrs["layout"] == "NCHW" or len(shape) == 1 else (*shape[1:], shape[0])
+        return f"reshape([{', '.join(map(str, shown))}])"
+
+    def kernel_context(self, attrs, in_types, out, c):
+        def channels_last(t):
+            return attrs["layout"] == "NHWC" and t.rank > 1 and D.product(t.spatial) != 1
+        t = in_types[0]
+        return {"permute_in": channels_last(t), "permute_out": channels_last(out),
+                "C_in": c(t.channels), "S_in": c(D.product(t.spatial)),
+                "C_out": c(out.channels), "S_out": c(D.product(out.spatial)), "numel": c(D.product(out.shape))}

@@ -1,4 +1,5 @@
-"""Joins of several tensors: add (residuals), concat (Inception, §3.6), scale (SE, §3.10)."""
+"""Joins of several tensors: add (residuals), sub and mul (element-wise), concat (Inception, §3.6),
+scale (SE, §3.10)."""
 from __future__ import annotations
 
 from ..ir import dims as D
@@ -27,6 +28,44 @@ class Add(OpDef):
 
     def kernel_context(self, attrs, in_types, out, c):
         return {"numel": c(D.product(out.shape))}
+
+
+class Binary(OpDef):
+    """An element-wise op of exactly two tensors of one shape, as add has them (a per-channel
+    factor is `scale`'s)."""
+    parallel = "elements"
+    locality = "value"
+    min_inputs, max_inputs = 2, 2
+
+    def infer(self, in_types, attrs, ctx):
+        a, b = in_types
+        if b.shape != a.shape:
+            hint = ""
+            if b.shape[0] == a.channels and all(d == 1 for d in b.shape[1:]) and a.shape != b.shape and \
+                    self.name == "mul":
+                hint = "; for one factor per channel write scale(x, s)"
+            raise ctx.error(f"{self.name}: input 2 is {ctx.shape_text(b)} but input 1 is {ctx.shape_text(a)}; "
+                            f"{self.name} needs equal shapes{hint}")
+        return a
+
+    def kernel_context(self, attrs, in_types, out, c):
+        return {"numel": c(D.product(out.shape))}
+
+
+@register
+class Sub(Binary):
+    name = "sub"
+    saves_for_backward = frozenset()           # da = dy, db = −dy
+    aliases = ("subtract", "minus", "difference")
+    summary = "element-wise difference a − b of two tensors of one shape"
+
+
+@register
+class Mul(Binary):
+    name = "mul"
+    saves_for_backward = frozenset({INPUTS})   # da = dy·b, db = dy·a
+    aliases = ("multiply", "product", "hadamard")
+    summary = "element-wise product of two tensors of one shape (a gate; per channel: scale)"
 
 
 @register
@@ -59,7 +98,6 @@ class Scale(OpDef):
     name = "scale"
     saves_for_backward = frozenset({INPUTS})   # dx = dy·s and ds = Σ dy·x: both inputs
     parallel = "batch × channels"
-    relatives = ("multiply", "mul")
     summary = "x[c] · s[c]: s is [C] or [C, 1, 1]"
     fuses_as = "scale"             # the producer of x multiplies by s as it writes
     min_inputs, max_inputs = 2, 2

@@ -1,4 +1,5 @@
-"""batchnorm and dropout: the two layer kinds that behave differently in training and inference mode.
+"""Normalisations and dropout. batchnorm and dropout behave differently in training and inference
+mode; layernorm, groupnorm and instancenorm do not (each sample's own statistics, no running ones).
 
 batchnorm follows PyTorch's BatchNorm1d/2d/3d: in training mode it normalises with the batch's
 statistics (over the batch and every position, biased variance) and moves the running
@@ -20,7 +21,7 @@ class BatchNorm(OpDef):
     parallel = "channels"
     kernel_state = ("mode",)
     aliases = ("batch_norm", "batch_normalization", "bn")
-    relatives = ("layer_norm", "group_norm", "instance_norm", "layer_normalization", "group_normalization")
+    relatives = ("local_response_norm", "lrn")
     summary = "batch normalisation: batch statistics in training mode, running ones in inference mode"
     args = (Arg("eps", 1e-5), Arg("momentum", 0.1))
     positionwise = True            # at inference y = a·x + b per channel; training adds batch statistics
@@ -67,6 +68,121 @@ class BatchNorm(OpDef):
         return (TrainingGuard(D.product(in_types[0].spatial), 2,
                               "needs more than one value per channel in training mode (batch x positions = 1); "
                               "use a larger batch, or eval() mode"),)
+
+
+def _positive_eps(attrs, ctx) -> float:
+    eps = expect_float(attrs["eps"], ctx, "eps", lo=0.0)
+    if eps <= 0.0:
+        raise ctx.error(f"`eps` must be greater than 0, got {attrs['eps']}", arg="eps")
+    return eps
+
+
+def _fixed_channels(op: str, t, ctx) -> int:
+    if not isinstance(t.channels, int):
+        raise ctx.error(f"{op} needs a fixed channel count; the input is {ctx.shape_text(t)}")
+    return t.channels
+
+
+def _affine_specs(c: int) -> tuple[ParamSpec, ...]:
+    return (ParamSpec("weight", (c,), Init("ones"), True, c, c),
+            ParamSpec("bias", (c,), Init("zeros"), True, c, c))
+
+
+@register
+class GroupNorm(OpDef):
+    """PyTorch's GroupNorm(groups, C): each sample's channels in `groups` groups of C/groups
+    consecutive channels, each group normalised over its channels and every position (biased
+    variance), then a learned scale and shift per channel. No running statistics: training and
+    inference compute the same."""
+    name = "groupnorm"
+    saves_for_backward = frozenset({INPUTS})   # the statistics are computed again from x
+    parallel = "batch × groups"
+    aliases = ("group_norm", "group_normalization")
+    summary = "group normalisation: each sample's groups of channels over their positions, affine per channel"
+    args = (Arg("groups"), Arg("eps", 1e-5))
+    template = "groupnorm"
+    positionwise = False
+    locality = None                # a value depends on its whole group of channels and positions
+
+    def groups_of(self, attrs, t, ctx) -> int:
+        from .channel import _channel_split
+        return _channel_split(self.name, t, attrs["groups"], "groups", ctx)
+
+    def normalize(self, attrs, in_types, ctx):
+        (t,) = in_types
+        c = _fixed_channels(self.name, t, ctx)
+        return {"C": c, "groups": self.groups_of(attrs, t, ctx), "eps": _positive_eps(attrs, ctx)}
+
+    def param_specs(self, in_types, attrs):
+        return _affine_specs(attrs["C"])
+
+    def macs(self, in_types, out, attrs):
+        # Mean, variance, then one multiply-add per value.
+        return D.mul(D.product(out.shape), 3)
+
+    def describe(self, attrs):
+        eps = f", eps={attrs['eps']:g}" if attrs["eps"] != 1e-5 else ""
+        return f"groupnorm({attrs['groups']}{eps})"
+
+    def kernel_context(self, attrs, in_types, out, c):
+        t = in_types[0]
+        return {"C": c(t.channels), "spatial": c(D.product(t.spatial)), "G": attrs["groups"]}
+
+
+@register
+class InstanceNorm(GroupNorm):
+    """groupnorm with one channel per group: PyTorch's InstanceNorm(C, affine=True), or
+    GroupNorm(C, C). Each channel of each sample over its positions."""
+    name = "instancenorm"
+    aliases = ("instance_norm", "instance_normalization")
+    summary = "instance normalisation: each channel of each sample over its positions, affine (groupnorm(C))"
+    args = (Arg("eps", 1e-5),)
+
+    def groups_of(self, attrs, t, ctx) -> int:
+        if t.rank < 2 or D.product(t.spatial) == 1:
+            raise ctx.error(f"instancenorm normalises each channel over its positions, but the input "
+                            f"{ctx.shape_text(t)} has one position per channel (every value would become "
+                            f"its bias); use layernorm for a vector")
+        return t.channels
+
+    def describe(self, attrs):
+        return "instancenorm" + (f"(eps={attrs['eps']:g})" if attrs["eps"] != 1e-5 else "")
+
+
+@register
+class LayerNorm(OpDef):
+    """Layer normalisation over the channels at each position, with a learned scale and shift per
+    channel: PyTorch's LayerNorm(C) on a vector [C] (a transformer's or an MLP's), and ConvNeXt's
+    channels-last LayerNorm on a map. Normalising over all of C, H, W is groupnorm(1)."""
+    name = "layernorm"
+    saves_for_backward = frozenset({INPUTS})   # the statistics are computed again from x
+    parallel = "positions"
+    aliases = ("layer_norm", "layer_normalization")
+    summary = "layer normalisation over the channels at each position, affine per channel"
+    args = (Arg("eps", 1e-5),)
+    positionwise = True            # the channels of one position, each position on its own
+    locality = "position"
+
+    def normalize(self, attrs, in_types, ctx):
+        (t,) = in_types
+        return {"C": _fixed_channels(self.name, t, ctx), "eps": _positive_eps(attrs, ctx)}
+
+    def param_specs(self, in_types, attrs):
+        return _affine_specs(attrs["C"])
+
+    def macs(self, in_types, out, attrs):
+        return D.mul(D.product(out.shape), 3)
+
+    def scratch_elements(self, in_types, out, attrs):
+        # The backward's mean and 1/std at every position of one sample.
+        return D.mul(D.product(in_types[0].spatial), 2)
+
+    def describe(self, attrs):
+        return "layernorm" + (f"(eps={attrs['eps']:g})" if attrs["eps"] != 1e-5 else "")
+
+    def kernel_context(self, attrs, in_types, out, c):
+        t = in_types[0]
+        return {"C": c(t.channels), "spatial": c(D.product(t.spatial))}
 
 
 @register

@@ -10,17 +10,36 @@ from typing import Callable
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import TensorType
+from ..errors import ConvDSLError
 from .base import Arg, OpContext, Symbol, check_attribute_size, describe_value, spatial_rank_error
 
 PAD_FORMS = ("valid, same or full, an integer (that many zeros on every side), a tuple per axis such as "
              "(1, 2), or (before, after) pairs such as ((1, 0), (2, 1))")
 
 
+PAD_MODES = ("zeros", "reflect", "replicate")
+_LACKED_MODES = ("reflection", "replication", "circular", "symmetric", "edge", "wrap")
+_LACKED_WHY = ("circular and symmetric padding are not in the language (padding adds zeros, or with "
+               "pad_mode=reflect or replicate mirrors or repeats the border)")
+
+
 def pad_arg(default=Symbol("valid")) -> Arg:
     """The `pad` argument of the conv and pool family, with what it takes for messages."""
     return Arg("pad", default, forms=PAD_FORMS, symbols=("valid", "same", "full"),
-               lacks=("reflect", "reflection", "replicate", "replication", "circular", "symmetric", "edge", "wrap"),
-               lacks_why="reflect, replicate and circular padding are not in the language (padding adds zeros)")
+               lacks=_LACKED_MODES, lacks_why=_LACKED_WHY)
+
+
+def pad_mode_arg(name: str = "pad_mode") -> Arg:
+    """How padding is filled, as PyTorch's Conv2d(padding_mode=…) and F.pad(mode=…) have it:
+    zeros, reflect (mirrored without repeating the border) or replicate (the border repeated)."""
+    return Arg(name, Symbol("zeros"), forms=", ".join(PAD_MODES), symbols=PAD_MODES,
+               lacks=_LACKED_MODES, lacks_why=_LACKED_WHY)
+
+
+def mode_error(pad: Symbol, ctx: OpContext, arg: str) -> ConvDSLError:
+    return ctx.error(f"`{arg}` says how much padding; {pad.name} is how it is filled: write `{arg}=1, "
+                     f"pad_mode={pad.name}` (conv, depthwise and separable take pad_mode), or pad the map "
+                     f"first with `pad(1, mode={pad.name})`", arg=arg)
 
 
 def axes_text(rank: int) -> str:
@@ -68,6 +87,8 @@ def resolve_padding(pad, sizes: tuple[Dim, ...], kernel, stride, dilation, ctx: 
                     before = D.floordiv(total, 2)
                     out.append((before, D.sub(total, before)))
             return tuple(out)
+        if pad.name in PAD_MODES:
+            raise mode_error(pad, ctx, arg)
         raise ctx.error(f"`{arg}` is {PAD_FORMS}; got `{pad.name}`", arg=arg)
     if isinstance(pad, bool):
         raise ctx.error(f"`{arg}` is {PAD_FORMS}; got {describe_value(pad)}", arg=arg)

@@ -238,7 +238,7 @@ class Target:
         raise NotImplementedError
 
     def math_functions(self, dtype: str) -> dict[str, str]:
-        """exp, tanh, sqrt, log, fabs → the target's names for `dtype`."""
+        """exp, tanh, sqrt, log, fabs, erf → the target's names for `dtype`."""
         raise NotImplementedError
 
     def int_literal(self, n: int) -> str:

@@ -16,8 +16,8 @@ from .base import INT64_MAX, Target
 INT32_MAX = 2 ** 31 - 1
 
 _SCALAR = {"f32": "float", "f64": "double"}
-_MATH = {"f32": {"exp": "expf", "tanh": "tanhf", "sqrt": "sqrtf", "log": "logf", "fabs": "fabsf"},
-         "f64": {"exp": "exp", "tanh": "tanh", "sqrt": "sqrt", "log": "log", "fabs": "fabs"}}
+_MATH = {"f32": {"exp": "expf", "tanh": "tanhf", "sqrt": "sqrtf", "log": "logf", "fabs": "fabsf", "erf": "erff"},
+         "f64": {"exp": "exp", "tanh": "tanh", "sqrt": "sqrt", "log": "log", "fabs": "fabs", "erf": "erf"}}
 
 
 def c_int(n: int) -> str:

@@ -64,6 +64,8 @@ KEYWORDS = ("network", "block", "input", "output", "layer", "const", "repeat", "
 OP_NAMES = ("conv", "depthwise", "separable", "local", "tiled", "deconv", "maxpool", "avgpool", "l2pool",
             "globalavgpool", "globalmaxpool", "maxout", "shuffle", "upsample", "flatten", "dense", "relu",
             "sigmoid", "tanh", "leaky_relu", "softmax", "add", "concat", "scale", "batchnorm", "dropout",
+            "relu6", "clip", "hardsigmoid", "hardswish", "silu", "gelu", "elu", "prelu", "layernorm", "groupnorm",
+            "instancenorm", "sub", "mul", "pad", "reshape", "pad_mode", "reflect", "replicate",
             "softmax_cross_entropy", "mse", "channels", "height", "width", "same", "valid", "full", "he",
             "xavier", "normal", "uniform", "zeros", "ones", "nearest", "bilinear", "NCHW", "NHWC", "f32", "f64")
 ODD_NAMES = ("class", "None", "lambda", "import", "def", "int", "double", "float", "main", "free", "malloc",

@@ -13,7 +13,7 @@ import torch
 
 from netlang import (OPS, Apply, Arith, Assign, BlockDef, Case, ConstDecl, ConstName, Dec, InitFn, Input, Interp,
                      Invalid, LayerDecl, LayerVal, Loss, Measure, NumList, Output, ParamRef, Program, Ref, Repeat,
-                     Return, Scope, Sym, V)
+                     Return, Scope, ShapeList, Sym, V)
 
 # How often each op is drawn for a chain step (maps / vectors are filtered by applicability).
 OP_WEIGHTS = {
@@ -21,9 +21,11 @@ OP_WEIGHTS = {
     "avgpool": 3, "l2pool": 2, "globalavgpool": 1, "globalmaxpool": 1, "maxout": 2, "shuffle": 2,
     "upsample": 2, "flatten": 1, "dense": 3, "relu": 4, "sigmoid": 2, "tanh": 2, "leaky_relu": 2,
     "softmax": 2, "batchnorm": 3, "dropout": 2,
+    "relu6": 1, "clip": 1, "hardsigmoid": 1, "hardswish": 1, "silu": 1, "gelu": 1, "elu": 1, "prelu": 1,
+    "layernorm": 1, "groupnorm": 1, "instancenorm": 2, "pad": 1, "reshape": 3,
 }
 MAP_ONLY = {"conv", "depthwise", "separable", "local", "tiled", "deconv", "maxpool", "avgpool", "l2pool",
-            "globalavgpool", "globalmaxpool", "upsample"}
+            "globalavgpool", "globalmaxpool", "upsample", "pad", "instancenorm"}
 DECIMALS = ("0.5", "-1", "0.25", "1.5", "-0.75", "2", "0", "1", "-0.5", "0.125", "1e-1", "-2.5", ".5", "3")
 
 
@@ -293,6 +295,8 @@ class Generator:
             if op == "tiled":
                 vals["tile"] = self.ints(rank, 1, 3)
             self.flags(vals, "bias", "frozen")
+            if op in ("conv", "depthwise", "separable") and rng.random() < 0.15:
+                vals["pad_mode"] = Sym(rng.choice(("reflect", "replicate", "reflect", "zeros")))
             if op in ("conv", "depthwise"):
                 self.flags(vals, "flip", p=0.15)
                 if rng.random() < 0.15:
@@ -345,7 +349,53 @@ class Generator:
                 vals["momentum"] = self.dec(("0", "1", "0.5", "0.9", "0.1"))
         elif op == "dropout":
             vals["p"] = self.dec(("0", "0.25", "0.5", "0.1", "0.0"))
+        elif op == "clip":
+            vals["min"], vals["max"] = (Dec(t) for t in rng.choice((("-0.5", "0.5"), ("0", "6"), ("-1", "2"),
+                                                                     ("-2.5", "0.25"), ("0.1", "3"))))
+        elif op == "elu":
+            if rng.random() < 0.6:
+                vals["alpha"] = self.dec(("0.5", "1", "2", "0.1", "0"))
+        elif op == "prelu":
+            if rng.random() < 0.5:
+                vals["init"] = self.dec(("0.25", "0.1", "0", "-0.5", "1.5"))
+            if rng.random() < 0.3:
+                vals["shared"] = True
+        elif op in ("layernorm", "groupnorm", "instancenorm"):
+            if op == "groupnorm":
+                vals["groups"] = rng.choice([d for d in range(1, c + 1) if c % d == 0])
+            if rng.random() < 0.3:
+                vals["eps"] = self.dec(("1e-3", "0.1", "1e-5"))
+        elif op == "pad":
+            vals["pad"] = 0 if keep else rng.choice((rng.randint(0, 2), tuple(rng.randint(0, 2) for _ in range(rank)),
+                                                     tuple((rng.randint(0, 2), rng.randint(0, 2)) for _ in range(rank))))
+            if rng.random() < 0.8:
+                vals["mode"] = Sym(rng.choice(("reflect", "replicate", "zeros")))
+        elif op == "reshape":
+            vals["shape"] = self.reshape_target(v, keep)
         return vals, pre
+
+    def reshape_target(self, v: V, keep: bool) -> ShapeList:
+        """A shape in the layout's order for v's values: the same one (keep), a flatten, or a
+        vector or map re-viewed as a map of 1 to 3 spatial axes."""
+        rng = self.rng
+        shape = v.shape()
+        written = shape if self.layout == "NCHW" or len(shape) == 1 else (*shape[1:], shape[0])
+        count = 1
+        for d in shape:
+            count *= d
+        if keep:
+            return ShapeList(tuple(written))
+        if rng.random() < 0.3:
+            return ShapeList((rng.choice((-1, count)),))
+        dims, rest = [], count
+        for _ in range(rng.randint(2, 4)):
+            d = rng.choice([k for k in range(1, min(rest, 6) + 1) if rest % k == 0])
+            dims.append(d)
+            rest //= d
+        dims[rng.randrange(len(dims))] *= rest
+        if rng.random() < 0.3:
+            dims[rng.randrange(len(dims))] = -1
+        return ShapeList(tuple(dims))
 
     def const_for(self, op: str, v: V, vals: dict):
         rank, c = v.rank, v.channels
@@ -395,7 +445,7 @@ class Generator:
                 continue
             if op in ("local", "tiled") and v.rank not in (1, 2):
                 continue
-            if op in ("local", "dense", "flatten") and not v.static:
+            if op in ("local", "dense", "flatten", "reshape") and not v.static:
                 continue
             ops.append(op)
         return ops
@@ -497,16 +547,16 @@ class Generator:
         rng = self.rng
         src = self.pick()
         v = self.state.scope.bindings[src]
-        kind = rng.choice(("add", "add", "concat"))
+        kind = rng.choice(("add", "add", "concat", "sub", "mul"))
         branches, pre = [], []
         st = self.state
-        for _ in range(rng.choice((2, 2, 3))):
+        for _ in range(2 if kind in ("sub", "mul") else rng.choice((2, 2, 3))):
             n = rng.choice((0, 1, 1, 2))
             if n == 0 and Ref(src) not in branches:
                 branches.append(Ref(src))
                 continue
             scope = st.scope.copy()
-            if kind == "add":
+            if kind in ("add", "sub", "mul"):
                 expr, bv, p = self.chain(st, src, max(n, 1), True, scope)
             else:
                 expr, bv, p = self.chain_spatial(st, src, max(n, 1), scope)
@@ -525,6 +575,8 @@ class Generator:
         if len(branches) < 2:
             return False
         rng.shuffle(branches)
+        if kind in ("sub", "mul"):
+            branches = branches[:2]             # exactly two tensors
         style = "pipe" if rng.random() < 0.5 else "call"
         expr = Apply("op", kind, tuple(branches), style=style)
         stmts = [*pre, Assign(self.new_name(), expr)]
@@ -962,14 +1014,20 @@ def features(case: Case) -> set[str]:
                 out.add(f"{e.name}:{k}")
             elif k in ("bias", "flip", "frozen") and v == (k != "bias"):
                 out.add(f"{k}={'false' if k == 'bias' else 'true'}")
-            elif k == "init" and v is not None:
+            elif k == "init" and isinstance(v, (Sym, InitFn)):
                 out.add(f"init:{v.name}")
+            elif k == "init" and isinstance(v, Dec):
+                out.add(f"{e.name}:init")
             elif k == "weight" and v is not None:
                 out.add("weight=const")
             elif k == "algo":
                 out.add(f"algo:{v.name}")
+            elif k == "mode" and e.name == "pad" or k == "pad_mode":
+                out.add(f"pad_mode:{v.name}")
             elif k == "mode":
                 out.add(f"upsample:{v.name}")
+            elif k == "shape":
+                out.add("reshape:inferred" if -1 in v.items else f"reshape:to-rank-{len(v.items) - 1}")
             elif k == "p" and v.value > 0:
                 out.add("dropout:p>0")
     return out

@@ -75,6 +75,12 @@ class NumList:
 
 
 @dataclass(frozen=True)
+class ShapeList:
+    """A shape written as a list, as `reshape([C, H, W])` takes it."""
+    items: tuple
+
+
+@dataclass(frozen=True)
 class Arith:
     op: str          # + - * //
     left: object
@@ -190,7 +196,8 @@ class Case:
 
 # ---- JSON ---------------------------------------------------------------------------------
 
-_CLASSES = {c.__name__: c for c in (Sym, Dec, InitFn, ConstName, ParamRef, Measure, NumList, Arith, Ref, Apply, Input,
+_CLASSES = {c.__name__: c for c in (Sym, Dec, InitFn, ConstName, ParamRef, Measure, NumList, Arith, ShapeList, Ref,
+                                    Apply, Input,
                                     Assign, LayerDecl, ConstDecl, Repeat, Output, Loss, Return, BlockDef,
                                     Program, Case)}
 
@@ -239,6 +246,8 @@ def render_value(v) -> str:
         return "[" + ", ".join(render_value(x) for x in v.values) + "]"
     if isinstance(v, Arith):
         return f"{render_value(v.left)} {v.op} {render_value(v.right)}"
+    if isinstance(v, ShapeList):
+        return "[" + ", ".join(render_value(x) for x in v.items) + "]"
     if isinstance(v, tuple):
         inner = ", ".join(render_value(x) for x in v)
         return f"({inner},)" if len(v) == 1 else f"({inner})"
@@ -591,6 +600,8 @@ class Interp:
             raise Invalid(f"operator {v.op}")
         if isinstance(v, Dec):
             return v.value
+        if isinstance(v, ShapeList):
+            return tuple(self.resolve(x, scope) for x in v.items)
         if isinstance(v, tuple):
             return tuple(self.resolve(x, scope) for x in v)
         return v
@@ -789,6 +800,37 @@ def torch_pad(x, pairs, value: float = 0.0):
     return F.pad(x, flat, value=value) if any(flat) else x
 
 
+PAD_MODES = (Sym("zeros"), Sym("reflect"), Sym("replicate"))
+
+
+def check_pad_mode(mode, pad, v: "V", kernel, stride, dilation) -> None:
+    """docs §4 Padding modes: pad_mode needs padding known at check time (pad=same with a stride
+    on a run-time size is not), and reflect pads at most size − 1 on a side, on fixed sizes."""
+    if mode not in PAD_MODES:
+        raise Invalid(f"pad mode {mode!r}")
+    if mode == Sym("zeros"):
+        return
+    rank = len(kernel)
+    if pad == Sym("same") and any(v.flags[1 + i] and stride[i] > 1 for i in range(rank)):
+        raise Invalid("pad_mode with run-time padding")
+    for shape in v.shapes():
+        pairs = pad_pairs(pad, shape[1:], kernel, stride, dilation)
+        if mode == Sym("reflect"):
+            for i, (b, a) in enumerate(pairs):
+                if max(b, a) > 0 and (v.flags[1 + i] or max(b, a) >= shape[1 + i]):
+                    raise Invalid("reflect padding beyond size - 1, or on a run-time size")
+
+
+def mode_pad(x, pairs, mode):
+    """F.pad with the mode (zeros, reflect, replicate) and (before, after) per spatial axis."""
+    if mode == Sym("zeros"):
+        return torch_pad(x, pairs)
+    flat = []
+    for before, after in reversed(list(pairs)):
+        flat += [before, after]
+    return F.pad(x, flat, mode=mode.name) if any(flat) else x
+
+
 def flatten_layout(x, layout: str):
     """[N, C, *S] → [N, C·prod(S)] in the layout's order (C,H,W for NCHW; H,W,C for NHWC)."""
     if x.dim() > 2 and layout == "NHWC":
@@ -869,7 +911,7 @@ class Conv(OpSpec):
     name = "conv"
     args = (("out", REQUIRED), ("kernel", REQUIRED), ("stride", 1), ("pad", Sym("valid")), ("dilation", 1),
             ("groups", 1), ("bias", True), ("flip", False), ("init", Sym("he")), ("frozen", False),
-            ("weight", None), ("algo", Sym("auto")))
+            ("weight", None), ("algo", Sym("auto")), ("pad_mode", Sym("zeros")))
 
     def geometry(self, v: V, a: dict) -> dict:
         rank = _map(v, self.name)
@@ -886,6 +928,7 @@ class Conv(OpSpec):
         if a["algo"] not in (Sym("auto"), Sym("im2col")):
             raise Invalid("algo")
         pad_pairs(a["pad"], v.shape()[1:], k, s, r)
+        check_pad_mode(a["pad_mode"], a["pad"], v, k, s, r)
         w = a["weight"]
         if w is not None:
             if not isinstance(w, ConstVal) or w.shape != (out, cin // groups, *k):
@@ -922,14 +965,14 @@ class Conv(OpSpec):
         w = P["weight"]
         if a["flip"]:
             w = w.flip(list(range(2, 2 + rank)))
-        return _CONV[rank](torch_pad(x, pads), w, P.get("bias"), stride=s, dilation=r, groups=groups)
+        return _CONV[rank](mode_pad(x, pads, a["pad_mode"]), w, P.get("bias"), stride=s, dilation=r, groups=groups)
 
 
 class Depthwise(Conv):
     name = "depthwise"
     args = (("kernel", REQUIRED), ("multiplier", 1), ("stride", 1), ("pad", Sym("valid")), ("dilation", 1),
             ("bias", True), ("flip", False), ("init", Sym("he")), ("frozen", False), ("weight", None),
-            ("algo", Sym("auto")))
+            ("algo", Sym("auto")), ("pad_mode", Sym("zeros")))
 
     def out_groups(self, cin, a):
         m = a["multiplier"]
@@ -941,7 +984,7 @@ class Depthwise(Conv):
 class Separable(OpSpec):
     name = "separable"
     args = (("out", REQUIRED), ("kernel", REQUIRED), ("stride", 1), ("pad", Sym("valid")), ("dilation", 1),
-            ("bias", True), ("init", Sym("he")), ("frozen", False))
+            ("bias", True), ("init", Sym("he")), ("frozen", False), ("pad_mode", Sym("zeros")))
 
     def check(self, ins, a, it):
         rank = _map(ins[0], self.name)
@@ -949,6 +992,7 @@ class Separable(OpSpec):
             raise Invalid("out")
         k, s, r = (check_ints(a[n], rank, n) for n in ("kernel", "stride", "dilation"))
         pad_pairs(a["pad"], ins[0].shape()[1:], k, s, r)
+        check_pad_mode(a["pad_mode"], a["pad"], ins[0], k, s, r)
         check_bool(a, "bias", "frozen")
         init_of(a)
 
@@ -971,7 +1015,8 @@ class Separable(OpSpec):
         rank = x.dim() - 2
         k, s, r = axes(a["kernel"], rank), axes(a["stride"], rank), axes(a["dilation"], rank)
         pads = pad_pairs(a["pad"], tuple(x.shape[2:]), k, s, r)
-        y = _CONV[rank](torch_pad(x, pads), P["dw.weight"], None, stride=s, dilation=r, groups=x.shape[1])
+        y = _CONV[rank](mode_pad(x, pads, a["pad_mode"]), P["dw.weight"], None, stride=s, dilation=r,
+                        groups=x.shape[1])
         return _CONV[rank](y, P["pw.weight"], P.get("pw.bias"))
 
 
@@ -1416,10 +1461,258 @@ class Dropout(OpSpec):
         return x * torch.tensor(keep / (1.0 - p), dtype=x.dtype)
 
 
+def _number(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise Invalid(f"{what} must be a number")
+    return float(v)
+
+
+class Relu6(OpSpec):
+    name = "relu6"
+
+    def forward(self, xs, a, P, B, it, label):
+        return F.relu6(xs[0])
+
+
+class Clip(OpSpec):
+    name = "clip"
+    args = (("min", REQUIRED), ("max", REQUIRED))
+
+    def check(self, ins, a, it):
+        if not _number(a["min"], "min") < _number(a["max"], "max"):
+            raise Invalid("clip needs min < max")
+
+    def forward(self, xs, a, P, B, it, label):
+        return F.hardtanh(xs[0], float(a["min"]), float(a["max"]))
+
+
+class HardSigmoid(OpSpec):
+    name = "hardsigmoid"
+
+    def forward(self, xs, a, P, B, it, label):
+        # relu6(x + 3)/6 rather than F.hardsigmoid: PyTorch's hardsigmoid backward multiplies by
+        # 1/6 rounded to float32 even in a float64 tensor, 3e-8 off, beyond the f64 tolerance.
+        return F.relu6(xs[0] + 3) / 6
+
+
+class HardSwish(OpSpec):
+    name = "hardswish"
+
+    def forward(self, xs, a, P, B, it, label):
+        return F.hardswish(xs[0])
+
+
+class Silu(OpSpec):
+    name = "silu"
+
+    def forward(self, xs, a, P, B, it, label):
+        return F.silu(xs[0])
+
+
+class Gelu(OpSpec):
+    name = "gelu"
+
+    def forward(self, xs, a, P, B, it, label):
+        return F.gelu(xs[0])                 # exact, with erf
+
+
+class Elu(OpSpec):
+    name = "elu"
+    args = (("alpha", 1.0),)
+
+    def check(self, ins, a, it):
+        if _number(a["alpha"], "alpha") < 0:
+            raise Invalid("elu alpha")
+
+    def forward(self, xs, a, P, B, it, label):
+        return F.elu(xs[0], float(a["alpha"]))
+
+
+class Prelu(OpSpec):
+    name = "prelu"
+    args = (("init", 0.25), ("shared", False))
+
+    def check(self, ins, a, it):
+        _number(a["init"], "init")
+        check_bool(a, "shared")
+
+    def params(self, ins, a, it):
+        n = 1 if a["shared"] else ins[0].channels
+        return [PSpec("weight", (n,), True, ("const", (float(a["init"]),) * n))]
+
+    def forward(self, xs, a, P, B, it, label):
+        return F.prelu(xs[0], P["weight"])
+
+
+def _eps(a) -> float:
+    eps = _number(a["eps"], "eps")
+    if eps <= 0:
+        raise Invalid("eps")
+    return eps
+
+
+def _affine(ins) -> list:
+    c = ins[0].channels
+    return [PSpec("weight", (c,), True, ("ones",)), PSpec("bias", (c,), True, ("zeros",))]
+
+
+class LayerNorm(OpSpec):
+    """Over the channels at each position (docs §4): F.layer_norm with the channels last."""
+    name = "layernorm"
+    args = (("eps", 1e-5),)
+
+    def check(self, ins, a, it):
+        _eps(a)
+        if it.abstract and it.program.dtype == "f32" and ins[0].channels < 4:
+            # Not a rule of the language: as for batchnorm, with fewer than 4 values the gradient
+            # through the statistics cancels almost entirely and f32 rounding exceeds the
+            # tolerance. Such layers are tested in f64 networks and in tests/ops.
+            raise Invalid("campaign: an f32 layernorm needs 4 channels or more")
+
+    def params(self, ins, a, it):
+        return _affine(ins)
+
+    def forward(self, xs, a, P, B, it, label):
+        (x,) = xs
+        return F.layer_norm(x.movedim(1, -1), (x.shape[1],), P["weight"], P["bias"], _eps(a)).movedim(-1, 1)
+
+
+class GroupNorm(OpSpec):
+    name = "groupnorm"
+    args = (("groups", REQUIRED), ("eps", 1e-5))
+
+    def group_count(self, v: "V", a: dict) -> int:
+        g = a["groups"]
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1 or v.channels % g:
+            raise Invalid("groupnorm groups")
+        return g
+
+    def check(self, ins, a, it):
+        g = self.group_count(ins[0], a)
+        _eps(a)
+        if min(ins[0].channels // g * math.prod(s[1:]) for s in ins[0].shapes()) == 1:
+            # Not a rule of the language (each value becomes its bias): F.group_norm refuses one
+            # value per group at batch 1, as batch_norm does, though no batch statistic is taken.
+            raise Invalid("campaign: PyTorch's group_norm refuses one value per group")
+        if it.abstract and it.program.dtype == "f32" and \
+                min(ins[0].channels // g * math.prod(s[1:]) for s in ins[0].shapes()) < 4:
+            # As for batchnorm: with fewer than 4 values per group the gradient through the
+            # statistics cancels almost entirely and f32 rounding exceeds the tolerance.
+            raise Invalid("campaign: an f32 groupnorm needs 4 values per group or more")
+
+    def params(self, ins, a, it):
+        return _affine(ins)
+
+    def forward(self, xs, a, P, B, it, label):
+        (x,) = xs
+        g = x.shape[1] if self.name == "instancenorm" else a["groups"]
+        return F.group_norm(x, g, P["weight"], P["bias"], _eps(a))
+
+
+class InstanceNorm(GroupNorm):
+    """groupnorm with one channel per group; one position per channel is an error (docs §4)."""
+    name = "instancenorm"
+    args = (("eps", 1e-5),)
+
+    def group_count(self, v: "V", a: dict) -> int:
+        if v.rank == 0 or (not any(v.flags[1:]) and math.prod(v.shape()[1:]) == 1):
+            raise Invalid("instancenorm of one position per channel")
+        if any(math.prod(s[1:]) == 1 for s in v.shapes()):
+            raise Invalid("campaign: a run-time size that leaves one position per channel")
+        return v.channels
+
+
+class Binary(OpSpec):
+    min_inputs, max_inputs = 2, 2
+
+    def check(self, ins, a, it):
+        if ins[1].shapes() != ins[0].shapes() or ins[1].flags != ins[0].flags:
+            raise Invalid(f"{self.name} shapes")
+
+
+class Sub(Binary):
+    name = "sub"
+
+    def forward(self, xs, a, P, B, it, label):
+        return xs[0] - xs[1]
+
+
+class Mul(Binary):
+    name = "mul"
+
+    def forward(self, xs, a, P, B, it, label):
+        return xs[0] * xs[1]
+
+
+class Pad(OpSpec):
+    name = "pad"
+    args = (("pad", REQUIRED), ("mode", Sym("zeros")))
+
+    def check(self, ins, a, it):
+        rank = _map(ins[0], self.name)
+        if isinstance(a["pad"], Sym):
+            raise Invalid("pad op takes amounts only")
+        ones = (1,) * rank
+        pad_pairs(a["pad"], ins[0].shape()[1:], ones, ones, ones)
+        check_pad_mode(a["mode"], a["pad"], ins[0], ones, ones, ones)
+
+    def out_flags(self, ins, a):
+        return _window_flags(ins, a)
+
+    def forward(self, xs, a, P, B, it, label):
+        (x,) = xs
+        rank = x.dim() - 2
+        ones = (1,) * rank
+        return mode_pad(x, pad_pairs(a["pad"], tuple(x.shape[2:]), ones, ones, ones), a["mode"])
+
+
+class Reshape(OpSpec):
+    """docs §4: the values in the layout's order (numpy.reshape of the module's arrays), the shape
+    written in that order; one size may be -1."""
+    name = "reshape"
+    args = (("shape", REQUIRED),)
+
+    def target(self, v: "V", a: dict, layout: str) -> tuple:
+        shape = a["shape"] if isinstance(a["shape"], tuple) else (a["shape"],)
+        if not 1 <= len(shape) <= 4 or not all(isinstance(d, int) and not isinstance(d, bool) and (d >= 1 or d == -1)
+                                               for d in shape) or shape.count(-1) > 1:
+            raise Invalid("reshape shape")
+        if not v.static:
+            raise Invalid("reshape of a run-time size")
+        count = math.prod(v.shape())
+        known = math.prod(d for d in shape if d != -1)
+        if -1 in shape:
+            if count % known:
+                raise Invalid("reshape -1")
+            shape = tuple(count // known if d == -1 else d for d in shape)
+        elif known != count:
+            raise Invalid("reshape count")
+        return shape
+
+    def check(self, ins, a, it):
+        self.target(ins[0], a, it.layout)
+
+    def out_flags(self, ins, a):
+        shape = a["shape"] if isinstance(a["shape"], tuple) else (a["shape"],)
+        return (False,) * len(shape)
+
+    def forward(self, xs, a, P, B, it, label):
+        (x,) = xs
+        shape = self.target(V([x], (False,) * (x.dim() - 1)), a, it.layout)
+        nhwc = it.layout == "NHWC"
+        if nhwc and x.dim() > 2:
+            x = x.movedim(1, -1)                  # the layout's order: channels last
+        y = x.reshape(x.shape[0], *shape)
+        if nhwc and y.dim() > 2:
+            y = y.movedim(-1, 1)                  # written channels last: back to channel-first
+        return y
+
+
 OPS: dict[str, OpSpec] = {cls.name: cls() for cls in (
     Conv, Depthwise, Separable, Local, Tiled, Deconv, MaxPool, AvgPool, L2Pool, GlobalAvgPool, GlobalMaxPool,
     Maxout, Shuffle, Upsample, Flatten, Dense, Relu, Sigmoid, Tanh, LeakyRelu, Softmax, Add, Concat, Scale,
-    BatchNorm, Dropout)}
+    BatchNorm, Dropout, Relu6, Clip, HardSigmoid, HardSwish, Silu, Gelu, Elu, Prelu, LayerNorm, GroupNorm,
+    InstanceNorm, Sub, Mul, Pad, Reshape)}
 
 
 # ---- losses -------------------------------------------------------------------------------

@@ -101,7 +101,10 @@ QUICK_MUST_COVER = {
     *(f"op:{op}" for op in ("conv", "depthwise", "separable", "local", "tiled", "deconv", "maxpool", "avgpool",
                             "l2pool", "globalavgpool", "globalmaxpool", "maxout", "shuffle", "upsample", "flatten",
                             "dense", "relu", "sigmoid", "tanh", "leaky_relu", "softmax", "add", "concat", "scale",
-                            "batchnorm", "dropout")),
+                            "batchnorm", "dropout", "relu6", "clip", "hardsigmoid", "hardswish", "silu", "gelu",
+                            "elu", "prelu", "layernorm", "groupnorm", "instancenorm", "sub", "mul", "pad",
+                            "reshape")),
+    "pad_mode:reflect", "pad_mode:replicate", "reshape:to-rank-0", "reshape:to-rank-1", "reshape:to-rank-2",
     "rank:0", "rank:1", "rank:2", "rank:3", "layout:NCHW", "layout:NHWC", "dtype:f32", "dtype:f64",
     "mode:train", "mode:eval", "run-time sizes", "inputs:several", "outputs:several", "outputs:also-read", "size:large",
     "pad:valid", "pad:same", "pad:full", "pad:int", "pad:tuple", "pad:pairs-asymmetric", "pad:pairs-end-only",
@@ -115,7 +118,8 @@ QUICK_MUST_COVER = {
 }
 ALL_MUST_COVER = QUICK_MUST_COVER | {"upsample:linear", "upsample:trilinear", "upsample:nearest", "pad:pairs",
                                      "block-arg:Arith", "block:nested", "deconv:groups", "deconv:stride",
-                                     "depthwise:dilation", "separable:stride", "local:stride", "l2pool:stride"}
+                                     "depthwise:dilation", "separable:stride", "local:stride", "l2pool:stride",
+                                     "reshape:inferred", "reshape:to-rank-3", "prelu:init", "pad_mode:zeros"}
 
 
 def covered(seeds) -> set:

@@ -95,7 +95,8 @@ def cli(*args):
 
 def test_positionwise_is_a_trait_of_the_ops_that_map_each_position_on_its_own():
     marked = {name for name, op in registry().items() if op.positionwise}
-    assert marked == {"relu", "sigmoid", "tanh", "leaky_relu", "softmax", "batchnorm", "dropout", "shuffle"}
+    assert marked == {"relu", "sigmoid", "tanh", "leaky_relu", "softmax", "batchnorm", "dropout", "shuffle",
+                      "relu6", "clip", "hardsigmoid", "hardswish", "silu", "gelu", "elu", "prelu", "layernorm"}
 
 
 @pytest.mark.parametrize("name", NETWORKS)

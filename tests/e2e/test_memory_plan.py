@@ -99,12 +99,13 @@ def test_eval_runs_in_shared_memory_and_a_backward_after_it_recomputes_the_forwa
 
 
 def test_ops_declare_what_their_backward_reads():
-    """An activation a producer may fuse reads only its output (the fused kernel never writes its
-    input); a producer that fuses one must not read its own output, which is never stored."""
+    """An activation a producer may fuse reads its output or its input, one value (the fused kernel
+    writes it in training: the chain's last value, or the value kept for the stage); a producer
+    that fuses one must not read its own output, which is never stored."""
     for name, op in registry().items():
         assert op.saves_for_backward <= {INPUTS, OUTPUT, SAVED}, name
         if op.fuses_as == "activation":
-            assert op.saves_for_backward == {OUTPUT}, name
+            assert op.saves_for_backward in ({OUTPUT}, {INPUTS}), name
         if any(v.fuses_epilogue for v in op.variants()):
             assert OUTPUT not in op.saves_for_backward, name
     assert registry()["conv"].backward_reads({"frozen": True}) == frozenset()       # no weight gradient
@@ -198,7 +199,21 @@ network Chain {
     p = o -> upsample(2) -> conv(4, kernel=3, stride=2, pad=same) -> relu
     q = p -> depthwise(3, pad=same) -> deconv(4, kernel=2, stride=2) -> local(2, kernel=3, stride=2) -> conv(4, kernel=1, frozen=true)
     t = q -> tiled(4, kernel=3, tile=2, pad=same) -> conv(4, kernel=1, frozen=true)
-    r = t -> globalmaxpool -> flatten -> dense(3)
+    u1 = sub(t, q) -> relu6 -> conv(4, kernel=1, frozen=true)
+    u2 = mul(u1, t) -> clip(-1, 1) -> conv(4, kernel=1, frozen=true)
+    u3 = sub(u2, u1) -> hardsigmoid -> conv(4, kernel=1, frozen=true)
+    u4 = mul(u3, u2) -> hardswish -> conv(4, kernel=1, frozen=true)
+    u5 = sub(u4, u3) -> silu -> conv(4, kernel=1, frozen=true)
+    u6 = sub(u5, u4) -> gelu -> conv(4, kernel=1, frozen=true)
+    u7 = sub(u6, u5) -> elu(0.5) -> conv(4, kernel=1, frozen=true)
+    u8 = u7 -> prelu -> conv(4, kernel=1, frozen=true)
+    u9 = u8 -> layernorm -> conv(4, kernel=1, frozen=true)
+    v1 = u9 -> groupnorm(2) -> conv(4, kernel=1, frozen=true)
+    v2 = v1 -> instancenorm -> conv(4, kernel=1, frozen=true)
+    v3 = v2 -> pad(1, mode=reflect) -> conv(4, kernel=3, frozen=true)
+    v4 = v3 -> conv(4, kernel=3, pad=1, pad_mode=replicate, frozen=true)
+    v5 = v4 -> reshape([4, 49]) -> conv(4, kernel=1, frozen=true) -> reshape([4, 7, 7])
+    r = v5 -> globalmaxpool -> flatten -> dense(3)
     output r
     loss softmax_cross_entropy(r)
 }
@@ -241,7 +256,8 @@ def test_every_op_reads_in_backward_only_what_it_declares(monkeypatch):
     undeclared = {op for op, _ in _clobbered_before_backward(graph)}
     assert undeclared >= {"maxpool", "avgpool", "batchnorm", "dropout", "maxout", "shuffle", "softmax", "add",
                           "relu", "sigmoid", "tanh", "leaky_relu", "concat", "globalavgpool", "scale", "upsample",
-                          "local", "tiled", "globalmaxpool", "flatten", "conv"}
+                          "local", "tiled", "globalmaxpool", "flatten", "conv", "sub", "relu6", "clip",
+                          "hardsigmoid", "elu", "pad", "reshape"}
     shared = convdsl.load_source(EVERY_OP).Model(seed=5)
     monkeypatch.setattr(convdsl.lower.plan, "training_placement", _nothing_shared)
     apart = convdsl.load_source(EVERY_OP).Model(seed=5)

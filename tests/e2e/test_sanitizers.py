@@ -59,7 +59,7 @@ def assert_clean(proc: subprocess.CompletedProcess) -> None:
 # Every kernel family once: im2col + GEMM (3×3, strided), the 1×1 GEMM on the input, depthwise's
 # direct loop, deconv, pools, batchnorm, dropout, upsample, concat, dense and a loss; epilogues
 # with a residual add and a scale, keeping values for backward, in conv, depthwise and deconv
-# kernels; run-time sizes.
+# kernels; padding modes, group, instance and layer norms, prelu, sub, mul, reshape; run-time sizes.
 SMALL = """
 import numpy as np, convdsl
 src = '''network San {
@@ -70,8 +70,11 @@ src = '''network San {
     e = r -> conv(8, kernel=3, pad=same, bias=false) -> scale(s)
     b = e -> depthwise(3, stride=2, pad=same) -> relu -> conv(8, kernel=1) -> dropout(0.3)
     c = b -> conv(4, kernel=1, pad=((0, 1), (0, 1))) -> avgpool(2, stride=1) -> maxpool(3, stride=1, pad=same)
+    v = c -> pad(1, mode=replicate) -> groupnorm(2) -> conv(4, kernel=3) -> gelu -> hardswish
+    w = v -> conv(4, kernel=3, pad=1, pad_mode=replicate) -> instancenorm -> layernorm -> prelu -> elu
     u = b -> deconv(8, kernel=3, pad=1) -> relu -> add(b)
-    d = concat(u, c) -> upsample(2, mode=bilinear) -> globalavgpool -> dense(5)
+    d = concat(u, sub(w, mul(c, c))) -> upsample(2, mode=bilinear) -> globalavgpool -> flatten -> reshape([3, 4])
+        -> reshape([-1]) -> dense(5)
     output d
     loss softmax_cross_entropy(d)
 }

@@ -21,8 +21,9 @@ OPS = REPO / "tests" / "ops"
 MIXED = """network Mixed {
     input x: [3, H, W]
     a = x -> conv(4, kernel=3, pad=same) -> batchnorm -> relu -> dropout(0.5)
-    b = a -> maxpool(2) -> conv(4, kernel=1) -> sigmoid
-    y = b -> globalavgpool -> flatten -> dense(5) -> softmax
+    g = sub(a, mul(a, a))
+    b = g -> maxpool(2) -> conv(4, kernel=1) -> sigmoid
+    y = b -> globalavgpool -> flatten -> reshape([2, 2]) -> reshape([-1]) -> dense(5) -> softmax
     output y
     loss mse(y)
 }

@@ -38,6 +38,10 @@ def op_message(op: str) -> str:
     ("Tanh", "tanh"), ("Upsample(2)", "upsample"), ("UpSampling2D(2)", "upsample"),
     ("DepthwiseConv2D(3)", "depthwise"), ("SeparableConv2D(8, kernel=3)", "separable"),
     ("concatenate(x)", "concat"), ("cat(x)", "concat"), ("Concatenate(x)", "concat"),
+    ("swish", "silu"), ("Hardtanh(-1, 1)", "clip"), ("Hardswish", "hardswish"), ("LayerNorm", "layernorm"),
+    ("GroupNorm(2)", "groupnorm"), ("InstanceNorm2d", "instancenorm"), ("PReLU", "prelu"), ("ReLU6", "relu6"),
+    ("GELU", "gelu"), ("ReflectionPad2d(1)", "pad"), ("view((4, 4))", "reshape"), ("multiply(x, x)", "mul"),
+    ("subtract(x, x)", "sub"), ("SiLU", "silu"), ("ELU", "elu"),
 ])
 def test_other_libraries_names_are_answered_with_ours(written, ours):
     name = written.split("(")[0]
@@ -45,8 +49,8 @@ def test_other_libraries_names_are_answered_with_ours(written, ours):
 
 
 @pytest.mark.parametrize("written, closest", [
-    ("relu6", "relu"), ("ReLU6", "relu"), ("swish", "relu"), ("GELU", "relu"), ("PReLU", "leaky_relu"),
-    ("LayerNorm", "batchnorm"),
+    ("mish", "relu"), ("SELU", "relu"), ("Softplus", "relu"), ("RReLU", "leaky_relu"),
+    ("LocalResponseNorm", "batchnorm"),
 ])
 def test_an_op_the_language_lacks_is_said_to_be_missing(written, closest):
     assert op_message(written) == f"unknown op `{written}`: it is not in the language yet; `{closest}` is the closest"
@@ -160,14 +164,18 @@ def test_a_named_first_dim_before_fixed_ones_gets_a_note_where_it_fails():
 # ---- argument values ----------------------------------------------------------------------------
 
 def test_padding_forms_and_modes_the_language_lacks():
-    for mode in ("reflect", "replicate", "circular"):
-        text = op_message(f"conv(8, kernel=3, pad={mode})")
-        assert text.startswith(f"undefined name `{mode}`: reflect, replicate and circular padding are not in the "
-                               "language (padding adds zeros); `pad` is valid, same or full, an integer")
-        assert "((1, 0), (2, 1))" in text
+    for mode in ("reflect", "replicate"):
+        assert op_message(f"conv(8, kernel=3, pad={mode})") == (
+            f"`pad` says how much padding; {mode} is how it is filled: write `pad=1, pad_mode={mode}` (conv, "
+            f"depthwise and separable take pad_mode), or pad the map first with `pad(1, mode={mode})`")
+    text = op_message("conv(8, kernel=3, pad=circular)")
+    assert text.startswith("undefined name `circular`: circular and symmetric padding are not in the language "
+                           "(padding adds zeros, or with pad_mode=reflect or replicate mirrors or repeats the border); "
+                           "`pad` is valid, same or full, an integer")
+    assert "((1, 0), (2, 1))" in text
     assert op_message("maxpool(2, pad=wide)").startswith("undefined name `wide`: `pad` is valid, same or full")
-    assert op_message('conv(8, kernel=3, pad="reflect")').startswith(
-        'a string is only allowed in `use "file.cnn"`, and reflect, replicate and circular padding are not')
+    assert op_message('conv(8, kernel=3, pad="circular")').startswith(
+        'a string is only allowed in `use "file.cnn"`, and circular and symmetric padding are not')
     assert op_message('conv(8, kernel=3, pad="same")') == \
         'a string is only allowed in `use "file.cnn"`; write `same` without quotes'
     assert op_message("conv(8, kernel=3, pad=he)").startswith("`pad` is valid, same or full")

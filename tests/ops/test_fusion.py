@@ -298,3 +298,54 @@ def test_fused_deconv_and_direct_depthwise_match_torch_forward_and_backward(batc
 
 def test_the_fused_deconv_and_depthwise_kernels_compile_without_warnings(tmp_path):
     assert_c_compiles_cleanly(UPSAMPLE_SRC, tmp_path)
+
+
+# ---- the newer activations fuse too, those that read their input included ---------------------
+
+NEWER_SRC = """network V {
+    input x: [3, 7, 6]
+    input v: [10]
+    a = x -> conv(4, kernel=3, pad=same) -> relu6
+    b = x -> conv(4, kernel=1) -> hardswish -> hardsigmoid
+    c = x -> conv(3, kernel=3) -> silu -> clip(-0.3, 0.4)
+    d = v -> dense(6) -> gelu -> elu(0.7)
+    e = x -> depthwise(3, pad=same) -> silu -> gelu
+    f = x -> deconv(2, kernel=2, stride=2) -> hardswish
+    output a, b, c, d, e, f
+}
+"""
+
+
+def newer_reference(x, v, p):
+    def conv(name, t, **kw):
+        return F.conv2d(t, p[f"{name}.weight"], p[f"{name}.bias"], **kw)
+    a = F.relu6(conv("conv1", x, padding=1))
+    b = F.hardsigmoid(F.hardswish(conv("conv2", x)))
+    c = F.hardtanh(F.silu(conv("conv3", x)), -0.3, 0.4)
+    d = F.elu(F.gelu(F.linear(v, p["dense1.weight"], p["dense1.bias"])), 0.7)
+    e = F.gelu(F.silu(conv("depthwise1", x, padding=1, groups=3)))
+    f = F.hardswish(F.conv_transpose2d(x, p["deconv1.weight"], p["deconv1.bias"], stride=2))
+    return a, b, c, d, e, f
+
+
+def test_the_newer_activations_fuse_into_their_producers():
+    program = lower(graph_from_source(NEWER_SRC))
+    epilogues = {s.label: s.epilogue.text() for s in program.forward}
+    assert set(epilogues) == {"conv1", "conv2", "conv3", "dense1", "depthwise1", "deconv1"}
+    assert epilogues["conv1"] == "bias+relu6 (relu61 fused)"
+    # hardswish reads its input in backward: training keeps the conv's output for it.
+    conv2 = next(n.output for n in graph_from_source(NEWER_SRC).nodes if n.label == "conv2")
+    assert epilogues["conv2"] == f"bias (v{conv2} kept in training)+hardswish (hardswish1 fused)+" \
+                                 "hardsigmoid (hardsigmoid1 fused)"
+    assert "gelu (gelu1 fused" in epilogues["dense1"] and "elu(0.7) (elu1 fused)" in epilogues["dense1"]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_newer_activations_match_torch_forward_and_backward(batch):
+    net = convdsl.load_source(NEWER_SRC).Model(seed=0)
+    check_against_reference(net, newer_reference, [(3, 7, 6), (10,)], batch, seed=11 + batch, outputs="abcdef",
+                            inputs="xv")
+
+
+def test_the_fused_newer_activations_compile_without_warnings(tmp_path):
+    assert_c_compiles_cleanly(NEWER_SRC, tmp_path)

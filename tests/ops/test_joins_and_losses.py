@@ -1,4 +1,4 @@
-"""add, concat and scale (residuals, Inception, SE) and the losses, against PyTorch; a
+"""add, sub, mul, concat and scale (residuals, gates, Inception, SE) and the losses, against PyTorch; a
 train_step equals a PyTorch SGD step."""
 from __future__ import annotations
 
@@ -24,7 +24,12 @@ network J {{
     sv = scale(a, v)
     g = b -> globalavgpool -> sigmoid
     sg = scale(c, g)
-    output s2, s3, cat, sv, sg
+    d = sub(a, b)
+    m = mul(a, c)
+    sq = mul(b, b)
+    z = sub(c, c)
+    gate = mul(a, b -> sigmoid)
+    output s2, s3, cat, sv, sg, d, m, sq, z, gate
 }}
 """
 SHAPE = (4, 5, 3)
@@ -38,7 +43,8 @@ def joins_module(dtype="f32", layout="NCHW", backend="c"):
 
 def joins_reference(a, b, c, v):
     g = torch.sigmoid(b.mean(dim=(2, 3), keepdim=True))
-    return (a + b, a + b + c, torch.cat([a, F.relu(b), c], dim=1), a * v[:, :, None, None], c * g)
+    return (a + b, a + b + c, torch.cat([a, F.relu(b), c], dim=1), a * v[:, :, None, None], c * g,
+            a - b, a * c, b * b, c - c, a * torch.sigmoid(b))
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -56,7 +62,9 @@ def test_joins_match_torch(layout, batch, backend):
     grads = [back(g) for g in grads[:3]] + [grads[3]]
     ts = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in xs + [v]]
     refs = joins_reference(*ts)
-    for y, r, name in zip(ys, refs, ["add2", "add3", "concat", "scale-vector", "scale-se"]):
+    assert len(ys) == len(refs)
+    for y, r, name in zip(ys, refs, ["add2", "add3", "concat", "scale-vector", "scale-se",
+                                     "sub", "mul", "mul-of-itself", "sub-of-itself", "mul-gate"]):
         assert_close(y, r.detach().numpy(), what=name)
     sum(((r * torch.tensor(d, dtype=torch.float64)).sum() for r, d in zip(refs, dys))).backward()
     for g, t, name in zip(grads, ts, "abcv"):

@@ -43,9 +43,10 @@ def test_central_code_names_no_op(module):
 def test_the_traits_say_what_the_name_lists_said():
     ops = registry()
     elementwise = {n for n, op in ops.items() if op.max_inputs == 1 and op.locality in ("value", "channel")}
-    assert elementwise == {"relu", "sigmoid", "tanh", "leaky_relu", "batchnorm", "dropout"}
+    assert elementwise == {"relu", "sigmoid", "tanh", "leaky_relu", "batchnorm", "dropout", "relu6", "clip",
+                           "hardsigmoid", "hardswish", "silu", "gelu", "elu", "prelu"}
     positionwise = {n for n, op in ops.items() if op.max_inputs == 1 and op.locality is not None}
-    assert positionwise == elementwise | {"softmax", "shuffle", "maxout"}
+    assert positionwise == elementwise | {"softmax", "shuffle", "maxout", "layernorm"}
     assert {n for n, op in ops.items() if op.window_pool} == {"maxpool", "avgpool", "l2pool"}
     assert {n for n, op in ops.items() if op.convolution} == {"conv", "depthwise"}
     assert {n for n, op in ops.items() if op.map_form} == {"dense"}
