@@ -18,6 +18,9 @@ for everything longer, in templates/opencl/:
 The losses run on the host, in the C target's templates (templates/c/losses/), over the
 network output read back from the device: a loss is one pass over batch × classes values
 that ends in one number, and its gradient goes back to the device in one write.
+The optimizer too runs on the host, the C target's templates/c/lib/optimizer.c.j2 over the host
+mirrors of the parameters and gradients (module.cl.j2 syncs them with the device around each
+call): one pass over the parameters per step, whose result the next call writes to the device.
 """
 from __future__ import annotations
 

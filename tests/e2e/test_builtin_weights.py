@@ -1,6 +1,7 @@
 """`convdsl compile --weights W.npz`: the C library carries the weights (NAME_weights.c, short
 lines of numbers), `NAME_create` starts from them, and the C demo then prints what the Python
-module computes with those weights — with no weight file and no Python."""
+module computes with those weights — with no weight file and no Python; on the C backend and
+on OpenCL (the same block of module.c.j2 and module.cl.j2, templates/c/lib/builtin_weights.j2)."""
 from __future__ import annotations
 
 import re
@@ -31,10 +32,11 @@ def trained_weights(tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_demo_reproduces_the_module_from_the_built_in_weights(tmp_path):
+def test_demo_reproduces_the_module_from_the_built_in_weights(tmp_path, backend):
     weights = trained_weights(tmp_path)
     out = tmp_path / "build"
-    proc = run([sys.executable, "-m", "convdsl", "compile", str(LENET), "-o", str(out), "--weights", str(weights)])
+    proc = run([sys.executable, "-m", "convdsl", "compile", str(LENET), "-o", str(out), "--weights", str(weights),
+                "--backend", backend])
     assert proc.returncode == 0, proc.stderr
     data = (out / "lenet5_weights.c").read_text()
     assert max(len(line) for line in data.splitlines()) < 200

@@ -4,7 +4,9 @@ torch.nn.utils.clip_grad_norm_) over 20 steps of examples/digits_lenet.cnn; thei
 and loaded with the weights (Python and C), so that training resumes on the same trajectory;
 frozen parameters never updated; loss_grad; the arguments refused as torch refuses them.
 
-Two modules serve every test: the example in f32, and in f64 with its first conv frozen."""
+Two modules serve every test: the example in f32, and in f64 with its first conv frozen; the
+tests that take `f32_each` also run on the example built for OpenCL (the `backend` fixture),
+whose update runs on the host mirrors of the parameters and must reach the device."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,6 +26,12 @@ BATCH, STEPS = 8, 20
 @pytest.fixture(scope="module")
 def f32():
     return convdsl.load(REPO / "examples" / "digits_lenet.cnn")
+
+
+@pytest.fixture(scope="module")
+def f32_each(backend):
+    """The f32 example on each backend (tests/conftest.py)."""
+    return convdsl.load(REPO / "examples" / "digits_lenet.cnn", backend=backend)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +113,15 @@ def test_each_optimizer_equals_pytorch_for_20_steps_f32(f32, case):
     assert max(float(np.abs(net.params[n] - start[n]).max()) for n in start) > 1e-3
 
 
+@pytest.mark.parametrize("case", ["momentum+clipping", "nesterov", "adamw+clipping"])
+def test_optimizers_equal_pytorch_for_20_steps_on_each_backend(f32_each, case):
+    """Each step's parameters reach the device before the next forward: else the losses part."""
+    net, want, losses = train_both(f32_each, batches(np.float32), **CASES[case])
+    for got_loss, want_loss in losses:
+        assert got_loss == pytest.approx(want_loss, rel=1e-4, abs=1e-5)
+    assert_same_params(net, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["nesterov", "adam+weight_decay", "adamw+clipping"])
 def test_each_optimizer_equals_pytorch_in_f64_and_never_moves_a_frozen_parameter(f64_frozen, case):
     net, want, _ = train_both(f64_frozen, batches(np.float64), **CASES[case])
@@ -133,9 +150,9 @@ def test_clipping_scales_the_gradients_to_the_global_norm(f32):
         np.testing.assert_array_equal(g, before[name])
 
 
-def test_compute_grads_then_update_is_train_step(f32):
+def test_compute_grads_then_update_is_train_step(f32_each):
     data = batches(np.float32, 3)
-    one, two = f32.Model(seed=5), f32.Model(seed=5)
+    one, two = f32_each.Model(seed=5), f32_each.Model(seed=5)
     for x, labels in data:
         loss = one.train_step(x, labels, lr=1e-3, optimizer="adam", max_grad_norm=1.0)
         assert two.compute_grads(x, labels) == loss
@@ -163,9 +180,9 @@ def test_compute_grads_leaves_the_parameters_and_gives_torchs_gradients(f32):
         np.testing.assert_allclose(g / scale, p[name].grad.numpy() / scale, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_loss_grad_is_the_gradient_of_the_loss_at_the_output(f32):
+def test_loss_grad_is_the_gradient_of_the_loss_at_the_output(f32_each):
     [(x, labels)] = batches(np.float32, 1)
-    net = f32.Model(seed=3)
+    net = f32_each.Model(seed=3)
     with pytest.raises(RuntimeError, match="loss_grad needs a loss"):
         net.loss_grad()
     logits = net.forward(x)
@@ -186,8 +203,8 @@ def test_loss_grad_is_the_gradient_of_the_loss_at_the_output(f32):
         net.loss_grad()
 
 
-def test_plain_sgd_keeps_no_state_and_each_optimizer_only_its_own(f32):
-    net = f32.Model(seed=0)
+def test_plain_sgd_keeps_no_state_and_each_optimizer_only_its_own(f32_each):
+    net = f32_each.Model(seed=0)
     [(x, labels)] = batches(np.float32, 1)
     net.train_step(x, labels, lr=0.01)
     assert net.optimizer_state == {}
@@ -204,13 +221,13 @@ def test_plain_sgd_keeps_no_state_and_each_optimizer_only_its_own(f32):
 
 @pytest.mark.parametrize("options", [dict(optimizer="adam", max_grad_norm=0.5),
                                      dict(momentum=0.9, nesterov=True, weight_decay=1e-3)])
-def test_save_and_load_mid_training_resume_the_same_trajectory(f32, tmp_path, options):
+def test_save_and_load_mid_training_resume_the_same_trajectory(f32_each, tmp_path, options):
     data = batches(np.float32, 12)
     lr = 1e-3 if options.get("optimizer") == "adam" else 0.05
-    straight = f32.Model(seed=1)
+    straight = f32_each.Model(seed=1)
     for x, labels in data:
         straight.train_step(x, labels, lr=lr, **options)
-    first = f32.Model(seed=1)
+    first = f32_each.Model(seed=1)
     for x, labels in data[:6]:
         first.train_step(x, labels, lr=lr, **options)
     path = tmp_path / "mid.npz"
@@ -218,7 +235,7 @@ def test_save_and_load_mid_training_resume_the_same_trajectory(f32, tmp_path, op
     with np.load(path) as saved:
         assert set(saved.files) == set(first.params) | set(first.optimizer_state)
     for loader in ("python", "c"):
-        resumed = f32.Model(seed=9)
+        resumed = f32_each.Model(seed=9)
         if loader == "python":
             resumed.load(path)
         else:

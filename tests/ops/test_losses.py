@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
+from backends import requires_opencl
 from reference import F32, F64, assert_close, to_nchw, to_nhwc
 
 CLASSES = 4
@@ -98,8 +99,8 @@ def source(case: Case, dtype: str, layout: str) -> str:
             f"    y = x -> {head}\n    output y\n    loss {case.loss}\n}}\n")
 
 
-def load(name: str, dtype: str, layout: str):
-    return convdsl.load_source(source(CASES[name], dtype, layout))
+def load(name: str, dtype: str, layout: str, backend: str = "c"):
+    return convdsl.load_source(source(CASES[name], dtype, layout), backend=backend)
 
 
 def draw_target(case: Case, rng, batch: int, dtype):
@@ -133,9 +134,25 @@ def in_file_layout(a, layout: str, per_sample: bool):
 
 @pytest.mark.parametrize("name,dtype,layout", RUNS)
 def test_loss_value_and_gradient_match_torch(name, dtype, layout):
+    check_loss_value_and_gradient(name, dtype, layout, "c")
+
+
+# On OpenCL the loss runs on the host over the output read back (targets/opencl.py): the losses
+# with a scratch (dice's per-class sums), a target to turn channel-first and class weights.
+OPENCL_RUNS = [("dice-sigmoid", "f32", "NHWC"), ("dice-softmax-per-sample", "f32", "NCHW"),
+               ("cross-entropy-weighted-ignored", "f32", "NHWC")]
+
+
+@requires_opencl
+@pytest.mark.parametrize("name,dtype,layout", OPENCL_RUNS)
+def test_loss_value_and_gradient_match_torch_on_opencl(name, dtype, layout):
+    check_loss_value_and_gradient(name, dtype, layout, "opencl")
+
+
+def check_loss_value_and_gradient(name, dtype, layout, backend):
     case, tol = CASES[name], (F32 if dtype == "f32" else F64)
     npdtype = np.float32 if dtype == "f32" else np.float64
-    net = load(name, dtype, layout).Model(seed=3)
+    net = load(name, dtype, layout, backend).Model(seed=3)
     rng = np.random.default_rng(list(CASES).index(name))
     for batch in (1, 3):
         x = rng.standard_normal((batch, IN_CHANNELS) if case.per_sample else (batch, IN_CHANNELS, *MAP[1:]))
