@@ -31,7 +31,7 @@ INT32_MAX = 2 ** 31 - 1
 
 _SCALAR = {"f32": "float", "f64": "double"}
 # OpenCL C's built-ins are overloaded on the argument type: the same names for float and double.
-_MATH = {"exp": "exp", "tanh": "tanh", "sqrt": "sqrt", "log": "log", "fabs": "fabs"}
+_MATH = {"exp": "exp", "tanh": "tanh", "sqrt": "sqrt", "log": "log", "fabs": "fabs", "erf": "erf"}
 
 
 def cl_int(n: int) -> str:

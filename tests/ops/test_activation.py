@@ -88,6 +88,8 @@ IDS = [c.id for c in CASES]
 OPENCL_CASES = (
     'relu-2d', 'sigmoid-1d', 'tanh-3d', 'leaky-0.2',
     'softmax-2d-map', 'softmax-vector', 'relu-runtime', 'softmax-runtime',
+    'relu6-2d', 'clip-keywords-1d', 'hardsigmoid-2d', 'hardswish-3d', 'silu-vector', 'gelu-1d',
+    'elu-0.3-vector', 'hardswish-runtime',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=405, ids=OPENCL_CASES)
 

@@ -213,12 +213,14 @@ def test_the_fused_kernels_compile_without_warnings(tmp_path):
 
 
 def test_every_op_that_fuses_as_an_activation_has_its_formula_template():
-    from convdsl.targets import C
+    from convdsl.targets import C, OPENCL
     from convdsl.ops.base import registry
     activations = [op for op in registry().values() if op.fuses_as == "activation"]
     assert {op.name for op in activations} >= {"relu", "leaky_relu", "sigmoid", "tanh"}
-    for op in activations:
-        assert C.has_template(C.kernel_template(f"{op.template or op.name}_epilogue")), op.name
+    for target in (C, OPENCL):
+        for op in activations:
+            assert target.has_template(target.kernel_template(f"{op.template or op.name}_epilogue")), \
+                (target.name, op.name)
 
 
 # ---- deconv and the direct depthwise loop fuse like conv ------------------------------------
@@ -340,9 +342,14 @@ def test_the_newer_activations_fuse_into_their_producers():
     assert "gelu (gelu1 fused" in epilogues["dense1"] and "elu(0.7) (elu1 fused)" in epilogues["dense1"]
 
 
+_NEWER_MODULES: dict = {}
+
+
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_newer_activations_match_torch_forward_and_backward(batch):
-    net = convdsl.load_source(NEWER_SRC).Model(seed=0)
+def test_fused_newer_activations_match_torch_forward_and_backward(batch, backend):
+    if backend not in _NEWER_MODULES:
+        _NEWER_MODULES[backend] = convdsl.load_source(NEWER_SRC, backend=backend)
+    net = _NEWER_MODULES[backend].Model(seed=0)
     check_against_reference(net, newer_reference, [(3, 7, 6), (10,)], batch, seed=11 + batch, outputs="abcdef",
                             inputs="xv")
 

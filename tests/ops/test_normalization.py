@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opcases import Case, assert_error_at, layer_stats, standard_suite
+from opcases import Case, assert_error_at, layer_stats, opencl_suite, standard_suite
 
 
 def reference(x, params, *, kind, groups=None, eps=1e-5, init=None, shared=False):
@@ -48,6 +48,14 @@ CASES = (
 
 runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
     standard_suite(CASES, reference, seed=71)
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite — each op on a vector
+# and a map, groups of one and several channels, a shared slope and run-time sizes.
+OPENCL_CASES = (
+    'layernorm-2d', 'layernorm-1d-eps', 'groupnorm-2d', 'groupnorm-3d', 'groupnorm-vector', 'instancenorm-1d',
+    'prelu-2d', 'prelu-vector', 'prelu-shared-1d', 'layernorm-runtime', 'groupnorm-runtime',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=75, ids=OPENCL_CASES)
 
 
 def test_parameters_start_as_pytorch_does():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import Case, assert_error_at, layer_stats, standard_suite
+from opcases import Case, assert_error_at, layer_stats, opencl_suite, standard_suite
 from reference import assert_close
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -63,6 +63,14 @@ CASES = (
 
 runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
     standard_suite(CASES, reference, seed=91)
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite — every mode and
+# rank, padding on one side only, a conv's padding mode and run-time sizes.
+OPENCL_CASES = (
+    'pad-zeros-2d', 'pad-reflect-2d-pairs', 'pad-reflect-1d', 'pad-replicate-3d', 'conv-reflect',
+    'pad-replicate-runtime',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=95, ids=OPENCL_CASES)
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate"])

@@ -1,6 +1,6 @@
 """reshape: the values in the layout's order under another shape (the flatten/unflatten of ONNX
 graphs), against torch.reshape of the layout-ordered tensor, forward and backward, both layouts,
-batch 1 and 3, float64 finite differences; element counts and sizes checked at check time."""
+batch 1 and 3, on C and OpenCL, float64 finite differences; element counts and sizes checked at check time."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,17 +42,17 @@ def source(dtype="f32", layout="NCHW") -> str:
 _MODULES: dict = {}
 
 
-def module(dtype="f32", layout="NCHW"):
-    key = (dtype, layout)
+def module(dtype="f32", layout="NCHW", backend="c"):
+    key = (dtype, layout, backend)
     if key not in _MODULES:
-        _MODULES[key] = convdsl.load_source(source(dtype, layout))
+        _MODULES[key] = convdsl.load_source(source(dtype, layout), backend=backend)
     return _MODULES[key]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_reshape_matches_torch_reshape_in_the_layouts_order(layout, batch):
-    net = module(layout=layout).Model()
+def test_reshape_matches_torch_reshape_in_the_layouts_order(layout, batch, backend):
+    net = module(layout=layout, backend=backend).Model()
     rng = np.random.default_rng(81 + batch)
     # Arrays as the file's layout has them: torch.reshape of those is the reference.
     xs = [rng.standard_normal((batch, *shape)).astype(np.float32) for shape, _ in RESHAPES]
