@@ -657,16 +657,203 @@ def _lacks(what: str):
     return translate
 
 
+def _float_text(v: float) -> str:
+    """A float attribute as the .cnn file writes it: its f32 value, the shortest repr."""
+    return number(float(np.float32(v)))
+
+
 def _clip(imp: _Importer, n: _Node):
     x = imp.val(n, 0)
     lo = imp.const(n, 1, "min") if len(n.inputs) > 1 else n.attrs.get("min")
     hi = imp.const(n, 2, "max") if len(n.inputs) > 2 else n.attrs.get("max")
     lo = None if lo is None else float(np.asarray(lo).reshape(-1)[0])
     hi = None if hi is None else float(np.asarray(hi).reshape(-1)[0])
-    if lo == 0.0 and (hi is None or math.isinf(hi)):
+    lo = None if lo is not None and math.isinf(lo) and lo < 0 else lo
+    hi = None if hi is not None and math.isinf(hi) and hi > 0 else hi
+    if lo == 0.0 and hi is None:
         return imp.emit(n, "relu", [x.ref], x.shape, x.lang)
+    if lo == 0.0 and hi == 6.0:
+        return imp.emit(n, "relu6", [x.ref], x.shape, x.lang)
+    if lo is not None and hi is not None and lo < hi:
+        return imp.emit(n, f"clip({_float_text(lo)}, {_float_text(hi)})", [x.ref], x.shape, x.lang)
     shown = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-    raise n.error(f"the language lacks clip{shown} (relu6 / clip); only Clip(0, ∞) = relu is in it")
+    if lo is not None and hi is not None:
+        raise n.error(f"Clip{shown}: the language's clip needs min < max", "max")
+    raise n.error(f"Clip{shown} bounded on one side only: the language has clip(min, max) with both bounds "
+                  f"finite, and Clip(0, ∞) = relu")
+
+
+def _hardsigmoid(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    # The language's hardsigmoid is PyTorch's, max(0, min(1, x/6 + 1/2)); ONNX's default alpha is 0.2.
+    for attr, default, want in (("alpha", 0.2, 1.0 / 6.0), ("beta", 0.5, 0.5)):
+        got = float(n.attr(attr, default))
+        if np.float32(got) != np.float32(want):
+            raise n.error(f"{attr}={got}: the language's hardsigmoid is max(0, min(1, x/6 + 1/2)), "
+                          f"alpha=1/6 and beta=0.5 (PyTorch's Hardsigmoid)", attr)
+    imp.emit(n, "hardsigmoid", [x.ref], x.shape, x.lang)
+
+
+def _elu(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    alpha = float(n.attr("alpha", 1.0))
+    if alpha < 0:
+        raise n.error(f"alpha={alpha}: the language's elu takes alpha ≥ 0", "alpha")
+    imp.emit(n, "elu" if alpha == 1.0 else f"elu({_float_text(alpha)})", [x.ref], x.shape, x.lang)
+
+
+def _gelu(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    approximate = n.attr("approximate", "none")
+    if approximate != "none":
+        raise n.error(f"approximate={approximate}: the language's gelu is the exact one (by erf)", "approximate")
+    imp.emit(n, "gelu", [x.ref], x.shape, x.lang)
+
+
+def _per_channel(n: _Node, x: Val, value: np.ndarray, what: str) -> np.ndarray | None:
+    """A constant that broadcasts (ONNX's right-aligned rule) to [N, C, *S] varying along the
+    channels only: its C values, or one value when it is the same everywhere (shape [1] or [])."""
+    rank = len(x.shape) + 1
+    if value.ndim > rank:
+        raise n.error(f"{what} of shape {list(value.shape)} for an input of rank {rank}")
+    full = (1,) * (rank - value.ndim) + tuple(value.shape)
+    if all(d == 1 for d in full):
+        return value.reshape(1)
+    if full[0] == 1 and full[1] == x.shape[0] and all(d == 1 for d in full[2:]):
+        return value.reshape(-1)
+    raise n.error(f"{what} of shape {list(value.shape)} broadcast to [N, {', '.join(map(str, x.shape))}] varies "
+                  f"along other axes than the channels: the language's is one value per channel or one for all")
+
+
+def _prelu(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    slope = _per_channel(n, x, imp.const(n, 1, "the slope"), "a slope")
+    name = imp.layer_name(n, n.inputs[1])
+    call = "prelu(shared=true)" if slope.size == 1 and x.shape[0] != 1 else "prelu"
+    imp.emit(n, name, [x.ref], x.shape, x.lang, layer=name, weights={"weight": imp.weight(slope)})
+    imp.steps[-1].call = call
+    imp.share(n, name, call, [n.inputs[1]])
+
+
+def _affine_norm(imp: _Importer, n: _Node, x: Val, call: str, scale, bias):
+    c = x.shape[0]
+    weights = {}
+    for pname, value, what in (("weight", scale, "scale"), ("bias", bias, "B")):
+        if value is None:
+            value = np.ones(c) if pname == "weight" else np.zeros(c)
+        value = np.asarray(value).reshape(-1)
+        if value.size == 1:
+            value = np.full(c, float(value[0]))
+        if value.size != c:
+            raise n.error(f"{what} has {value.size} values; the language's has one per channel ({c})")
+        weights[pname] = imp.weight(value)
+    name = imp.layer_name(n, n.inputs[1] if len(n.inputs) > 1 else None)
+    imp.emit(n, name, [x.ref], x.shape, x.lang, layer=name, weights=weights)
+    imp.steps[-1].call = call
+
+
+def _eps_args(n: _Node) -> list[str]:
+    eps = float(n.attr("epsilon", 1e-5))
+    return [] if abs(eps - 1e-5) <= 1e-12 else [f"eps={_float_text(eps)}"]
+
+
+def _call(op: str, args: list[str]) -> str:
+    return f"{op}({', '.join(args)})" if args else op
+
+
+def _statistics_outputs(n: _Node, imp: _Importer, what: str):
+    for o in n.outputs[1:]:
+        if o and (imp.consumers.get(o) or o in imp.graph_outputs):
+            raise n.error(f"the {what} output is used; the language's normalisation keeps its statistics inside")
+
+
+def _instancenorm(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    if len(x.shape) < 2:
+        raise n.error(f"InstanceNormalization of a vector [batch, {x.shape[0]}]: one value per channel")
+    _affine_norm(imp, n, x, _call("instancenorm", _eps_args(n)), imp.const(n, 1, "scale"), imp.const(n, 2, "B"))
+
+
+def _groupnorm(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    c = x.shape[0]
+    groups = int(n.attr("num_groups"))
+    if groups < 1 or c % groups:
+        raise n.error(f"num_groups={groups} does not divide the {c} channels", "num_groups")
+    scale, bias = imp.const(n, 1, "scale"), imp.const(n, 2, "bias")
+    # Opset 18's scale and bias are per group (opset 21's per channel): a group's value for each of its channels.
+    scale, bias = (None if v is None else np.repeat(np.asarray(v).reshape(-1), c // groups)
+                   if np.size(v) == groups and groups != c else v for v in (scale, bias))
+    _affine_norm(imp, n, x, _call("groupnorm", [str(groups), *_eps_args(n)]), scale, bias)
+
+
+def _layernorm(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    _statistics_outputs(n, imp, "Mean / InvStdDev")
+    rank = len(x.shape) + 1
+    axis = int(n.attr("axis", -1))
+    axis = axis + rank if axis < 0 else axis
+    scale, bias = imp.const(n, 1, "scale"), imp.const(n, 2, "B")
+    if axis == 1 and rank == 2:
+        # A vector's features are its channels: the language's layernorm.
+        return _affine_norm(imp, n, x, _call("layernorm", _eps_args(n)), scale, bias)
+    if axis == 1:
+        # Over all of C and the positions: groupnorm(1), when the scale and shift are per channel.
+        sample = _static(n, x.shape, "LayerNormalization over C and the positions")
+        per = []
+        for what, v in (("scale", scale), ("B", bias)):
+            if v is None:
+                per.append(None)
+                continue
+            full = np.broadcast_to(np.asarray(v), sample)
+            if not np.all(full == full.reshape(sample[0], -1)[:, :1].reshape(sample[0], *(1,) * (rank - 2))):
+                raise n.error(f"{what} varies over the positions; the language's groupnorm(1) has a scale and "
+                              f"shift per channel")
+            per.append(full.reshape(sample[0], -1)[:, 0])
+        return _affine_norm(imp, n, x, _call("groupnorm", ["1", *_eps_args(n)]), *per)
+    raise n.error(f"normalising over axes {list(range(axis, rank))} of a rank-{rank} tensor: the language's "
+                  f"layernorm normalises over the channels at each position (axis 1 of [batch, features], or "
+                  f"groupnorm(1) for axis 1 of a map)", "axis")
+
+
+_PAD_MODES = {"constant": "zeros", "reflect": "reflect", "edge": "replicate"}
+
+
+def _pad(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    rank = len(x.shape) + 1
+    mode = n.attr("mode", "constant")
+    if mode not in _PAD_MODES:
+        raise n.error(f"mode={mode}: the language pads with zeros, reflect or replicate (ONNX's constant, "
+                      f"reflect, edge)", "mode")
+    if "pads" in n.attrs:                    # before opset 11
+        pads, value = list(n.attrs["pads"]), float(n.attr("value", 0.0))
+        axes = list(range(rank))
+    else:
+        pads = [int(p) for p in imp.const(n, 1, "pads").reshape(-1)]
+        value = imp.const(n, 2, "constant_value")
+        value = 0.0 if value is None or value.size == 0 else float(value.reshape(-1)[0])
+        axes = imp.const(n, 3, "axes")
+        axes = list(range(rank)) if axes is None else [int(a) + rank if a < 0 else int(a) for a in axes.reshape(-1)]
+    if len(pads) != 2 * len(axes):
+        raise n.error(f"{len(pads)} pads for {len(axes)} axes", "pads")
+    pairs = [(0, 0)] * rank
+    for a, b, e in zip(axes, pads[:len(axes)], pads[len(axes):]):
+        pairs[a] = (b, e)
+    if any(p < 0 for pair in pairs for p in pair):
+        raise n.error("negative padding (cropping) is not in the language", "pads")
+    if any(pairs[0]) or any(pairs[1]):
+        raise n.error("padding the batch or channel axis: the language's pad pads the spatial axes", "pads")
+    if mode == "constant" and value != 0.0:
+        raise n.error(f"constant_value={value}: the language pads with zeros", "constant_value")
+    if rank < 3:
+        raise n.error("padding a vector: the language's pad pads the spatial axes of a map")
+    spatial = pairs[2:]
+    if all(p == (0, 0) for p in spatial):
+        return imp.alias(n, x)
+    outs = [s + b + a if isinstance(s, int) else None for s, (b, a) in zip(x.shape[1:], spatial)]
+    args = [_pad_text(spatial)] + ([] if mode == "constant" else [f"mode={_PAD_MODES[mode]}"])
+    imp.emit(n, f"pad({', '.join(args)})", [x.ref], (x.shape[0], *outs))
 
 
 def _batchnorm(imp: _Importer, n: _Node):
@@ -743,13 +930,26 @@ def _mul(imp: _Importer, n: _Node):
     if isinstance(a, Const) and isinstance(b, Const):
         return _fold(imp, n)
     if isinstance(a, Val) and isinstance(b, Val):
+        if a.lang_shape == b.lang_shape:
+            return imp.emit(n, "mul", [a.ref, b.ref], a.shape, a.lang)
         for x, s in ((a, b), (b, a)):
             if len(x.shape) >= 2 and s.shape[0] == x.shape[0] and all(d == 1 for d in s.shape[1:]) \
                     and len(s.shape) in (1, len(x.shape)):
                 return imp.emit(n, "scale", [x.ref, s.ref], x.shape, x.lang)
-        raise n.error(f"Mul of shapes {list(a.shape)} and {list(b.shape)}: the language multiplies a map by a "
-                      f"per-channel gate ([C] or [C, 1, 1], `scale`) only; it lacks element-wise `mul`")
+        raise n.error(f"Mul of shapes {list(a.shape)} and {list(b.shape)}: the language multiplies tensors of "
+                      f"equal shapes (`mul`) or a map by a per-channel gate ([C] or [C, 1, 1], `scale`); it has "
+                      f"no other broadcasting")
     raise n.error("multiplying a value by a constant: the language lacks `mul` by constants")
+
+
+def _sub(imp: _Importer, n: _Node):
+    a, b = imp.get(n, n.inputs[0]), imp.get(n, n.inputs[1])
+    if not (isinstance(a, Val) and isinstance(b, Val)):
+        raise n.error("subtracting a constant: the language's sub takes two network values")
+    if a.lang_shape != b.lang_shape:
+        raise n.error(f"Sub of shapes {list(a.shape)} and {list(b.shape)}: the language's sub needs equal shapes "
+                      f"(no broadcasting)")
+    imp.emit(n, "sub", [a.ref, b.ref], a.shape, a.lang)
 
 
 def _reduce(op: str):
@@ -1061,8 +1261,13 @@ def _view(imp: _Importer, n: _Node, x: Val, per_sample, what: str):
     # [C] ↔ [C, 1, 1]: the same values; the language keeps the vector (scale reads it as a gate).
     if len(lang) == 1 and per_sample and per_sample[0] == lang[0] and all(d == 1 for d in per_sample[1:]):
         return imp.alias(n, x, shape=per_sample, lang=lang)
-    raise n.error(f"a reshape of [{', '.join(map(str, x.shape))}] {what}: the language lacks `reshape` "
-                  f"(it has flatten, and the channel shuffle's reshape-transpose-reshape)")
+    if not all(isinstance(d, int) for d in (*lang, *per_sample)):
+        raise n.error(f"a reshape of [{', '.join(map(str, x.shape))}] {what}: the language's reshape needs fixed "
+                      f"sizes (a run-time size is kept only by flatten)")
+    if not 1 <= len(per_sample) <= 4:
+        raise n.error(f"a reshape of [{', '.join(map(str, x.shape))}] {what}: the language's values have 1 to 4 "
+                      f"axes per sample (a vector, or a map of 1 to 3 spatial axes)")
+    imp.emit(n, f"reshape([{', '.join(map(str, per_sample))}])", [x.ref], per_sample)
 
 
 def _unsqueeze(imp: _Importer, n: _Node):
@@ -1166,12 +1371,12 @@ TRANSLATORS: dict[str, Callable[[_Importer, _Node], None]] = {
     "Gemm": _gemm, "MatMul": _matmul,
     "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "Tanh": _unary("tanh"), "LeakyRelu": _leaky_relu,
     "Softmax": _softmax, "Clip": _clip,
-    "HardSigmoid": _lacks("hardsigmoid"), "HardSwish": _lacks("hardswish"), "Elu": _lacks("elu"),
-    "PRelu": _lacks("prelu"), "Selu": _lacks("selu"), "Gelu": _lacks("gelu"), "Erf": _lacks("erf (gelu)"),
-    "LayerNormalization": _lacks("layernorm"), "InstanceNormalization": _lacks("instancenorm"),
-    "GroupNormalization": _lacks("groupnorm"), "Pad": _lacks("a separate Pad op (padding belongs to conv and pools)"),
+    "HardSigmoid": _hardsigmoid, "HardSwish": _unary("hardswish"), "Elu": _elu,
+    "PRelu": _prelu, "Selu": _lacks("selu"), "Gelu": _gelu, "Erf": _lacks("erf (gelu is read from Gelu)"),
+    "LayerNormalization": _layernorm, "InstanceNormalization": _instancenorm,
+    "GroupNormalization": _groupnorm, "Pad": _pad,
     "BatchNormalization": _batchnorm, "Flatten": _flatten, "Concat": _maybe_fold(_concat),
-    "Add": _add, "Sum": _add, "Mul": _mul, "Sub": _maybe_fold(_lacks("element-wise `sub`")),
+    "Add": _add, "Sum": _add, "Mul": _mul, "Sub": _maybe_fold(_sub),
     "Div": _maybe_fold(_lacks("element-wise division")),
     "ReduceMean": _reduce("globalavgpool"), "ReduceMax": _reduce("globalmaxpool"),
     "Dropout": _dropout, "Identity": _identity, "Resize": _resize, "Upsample": _resize,
