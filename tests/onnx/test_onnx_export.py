@@ -65,6 +65,27 @@ network OnnxRanks {
 }
 """
 
+# The ops the language gained with the vocabulary of real models: padding modes (a `pad` layer
+# in front of the conv), pad, the activations, prelu, the three normalisations, sub and mul, reshape.
+NEW_OPS = """
+network OnnxNewOps {
+    input x: [4, 10, 10]
+    a = x -> conv(8, kernel=3, pad=1, pad_mode=reflect) -> groupnorm(2) -> relu6
+    b = a -> depthwise(3, pad=1, pad_mode=replicate) -> instancenorm(eps=0.001) -> hardswish
+    c = a -> pad(((1, 0), (0, 2)), mode=reflect) -> conv(8, kernel=(2, 3)) -> layernorm -> hardsigmoid
+    s = sub(b, c)
+    g = a -> silu
+    d = mul(s, g) -> prelu -> elu(0.5) -> clip(-1, 2)
+    e = d -> pad(1) -> conv(4, kernel=3) -> gelu
+    f = e -> reshape([4, 100]) -> layernorm -> prelu(shared=true)
+    v = e -> globalavgpool -> flatten -> dense(32) -> layernorm -> gelu -> reshape([2, 4, 4])
+          -> conv(3, kernel=3, pad=1, pad_mode=replicate) -> groupnorm(3)
+    output f, v
+}
+"""
+NEW_OPS_NHWC = NEW_OPS.replace("network OnnxNewOps {\n    input x: [4, 10, 10]",
+                               "network OnnxNewOpsNHWC {\n    layout NHWC\n    input x: [10, 10, 4]")
+
 
 def randomised(net, seed=1):
     """A model's weights drawn at random (batchnorm statistics too, positive variances), so that
@@ -160,7 +181,9 @@ def test_every_expressible_example_exports_to_what_the_module_computes(path, net
     pytest.param(MAP_OPS, [[(3, 12, 12, 4)]], marks=pytest.mark.slow),
     (RUN_TIME_SIZES, [[(2, 3, 10, 14)], [(1, 3, 7, 5)]]),
     pytest.param(ONE_AND_THREE_D, [[(2, 4, 16), (2, 2, 6, 6, 6)]], marks=pytest.mark.slow),
-], ids=["map-ops-nhwc", "run-time-sizes", "1d-3d"])
+    pytest.param(NEW_OPS, [[(3, 4, 10, 10)]], marks=pytest.mark.slow),
+    pytest.param(NEW_OPS_NHWC, [[(2, 10, 10, 4)]], marks=pytest.mark.slow),
+], ids=["map-ops-nhwc", "run-time-sizes", "1d-3d", "new-ops", "new-ops-nhwc"])
 def test_every_exportable_op_matches_the_module(text, shapes):
     graph = graph_from_source(text)
     net = randomised(convdsl.load_source(text).Model(seed=0)).eval()
