@@ -658,8 +658,9 @@ def _lacks(what: str):
 
 
 def _float_text(v: float) -> str:
-    """A float attribute as the .cnn file writes it: its f32 value, the shortest repr."""
-    return number(float(np.float32(v)))
+    """A float attribute as the .cnn file writes it: the shortest decimal that is its f32 value
+    (Clip(0.1, 0.9)'s bounds are f32 tensors: 0.1, not 0.10000000149011612)."""
+    return number(float(str(np.float32(v))))
 
 
 def _clip(imp: _Importer, n: _Node):

@@ -1,7 +1,8 @@
 """Round trips: small PyTorch models written here → torch.onnx.export (the TorchScript exporter,
 dynamo=False, offline) with a dynamic batch axis → `convdsl import` → compile → forward equals
-onnxruntime and PyTorch. The MobileNetV2 block needs ReLU6, which the language does not have yet
-(its import is checked to say so)."""
+onnxruntime and PyTorch; among them a MobileNetV2 block (ReLU6) and a network of the other ops the
+language took from real models (PReLU, ELU, hard sigmoid and swish, SiLU, instance and layer norm,
+reflect and replicate padding, element-wise Sub and Mul, a re-viewing reshape)."""
 from __future__ import annotations
 
 import warnings
@@ -130,13 +131,49 @@ class FullyConvolutional(nn.Module):
 
 
 class MobileNetV2Block(nn.Module):
-    def __init__(self):
+    """An inverted residual: 1×1 expansion, 3×3 depthwise, 1×1 linear projection, each with batch
+    norm, ReLU6 after the first two, and the residual add."""
+
+    def __init__(self, c=8, expand=4):
         super().__init__()
-        self.expand = nn.Conv2d(8, 16, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
+        h = c * expand
+        self.expand = nn.Conv2d(c, h, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(h)
+        self.dw = nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False)
+        self.bn2 = nn.BatchNorm2d(h)
+        self.project = nn.Conv2d(h, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
 
     def forward(self, x):
-        return x + F.relu6(self.bn(self.expand(x)))[:, :8]
+        y = F.relu6(self.bn1(self.expand(x)))
+        y = F.relu6(self.bn2(self.dw(y)))
+        return x + self.bn3(self.project(y))
+
+
+class Vocabulary(nn.Module):
+    """The other ops real models use, as PyTorch writes them to ONNX at opset 17."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.act1 = nn.PReLU(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate")
+        self.norm2 = nn.InstanceNorm2d(8, affine=True)
+        self.conv_c = nn.Conv2d(8, 8, 3)
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.conv3 = nn.Conv1d(8, 4, 3)
+        self.norm = nn.LayerNorm(4 * 47)
+        self.act = nn.PReLU()
+        self.fc = nn.Linear(4 * 47, 5)
+
+    def forward(self, x):
+        a = self.act1(self.conv1(x))
+        b = F.hardswish(self.norm2(self.conv2(a)))
+        c = F.elu(self.conv_c(F.pad(a, (1, 1, 1, 1), mode="reflect")), 0.5)
+        g = torch.sigmoid(self.gate(c)) * F.silu(b - c)
+        y = torch.clamp(F.hardsigmoid(F.pad(g, (0, 1, 1, 0), mode="replicate")), 0.1, 0.9)
+        z = self.conv3(y.reshape(y.shape[0], 8, 49))
+        return self.fc(self.act(self.norm(z.flatten(1))))
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -167,6 +204,8 @@ CASES = {
     "net-1d": (Net1D, (2, 2, 16), False),
     "net-3d": (Net3D, (2, 2, 6, 6, 6), True),
     "channel-shuffle": (ChannelShuffle, (2, 8, 6, 6), False),
+    "mobilenet-v2-block": (MobileNetV2Block, (2, 8, 6, 6), False),
+    "vocabulary": (Vocabulary, (2, 3, 6, 6), True),
 }
 
 
@@ -219,12 +258,11 @@ def test_batchnorm_and_layers_keep_pytorch_names(tmp_path):
     assert "-> maxpool(3, stride=2, pad=((1, 2), (1, 2)))" in text
 
 
-def test_mobilenet_v2_block_needs_relu6_which_the_language_lacks(tmp_path):
-    export(randomised(MobileNetV2Block()), (2, 8, 6, 6), tmp_path / "m.onnx")
-    with pytest.raises(ConvDSLError) as err:
-        import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
-    text = str(err.value)
-    assert "(Clip)" in text and "relu6" in text and "node " in text
+def test_mobilenet_v2_block_imports_relu6(tmp_path):
+    export(randomised(MobileNetV2Block()), (2, 8, 6, 6), tmp_path / "m.onnx", fold=False)
+    text, weights, _ = import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
+    assert text.count("-> relu6") == 2 and "clip" not in text
+    assert "layer dw = depthwise(3, pad=1, bias=false)" in text and {"bn3.running_var", "project.weight"} <= set(weights)
 
 
 @pytest.mark.slow
