@@ -117,6 +117,10 @@ class _Importer:
         self.names: set[str] = set()
         self.done: set[int] = set()            # nodes already translated as part of a pattern
         self.shared: dict[tuple, str] = {}      # (call, weight initializers) → the layer that has them
+        # A normalisation step whose per-channel scale and shift a following Mul / Add by
+        # constants can still take in: step index → the ONNX tensor that is its output.
+        self.affine_open: dict[int, str] = {}
+        self.named_by_node: set[int] = set()    # such steps, named after a node: renamed after their weight
         self.fixed_batch: int | None = None
         self.dtype = "f32"
         nodes = [_Node(p, i, self.onnx) for i, p in enumerate(self.graph.node)]
@@ -127,6 +131,7 @@ class _Importer:
                 if t:
                     self.consumers.setdefault(t, []).append(n)
         self.graph_outputs = {o.name for o in self.graph.output}
+        self.producer = {t: n for n in nodes for t in n.outputs if t}
 
     # ---- names ------------------------------------------------------------------------
     def fresh(self, base: str, fallback: str = "v") -> str:
@@ -165,6 +170,9 @@ class _Importer:
         if isinstance(v, _Shuffling) and n.op not in ("Transpose", "Reshape"):
             raise v.nodes[0].error("a reshape to channel groups whose result is read by another node: the "
                                    "language lacks `reshape`")
+        if isinstance(v, _GroupNorming) and n.op != ("InstanceNormalization" if v.eps is None else "Reshape"):
+            raise v.nodes[0].error(f"channels in groups for a group normalisation whose result is read by {n.where}: "
+                                   f"the language's groupnorm keeps its groups inside")
         return v
 
     def val(self, n: _Node, i: int) -> Val:
@@ -711,17 +719,68 @@ def _gelu(imp: _Importer, n: _Node):
     imp.emit(n, "gelu", [x.ref], x.shape, x.lang)
 
 
-def _per_channel(n: _Node, x: Val, value: np.ndarray, what: str) -> np.ndarray | None:
+def _channel_values(x: Val, value: np.ndarray) -> np.ndarray | None:
     """A constant that broadcasts (ONNX's right-aligned rule) to [N, C, *S] varying along the
-    channels only: its C values, or one value when it is the same everywhere (shape [1] or [])."""
+    channels only: its C values, or one value when it is the same everywhere (shape [1] or []);
+    None otherwise."""
     rank = len(x.shape) + 1
     if value.ndim > rank:
-        raise n.error(f"{what} of shape {list(value.shape)} for an input of rank {rank}")
+        return None
     full = (1,) * (rank - value.ndim) + tuple(value.shape)
     if all(d == 1 for d in full):
         return value.reshape(1)
     if full[0] == 1 and full[1] == x.shape[0] and all(d == 1 for d in full[2:]):
         return value.reshape(-1)
+    return None
+
+
+def _scalar_const(imp: _Importer, name: str) -> float | None:
+    """The number a tensor holds when it is a known scalar, read ahead from its Constant node
+    (exporters put a Constant just before the node that reads it), else None."""
+    maker = imp.producer.get(name)
+    if name not in imp.env and maker is not None and maker.op == "Constant":
+        _constant(imp, maker)
+    v = imp.env.get(name)
+    if isinstance(v, Const) and v.value.dtype != object and v.value.size == 1:
+        return float(v.value.reshape(-1)[0])
+    return None
+
+
+def _div(imp: _Importer, n: _Node):
+    """Div(x, √2) → Erf → Add 1 → Mul x → Mul 0.5: the exact GELU as exporters write it before
+    Gelu (opset 20); PyTorch's for nn.GELU at opset 17. Any other Div of a value is refused."""
+    x = imp.get(n, n.inputs[0])
+    chain, ops = [n], [("Erf", None), ("Add", 1.0), ("Mul", "x"), ("Mul", 0.5)]
+    if isinstance(x, Val) and _scalar_const(imp, n.inputs[1]) is not None and \
+            abs(_scalar_const(imp, n.inputs[1]) - math.sqrt(2.0)) < 1e-6:
+        for op, other in ops:
+            last = chain[-1]
+            readers = imp.consumers.get(last.outputs[0], [])
+            if len(readers) != 1 or readers[0].op != op or last.outputs[0] in imp.graph_outputs:
+                break
+            r = readers[0]
+            rest = [t for t in r.inputs if t != last.outputs[0]]
+            if other is None:
+                ok = not rest
+            elif other == "x":
+                ok = rest == [n.inputs[0]]
+            else:
+                ok = len(rest) == 1 and _scalar_const(imp, rest[0]) == other
+            if not ok:
+                break
+            chain.append(r)
+        else:
+            imp.done.update(m.index for m in chain[1:])
+            imp.emit(chain[-1], "gelu", [x.ref], x.shape, x.lang)
+            imp.steps[-1].comment = " + ".join(f"{m.name} ({m.op})" for m in chain)
+            return
+    raise n.error("the language lacks element-wise division (x / √2 → Erf → … is read as gelu)")
+
+
+def _per_channel(n: _Node, x: Val, value: np.ndarray, what: str) -> np.ndarray:
+    found = _channel_values(x, value)
+    if found is not None:
+        return found
     raise n.error(f"{what} of shape {list(value.shape)} broadcast to [N, {', '.join(map(str, x.shape))}] varies "
                   f"along other axes than the channels: the language's is one value per channel or one for all")
 
@@ -736,7 +795,7 @@ def _prelu(imp: _Importer, n: _Node):
     imp.share(n, name, call, [n.inputs[1]])
 
 
-def _affine_norm(imp: _Importer, n: _Node, x: Val, call: str, scale, bias):
+def _affine_norm(imp: _Importer, n: _Node, x: Val, call: str, scale, bias, output: int = 0):
     c = x.shape[0]
     weights = {}
     for pname, value, what in (("weight", scale, "scale"), ("bias", bias, "B")):
@@ -748,9 +807,48 @@ def _affine_norm(imp: _Importer, n: _Node, x: Val, call: str, scale, bias):
         if value.size != c:
             raise n.error(f"{what} has {value.size} values; the language's has one per channel ({c})")
         weights[pname] = imp.weight(value)
-    name = imp.layer_name(n, n.inputs[1] if len(n.inputs) > 1 else None)
-    imp.emit(n, name, [x.ref], x.shape, x.lang, layer=name, weights=weights)
+    name = imp.layer_name(n, n.inputs[1] if len(n.inputs) > 1 and n.inputs[1] else None)
+    v = imp.emit(n, name, [x.ref], x.shape, x.lang, layer=name, weights=weights, output=output)
     imp.steps[-1].call = call
+    imp.affine_open[v.ref] = n.outputs[output]
+    return v
+
+
+def _absorb_affine(imp: _Importer, n: _Node) -> bool:
+    """Mul or Add of a normalisation's output by a per-channel constant, read by nothing else:
+    its scale or shift (PyTorch writes GroupNorm's affine so: InstanceNormalization, then Mul
+    and Add). True when taken in."""
+    kinds = [isinstance(imp.env.get(t), Const) for t in n.inputs[:2]]
+    if len(n.inputs) != 2 or sorted(kinds) != [False, True]:
+        return False
+    name = n.inputs[kinds.index(False)]
+    x = imp.env.get(name)
+    if not isinstance(x, Val) or imp.affine_open.get(x.ref) != name or imp.consumers.get(name) != [n] \
+            or name in imp.graph_outputs:
+        return False
+    c = imp.env[n.inputs[kinds.index(True)]].value
+    if c.dtype == object:
+        return False
+    values = _channel_values(x, c)
+    if values is None:
+        return False
+    step = imp.steps[x.ref]
+    values = np.broadcast_to(values.astype(np.float64), step.weights["bias"].shape)
+    if n.op == "Mul":
+        step.weights = {k: imp.weight(w * values) for k, w in step.weights.items()}
+    else:
+        step.weights = {**step.weights, "bias": imp.weight(step.weights["bias"] + values)}
+    step.comment += f" + {n.name} ({n.op})"
+    constant = n.inputs[kinds.index(True)]
+    if x.ref in imp.named_by_node and constant.endswith((".weight", ".bias")):
+        # The layer's weights were written by name (`convdsl export`'s `groupnorm1.weight`): its name.
+        imp.names.discard(step.layer)
+        step.layer = imp.fresh(constant.rsplit(".", 1)[0], "norm")
+        imp.named_by_node.discard(x.ref)
+    del imp.affine_open[x.ref]
+    imp.alias(n, x)
+    imp.affine_open[x.ref] = n.outputs[0]
+    return True
 
 
 def _eps_args(n: _Node) -> list[str]:
@@ -769,6 +867,14 @@ def _statistics_outputs(n: _Node, imp: _Importer, what: str):
 
 
 def _instancenorm(imp: _Importer, n: _Node):
+    g = imp.get(n, n.inputs[0])
+    if isinstance(g, _GroupNorming):
+        scale, bias = imp.const(n, 1, "scale"), imp.const(n, 2, "B")
+        if np.any(scale != 1) or np.any(bias != 0):
+            raise n.error("a group normalisation's InstanceNormalization with a scale or shift per group: the "
+                          "language's groupnorm has them per channel")
+        imp.env[n.outputs[0]] = _GroupNorming(g.x, g.groups, [*g.nodes, n], float(n.attr("epsilon", 1e-5)))
+        return
     x = imp.val(n, 0)
     if len(x.shape) < 2:
         raise n.error(f"InstanceNormalization of a vector [batch, {x.shape[0]}]: one value per channel")
@@ -914,6 +1020,8 @@ def _add(imp: _Importer, n: _Node):
     items = [imp.get(n, t) for t in n.inputs]
     if all(isinstance(v, Const) for v in items):
         return _fold(imp, n)
+    if n.op == "Add" and _absorb_affine(imp, n):
+        return
     if any(isinstance(v, Const) for v in items):
         raise n.error("adding a constant to a value: the language lacks a bias add outside conv/dense layers "
                       "(and element-wise broadcasting)")
@@ -930,6 +1038,8 @@ def _mul(imp: _Importer, n: _Node):
     a, b = imp.get(n, n.inputs[0]), imp.get(n, n.inputs[1])
     if isinstance(a, Const) and isinstance(b, Const):
         return _fold(imp, n)
+    if _absorb_affine(imp, n):
+        return
     if isinstance(a, Val) and isinstance(b, Val):
         if a.lang_shape == b.lang_shape:
             return imp.emit(n, "mul", [a.ref, b.ref], a.shape, a.lang)
@@ -1240,11 +1350,13 @@ def _reshape(imp: _Importer, n: _Node):
     x = imp.get(n, n.inputs[0])
     if isinstance(x, _Shuffling):
         return _shuffle_step(imp, n, x)
+    if isinstance(x, _GroupNorming):
+        return _group_norm_end(imp, n, x)
     if isinstance(x, Const):
         return _fold(imp, n)
     target = [v if isinstance(v, str) else int(v) for v in imp.const(n, 1, "the shape", numeric=False).reshape(-1)]
     shuffled = _channel_shuffle(imp, n, x, target)
-    if shuffled:
+    if shuffled or _group_norm_start(imp, n, x, target):
         return
     per_sample = _reshape_target(imp, n, x, target)
     _view(imp, n, x, per_sample, f"to {list(target)}")
@@ -1352,6 +1464,76 @@ def _shuffle_step(imp: _Importer, n: _Node, s: _Shuffling):
                       "Transpose (0, 2, 1, …), Reshape [N, C, …]): the language lacks `reshape`")
 
 
+@dataclass
+class _GroupNorming:
+    """A group normalisation as exporters write it before opset 18 (GroupNormalization), under
+    way: x reshaped to [N, G, -1], then (`eps` set) normalised by an InstanceNormalization of unit
+    scale; the Reshape back to x's shape writes `groupnorm(G)`, whose scale and shift the Mul and
+    Add after it give (_absorb_affine)."""
+    x: Val
+    groups: int
+    nodes: list
+    eps: float | None = None
+
+
+def _group_norm_start(imp: _Importer, n: _Node, x: Val, target) -> bool:
+    readers = imp.consumers.get(n.outputs[0], [])
+    if len(readers) != 1 or readers[0].op != "InstanceNormalization" or n.outputs[0] in imp.graph_outputs:
+        return False
+    per_sample = _reshape_target(imp, n, x, target)
+    c = x.shape[0]
+    if per_sample is None or len(per_sample) != 2 or not isinstance(c, int) or not isinstance(per_sample[0], int):
+        return False
+    g = per_sample[0]
+    if g < 1 or c % g or per_sample[1] is not None and all(isinstance(d, int) for d in x.shape) and \
+            g * per_sample[1] != math.prod(x.shape):
+        return False
+    imp.env[n.outputs[0]] = _GroupNorming(x, g, [n])
+    return True
+
+
+def _group_norm_end(imp: _Importer, n: _Node, s: _GroupNorming):
+    x = s.x
+    grouped = Val(x.ref, (s.groups, None))
+    final = _reshape_target(imp, n, grouped, imp.const(n, 1, "the shape", numeric=False).reshape(-1))
+    first = s.nodes[0]
+    if final is None or tuple(final) != tuple(x.shape):
+        raise first.error("channels in groups, normalised, then reshaped to another shape than the input's: the "
+                          "language's groupnorm gives its input's shape")
+    args = [str(s.groups)] + ([] if abs(s.eps - 1e-5) <= 1e-12 else [f"eps={_float_text(s.eps)}"])
+    v = _affine_norm(imp, n, x, _call("groupnorm", args), None, None)
+    step = imp.steps[v.ref]
+    imp.named_by_node.add(v.ref)
+    step.comment = " + ".join(f"{m.name} ({m.op})" for m in [*s.nodes, n])
+
+
+def _channels_last_layernorm(imp: _Importer, n: _Node, x: Val, perm) -> bool:
+    """Transpose to channels last → LayerNormalization over the last axis → Transpose back: the
+    language's layernorm of a map (ConvNeXt's; what `convdsl export` writes)."""
+    rank = len(x.shape) + 1
+    if rank < 3 or perm != [0, *range(2, rank), 1]:
+        return False
+    readers = imp.consumers.get(n.outputs[0], [])
+    if len(readers) != 1 or readers[0].op != "LayerNormalization" or n.outputs[0] in imp.graph_outputs:
+        return False
+    norm = readers[0]
+    if norm.attr("axis", -1) not in (-1, rank - 1):
+        return False
+    after = imp.consumers.get(norm.outputs[0], [])
+    if len(after) != 1 or after[0].op != "Transpose" or norm.outputs[0] in imp.graph_outputs or \
+            list(after[0].attrs.get("perm", [])) != [0, rank - 1, *range(1, rank - 1)]:
+        return False
+    _statistics_outputs(norm, imp, "Mean / InvStdDev")
+    back = after[0]
+    v = _affine_norm(imp, norm, x, _call("layernorm", _eps_args(norm)), imp.const(norm, 1, "scale"),
+                     imp.const(norm, 2, "B"))
+    imp.steps[v.ref].comment = f"{n.name} ({n.op}) + {norm.name} ({norm.op}) + {back.name} ({back.op})"
+    imp.env[back.outputs[0]] = v
+    imp.affine_open[v.ref] = back.outputs[0]
+    imp.done.update((norm.index, back.index))
+    return True
+
+
 def _transpose(imp: _Importer, n: _Node):
     x = imp.get(n, n.inputs[0])
     if isinstance(x, _Shuffling):
@@ -1361,6 +1543,8 @@ def _transpose(imp: _Importer, n: _Node):
     perm = list(n.attr("perm", []))
     if perm == list(range(len(perm))):
         return imp.alias(n, x)
+    if _channels_last_layernorm(imp, n, x, perm):
+        return
     raise n.error(f"Transpose {perm}: the language keeps channels first and has no transpose (a channel "
                   f"shuffle's Reshape-Transpose-Reshape is read as `shuffle`)", "perm")
 
@@ -1373,12 +1557,12 @@ TRANSLATORS: dict[str, Callable[[_Importer, _Node], None]] = {
     "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "Tanh": _unary("tanh"), "LeakyRelu": _leaky_relu,
     "Softmax": _softmax, "Clip": _clip,
     "HardSigmoid": _hardsigmoid, "HardSwish": _unary("hardswish"), "Elu": _elu,
-    "PRelu": _prelu, "Selu": _lacks("selu"), "Gelu": _gelu, "Erf": _lacks("erf (gelu is read from Gelu)"),
+    "PRelu": _prelu, "Selu": _lacks("selu"), "Gelu": _gelu, "Erf": _lacks("erf (gelu is read from Gelu, or from x / √2 → Erf → + 1 → · x → · 0.5)"),
     "LayerNormalization": _layernorm, "InstanceNormalization": _instancenorm,
     "GroupNormalization": _groupnorm, "Pad": _pad,
     "BatchNormalization": _batchnorm, "Flatten": _flatten, "Concat": _maybe_fold(_concat),
     "Add": _add, "Sum": _add, "Mul": _mul, "Sub": _maybe_fold(_sub),
-    "Div": _maybe_fold(_lacks("element-wise division")),
+    "Div": _maybe_fold(_div),
     "ReduceMean": _reduce("globalavgpool"), "ReduceMax": _reduce("globalmaxpool"),
     "Dropout": _dropout, "Identity": _identity, "Resize": _resize, "Upsample": _resize,
     "Constant": _constant, "Shape": _shape, "Gather": _maybe_fold(_lacks("gathering values of the network")),

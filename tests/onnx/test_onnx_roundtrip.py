@@ -1,8 +1,8 @@
 """Round trips: small PyTorch models written here → torch.onnx.export (the TorchScript exporter,
 dynamo=False, offline) with a dynamic batch axis → `convdsl import` → compile → forward equals
 onnxruntime and PyTorch; among them a MobileNetV2 block (ReLU6) and a network of the other ops the
-language took from real models (PReLU, ELU, hard sigmoid and swish, SiLU, instance and layer norm,
-reflect and replicate padding, element-wise Sub and Mul, a re-viewing reshape)."""
+language took from real models (PReLU, ELU, GELU, hard sigmoid and swish, SiLU, group, instance and
+layer norm, reflect and replicate padding, element-wise Sub and Mul, a re-viewing reshape)."""
 from __future__ import annotations
 
 import warnings
@@ -157,6 +157,8 @@ class Vocabulary(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
         self.act1 = nn.PReLU(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.ln = nn.LayerNorm(8)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate")
         self.norm2 = nn.InstanceNorm2d(8, affine=True)
         self.conv_c = nn.Conv2d(8, 8, 3)
@@ -167,13 +169,14 @@ class Vocabulary(nn.Module):
         self.fc = nn.Linear(4 * 47, 5)
 
     def forward(self, x):
-        a = self.act1(self.conv1(x))
-        b = F.hardswish(self.norm2(self.conv2(a)))
+        a = self.gn(self.act1(self.conv1(x)))
+        b = self.ln(self.norm2(self.conv2(a)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)        # channels last
+        b = F.hardswish(b)
         c = F.elu(self.conv_c(F.pad(a, (1, 1, 1, 1), mode="reflect")), 0.5)
         g = torch.sigmoid(self.gate(c)) * F.silu(b - c)
         y = torch.clamp(F.hardsigmoid(F.pad(g, (0, 1, 1, 0), mode="replicate")), 0.1, 0.9)
         z = self.conv3(y.reshape(y.shape[0], 8, 49))
-        return self.fc(self.act(self.norm(z.flatten(1))))
+        return self.fc(F.gelu(self.act(self.norm(z.flatten(1)))))
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
