@@ -637,6 +637,20 @@ def _unary(op: str):
     return translate
 
 
+def _sigmoid(imp: _Importer, n: _Node):
+    """Sigmoid, or with the Mul of its input by it (x · sigmoid(x), how SiLU is written) silu."""
+    x = imp.val(n, 0)
+    readers = imp.consumers.get(n.outputs[0], [])
+    if len(readers) == 1 and readers[0].op == "Mul" and n.outputs[0] not in imp.graph_outputs and \
+            sorted(readers[0].inputs) == sorted([n.inputs[0], n.outputs[0]]):
+        mul = readers[0]
+        imp.done.add(mul.index)
+        imp.emit(mul, "silu", [x.ref], x.shape, x.lang)
+        imp.steps[-1].comment = f"{n.name} ({n.op}) + {mul.name} ({mul.op})"
+        return
+    imp.emit(n, "sigmoid", [x.ref], x.shape, x.lang)
+
+
 def _leaky_relu(imp: _Importer, n: _Node):
     x = imp.val(n, 0)
     alpha = float(n.attr("alpha", 0.01))
@@ -1554,7 +1568,7 @@ TRANSLATORS: dict[str, Callable[[_Importer, _Node], None]] = {
     "MaxPool": _pool("maxpool"), "AveragePool": _pool("avgpool"), "LpPool": _pool("lppool"),
     "GlobalAveragePool": _global_pool("globalavgpool"), "GlobalMaxPool": _global_pool("globalmaxpool"),
     "Gemm": _gemm, "MatMul": _matmul,
-    "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "Tanh": _unary("tanh"), "LeakyRelu": _leaky_relu,
+    "Relu": _unary("relu"), "Sigmoid": _sigmoid, "Tanh": _unary("tanh"), "LeakyRelu": _leaky_relu,
     "Softmax": _softmax, "Clip": _clip,
     "HardSigmoid": _hardsigmoid, "HardSwish": _unary("hardswish"), "Elu": _elu,
     "PRelu": _prelu, "Selu": _lacks("selu"), "Gelu": _gelu, "Erf": _lacks("erf (gelu is read from Gelu, or from x / √2 → Erf → + 1 → · x → · 0.5)"),

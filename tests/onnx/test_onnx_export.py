@@ -151,6 +151,20 @@ def test_every_expressible_example_imports_back_with_its_weights(path, network):
         np.testing.assert_array_equal(weights[name], value, err_msg=name)
 
 
+def test_the_new_ops_import_back_with_their_weights():
+    """export → import of the vocabulary ops: what the exporter writes for groupnorm (Reshape →
+    InstanceNormalization → Reshape → Mul → Add), layernorm of a map (Transpose → LayerNormalization →
+    Transpose) and gelu (Div → Erf → Add → Mul → Mul) reads back as those layers, with their weights."""
+    graph = graph_from_source(NEW_OPS)
+    state = random_state(graph)
+    text, weights = import_model_proto(export_graph(graph, state), "Back")
+    back = graph_from_source(text)
+    assert sorted(n.op for n in back.nodes) == sorted(n.op for n in graph.nodes)
+    assert weights.keys() == state.keys()
+    for name, value in state.items():
+        np.testing.assert_allclose(weights[name], value.reshape(weights[name].shape), rtol=1e-6, err_msg=name)
+
+
 @pytest.mark.slow
 def test_a_shared_layer_with_run_time_sizes_round_trips_through_onnx(tmp_path, optimised):
     path = REPO / "examples" / "refine.cnn"
