@@ -314,6 +314,55 @@ def test_an_unsupported_node_is_named_with_its_index_op_and_attribute(tmp_path):
                                               "`dilations`: dilated pooling is not in the language")
 
 
+def _one_node_model(op, inits=(), shape=("N", 4, 5, 5), **attrs):
+    """A model of one node reading x and the initializers `inits` ((name, array) pairs)."""
+    helper = onnx.helper
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    node = helper.make_node(op, ["x", *(name for name, _ in inits)], ["y"], name="it", **attrs)
+    tensors = [onnx.numpy_helper.from_array(np.asarray(v), name) for name, v in inits]
+    return helper.make_model(helper.make_graph([node], "g", [x], [y], tensors), opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("op,inits,attrs,shape,expected", [
+    ("HardSigmoid", (), {}, ("N", 4, 5, 5), "attribute `alpha`: alpha=0.2"),
+    ("HardSigmoid", (), {"alpha": 1 / 6, "beta": 0.4}, ("N", 4, 5, 5), "attribute `beta`"),
+    ("LayerNormalization", (("s", np.ones((5, 5), np.float32)),), {"axis": 2}, ("N", 4, 5, 5), "attribute `axis`"),
+    ("Pad", (("p", np.array([0, 0, 1, 1, 0, 0, 1, 1])),), {"mode": "wrap"}, ("N", 4, 5, 5), "attribute `mode`"),
+    ("Pad", (("p", np.array([0, 1, 0, 0, 0, 1, 0, 0])),), {}, ("N", 4, 5, 5), "attribute `pads`: padding the batch"),
+    ("Clip", (("lo", np.float32(-1)),), {}, ("N", 4, 5, 5), "bounded on one side only"),
+    ("PRelu", (("a", np.ones(5, np.float32)),), {}, ("N", 4, 5, 5), "varies along other axes than the channels"),
+    ("Gelu", (), {"approximate": "tanh"}, ("N", 4, 5, 5), "attribute `approximate`"),
+], ids=["hardsigmoid-alpha", "hardsigmoid-beta", "layernorm-axis", "pad-wrap", "pad-channels", "clip-one-side",
+        "prelu-last-axis", "gelu-tanh"])
+def test_what_the_new_ops_cannot_say_is_refused_naming_the_attribute(tmp_path, op, inits, attrs, shape, expected):
+    onnx.save(_one_node_model(op, inits, shape, **attrs), str(tmp_path / "m.onnx"))
+    with pytest.raises(ConvDSLError) as err:
+        import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
+    first = str(err.value).splitlines()[0]
+    assert first.startswith(f"convdsl: error: import: node 0 `it` ({op})") and expected in first, first
+
+
+@pytest.mark.parametrize("op,inits,attrs,expected", [
+    ("Clip", (("lo", np.float32(0)), ("hi", np.float32(6))), {}, "-> relu6"),
+    ("Clip", (("lo", np.float32(-0.5)), ("hi", np.float32(0.25))), {}, "-> clip(-0.5, 0.25)"),
+    ("HardSigmoid", (), {"alpha": 1 / 6}, "-> hardsigmoid"),
+    ("Elu", (), {"alpha": 0.5}, "-> elu(0.5)"),
+    ("PRelu", (("a", np.full((4, 1, 1), 0.1, np.float32)),), {}, "-> it"),
+    ("InstanceNormalization", (("s", np.ones(4, np.float32)), ("b", np.zeros(4, np.float32))), {"epsilon": 1e-3},
+     "layer it = instancenorm(eps=0.001)"),
+    ("GroupNormalization", (("s", np.ones(2, np.float32)), ("b", np.zeros(2, np.float32))), {"num_groups": 2},
+     "layer it = groupnorm(2)"),
+    ("LayerNormalization", (("s", np.ones((4, 5, 5), np.float32)),), {"axis": 1}, "layer it = groupnorm(1)"),
+    ("Pad", (("p", np.array([0, 0, 1, 0, 0, 0, 2, 3])),), {"mode": "edge"}, "-> pad(((1, 2), (0, 3)), mode=replicate)"),
+    ("Reshape", (("shape", np.array([0, 4, 25])),), {}, "-> reshape([4, 25])"),
+])
+def test_the_new_ops_import_as_the_language_writes_them(tmp_path, op, inits, attrs, expected):
+    onnx.save(_one_node_model(op, inits, **attrs), str(tmp_path / "m.onnx"))
+    text, _, _ = import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
+    assert expected in text, text
+
+
 def test_a_model_whose_network_does_not_check_says_where_and_writes_nothing(tmp_path, capsys):
     helper = onnx.helper
     inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 5, 5]),
