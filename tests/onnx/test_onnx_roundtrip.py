@@ -265,7 +265,8 @@ def test_mobilenet_v2_block_imports_relu6(tmp_path):
     export(randomised(MobileNetV2Block()), (2, 8, 6, 6), tmp_path / "m.onnx", fold=False)
     text, weights, _ = import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
     assert text.count("-> relu6") == 2 and "clip" not in text
-    assert "layer dw = depthwise(3, pad=1, bias=false)" in text and {"bn3.running_var", "project.weight"} <= set(weights)
+    assert "layer dw = depthwise(3, pad=1, bias=false)" in text
+    assert {"bn3.running_var", "project.weight"} <= set(weights)
 
 
 @pytest.mark.slow
@@ -321,7 +322,8 @@ def _one_node_model(op, inits=(), shape=("N", 4, 5, 5), **attrs):
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
     node = helper.make_node(op, ["x", *(name for name, _ in inits)], ["y"], name="it", **attrs)
     tensors = [onnx.numpy_helper.from_array(np.asarray(v), name) for name, v in inits]
-    return helper.make_model(helper.make_graph([node], "g", [x], [y], tensors), opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(helper.make_graph([node], "g", [x], [y], tensors),
+                             opset_imports=[helper.make_opsetid("", 18)])
 
 
 @pytest.mark.parametrize("op,inits,attrs,shape,expected", [
