@@ -121,6 +121,9 @@ class _Importer:
         # constants can still take in: step index → the ONNX tensor that is its output.
         self.affine_open: dict[int, str] = {}
         self.named_by_node: set[int] = set()    # such steps, named after a node: renamed after their weight
+        # A Pad read only by a Conv of no padding of its own: the conv's `pad` and `pad_mode`
+        # (PyTorch's Conv2d(padding_mode=…)): the Pad's output tensor → (pairs, language mode).
+        self.conv_pads: dict[str, tuple] = {}
         self.fixed_batch: int | None = None
         self.dtype = "f32"
         nodes = [_Node(p, i, self.onnx) for i, p in enumerate(self.graph.node)]
@@ -420,6 +423,11 @@ def _conv(imp: _Importer, n: _Node):
         raise n.error(f"weight {list(w.shape)} with group={group} does not fit {cin} input channels", "group")
     dilation = tuple(n.attr("dilations", [1] * rank))
     strides, pad, outs = _window(imp, n, x, kernel, allow_ceil=False, dilation=dilation)
+    padded = imp.conv_pads.get(n.inputs[0])
+    mode = "zeros"
+    if padded is not None:
+        pairs, mode, pad_node = padded
+        pad = _pad_text(pairs)
     name = imp.layer_name(n, n.inputs[1])
     args = []
     if group == cin and group > 1:
@@ -433,6 +441,8 @@ def _conv(imp: _Importer, n: _Node):
     args += _window_args(kernel, strides, pad, dilation)
     if op == "conv" and group > 1:
         args.append(f"groups={group}")
+    if mode != "zeros":
+        args.append(f"pad_mode={mode}")
     weights = {"weight": imp.weight(w)}
     if b is None:
         args.append("bias=false")
@@ -441,6 +451,8 @@ def _conv(imp: _Importer, n: _Node):
     call = f"{op}({', '.join(args)})"
     imp.emit(n, name, [x.ref], (out, *outs), layer=name, weights=weights)
     imp.steps[-1].call = call
+    if padded is not None:
+        imp.steps[-1].comment = f"{pad_node.name} ({pad_node.op}) + {imp.steps[-1].comment}"
     imp.share(n, name, call, [n.inputs[1], *(n.inputs[2:3] if b is not None else [])])
 
 
@@ -973,6 +985,13 @@ def _pad(imp: _Importer, n: _Node):
     if all(p == (0, 0) for p in spatial):
         return imp.alias(n, x)
     outs = [s + b + a if isinstance(s, int) else None for s, (b, a) in zip(x.shape[1:], spatial)]
+    readers = imp.consumers.get(n.outputs[0], [])
+    if len(readers) == 1 and readers[0].op == "Conv" and readers[0].inputs[0] == n.outputs[0] and \
+            n.outputs[0] not in imp.graph_outputs and readers[0].attr("auto_pad", "NOTSET") in ("NOTSET", "VALID") \
+            and not any(readers[0].attr("pads", [])):
+        imp.conv_pads[n.outputs[0]] = (spatial, _PAD_MODES[mode], n)
+        imp.env[n.outputs[0]] = Val(x.ref, (x.shape[0], *outs), x.lang and (x.lang[0], *outs))
+        return
     args = [_pad_text(spatial)] + ([] if mode == "constant" else [f"mode={_PAD_MODES[mode]}"])
     imp.emit(n, f"pad({', '.join(args)})", [x.ref], (x.shape[0], *outs))
 
