@@ -171,8 +171,9 @@ class _Importer:
             raise n.error(f"input `{name}` is not produced by any earlier node, initializer or graph input")
         v = self.env[name]
         if isinstance(v, _Shuffling) and n.op not in ("Transpose", "Reshape"):
-            raise v.nodes[0].error("a reshape to channel groups whose result is read by another node: the "
-                                   "language lacks `reshape`")
+            raise v.nodes[0].error("channel groups transposed and read by another node than a Reshape back: the "
+                                   "language has no transpose (a channel shuffle's Reshape-Transpose-Reshape is "
+                                   "read as `shuffle`)")
         if isinstance(v, _GroupNorming) and n.op != ("InstanceNormalization" if v.eps is None else "Reshape"):
             raise v.nodes[0].error(f"channels in groups for a group normalisation whose result is read by {n.where}: "
                                    f"the language's groupnorm keeps its groups inside")
@@ -1494,7 +1495,7 @@ def _shuffle_step(imp: _Importer, n: _Node, s: _Shuffling):
             return
     first = s.nodes[0]
     raise first.error("a reshape to channel groups that is not a channel shuffle (Reshape [N, g, C/g, …], "
-                      "Transpose (0, 2, 1, …), Reshape [N, C, …]): the language lacks `reshape`")
+                      "Transpose (0, 2, 1, …), Reshape [N, C, …]): the language has no transpose")
 
 
 @dataclass
