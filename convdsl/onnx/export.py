@@ -210,6 +210,98 @@ def _upsample(e: _Emitter, n: Node):
                   coordinate_transformation_mode="half_pixel")
 
 
+def _clip(e: _Emitter, n: Node):
+    lo = e.constant("min", np.asarray(n.attrs["min"], dtype=e.dtype))
+    hi = e.constant("max", np.asarray(n.attrs["max"], dtype=e.dtype))
+    return e.node("Clip", [e.x(n), lo, hi], name=n.label)
+
+
+def _elu(e: _Emitter, n: Node):
+    return e.node("Elu", [e.x(n)], name=n.label, alpha=float(n.attrs["alpha"]))
+
+
+def _silu(e: _Emitter, n: Node):
+    x = e.x(n)
+    return e.node("Mul", [x, e.node("Sigmoid", [x], name=f"{n.label}_sigmoid")], name=n.label)
+
+
+def _gelu(e: _Emitter, n: Node):
+    # Gelu is an ONNX op from opset 20 only; at opset 17 it is x · (1 + erf(x/√2)) / 2, as PyTorch exports it.
+    x = e.x(n)
+    scaled = e.node("Div", [x, e.constant("sqrt2", np.asarray(np.sqrt(2.0), dtype=e.dtype))], name=f"{n.label}_div")
+    cdf = e.node("Add", [e.node("Erf", [scaled], name=f"{n.label}_erf"), e.constant("one", np.asarray(1, e.dtype))],
+                 name=f"{n.label}_add")
+    return e.node("Mul", [e.node("Mul", [x, cdf], name=f"{n.label}_mul"), e.constant("half", np.asarray(0.5, e.dtype))],
+                  name=n.label)
+
+
+def _per_channel(e: _Emitter, n: Node, pname: str) -> str:
+    """A [C] parameter as [C, 1, …] so that it broadcasts along the channels of the node's input."""
+    rank = e.type(n.inputs[0]).rank
+    return e.param(n, pname, lambda w: w.reshape(-1, *(1,) * (rank - 1)))
+
+
+def _prelu(e: _Emitter, n: Node):
+    return e.node("PRelu", [e.x(n), _per_channel(e, n, "weight")], name=n.label)
+
+
+def _instancenorm(e: _Emitter, n: Node):
+    return e.node("InstanceNormalization", [e.x(n), e.param(n, "weight"), e.param(n, "bias")], name=n.label,
+                  epsilon=float(n.attrs["eps"]))
+
+
+def _groupnorm(e: _Emitter, n: Node):
+    # [N, G, C/G · positions], each group normalised as an instance (unit scale), then the
+    # language's scale and shift per channel on the map.
+    x = e.x(n)
+    g = n.attrs["groups"]
+    grouped = e.node("Reshape", [x, e.ints("shape", [0, g, -1])], name=f"{n.label}_groups")
+    normal = e.node("InstanceNormalization", [grouped, e.constant("ones", np.ones(g, e.dtype)),
+                                              e.constant("zeros", np.zeros(g, e.dtype))],
+                    name=f"{n.label}_normalise", epsilon=float(n.attrs["eps"]))
+    back = e.node("Reshape", [normal, e.node("Shape", [x], name=f"{n.label}_shape")], name=f"{n.label}_map")
+    scaled = e.node("Mul", [back, _per_channel(e, n, "weight")], name=f"{n.label}_scale")
+    return e.node("Add", [scaled, _per_channel(e, n, "bias")], name=n.label)
+
+
+def _layernorm(e: _Emitter, n: Node):
+    # Over the channels at each position: ONNX normalises the last axes, so a map goes channels last and back.
+    rank = e.type(n.inputs[0]).rank
+    x = e.x(n)
+    if rank > 1:
+        x = e.node("Transpose", [x], name=f"{n.label}_to_channels_last", perm=_channels_last(rank))
+    y = e.node("LayerNormalization", [x, e.param(n, "weight"), e.param(n, "bias")], name=f"{n.label}_normalise"
+               if rank > 1 else n.label, axis=-1, epsilon=float(n.attrs["eps"]))
+    if rank > 1:
+        y = e.node("Transpose", [y], name=n.label, perm=_channels_first(rank))
+    return y
+
+
+_ONNX_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge"}
+
+
+def _pad(e: _Emitter, n: Node):
+    pads = _pads(n, n.attrs["pads"])
+    rank = len(n.attrs["pads"])
+    full = [0, 0, *pads[:rank], 0, 0, *pads[rank:]]
+    return e.node("Pad", [e.x(n), e.ints("pads", full)], name=n.label, mode=_ONNX_PAD_MODES[n.attrs["mode"]])
+
+
+def _reshape(e: _Emitter, n: Node):
+    # The values in the layout's order: NHWC reads and writes maps channels last, as the module does.
+    t, out = e.type(n.inputs[0]), e.type(n.output)
+    nhwc = n.attrs["layout"] == "NHWC"
+    x = e.x(n)
+    if nhwc and t.rank > 1:
+        x = e.node("Transpose", [x], name=f"{n.label}_to_channels_last", perm=_channels_last(t.rank))
+    shape = list(out.shape) if not (nhwc and out.rank > 1) else [*out.spatial, out.channels]
+    y = e.node("Reshape", [x, e.ints("shape", [0, *shape])], name=n.label if not (nhwc and out.rank > 1)
+               else f"{n.label}_reshape")
+    if nhwc and out.rank > 1:
+        y = e.node("Transpose", [y], name=n.label, perm=_channels_first(out.rank))
+    return y
+
+
 def _not_expressible(why: str):
     def export(e: _Emitter, n: Node):
         raise ConvDSLError(n.span, f"export: `{n.label}` is a {n.op} layer, which ONNX cannot express ({why})")
@@ -223,6 +315,10 @@ EXPORTERS: dict[str, Callable[[_Emitter, Node], str]] = {
     "globalavgpool": _plain("GlobalAveragePool"), "globalmaxpool": _plain("GlobalMaxPool"),
     "relu": _plain("Relu"), "sigmoid": _plain("Sigmoid"), "tanh": _plain("Tanh"), "leaky_relu": _leaky_relu,
     "softmax": _plain("Softmax", axis=1),
+    "clip": _clip, "relu6": _clip, "hardsigmoid": _plain("HardSigmoid", alpha=1.0 / 6.0, beta=0.5),
+    "hardswish": _plain("HardSwish"), "silu": _silu, "gelu": _gelu, "elu": _elu, "prelu": _prelu,
+    "layernorm": _layernorm, "groupnorm": _groupnorm, "instancenorm": _instancenorm,
+    "sub": _plain("Sub"), "mul": _plain("Mul"), "pad": _pad, "reshape": _reshape,
     "add": _plain("Sum"), "concat": _plain("Concat", axis=1), "scale": _scale,
     "batchnorm": _batchnorm, "dropout": _plain("Identity"),   # inference: dropout is the identity
     "flatten": _flatten, "maxout": _maxout, "shuffle": _shuffle, "upsample": _upsample,

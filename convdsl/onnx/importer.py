@@ -117,6 +117,13 @@ class _Importer:
         self.names: set[str] = set()
         self.done: set[int] = set()            # nodes already translated as part of a pattern
         self.shared: dict[tuple, str] = {}      # (call, weight initializers) → the layer that has them
+        # A normalisation step whose per-channel scale and shift a following Mul / Add by
+        # constants can still take in: step index → the ONNX tensor that is its output.
+        self.affine_open: dict[int, str] = {}
+        self.named_by_node: set[int] = set()    # such steps, named after a node: renamed after their weight
+        # A Pad read only by a Conv of no padding of its own: the conv's `pad` and `pad_mode`
+        # (PyTorch's Conv2d(padding_mode=…)): the Pad's output tensor → (pairs, language mode).
+        self.conv_pads: dict[str, tuple] = {}
         self.fixed_batch: int | None = None
         self.dtype = "f32"
         nodes = [_Node(p, i, self.onnx) for i, p in enumerate(self.graph.node)]
@@ -127,6 +134,7 @@ class _Importer:
                 if t:
                     self.consumers.setdefault(t, []).append(n)
         self.graph_outputs = {o.name for o in self.graph.output}
+        self.producer = {t: n for n in nodes for t in n.outputs if t}
 
     # ---- names ------------------------------------------------------------------------
     def fresh(self, base: str, fallback: str = "v") -> str:
@@ -163,8 +171,12 @@ class _Importer:
             raise n.error(f"input `{name}` is not produced by any earlier node, initializer or graph input")
         v = self.env[name]
         if isinstance(v, _Shuffling) and n.op not in ("Transpose", "Reshape"):
-            raise v.nodes[0].error("a reshape to channel groups whose result is read by another node: the "
-                                   "language lacks `reshape`")
+            raise v.nodes[0].error("channel groups transposed and read by another node than a Reshape back: the "
+                                   "language has no transpose (a channel shuffle's Reshape-Transpose-Reshape is "
+                                   "read as `shuffle`)")
+        if isinstance(v, _GroupNorming) and n.op != ("InstanceNormalization" if v.eps is None else "Reshape"):
+            raise v.nodes[0].error(f"channels in groups for a group normalisation whose result is read by {n.where}: "
+                                   f"the language's groupnorm keeps its groups inside")
         return v
 
     def val(self, n: _Node, i: int) -> Val:
@@ -412,6 +424,11 @@ def _conv(imp: _Importer, n: _Node):
         raise n.error(f"weight {list(w.shape)} with group={group} does not fit {cin} input channels", "group")
     dilation = tuple(n.attr("dilations", [1] * rank))
     strides, pad, outs = _window(imp, n, x, kernel, allow_ceil=False, dilation=dilation)
+    padded = imp.conv_pads.get(n.inputs[0])
+    mode = "zeros"
+    if padded is not None:
+        pairs, mode, pad_node = padded
+        pad = _pad_text(pairs)
     name = imp.layer_name(n, n.inputs[1])
     args = []
     if group == cin and group > 1:
@@ -425,6 +442,8 @@ def _conv(imp: _Importer, n: _Node):
     args += _window_args(kernel, strides, pad, dilation)
     if op == "conv" and group > 1:
         args.append(f"groups={group}")
+    if mode != "zeros":
+        args.append(f"pad_mode={mode}")
     weights = {"weight": imp.weight(w)}
     if b is None:
         args.append("bias=false")
@@ -433,6 +452,8 @@ def _conv(imp: _Importer, n: _Node):
     call = f"{op}({', '.join(args)})"
     imp.emit(n, name, [x.ref], (out, *outs), layer=name, weights=weights)
     imp.steps[-1].call = call
+    if padded is not None:
+        imp.steps[-1].comment = f"{pad_node.name} ({pad_node.op}) + {imp.steps[-1].comment}"
     imp.share(n, name, call, [n.inputs[1], *(n.inputs[2:3] if b is not None else [])])
 
 
@@ -629,6 +650,20 @@ def _unary(op: str):
     return translate
 
 
+def _sigmoid(imp: _Importer, n: _Node):
+    """Sigmoid, or with the Mul of its input by it (x · sigmoid(x), how SiLU is written) silu."""
+    x = imp.val(n, 0)
+    readers = imp.consumers.get(n.outputs[0], [])
+    if len(readers) == 1 and readers[0].op == "Mul" and n.outputs[0] not in imp.graph_outputs and \
+            sorted(readers[0].inputs) == sorted([n.inputs[0], n.outputs[0]]):
+        mul = readers[0]
+        imp.done.add(mul.index)
+        imp.emit(mul, "silu", [x.ref], x.shape, x.lang)
+        imp.steps[-1].comment = f"{n.name} ({n.op}) + {mul.name} ({mul.op})"
+        return
+    imp.emit(n, "sigmoid", [x.ref], x.shape, x.lang)
+
+
 def _leaky_relu(imp: _Importer, n: _Node):
     x = imp.val(n, 0)
     alpha = float(n.attr("alpha", 0.01))
@@ -657,16 +692,309 @@ def _lacks(what: str):
     return translate
 
 
+def _float_text(v: float) -> str:
+    """A float attribute as the .cnn file writes it: the shortest decimal that is its f32 value
+    (Clip(0.1, 0.9)'s bounds are f32 tensors: 0.1, not 0.10000000149011612)."""
+    return number(float(str(np.float32(v))))
+
+
 def _clip(imp: _Importer, n: _Node):
     x = imp.val(n, 0)
     lo = imp.const(n, 1, "min") if len(n.inputs) > 1 else n.attrs.get("min")
     hi = imp.const(n, 2, "max") if len(n.inputs) > 2 else n.attrs.get("max")
     lo = None if lo is None else float(np.asarray(lo).reshape(-1)[0])
     hi = None if hi is None else float(np.asarray(hi).reshape(-1)[0])
-    if lo == 0.0 and (hi is None or math.isinf(hi)):
+    lo = None if lo is not None and math.isinf(lo) and lo < 0 else lo
+    hi = None if hi is not None and math.isinf(hi) and hi > 0 else hi
+    if lo == 0.0 and hi is None:
         return imp.emit(n, "relu", [x.ref], x.shape, x.lang)
+    if lo == 0.0 and hi == 6.0:
+        return imp.emit(n, "relu6", [x.ref], x.shape, x.lang)
+    if lo is not None and hi is not None and lo < hi:
+        return imp.emit(n, f"clip({_float_text(lo)}, {_float_text(hi)})", [x.ref], x.shape, x.lang)
     shown = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-    raise n.error(f"the language lacks clip{shown} (relu6 / clip); only Clip(0, ∞) = relu is in it")
+    if lo is not None and hi is not None:
+        raise n.error(f"Clip{shown}: the language's clip needs min < max", "max")
+    raise n.error(f"Clip{shown} bounded on one side only: the language has clip(min, max) with both bounds "
+                  f"finite, and Clip(0, ∞) = relu")
+
+
+def _hardsigmoid(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    # The language's hardsigmoid is PyTorch's, max(0, min(1, x/6 + 1/2)); ONNX's default alpha is 0.2.
+    for attr, default, want in (("alpha", 0.2, 1.0 / 6.0), ("beta", 0.5, 0.5)):
+        got = float(n.attr(attr, default))
+        if np.float32(got) != np.float32(want):
+            raise n.error(f"{attr}={got}: the language's hardsigmoid is max(0, min(1, x/6 + 1/2)), "
+                          f"alpha=1/6 and beta=0.5 (PyTorch's Hardsigmoid)", attr)
+    imp.emit(n, "hardsigmoid", [x.ref], x.shape, x.lang)
+
+
+def _elu(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    alpha = float(n.attr("alpha", 1.0))
+    if alpha < 0:
+        raise n.error(f"alpha={alpha}: the language's elu takes alpha ≥ 0", "alpha")
+    imp.emit(n, "elu" if alpha == 1.0 else f"elu({_float_text(alpha)})", [x.ref], x.shape, x.lang)
+
+
+def _gelu(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    approximate = n.attr("approximate", "none")
+    if approximate != "none":
+        raise n.error(f"approximate={approximate}: the language's gelu is the exact one (by erf)", "approximate")
+    imp.emit(n, "gelu", [x.ref], x.shape, x.lang)
+
+
+def _channel_values(x: Val, value: np.ndarray) -> np.ndarray | None:
+    """A constant that broadcasts (ONNX's right-aligned rule) to [N, C, *S] varying along the
+    channels only: its C values, or one value when it is the same everywhere (shape [1] or []);
+    None otherwise."""
+    rank = len(x.shape) + 1
+    if value.ndim > rank:
+        return None
+    full = (1,) * (rank - value.ndim) + tuple(value.shape)
+    if all(d == 1 for d in full):
+        return value.reshape(1)
+    if full[0] == 1 and full[1] == x.shape[0] and all(d == 1 for d in full[2:]):
+        return value.reshape(-1)
+    return None
+
+
+def _scalar_const(imp: _Importer, name: str) -> float | None:
+    """The number a tensor holds when it is a known scalar, read ahead from its Constant node
+    (exporters put a Constant just before the node that reads it), else None."""
+    maker = imp.producer.get(name)
+    if name not in imp.env and maker is not None and maker.op == "Constant":
+        _constant(imp, maker)
+    v = imp.env.get(name)
+    if isinstance(v, Const) and v.value.dtype != object and v.value.size == 1:
+        return float(v.value.reshape(-1)[0])
+    return None
+
+
+def _div(imp: _Importer, n: _Node):
+    """Div(x, √2) → Erf → Add 1 → Mul x → Mul 0.5: the exact GELU as exporters write it before
+    Gelu (opset 20); PyTorch's for nn.GELU at opset 17. Any other Div of a value is refused."""
+    x = imp.get(n, n.inputs[0])
+    chain, ops = [n], [("Erf", None), ("Add", 1.0), ("Mul", "x"), ("Mul", 0.5)]
+    if isinstance(x, Val) and _scalar_const(imp, n.inputs[1]) is not None and \
+            abs(_scalar_const(imp, n.inputs[1]) - math.sqrt(2.0)) < 1e-6:
+        for op, other in ops:
+            last = chain[-1]
+            readers = imp.consumers.get(last.outputs[0], [])
+            if len(readers) != 1 or readers[0].op != op or last.outputs[0] in imp.graph_outputs:
+                break
+            r = readers[0]
+            rest = [t for t in r.inputs if t != last.outputs[0]]
+            if other is None:
+                ok = not rest
+            elif other == "x":
+                ok = rest == [n.inputs[0]]
+            else:
+                ok = len(rest) == 1 and _scalar_const(imp, rest[0]) == other
+            if not ok:
+                break
+            chain.append(r)
+        else:
+            imp.done.update(m.index for m in chain[1:])
+            imp.emit(chain[-1], "gelu", [x.ref], x.shape, x.lang)
+            imp.steps[-1].comment = " + ".join(f"{m.name} ({m.op})" for m in chain)
+            return
+    raise n.error("the language lacks element-wise division (x / √2 → Erf → … is read as gelu)")
+
+
+def _per_channel(n: _Node, x: Val, value: np.ndarray, what: str) -> np.ndarray:
+    found = _channel_values(x, value)
+    if found is not None:
+        return found
+    raise n.error(f"{what} of shape {list(value.shape)} broadcast to [N, {', '.join(map(str, x.shape))}] varies "
+                  f"along other axes than the channels: the language's is one value per channel or one for all")
+
+
+def _prelu(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    slope = _per_channel(n, x, imp.const(n, 1, "the slope"), "a slope")
+    name = imp.layer_name(n, n.inputs[1])
+    call = "prelu(shared=true)" if slope.size == 1 and x.shape[0] != 1 else "prelu"
+    imp.emit(n, name, [x.ref], x.shape, x.lang, layer=name, weights={"weight": imp.weight(slope)})
+    imp.steps[-1].call = call
+    imp.share(n, name, call, [n.inputs[1]])
+
+
+def _affine_norm(imp: _Importer, n: _Node, x: Val, call: str, scale, bias, output: int = 0):
+    c = x.shape[0]
+    weights = {}
+    for pname, value, what in (("weight", scale, "scale"), ("bias", bias, "B")):
+        if value is None:
+            value = np.ones(c) if pname == "weight" else np.zeros(c)
+        value = np.asarray(value).reshape(-1)
+        if value.size == 1:
+            value = np.full(c, float(value[0]))
+        if value.size != c:
+            raise n.error(f"{what} has {value.size} values; the language's has one per channel ({c})")
+        weights[pname] = imp.weight(value)
+    name = imp.layer_name(n, n.inputs[1] if len(n.inputs) > 1 and n.inputs[1] else None)
+    v = imp.emit(n, name, [x.ref], x.shape, x.lang, layer=name, weights=weights, output=output)
+    imp.steps[-1].call = call
+    imp.affine_open[v.ref] = n.outputs[output]
+    return v
+
+
+def _absorb_affine(imp: _Importer, n: _Node) -> bool:
+    """Mul or Add of a normalisation's output by a per-channel constant, read by nothing else:
+    its scale or shift (PyTorch writes GroupNorm's affine so: InstanceNormalization, then Mul
+    and Add). True when taken in."""
+    kinds = [isinstance(imp.env.get(t), Const) for t in n.inputs[:2]]
+    if len(n.inputs) != 2 or sorted(kinds) != [False, True]:
+        return False
+    name = n.inputs[kinds.index(False)]
+    x = imp.env.get(name)
+    if not isinstance(x, Val) or imp.affine_open.get(x.ref) != name or imp.consumers.get(name) != [n] \
+            or name in imp.graph_outputs:
+        return False
+    c = imp.env[n.inputs[kinds.index(True)]].value
+    if c.dtype == object:
+        return False
+    values = _channel_values(x, c)
+    if values is None:
+        return False
+    step = imp.steps[x.ref]
+    values = np.broadcast_to(values.astype(np.float64), step.weights["bias"].shape)
+    if n.op == "Mul":
+        step.weights = {k: imp.weight(w * values) for k, w in step.weights.items()}
+    else:
+        step.weights = {**step.weights, "bias": imp.weight(step.weights["bias"] + values)}
+    step.comment += f" + {n.name} ({n.op})"
+    constant = n.inputs[kinds.index(True)]
+    if x.ref in imp.named_by_node and constant.endswith((".weight", ".bias")):
+        # The layer's weights were written by name (`convdsl export`'s `groupnorm1.weight`): its name.
+        imp.names.discard(step.layer)
+        step.layer = imp.fresh(constant.rsplit(".", 1)[0], "norm")
+        imp.named_by_node.discard(x.ref)
+    del imp.affine_open[x.ref]
+    imp.alias(n, x)
+    imp.affine_open[x.ref] = n.outputs[0]
+    return True
+
+
+def _eps_args(n: _Node) -> list[str]:
+    eps = float(n.attr("epsilon", 1e-5))
+    return [] if abs(eps - 1e-5) <= 1e-12 else [f"eps={_float_text(eps)}"]
+
+
+def _call(op: str, args: list[str]) -> str:
+    return f"{op}({', '.join(args)})" if args else op
+
+
+def _statistics_outputs(n: _Node, imp: _Importer, what: str):
+    for o in n.outputs[1:]:
+        if o and (imp.consumers.get(o) or o in imp.graph_outputs):
+            raise n.error(f"the {what} output is used; the language's normalisation keeps its statistics inside")
+
+
+def _instancenorm(imp: _Importer, n: _Node):
+    g = imp.get(n, n.inputs[0])
+    if isinstance(g, _GroupNorming):
+        scale, bias = imp.const(n, 1, "scale"), imp.const(n, 2, "B")
+        if np.any(scale != 1) or np.any(bias != 0):
+            raise n.error("a group normalisation's InstanceNormalization with a scale or shift per group: the "
+                          "language's groupnorm has them per channel")
+        imp.env[n.outputs[0]] = _GroupNorming(g.x, g.groups, [*g.nodes, n], float(n.attr("epsilon", 1e-5)))
+        return
+    x = imp.val(n, 0)
+    if len(x.shape) < 2:
+        raise n.error(f"InstanceNormalization of a vector [batch, {x.shape[0]}]: one value per channel")
+    _affine_norm(imp, n, x, _call("instancenorm", _eps_args(n)), imp.const(n, 1, "scale"), imp.const(n, 2, "B"))
+
+
+def _groupnorm(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    c = x.shape[0]
+    groups = int(n.attr("num_groups"))
+    if groups < 1 or c % groups:
+        raise n.error(f"num_groups={groups} does not divide the {c} channels", "num_groups")
+    scale, bias = imp.const(n, 1, "scale"), imp.const(n, 2, "bias")
+    # Opset 18's scale and bias are per group (opset 21's per channel): a group's value for each of its channels.
+    scale, bias = (None if v is None else np.repeat(np.asarray(v).reshape(-1), c // groups)
+                   if np.size(v) == groups and groups != c else v for v in (scale, bias))
+    _affine_norm(imp, n, x, _call("groupnorm", [str(groups), *_eps_args(n)]), scale, bias)
+
+
+def _layernorm(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    _statistics_outputs(n, imp, "Mean / InvStdDev")
+    rank = len(x.shape) + 1
+    axis = int(n.attr("axis", -1))
+    axis = axis + rank if axis < 0 else axis
+    scale, bias = imp.const(n, 1, "scale"), imp.const(n, 2, "B")
+    if axis == 1 and rank == 2:
+        # A vector's features are its channels: the language's layernorm.
+        return _affine_norm(imp, n, x, _call("layernorm", _eps_args(n)), scale, bias)
+    if axis == 1:
+        # Over all of C and the positions: groupnorm(1), when the scale and shift are per channel.
+        sample = _static(n, x.shape, "LayerNormalization over C and the positions")
+        per = []
+        for what, v in (("scale", scale), ("B", bias)):
+            if v is None:
+                per.append(None)
+                continue
+            full = np.broadcast_to(np.asarray(v), sample)
+            if not np.all(full == full.reshape(sample[0], -1)[:, :1].reshape(sample[0], *(1,) * (rank - 2))):
+                raise n.error(f"{what} varies over the positions; the language's groupnorm(1) has a scale and "
+                              f"shift per channel")
+            per.append(full.reshape(sample[0], -1)[:, 0])
+        return _affine_norm(imp, n, x, _call("groupnorm", ["1", *_eps_args(n)]), *per)
+    raise n.error(f"normalising over axes {list(range(axis, rank))} of a rank-{rank} tensor: the language's "
+                  f"layernorm normalises over the channels at each position (axis 1 of [batch, features], or "
+                  f"groupnorm(1) for axis 1 of a map)", "axis")
+
+
+_PAD_MODES = {"constant": "zeros", "reflect": "reflect", "edge": "replicate"}
+
+
+def _pad(imp: _Importer, n: _Node):
+    x = imp.val(n, 0)
+    rank = len(x.shape) + 1
+    mode = n.attr("mode", "constant")
+    if mode not in _PAD_MODES:
+        raise n.error(f"mode={mode}: the language pads with zeros, reflect or replicate (ONNX's constant, "
+                      f"reflect, edge)", "mode")
+    if "pads" in n.attrs:                    # before opset 11
+        pads, value = list(n.attrs["pads"]), float(n.attr("value", 0.0))
+        axes = list(range(rank))
+    else:
+        pads = [int(p) for p in imp.const(n, 1, "pads").reshape(-1)]
+        value = imp.const(n, 2, "constant_value")
+        value = 0.0 if value is None or value.size == 0 else float(value.reshape(-1)[0])
+        axes = imp.const(n, 3, "axes")
+        axes = list(range(rank)) if axes is None else [int(a) + rank if a < 0 else int(a) for a in axes.reshape(-1)]
+    if len(pads) != 2 * len(axes):
+        raise n.error(f"{len(pads)} pads for {len(axes)} axes", "pads")
+    pairs = [(0, 0)] * rank
+    for a, b, e in zip(axes, pads[:len(axes)], pads[len(axes):]):
+        pairs[a] = (b, e)
+    if any(p < 0 for pair in pairs for p in pair):
+        raise n.error("negative padding (cropping) is not in the language", "pads")
+    if any(pairs[0]) or any(pairs[1]):
+        raise n.error("padding the batch or channel axis: the language's pad pads the spatial axes", "pads")
+    if mode == "constant" and value != 0.0:
+        raise n.error(f"constant_value={value}: the language pads with zeros", "constant_value")
+    if rank < 3:
+        raise n.error("padding a vector: the language's pad pads the spatial axes of a map")
+    spatial = pairs[2:]
+    if all(p == (0, 0) for p in spatial):
+        return imp.alias(n, x)
+    outs = [s + b + a if isinstance(s, int) else None for s, (b, a) in zip(x.shape[1:], spatial)]
+    readers = imp.consumers.get(n.outputs[0], [])
+    if len(readers) == 1 and readers[0].op == "Conv" and readers[0].inputs[0] == n.outputs[0] and \
+            n.outputs[0] not in imp.graph_outputs and readers[0].attr("auto_pad", "NOTSET") in ("NOTSET", "VALID") \
+            and not any(readers[0].attr("pads", [])):
+        imp.conv_pads[n.outputs[0]] = (spatial, _PAD_MODES[mode], n)
+        imp.env[n.outputs[0]] = Val(x.ref, (x.shape[0], *outs), x.lang and (x.lang[0], *outs))
+        return
+    args = [_pad_text(spatial)] + ([] if mode == "constant" else [f"mode={_PAD_MODES[mode]}"])
+    imp.emit(n, f"pad({', '.join(args)})", [x.ref], (x.shape[0], *outs))
 
 
 def _batchnorm(imp: _Importer, n: _Node):
@@ -726,6 +1054,8 @@ def _add(imp: _Importer, n: _Node):
     items = [imp.get(n, t) for t in n.inputs]
     if all(isinstance(v, Const) for v in items):
         return _fold(imp, n)
+    if n.op == "Add" and _absorb_affine(imp, n):
+        return
     if any(isinstance(v, Const) for v in items):
         raise n.error("adding a constant to a value: the language lacks a bias add outside conv/dense layers "
                       "(and element-wise broadcasting)")
@@ -742,14 +1072,29 @@ def _mul(imp: _Importer, n: _Node):
     a, b = imp.get(n, n.inputs[0]), imp.get(n, n.inputs[1])
     if isinstance(a, Const) and isinstance(b, Const):
         return _fold(imp, n)
+    if _absorb_affine(imp, n):
+        return
     if isinstance(a, Val) and isinstance(b, Val):
+        if a.lang_shape == b.lang_shape:
+            return imp.emit(n, "mul", [a.ref, b.ref], a.shape, a.lang)
         for x, s in ((a, b), (b, a)):
             if len(x.shape) >= 2 and s.shape[0] == x.shape[0] and all(d == 1 for d in s.shape[1:]) \
                     and len(s.shape) in (1, len(x.shape)):
                 return imp.emit(n, "scale", [x.ref, s.ref], x.shape, x.lang)
-        raise n.error(f"Mul of shapes {list(a.shape)} and {list(b.shape)}: the language multiplies a map by a "
-                      f"per-channel gate ([C] or [C, 1, 1], `scale`) only; it lacks element-wise `mul`")
+        raise n.error(f"Mul of shapes {list(a.shape)} and {list(b.shape)}: the language multiplies tensors of "
+                      f"equal shapes (`mul`) or a map by a per-channel gate ([C] or [C, 1, 1], `scale`); it has "
+                      f"no other broadcasting")
     raise n.error("multiplying a value by a constant: the language lacks `mul` by constants")
+
+
+def _sub(imp: _Importer, n: _Node):
+    a, b = imp.get(n, n.inputs[0]), imp.get(n, n.inputs[1])
+    if not (isinstance(a, Val) and isinstance(b, Val)):
+        raise n.error("subtracting a constant: the language's sub takes two network values")
+    if a.lang_shape != b.lang_shape:
+        raise n.error(f"Sub of shapes {list(a.shape)} and {list(b.shape)}: the language's sub needs equal shapes "
+                      f"(no broadcasting)")
+    imp.emit(n, "sub", [a.ref, b.ref], a.shape, a.lang)
 
 
 def _reduce(op: str):
@@ -1039,11 +1384,13 @@ def _reshape(imp: _Importer, n: _Node):
     x = imp.get(n, n.inputs[0])
     if isinstance(x, _Shuffling):
         return _shuffle_step(imp, n, x)
+    if isinstance(x, _GroupNorming):
+        return _group_norm_end(imp, n, x)
     if isinstance(x, Const):
         return _fold(imp, n)
     target = [v if isinstance(v, str) else int(v) for v in imp.const(n, 1, "the shape", numeric=False).reshape(-1)]
     shuffled = _channel_shuffle(imp, n, x, target)
-    if shuffled:
+    if shuffled or _group_norm_start(imp, n, x, target):
         return
     per_sample = _reshape_target(imp, n, x, target)
     _view(imp, n, x, per_sample, f"to {list(target)}")
@@ -1061,8 +1408,13 @@ def _view(imp: _Importer, n: _Node, x: Val, per_sample, what: str):
     # [C] ↔ [C, 1, 1]: the same values; the language keeps the vector (scale reads it as a gate).
     if len(lang) == 1 and per_sample and per_sample[0] == lang[0] and all(d == 1 for d in per_sample[1:]):
         return imp.alias(n, x, shape=per_sample, lang=lang)
-    raise n.error(f"a reshape of [{', '.join(map(str, x.shape))}] {what}: the language lacks `reshape` "
-                  f"(it has flatten, and the channel shuffle's reshape-transpose-reshape)")
+    if not all(isinstance(d, int) for d in (*lang, *per_sample)):
+        raise n.error(f"a reshape of [{', '.join(map(str, x.shape))}] {what}: the language's reshape needs fixed "
+                      f"sizes (a run-time size is kept only by flatten)")
+    if not 1 <= len(per_sample) <= 4:
+        raise n.error(f"a reshape of [{', '.join(map(str, x.shape))}] {what}: the language's values have 1 to 4 "
+                      f"axes per sample (a vector, or a map of 1 to 3 spatial axes)")
+    imp.emit(n, f"reshape([{', '.join(map(str, per_sample))}])", [x.ref], per_sample)
 
 
 def _unsqueeze(imp: _Importer, n: _Node):
@@ -1143,7 +1495,77 @@ def _shuffle_step(imp: _Importer, n: _Node, s: _Shuffling):
             return
     first = s.nodes[0]
     raise first.error("a reshape to channel groups that is not a channel shuffle (Reshape [N, g, C/g, …], "
-                      "Transpose (0, 2, 1, …), Reshape [N, C, …]): the language lacks `reshape`")
+                      "Transpose (0, 2, 1, …), Reshape [N, C, …]): the language has no transpose")
+
+
+@dataclass
+class _GroupNorming:
+    """A group normalisation as exporters write it before opset 18 (GroupNormalization), under
+    way: x reshaped to [N, G, -1], then (`eps` set) normalised by an InstanceNormalization of unit
+    scale; the Reshape back to x's shape writes `groupnorm(G)`, whose scale and shift the Mul and
+    Add after it give (_absorb_affine)."""
+    x: Val
+    groups: int
+    nodes: list
+    eps: float | None = None
+
+
+def _group_norm_start(imp: _Importer, n: _Node, x: Val, target) -> bool:
+    readers = imp.consumers.get(n.outputs[0], [])
+    if len(readers) != 1 or readers[0].op != "InstanceNormalization" or n.outputs[0] in imp.graph_outputs:
+        return False
+    per_sample = _reshape_target(imp, n, x, target)
+    c = x.shape[0]
+    if per_sample is None or len(per_sample) != 2 or not isinstance(c, int) or not isinstance(per_sample[0], int):
+        return False
+    g = per_sample[0]
+    if g < 1 or c % g or per_sample[1] is not None and all(isinstance(d, int) for d in x.shape) and \
+            g * per_sample[1] != math.prod(x.shape):
+        return False
+    imp.env[n.outputs[0]] = _GroupNorming(x, g, [n])
+    return True
+
+
+def _group_norm_end(imp: _Importer, n: _Node, s: _GroupNorming):
+    x = s.x
+    grouped = Val(x.ref, (s.groups, None))
+    final = _reshape_target(imp, n, grouped, imp.const(n, 1, "the shape", numeric=False).reshape(-1))
+    first = s.nodes[0]
+    if final is None or tuple(final) != tuple(x.shape):
+        raise first.error("channels in groups, normalised, then reshaped to another shape than the input's: the "
+                          "language's groupnorm gives its input's shape")
+    args = [str(s.groups)] + ([] if abs(s.eps - 1e-5) <= 1e-12 else [f"eps={_float_text(s.eps)}"])
+    v = _affine_norm(imp, n, x, _call("groupnorm", args), None, None)
+    step = imp.steps[v.ref]
+    imp.named_by_node.add(v.ref)
+    step.comment = " + ".join(f"{m.name} ({m.op})" for m in [*s.nodes, n])
+
+
+def _channels_last_layernorm(imp: _Importer, n: _Node, x: Val, perm) -> bool:
+    """Transpose to channels last → LayerNormalization over the last axis → Transpose back: the
+    language's layernorm of a map (ConvNeXt's; what `convdsl export` writes)."""
+    rank = len(x.shape) + 1
+    if rank < 3 or perm != [0, *range(2, rank), 1]:
+        return False
+    readers = imp.consumers.get(n.outputs[0], [])
+    if len(readers) != 1 or readers[0].op != "LayerNormalization" or n.outputs[0] in imp.graph_outputs:
+        return False
+    norm = readers[0]
+    if norm.attr("axis", -1) not in (-1, rank - 1):
+        return False
+    after = imp.consumers.get(norm.outputs[0], [])
+    if len(after) != 1 or after[0].op != "Transpose" or norm.outputs[0] in imp.graph_outputs or \
+            list(after[0].attrs.get("perm", [])) != [0, rank - 1, *range(1, rank - 1)]:
+        return False
+    _statistics_outputs(norm, imp, "Mean / InvStdDev")
+    back = after[0]
+    v = _affine_norm(imp, norm, x, _call("layernorm", _eps_args(norm)), imp.const(norm, 1, "scale"),
+                     imp.const(norm, 2, "B"))
+    imp.steps[v.ref].comment = f"{n.name} ({n.op}) + {norm.name} ({norm.op}) + {back.name} ({back.op})"
+    imp.env[back.outputs[0]] = v
+    imp.affine_open[v.ref] = back.outputs[0]
+    imp.done.update((norm.index, back.index))
+    return True
 
 
 def _transpose(imp: _Importer, n: _Node):
@@ -1155,6 +1577,8 @@ def _transpose(imp: _Importer, n: _Node):
     perm = list(n.attr("perm", []))
     if perm == list(range(len(perm))):
         return imp.alias(n, x)
+    if _channels_last_layernorm(imp, n, x, perm):
+        return
     raise n.error(f"Transpose {perm}: the language keeps channels first and has no transpose (a channel "
                   f"shuffle's Reshape-Transpose-Reshape is read as `shuffle`)", "perm")
 
@@ -1164,15 +1588,16 @@ TRANSLATORS: dict[str, Callable[[_Importer, _Node], None]] = {
     "MaxPool": _pool("maxpool"), "AveragePool": _pool("avgpool"), "LpPool": _pool("lppool"),
     "GlobalAveragePool": _global_pool("globalavgpool"), "GlobalMaxPool": _global_pool("globalmaxpool"),
     "Gemm": _gemm, "MatMul": _matmul,
-    "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "Tanh": _unary("tanh"), "LeakyRelu": _leaky_relu,
+    "Relu": _unary("relu"), "Sigmoid": _sigmoid, "Tanh": _unary("tanh"), "LeakyRelu": _leaky_relu,
     "Softmax": _softmax, "Clip": _clip,
-    "HardSigmoid": _lacks("hardsigmoid"), "HardSwish": _lacks("hardswish"), "Elu": _lacks("elu"),
-    "PRelu": _lacks("prelu"), "Selu": _lacks("selu"), "Gelu": _lacks("gelu"), "Erf": _lacks("erf (gelu)"),
-    "LayerNormalization": _lacks("layernorm"), "InstanceNormalization": _lacks("instancenorm"),
-    "GroupNormalization": _lacks("groupnorm"), "Pad": _lacks("a separate Pad op (padding belongs to conv and pools)"),
+    "HardSigmoid": _hardsigmoid, "HardSwish": _unary("hardswish"), "Elu": _elu,
+    "PRelu": _prelu, "Selu": _lacks("selu"), "Gelu": _gelu,
+    "Erf": _lacks("erf (gelu is read from Gelu, or from x / √2 → Erf → + 1 → · x → · 0.5)"),
+    "LayerNormalization": _layernorm, "InstanceNormalization": _instancenorm,
+    "GroupNormalization": _groupnorm, "Pad": _pad,
     "BatchNormalization": _batchnorm, "Flatten": _flatten, "Concat": _maybe_fold(_concat),
-    "Add": _add, "Sum": _add, "Mul": _mul, "Sub": _maybe_fold(_lacks("element-wise `sub`")),
-    "Div": _maybe_fold(_lacks("element-wise division")),
+    "Add": _add, "Sum": _add, "Mul": _mul, "Sub": _maybe_fold(_sub),
+    "Div": _maybe_fold(_div),
     "ReduceMean": _reduce("globalavgpool"), "ReduceMax": _reduce("globalmaxpool"),
     "Dropout": _dropout, "Identity": _identity, "Resize": _resize, "Upsample": _resize,
     "Constant": _constant, "Shape": _shape, "Gather": _maybe_fold(_lacks("gathering values of the network")),

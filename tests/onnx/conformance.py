@@ -27,6 +27,9 @@ MODULES = {
     "ReduceMean": ("reducemean", 1), "ReduceMax": ("reducemax", 1), "Dropout": ("dropout", 1),
     "Identity": ("identity", 1), "Resize": ("resize", 1), "Upsample": ("upsample", 1), "Reshape": ("reshape", 1),
     "HardSigmoid": ("hardsigmoid", 1), "HardSwish": ("hardswish", 1), "Elu": ("elu", 1), "PRelu": ("prelu", 1),
+    "Gelu": ("gelu", 1), "Sub": ("sub", None), "Pad": ("pad", 1),
+    "InstanceNormalization": ("instance_normalization", 1),
+    "GroupNormalization": ("groupnormalization", 1), "LayerNormalization": ("layernormalization", 1),
 }
 
 

@@ -65,6 +65,27 @@ network OnnxRanks {
 }
 """
 
+# The ops the language gained with the vocabulary of real models: padding modes (a `pad` layer
+# in front of the conv), pad, the activations, prelu, the three normalisations, sub and mul, reshape.
+NEW_OPS = """
+network OnnxNewOps {
+    input x: [4, 10, 10]
+    a = x -> conv(8, kernel=3, pad=1, pad_mode=reflect) -> groupnorm(2) -> relu6
+    b = a -> depthwise(3, pad=1, pad_mode=replicate) -> instancenorm(eps=0.001) -> hardswish
+    c = a -> pad(((1, 0), (0, 2)), mode=reflect) -> conv(8, kernel=(2, 3)) -> layernorm -> hardsigmoid
+    s = sub(b, c)
+    g = a -> silu
+    d = mul(s, g) -> prelu -> elu(0.5) -> clip(-1, 2)
+    e = d -> pad(1) -> conv(4, kernel=3) -> gelu
+    f = e -> reshape([4, 100]) -> layernorm -> prelu(shared=true)
+    v = e -> globalavgpool -> flatten -> dense(32) -> layernorm -> gelu -> reshape([2, 4, 4])
+          -> conv(3, kernel=3, pad=1, pad_mode=replicate) -> groupnorm(3)
+    output f, v
+}
+"""
+NEW_OPS_NHWC = NEW_OPS.replace("network OnnxNewOps {\n    input x: [4, 10, 10]",
+                               "network OnnxNewOpsNHWC {\n    layout NHWC\n    input x: [10, 10, 4]")
+
 
 def randomised(net, seed=1):
     """A model's weights drawn at random (batchnorm statistics too, positive variances), so that
@@ -130,6 +151,22 @@ def test_every_expressible_example_imports_back_with_its_weights(path, network):
         np.testing.assert_array_equal(weights[name], value, err_msg=name)
 
 
+def test_the_new_ops_import_back_with_their_weights():
+    """export → import of the vocabulary ops: what the exporter writes for groupnorm (Reshape →
+    InstanceNormalization → Reshape → Mul → Add), layernorm of a map (Transpose → LayerNormalization →
+    Transpose) and gelu (Div → Erf → Add → Mul → Mul) reads back as those layers, with their weights."""
+    graph = graph_from_source(NEW_OPS)
+    state = random_state(graph)
+    text, weights = import_model_proto(export_graph(graph, state), "Back")
+    back = graph_from_source(text)
+    # A Pad read by a Conv is that conv's `pad` (and `pad_mode`): a zero `pad` layer becomes the conv's padding.
+    assert sorted(n.op for n in back.nodes if n.op != "pad") == sorted(n.op for n in graph.nodes if n.op != "pad")
+    assert "conv(8, kernel=3, pad=1, pad_mode=reflect)" in text and "conv(4, kernel=3, pad=1)" in text
+    assert weights.keys() == state.keys()
+    for name, value in state.items():
+        np.testing.assert_allclose(weights[name], value.reshape(weights[name].shape), rtol=1e-6, err_msg=name)
+
+
 @pytest.mark.slow
 def test_a_shared_layer_with_run_time_sizes_round_trips_through_onnx(tmp_path, optimised):
     path = REPO / "examples" / "refine.cnn"
@@ -160,7 +197,9 @@ def test_every_expressible_example_exports_to_what_the_module_computes(path, net
     pytest.param(MAP_OPS, [[(3, 12, 12, 4)]], marks=pytest.mark.slow),
     (RUN_TIME_SIZES, [[(2, 3, 10, 14)], [(1, 3, 7, 5)]]),
     pytest.param(ONE_AND_THREE_D, [[(2, 4, 16), (2, 2, 6, 6, 6)]], marks=pytest.mark.slow),
-], ids=["map-ops-nhwc", "run-time-sizes", "1d-3d"])
+    pytest.param(NEW_OPS, [[(3, 4, 10, 10)]], marks=pytest.mark.slow),
+    pytest.param(NEW_OPS_NHWC, [[(2, 10, 10, 4)]], marks=pytest.mark.slow),
+], ids=["map-ops-nhwc", "run-time-sizes", "1d-3d", "new-ops", "new-ops-nhwc"])
 def test_every_exportable_op_matches_the_module(text, shapes):
     graph = graph_from_source(text)
     net = randomised(convdsl.load_source(text).Model(seed=0)).eval()

@@ -1,7 +1,8 @@
 """Round trips: small PyTorch models written here → torch.onnx.export (the TorchScript exporter,
 dynamo=False, offline) with a dynamic batch axis → `convdsl import` → compile → forward equals
-onnxruntime and PyTorch. The MobileNetV2 block needs ReLU6, which the language does not have yet
-(its import is checked to say so)."""
+onnxruntime and PyTorch; among them a MobileNetV2 block (ReLU6) and a network of the other ops the
+language took from real models (PReLU, ELU, GELU, hard sigmoid and swish, SiLU, group, instance and
+layer norm, reflect and replicate padding, element-wise Sub and Mul, a re-viewing reshape)."""
 from __future__ import annotations
 
 import warnings
@@ -130,13 +131,52 @@ class FullyConvolutional(nn.Module):
 
 
 class MobileNetV2Block(nn.Module):
-    def __init__(self):
+    """An inverted residual: 1×1 expansion, 3×3 depthwise, 1×1 linear projection, each with batch
+    norm, ReLU6 after the first two, and the residual add."""
+
+    def __init__(self, c=8, expand=4):
         super().__init__()
-        self.expand = nn.Conv2d(8, 16, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
+        h = c * expand
+        self.expand = nn.Conv2d(c, h, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(h)
+        self.dw = nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False)
+        self.bn2 = nn.BatchNorm2d(h)
+        self.project = nn.Conv2d(h, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
 
     def forward(self, x):
-        return x + F.relu6(self.bn(self.expand(x)))[:, :8]
+        y = F.relu6(self.bn1(self.expand(x)))
+        y = F.relu6(self.bn2(self.dw(y)))
+        return x + self.bn3(self.project(y))
+
+
+class Vocabulary(nn.Module):
+    """The other ops real models use, as PyTorch writes them to ONNX at opset 17."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.act1 = nn.PReLU(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.ln = nn.LayerNorm(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate")
+        self.norm2 = nn.InstanceNorm2d(8, affine=True)
+        self.conv_c = nn.Conv2d(8, 8, 3)
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.conv3 = nn.Conv1d(8, 4, 3)
+        self.norm = nn.LayerNorm(4 * 47)
+        self.act = nn.PReLU()
+        self.fc = nn.Linear(4 * 47, 5)
+
+    def forward(self, x):
+        a = self.gn(self.act1(self.conv1(x)))
+        b = self.ln(self.norm2(self.conv2(a)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)        # channels last
+        b = F.hardswish(b)
+        c = F.elu(self.conv_c(F.pad(a, (1, 1, 1, 1), mode="reflect")), 0.5)
+        g = torch.sigmoid(self.gate(c)) * F.silu(b - c)
+        y = torch.clamp(F.hardsigmoid(F.pad(g, (0, 1, 1, 0), mode="replicate")), 0.1, 0.9)
+        z = self.conv3(y.reshape(y.shape[0], 8, 49))
+        return self.fc(F.gelu(self.act(self.norm(z.flatten(1)))))
 
 
 def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -167,6 +207,8 @@ CASES = {
     "net-1d": (Net1D, (2, 2, 16), False),
     "net-3d": (Net3D, (2, 2, 6, 6, 6), True),
     "channel-shuffle": (ChannelShuffle, (2, 8, 6, 6), False),
+    "mobilenet-v2-block": (MobileNetV2Block, (2, 8, 6, 6), False),
+    "vocabulary": (Vocabulary, (2, 3, 6, 6), True),
 }
 
 
@@ -219,12 +261,12 @@ def test_batchnorm_and_layers_keep_pytorch_names(tmp_path):
     assert "-> maxpool(3, stride=2, pad=((1, 2), (1, 2)))" in text
 
 
-def test_mobilenet_v2_block_needs_relu6_which_the_language_lacks(tmp_path):
-    export(randomised(MobileNetV2Block()), (2, 8, 6, 6), tmp_path / "m.onnx")
-    with pytest.raises(ConvDSLError) as err:
-        import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
-    text = str(err.value)
-    assert "(Clip)" in text and "relu6" in text and "node " in text
+def test_mobilenet_v2_block_imports_relu6(tmp_path):
+    export(randomised(MobileNetV2Block()), (2, 8, 6, 6), tmp_path / "m.onnx", fold=False)
+    text, weights, _ = import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
+    assert text.count("-> relu6") == 2 and "clip" not in text
+    assert "layer dw = depthwise(3, pad=1, bias=false)" in text
+    assert {"bn3.running_var", "project.weight"} <= set(weights)
 
 
 @pytest.mark.slow
@@ -271,6 +313,56 @@ def test_an_unsupported_node_is_named_with_its_index_op_and_attribute(tmp_path):
         import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
     assert str(err.value).splitlines()[0] == ("convdsl: error: import: node 1 `pool` (MaxPool), attribute "
                                               "`dilations`: dilated pooling is not in the language")
+
+
+def _one_node_model(op, inits=(), shape=("N", 4, 5, 5), **attrs):
+    """A model of one node reading x and the initializers `inits` ((name, array) pairs)."""
+    helper = onnx.helper
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    node = helper.make_node(op, ["x", *(name for name, _ in inits)], ["y"], name="it", **attrs)
+    tensors = [onnx.numpy_helper.from_array(np.asarray(v), name) for name, v in inits]
+    return helper.make_model(helper.make_graph([node], "g", [x], [y], tensors),
+                             opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("op,inits,attrs,shape,expected", [
+    ("HardSigmoid", (), {}, ("N", 4, 5, 5), "attribute `alpha`: alpha=0.2"),
+    ("HardSigmoid", (), {"alpha": 1 / 6, "beta": 0.4}, ("N", 4, 5, 5), "attribute `beta`"),
+    ("LayerNormalization", (("s", np.ones((5, 5), np.float32)),), {"axis": 2}, ("N", 4, 5, 5), "attribute `axis`"),
+    ("Pad", (("p", np.array([0, 0, 1, 1, 0, 0, 1, 1])),), {"mode": "wrap"}, ("N", 4, 5, 5), "attribute `mode`"),
+    ("Pad", (("p", np.array([0, 1, 0, 0, 0, 1, 0, 0])),), {}, ("N", 4, 5, 5), "attribute `pads`: padding the batch"),
+    ("Clip", (("lo", np.float32(-1)),), {}, ("N", 4, 5, 5), "bounded on one side only"),
+    ("PRelu", (("a", np.ones(5, np.float32)),), {}, ("N", 4, 5, 5), "varies along other axes than the channels"),
+    ("Gelu", (), {"approximate": "tanh"}, ("N", 4, 5, 5), "attribute `approximate`"),
+], ids=["hardsigmoid-alpha", "hardsigmoid-beta", "layernorm-axis", "pad-wrap", "pad-channels", "clip-one-side",
+        "prelu-last-axis", "gelu-tanh"])
+def test_what_the_new_ops_cannot_say_is_refused_naming_the_attribute(tmp_path, op, inits, attrs, shape, expected):
+    onnx.save(_one_node_model(op, inits, shape, **attrs), str(tmp_path / "m.onnx"))
+    with pytest.raises(ConvDSLError) as err:
+        import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
+    first = str(err.value).splitlines()[0]
+    assert first.startswith(f"convdsl: error: import: node 0 `it` ({op})") and expected in first, first
+
+
+@pytest.mark.parametrize("op,inits,attrs,expected", [
+    ("Clip", (("lo", np.float32(0)), ("hi", np.float32(6))), {}, "-> relu6"),
+    ("Clip", (("lo", np.float32(-0.5)), ("hi", np.float32(0.25))), {}, "-> clip(-0.5, 0.25)"),
+    ("HardSigmoid", (), {"alpha": 1 / 6}, "-> hardsigmoid"),
+    ("Elu", (), {"alpha": 0.5}, "-> elu(0.5)"),
+    ("PRelu", (("a", np.full((4, 1, 1), 0.1, np.float32)),), {}, "-> it"),
+    ("InstanceNormalization", (("s", np.ones(4, np.float32)), ("b", np.zeros(4, np.float32))), {"epsilon": 1e-3},
+     "layer it = instancenorm(eps=0.001)"),
+    ("GroupNormalization", (("s", np.ones(2, np.float32)), ("b", np.zeros(2, np.float32))), {"num_groups": 2},
+     "layer it = groupnorm(2)"),
+    ("LayerNormalization", (("s", np.ones((4, 5, 5), np.float32)),), {"axis": 1}, "layer it = groupnorm(1)"),
+    ("Pad", (("p", np.array([0, 0, 1, 0, 0, 0, 2, 3])),), {"mode": "edge"}, "-> pad(((1, 2), (0, 3)), mode=replicate)"),
+    ("Reshape", (("shape", np.array([0, 4, 25])),), {}, "-> reshape([4, 25])"),
+])
+def test_the_new_ops_import_as_the_language_writes_them(tmp_path, op, inits, attrs, expected):
+    onnx.save(_one_node_model(op, inits, **attrs), str(tmp_path / "m.onnx"))
+    text, _, _ = import_model(tmp_path / "m.onnx", tmp_path / "m.cnn")
+    assert expected in text, text
 
 
 def test_a_model_whose_network_does_not_check_says_where_and_writes_nothing(tmp_path, capsys):
