@@ -73,10 +73,12 @@ def applicable_variants(op, attrs) -> tuple[Variant, ...]:
 
 
 def choose_variant(op, in_types: tuple[TensorType, ...], out: TensorType, attrs, override: Mapping[str, str],
-                   sym_dims: tuple[str, ...] = ()) -> Variant:
-    usable = applicable_variants(op, attrs)
+                   sym_dims: tuple[str, ...] = (), lacks: frozenset[str] = frozenset()) -> Variant:
+    """`lacks`: variants the target has no kernels for (Target.lacks_variants); never chosen, and
+    an `algo=` naming one gives way to the cheapest of the others."""
+    usable = tuple(v for v in applicable_variants(op, attrs) if v.name not in lacks) or applicable_variants(op, attrs)
     asked = attrs.get("algo")
-    if asked not in (None, "auto"):
+    if asked not in (None, "auto") and any(v.name == asked for v in usable):
         # normalize() already refused an algo= that does not apply here.
         return next(v for v in usable if v.name == asked)
     forced = override.get(op.name)
@@ -95,12 +97,12 @@ def _epilogue(op, attrs, params) -> Epilogue:
     return Epilogue(bias="bias" in params)
 
 
-def chosen_variants(g: Graph, override: Mapping[str, str]) -> dict[int, Variant]:
+def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str] = frozenset()) -> dict[int, Variant]:
     chosen = {}
     for node in g.nodes:
         in_types = tuple(g.values[v].type for v in node.inputs)
         chosen[node.id] = choose_variant(lookup(node.op), in_types, g.values[node.output].type, node.attrs,
-                                         override, g.sym_dims)
+                                         override, g.sym_dims, lacks)
     return chosen
 
 
@@ -188,10 +190,12 @@ def _stages(g: Graph, producer: Node, chain: tuple[int, ...], act) -> tuple[Epil
     return tuple(stages)
 
 
-def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int = 0) -> Program:
+def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int = 0,
+          lacks: frozenset[str] = frozenset()) -> Program:
     """The lowered program of a checked graph; `algo` is the per-run variant override. `guard`
     (sanitizer builds): no tensor shares memory with another, and `guard` elements (per sample in
-    the activation blocks) follow each one, which the module poisons (Region.guards)."""
+    the activation blocks) follow each one, which the module poisons (Region.guards). `lacks`:
+    the variants the target has no kernels for (Target.lacks_variants), which are never chosen."""
     g = graph
     override = algo_override(algo)
     plan = make_plan(g, guard)
@@ -199,7 +203,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     def numel(vid: int) -> Dim:
         return D.product(g.values[vid].type.shape)
 
-    chosen = chosen_variants(g, override)
+    chosen = chosen_variants(g, override, lacks)
     fusions = _fusions(g, chosen)
     eval_guards = ()
     if guard:

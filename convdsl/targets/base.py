@@ -230,6 +230,9 @@ class Target:
     # Whether its module poisons the gaps of a guarded layout (Region.guards) in a sanitizer
     # build: only memory the sanitized host code's kernels touch can be watched that way.
     poisons_guard_zones = False
+    # Kernel variants this target has no kernels of its own for: the plan chooses among the others
+    # (an `algo=` naming one gives way to the cheapest of the rest).
+    lacks_variants: frozenset = frozenset()
 
     # ---- what differs between targets ---------------------------------------------------
 

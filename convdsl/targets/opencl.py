@@ -66,6 +66,9 @@ class OpenCLTarget(Target):
     name = "opencl"
     template_dir = "opencl"
     kernel_ext = "cl"
+    # Its conv kernel is one work-item per output whatever the plan's variant; these variants'
+    # own state (Winograd's kept kernel transforms) and tiling exist only in the C kernels.
+    lacks_variants = frozenset({"blocked", "winograd2", "winograd4"})
 
     def scalar_type(self, dtype: str) -> str:
         return _SCALAR[dtype]
