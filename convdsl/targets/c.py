@@ -32,20 +32,9 @@ def c_int(n: int) -> str:
     return str(n) if -INT32_MAX <= n <= INT32_MAX else f"INT64_C({n})"
 
 
-class CTarget(Target):
-    name = "c"
-    template_dir = "c"
-    kernel_ext = "c"
-    poisons_guard_zones = True
-
-    def scalar_type(self, dtype: str) -> str:
-        return _SCALAR[dtype]
-
-    def math_functions(self, dtype: str) -> dict[str, str]:
-        return dict(_MATH[dtype])
-
-    def int_literal(self, n: int) -> str:
-        return c_int(n)
+class CHost:
+    """How host C writes a number, a run-time size and prepare's overflow-checked size
+    arithmetic: the C target's, and the OpenCL target's too, whose host code is C."""
 
     def float_literal(self, value: float, dtype: str) -> str:
         text = repr(float(value))
@@ -75,6 +64,22 @@ class CTarget(Target):
 
     def maximum(self, a: str, b: str) -> str:
         return f"cdsl_max({a}, {b})"
+
+
+class CTarget(CHost, Target):
+    name = "c"
+    template_dir = "c"
+    kernel_ext = "c"
+    poisons_guard_zones = True
+
+    def scalar_type(self, dtype: str) -> str:
+        return _SCALAR[dtype]
+
+    def math_functions(self, dtype: str) -> dict[str, str]:
+        return dict(_MATH[dtype])
+
+    def int_literal(self, n: int) -> str:
+        return c_int(n)
 
 
 C = CTarget()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from ..errors import ConvDSLError
 from .base import INT64_MAX, Target
+from .c import CHost
 
 INT32_MAX = 2 ** 31 - 1
 
@@ -60,7 +61,7 @@ def c_string(text: str) -> str:
                      for k, line in enumerate(lines))
 
 
-class OpenCLTarget(Target):
+class OpenCLTarget(CHost, Target):
     """Everything a kernel sees is written for OpenCL C; prepare's checked size arithmetic is
     host C, named as the C target names it (the same helpers, defined in module.cl.j2)."""
     name = "opencl"
@@ -78,36 +79,6 @@ class OpenCLTarget(Target):
 
     def int_literal(self, n: int) -> str:
         return cl_int(n)
-
-    def float_literal(self, value: float, dtype: str) -> str:
-        text = repr(float(value))
-        if "inf" in text or "nan" in text:
-            raise ConvDSLError(None, f"cannot use {value} in generated code")
-        return text + ("f" if dtype == "f32" else "")
-
-    def size_slot(self, index: int, on_host: bool) -> str:
-        # prepare fills m->dim and writes it to the device; a kernel reads its `dim` argument,
-        # and the host's launches read a local `dim` that points at m->dim (lib/target.j2), so
-        # a kernel's size expression is also its launch's.
-        return f"m->dim[{index}]" if on_host else f"dim[{index}]"
-
-    def run_time_size(self, index: int) -> str:
-        return f"m->sym[{index}]"
-
-    def checked_add(self, a: str, b: str) -> str:
-        return f"cdsl_add(&overflow, {a}, {b})"
-
-    def checked_sub(self, a: str, b: str) -> str:
-        return f"cdsl_sub(&overflow, {a}, {b})"
-
-    def checked_mul(self, a: str, b: str) -> str:
-        return f"cdsl_mul(&overflow, {a}, {b})"
-
-    def floordiv(self, a: str, k: str) -> str:
-        return f"cdsl_floordiv({a}, {k})"
-
-    def maximum(self, a: str, b: str) -> str:
-        return f"cdsl_max({a}, {b})"
 
     def environment(self):
         """The base's environment, and `c_string`: text as a C string literal, one literal per line
