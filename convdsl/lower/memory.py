@@ -339,11 +339,8 @@ def place_static(life: Lifetimes, nodes: int, search: int = SEARCH_ORDERS) -> tu
 def place_apart(life: Lifetimes) -> tuple[tuple[Dim, ...], Dim]:
     """Every value after the one before: no sharing. For run-time sizes without a common unit,
     where no placement that shares could be proven apart for every size."""
-    offsets, total = [], 0
-    for size in life.size:
-        offsets.append(total)
-        total = D.add(total, size)
-    return tuple(offsets), total
+    offsets, total, _ = place_guarded(life, 0)
+    return offsets, total
 
 
 def place_guarded(life: Lifetimes, guard: int) -> tuple[tuple[Dim, ...], Dim, tuple[tuple[Dim, Dim], ...]]:
@@ -358,8 +355,9 @@ def place_guarded(life: Lifetimes, guard: int) -> tuple[tuple[Dim, ...], Dim, tu
         if size == 0:
             continue
         total = D.add(total, size)
-        guards.append((total, guard))
-        total = D.add(total, guard)
+        if guard:
+            guards.append((total, guard))
+            total = D.add(total, guard)
     return tuple(offsets), total, tuple(guards)
 
 
