@@ -108,7 +108,7 @@ def cmd_plan(args) -> int:
 def cmd_compile(args) -> int:
     from .compiler import compile_graph, module_meta
     from .codegen.render import comment_safe, environment
-    from .runtime.build import C_FLAGS, build_extension, file_digest
+    from .runtime.build import C_FLAGS, build_library, file_digest
     import shutil
     if args.emit == "lowered":
         return cmd_plan(args)
@@ -132,7 +132,7 @@ def cmd_compile(args) -> int:
             from .codegen.weights import checked_state, render_weights
             state = checked_state(compiled.program, _weights_file(args.weights, graph), f"--weights {args.weights}")
             weights_c = render_weights(compiled.program, src.prefix, graph.name, state, Path(args.weights).name)
-        ext_name, so_path = build_extension(src.prefix, src.c, src.h, src.cdef, compiled.backend)
+        so_path = build_library(src.prefix, src.c, src.h, src.cdef, compiled.backend)
         with _writing(out):
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{src.prefix}.c").write_text(src.c)
@@ -141,7 +141,7 @@ def cmd_compile(args) -> int:
             size, sha256 = file_digest(out / so_path.name)
             py = environment().get_template("python/module.py.j2").render(
                 network=graph.name, source_name=comment_safe(Path(graph.source_path).name), prefix=src.prefix,
-                meta_literal=repr(module_meta(graph, compiled.backend)), ext_name_literal=repr(ext_name),
+                meta_literal=repr(module_meta(graph, compiled.backend)), cdef_literal=repr(src.cdef),
                 so_name_literal=repr(so_path.name), so_size=size, so_sha256_literal=repr(sha256))
             (out / f"{src.prefix}.py").write_text(py)
             if weights_c is not None:

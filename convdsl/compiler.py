@@ -97,17 +97,17 @@ def module_meta(graph: Graph, backend: str = "c") -> dict:
 
 def build_module(compiled: Compiled) -> types.ModuleType:
     """Compile (or reuse from the cache) and return a module object with `Model`."""
-    from .runtime.build import build_extension, load_extension
+    from .runtime.build import build_library, load_library
     from .runtime.model import make_model_class
     src = compiled.source
-    ext_name, path = build_extension(src.prefix, src.c, src.h, src.cdef, compiled.backend)
-    ext = load_extension(ext_name, path)
+    path = build_library(src.prefix, src.c, src.h, src.cdef, compiled.backend)
+    ext = load_library(path, src.cdef)
     meta = module_meta(compiled.graph, compiled.backend)
     module = types.ModuleType(src.prefix, f"Network {compiled.graph.name}, compiled by convdsl.")
     module.Model = make_model_class(ext, meta)
     module.META = meta
     module.graph = compiled.graph
-    module.extension_path = path
+    module.library_path = path
     return module
 
 

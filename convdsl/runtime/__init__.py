@@ -1,1 +1,1 @@
-"""Run time: compiling generated C into a cached extension, and the Model that wraps it."""
+"""Run time: compiling generated C into a cached shared library, and the Model that wraps it."""

@@ -1,7 +1,7 @@
 """Model: the Python face of a generated network — numpy in, numpy out, every array checked.
 
 A generated module carries a small `meta` dict (names and shapes, no code) and its compiled
-extension; `make_model_class` joins them. Nothing the caller passes reaches C unchecked:
+library; `make_model_class` joins them. Nothing the caller passes reaches C unchecked:
 shapes are compared with the file's declaration, dtypes converted or refused, arrays made
 contiguous, labels range-checked.
 

@@ -59,7 +59,7 @@ def test_a_cache_hit_does_not_run_the_compiler(tmp_path, monkeypatch):
 
     monkeypatch.setattr(build.subprocess, "run", spy)
     again = convdsl.load_source(NET.format(c=3))
-    assert again.extension_path == first.extension_path
+    assert again.library_path == first.library_path
     assert [c for c in calls if "-shared" in c or "-o" in c] == []
     x = np.ones((1, 2, 9, 9), dtype=np.float32)
     np.testing.assert_array_equal(first.Model(seed=2).forward(x), again.Model(seed=2).forward(x))
@@ -70,8 +70,8 @@ def test_the_key_covers_the_source(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVDSL_CACHE_DIR", str(tmp_path))
     a = convdsl.load_source(NET.format(c=3))
     b = convdsl.load_source(NET.format(c=4))
-    assert a.extension_path != b.extension_path
-    assert Path(a.extension_path).parent.parent.parent == tmp_path
+    assert a.library_path != b.library_path
+    assert Path(a.library_path).parent.parent.parent == tmp_path
 
 
 # ---- a damaged cache is rebuilt, never trusted ----------------------------------------------
@@ -79,7 +79,7 @@ PROBE_SCRIPT = (
     "import numpy as np, convdsl\n"
     f"mod = convdsl.load_source({NET.format(c=6)!r})\n"
     "y = mod.Model(seed=1).forward(np.ones((1, 2, 9, 9), dtype=np.float32))\n"
-    "print(repr(float(y.sum())), mod.extension_path)\n"
+    "print(repr(float(y.sum())), mod.library_path)\n"
 )
 
 
@@ -182,7 +182,7 @@ def long_named(length: int) -> str:
 def test_the_cache_path_holds_a_bounded_part_of_a_long_network_name(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVDSL_CACHE_DIR", str(tmp_path))
     mod = convdsl.load_source(long_named(limits.MAX_NAME_LENGTH))   # the longest name the language allows
-    assert len(Path(mod.extension_path).name) < 100
+    assert len(Path(mod.library_path).name) < 100
     y = mod.Model(seed=0).forward(np.ones((1, 2, 9, 9), dtype=np.float32))
     assert y.shape == (1, 2, 1, 1)
 

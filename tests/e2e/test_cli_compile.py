@@ -30,7 +30,7 @@ def compiled(tmp_path_factory, backend):
 def test_compile_writes_c_header_and_module(compiled):
     names = {p.name for p in compiled.iterdir()}
     assert {"lenet5.c", "lenet5.h", "lenet5.py"} <= names
-    assert any(n.startswith("_lenet5_") and n.endswith(".so") for n in names)
+    assert any(n.startswith("liblenet5_") and n.endswith(".so") for n in names)
     header = (compiled / "lenet5.h").read_text()
     assert "Python" not in (compiled / "lenet5.c").read_text()
     assert "lenet5_model *lenet5_create(uint64_t seed);" in header
@@ -97,7 +97,7 @@ def test_the_written_module_refuses_a_damaged_library(compiled, tmp_path):
     that says what to do, not a SIGBUS."""
     copy = tmp_path / "copy"
     shutil.copytree(compiled, copy)
-    (so,) = copy.glob("_lenet5_*.so")
+    (so,) = copy.glob("liblenet5_*.so")
     so.write_bytes(so.read_bytes()[: so.stat().st_size // 2])
     proc = run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(copy)!r}); import lenet5"],
                cwd=str(tmp_path))

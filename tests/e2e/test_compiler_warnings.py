@@ -17,7 +17,7 @@ import pytest
 
 from ccheck import assert_generated_c_compiles_cleanly
 from convdsl.compiler import compile_graph, graph_from_file, graph_from_source, networks_in_file
-from convdsl.runtime.build import CompilerWarning, build_extension
+from convdsl.runtime.build import CompilerWarning, build_library
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = [(path, name) for path in sorted((REPO / "examples").glob("*.cnn")) for name in networks_in_file(path)]
@@ -30,7 +30,7 @@ def test_a_build_that_draws_a_warning_says_so():
     code = compile_graph(graph_from_source("network Warns {\n input x: [1, 2, 2]\n y = x -> relu\n output y\n}\n")).source
     c_text = code.c + "\nstatic const long long cdsl_probe_literal = 18446744073709551616;\n"
     with pytest.warns(CompilerWarning, match="integer constant is too large"):
-        build_extension(code.prefix, c_text, code.h, code.cdef)
+        build_library(code.prefix, c_text, code.h, code.cdef)
 
 
 @pytest.mark.parametrize("optimised", [False, True])
