@@ -22,17 +22,11 @@ from random_nets import read_regression
 QUICK, TOTAL = 50, 200
 BUDGET = 10          # layers per network after unrolling: small networks compile fast
 
-# At -O2: f32 results are compared with PyTorch's own f32 error (netcheck), and PyTorch's kernels
-# use fused multiply-adds, which gcc forms only from -O2 on; at the suite's -O1 an ill-conditioned
-# f32 gradient (seed 58 of the slow slice: a training-mode batchnorm after tanh at batch 1) came
-# out 29 times PyTorch's error instead of under 10. -O3, as users build, compiles these networks in
-# 1.6 times -O2's time (measured over 12 seeds) and is what the examples are built at.
-
-
-@pytest.fixture(autouse=True)
-def fused_multiply_adds(monkeypatch):
-    monkeypatch.setenv("CONVDSL_OPT", "-O2")
-
+# At the suite's -O1, which contracts multiply-adds into FMAs as -O3 and PyTorch's kernels do
+# (convdsl/runtime/build.py, LEVEL_EXTRAS): f32 results are compared with PyTorch's own f32 error
+# (netcheck), and without FMAs an ill-conditioned f32 gradient (seed 58 of the slow slice: a
+# training-mode batchnorm after tanh at batch 1) came out 29 times PyTorch's error instead of
+# under 10.
 
 REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.cnn"))
 
