@@ -92,17 +92,35 @@ def _algo(args) -> dict:
 
 
 def cmd_plan(args) -> int:
-    """The lowered program of every network of the file, one line per step."""
-    from .targets import C
+    """The lowered program of every network of the file, one line per step (with `compile --tune
+    --emit lowered`, after timing the variants)."""
+    from .compiler import compile_graph
     from .lower import lower
     from .lower.show import program_text
+    from .targets import C
     algo = _algo(args)
     for i, graph in enumerate(_graphs(args.file, args.network)):
-        C.check_supported(graph)
+        if _tuning(args)[0]:
+            compiled = compile_graph(graph, algo, getattr(args, "backend", "c"), *_tuning(args))
+            _report_tuning(compiled)
+            program = compiled.program
+        else:
+            C.check_supported(graph)
+            program = lower(graph, algo)
         if i:
             print()
-        print(program_text(lower(graph, algo)), end="")
+        print(program_text(program), end="")
     return 0
+
+
+def _tuning(args) -> tuple[bool, int]:
+    return getattr(args, "tune", False), getattr(args, "tune_batch", 1)
+
+
+def _report_tuning(compiled) -> None:
+    from .tune import describe
+    for line in describe(list(compiled.tuned)):
+        print(line, file=sys.stderr)
 
 
 def cmd_compile(args) -> int:
@@ -125,7 +143,8 @@ def cmd_compile(args) -> int:
         status = max(status, _report_warnings(_warnings(graph, args), args))
         if status:
             continue
-        compiled = compile_graph(graph, algo, args.backend)
+        compiled = compile_graph(graph, algo, args.backend, *_tuning(args))
+        _report_tuning(compiled)
         src = compiled.source
         weights_c = None
         if args.weights:          # checked before anything is written
@@ -348,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(as `convdsl plan`) and write nothing")
     _backend_option(p)
     _algo_option(p)
+    p.add_argument("--tune", action="store_true",
+                   help="time each layer's kernel variants on this machine and build the fastest (the result is "
+                        "cached in the build cache; what was chosen is printed)")
+    p.add_argument("--tune-batch", type=int, default=1, metavar="N",
+                   help="the batch size --tune times at (default 1)")
     _lint_options(p)
     p.set_defaults(run=cmd_compile)
     p = sub.add_parser("export", help="write the network as an ONNX model (opset 17, a symbolic batch axis)",

@@ -58,13 +58,15 @@ class Compiled:
     program: Program
     source: CSource
     backend: str = "c"
+    tuned: tuple = ()            # tune.Measured of each tuned layer (compile_graph(tune=True))
 
 
-def compile_graph(graph: Graph, algo=None, backend: str = "c") -> Compiled:
+def compile_graph(graph: Graph, algo=None, backend: str = "c", tune: bool = False, tune_batch: int = 1) -> Compiled:
     """Lower (with `algo`, the per-run kernel variant override: {"conv": "im2col"} or
     "conv=im2col,depthwise=direct"; CONVDSL_ALGO too) and render the source for `backend`
     (`c`, or `opencl`: kernels in OpenCL C, host code in C over the OpenCL API). An op the
-    backend has no kernels for is refused at its line."""
+    backend has no kernels for is refused at its line. `tune`: each layer's variant as timed on
+    this machine at batch `tune_batch` (convdsl/tune.py), where the file and `algo` leave it open."""
     from .runtime.build import sanitizing
     from .targets import target
     chosen = target(backend)
@@ -72,8 +74,13 @@ def compile_graph(graph: Graph, algo=None, backend: str = "c") -> Compiled:
     # A sanitizer build of a target whose module poisons guard zones keeps every tensor apart,
     # behind one.
     guard = SANITIZER_GUARD if sanitizing() and chosen.poisons_guard_zones else 0
-    program = lower(graph, algo, guard=guard, lacks=chosen.lacks_variants)
-    return Compiled(graph, program, render_c(program, chosen), chosen.name)
+    tuned, measured = (), {}
+    if tune:
+        from .tune import measured_choice, tune as time_variants
+        tuned = tuple(time_variants(graph, chosen.name, tune_batch, chosen.lacks_variants))
+        measured = measured_choice(tuned)
+    program = lower(graph, algo, guard=guard, lacks=chosen.lacks_variants, measured=measured)
+    return Compiled(graph, program, render_c(program, chosen), chosen.name, tuned)
 
 
 def module_meta(graph: Graph, backend: str = "c") -> dict:
@@ -107,17 +114,22 @@ def build_module(compiled: Compiled) -> types.ModuleType:
     module.Model = make_model_class(ext, meta)
     module.META = meta
     module.graph = compiled.graph
+    module.program = compiled.program
+    module.tuned = compiled.tuned
     module.library_path = path
     return module
 
 
-def load(path, network: str | None = None, algo=None, backend: str = "c") -> types.ModuleType:
+def load(path, network: str | None = None, algo=None, backend: str = "c", tune: bool = False,
+         tune_batch: int = 1) -> types.ModuleType:
     """Compile a .cnn file (or reuse a cached build) and return its module; writes nothing beside it.
     `algo` picks kernel variants for this build: {"conv": "im2col"} (see convdsl/lower/plan.py).
-    `backend="opencl"` builds it for an OpenCL device (Model(seed, device=…) picks one)."""
-    return build_module(compile_graph(graph_from_file(path, network), algo, backend))
+    `backend="opencl"` builds it for an OpenCL device (Model(seed, device=…) picks one).
+    `tune=True` times each layer's kernel variants on this machine first (at batch `tune_batch`;
+    cached, see convdsl/tune.py) and builds the fastest."""
+    return build_module(compile_graph(graph_from_file(path, network), algo, backend, tune, tune_batch))
 
 
 def load_source(text: str, network: str | None = None, path: str = "<string>", algo=None,
-                backend: str = "c") -> types.ModuleType:
-    return build_module(compile_graph(graph_from_source(text, path, network), algo, backend))
+                backend: str = "c", tune: bool = False, tune_batch: int = 1) -> types.ModuleType:
+    return build_module(compile_graph(graph_from_source(text, path, network), algo, backend, tune, tune_batch))

@@ -51,7 +51,7 @@ API_SUFFIXES = (
     "num_sizes", "optimizer", "optimizer_defaults", "optimizer_kind", "optimizer_state",
     "optimizer_steps", "output_shape", "param_data", "param_dim", "param_name", "param_rank",
     "param_size", "param_trainable", "prepare", "real", "reset_optimizer",
-    "set_keep_for_backward", "set_memory_limit", "set_optimizer_steps", "set_training", "sgd",
+    "set_keep_for_backward", "set_memory_limit", "set_optimizer_steps", "set_threads", "set_training", "sgd",
     "train_step", "update", "workspace_bytes",
 )
 

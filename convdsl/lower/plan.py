@@ -5,12 +5,14 @@ made here, once, and written into the Program that backends render.
 Variant choice, strongest first: `algo=` on the layer in the file; a per-run override
 (`convdsl.load(..., algo={"conv": "im2col"})`, `--algo conv=im2col`, or the environment
 variable CONVDSL_ALGO=conv=im2col,depthwise=direct), used where that variant applies and
-ignored where it does not; otherwise the applicable variant of lowest estimated cost.
+ignored where it does not; the variant measured fastest for the layer's shape (`--tune`,
+convdsl/tune.py); otherwise the applicable variant of lowest estimated cost.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Mapping
 
 from ..errors import ConvDSLError
@@ -73,9 +75,11 @@ def applicable_variants(op, attrs) -> tuple[Variant, ...]:
 
 
 def choose_variant(op, in_types: tuple[TensorType, ...], out: TensorType, attrs, override: Mapping[str, str],
-                   sym_dims: tuple[str, ...] = (), lacks: frozenset[str] = frozenset()) -> Variant:
+                   sym_dims: tuple[str, ...] = (), lacks: frozenset[str] = frozenset(),
+                   measured: str | None = None) -> Variant:
     """`lacks`: variants the target has no kernels for (Target.lacks_variants); never chosen, and
-    an `algo=` naming one gives way to the cheapest of the others."""
+    an `algo=` naming one gives way to the cheapest of the others. `measured`: the variant that
+    tuning timed fastest for this layer, which replaces the cost estimate where it is usable."""
     usable = tuple(v for v in applicable_variants(op, attrs) if v.name not in lacks) or applicable_variants(op, attrs)
     asked = attrs.get("algo")
     if asked not in (None, "auto") and any(v.name == asked for v in usable):
@@ -86,6 +90,9 @@ def choose_variant(op, in_types: tuple[TensorType, ...], out: TensorType, attrs,
         match = next((v for v in usable if v.name == forced), None)
         if match is not None:
             return match
+    fastest = next((v for v in usable if v.name == measured), None)
+    if fastest is not None:
+        return fastest
     probe = {name: PROBE_SIZE for name in sym_dims}
     return min(usable, key=lambda v: D.evaluate(v.cost(in_types, out, attrs), probe))
 
@@ -97,12 +104,13 @@ def _epilogue(op, attrs, params) -> Epilogue:
     return Epilogue(bias="bias" in params)
 
 
-def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str] = frozenset()) -> dict[int, Variant]:
+def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str] = frozenset(),
+                    measured: Mapping[int, str] = MappingProxyType({})) -> dict[int, Variant]:
     chosen = {}
     for node in g.nodes:
         in_types = tuple(g.values[v].type for v in node.inputs)
         chosen[node.id] = choose_variant(lookup(node.op), in_types, g.values[node.output].type, node.attrs,
-                                         override, g.sym_dims, lacks)
+                                         override, g.sym_dims, lacks, measured.get(node.id))
     return chosen
 
 
@@ -191,11 +199,12 @@ def _stages(g: Graph, producer: Node, chain: tuple[int, ...], act) -> tuple[Epil
 
 
 def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int = 0,
-          lacks: frozenset[str] = frozenset()) -> Program:
+          lacks: frozenset[str] = frozenset(), measured: Mapping[int, str] = MappingProxyType({})) -> Program:
     """The lowered program of a checked graph; `algo` is the per-run variant override. `guard`
     (sanitizer builds): no tensor shares memory with another, and `guard` elements (per sample in
     the activation blocks) follow each one, which the module poisons (Region.guards). `lacks`:
-    the variants the target has no kernels for (Target.lacks_variants), which are never chosen."""
+    the variants the target has no kernels for (Target.lacks_variants), which are never chosen.
+    `measured`: node id → the variant tuning timed fastest for it (convdsl/tune.py)."""
     g = graph
     override = algo_override(algo)
     plan = make_plan(g, guard)
@@ -203,7 +212,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     def numel(vid: int) -> Dim:
         return D.product(g.values[vid].type.shape)
 
-    chosen = chosen_variants(g, override, lacks)
+    chosen = chosen_variants(g, override, lacks, measured)
     fusions = _fusions(g, chosen)
     eval_guards = ()
     if guard:

@@ -47,7 +47,7 @@ C_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-wrapv", "-fPIC", "-fno-sema
 # The generated code compiles without a warning under these; any warning a build still prints is
 # shown as a CompilerWarning (an error in the test suite), never dropped. They change no code.
 WARNING_FLAGS = ("-Wall", "-Wextra")
-LINK_FLAGS = ("-shared", "-Wl,-Bsymbolic", "-fopenmp", "-lm")
+LINK_FLAGS = ("-shared", "-Wl,-Bsymbolic", "-lm")
 # CONVDSL_SANITIZE=1 builds every module with AddressSanitizer and UndefinedBehaviorSanitizer,
 # at -O0: the instrumentation is the same as at -O1 and the reports' stacks are whole, and gcc
 # compiles an instrumented network ten times faster (the sanitizer test's network of every
@@ -59,8 +59,9 @@ LINK_FLAGS = ("-shared", "-Wl,-Bsymbolic", "-fopenmp", "-lm")
 SANITIZE_FLAGS = ("-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer")
 # The OpenCL backend's host code (templates/opencl/module.cl.j2) calls the OpenCL C API through
 # the ICD loader, which finds the installed drivers (PoCL, a GPU's) at run time; it has no
-# OpenMP loops of its own.
-BACKEND_LINK_FLAGS = {"c": (), "opencl": ("-lOpenCL",)}
+# OpenMP loops of its own (-fopenmp among the link flags, which share gcc's one command line with
+# the compile flags, once compiled its host code with OpenMP after all).
+BACKEND_LINK_FLAGS = {"c": ("-fopenmp",), "opencl": ("-lOpenCL",)}
 
 
 # CONVDSL_OPT=-O1 (or -O0, -O2, -Os) builds modules at that level instead of -O3: a third of the

@@ -110,6 +110,25 @@ def _narrowed(arr: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, Any]:
     return out, (arr[lost].flat[0] if lost.any() else None)
 
 
+def _usable_cores() -> int:
+    """The threads OpenMP's parallel regions take by default here: OMP_NUM_THREADS's (first)
+    number where it is set, else the CPUs this process may run on."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if first.isdigit() and int(first) > 0:
+        return int(first)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# The C calls of every Model of the process that are running now, one entry each (a list's
+# append and pop are atomic under the GIL: cheaper on the per-call path than a lock). A call that
+# starts while others run takes its share of the cores, so that several Python threads each
+# running a model do not start more OpenMP threads than there are cores.
+_CALLS_RUNNING: list = []
+
+
 def _one_at_a_time(method):
     """Run a method of the model under its lock: calls on one Model never overlap."""
     @functools.wraps(method)
@@ -134,11 +153,17 @@ class ModelBase:
     _lib: Any = None
     _meta: dict = {}
 
-    def __init__(self, seed: int = 0, device: str | int | None = None):
+    def __init__(self, seed: int = 0, device: str | int | None = None, threads: int | None = None):
         """`device` (OpenCL backend only): "P:D", a device index, or part of the device's name;
-        None takes CONVDSL_OPENCL_DEVICE, else the first device found."""
+        None takes CONVDSL_OPENCL_DEVICE, else the first device found.
+
+        `threads`: the OpenMP threads each forward, backward and update runs on (C backend; the
+        `threads` attribute, settable). None, the default: OMP_NUM_THREADS, else every core the
+        process may use, shared among the calls running at the same moment in this process (a
+        call takes cores // calls running as it starts, at least one)."""
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2 ** 64:
             raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        self._threads = self._checked_threads(threads)
         meta = self._meta
         self._p = meta["prefix"]
         self._dtype = np.dtype(DTYPES[meta["dtype"]])
@@ -185,6 +210,11 @@ class ModelBase:
         self._c_train_step = getattr(lib, f"{p}_train_step")
         self._c_compute_grads = getattr(lib, f"{p}_compute_grads")
         self._c_update = getattr(lib, f"{p}_update")
+        self._c_set_threads = getattr(lib, f"{p}_set_threads")
+        self._cores = _usable_cores()
+        self._threads_set = 0          # what set_threads last told the C model (0: OpenMP's own count)
+        if self._threads:              # before the first prepare, which plans per-thread workspaces
+            self._tell_threads(self._threads)
         # The optimizer's arguments as C reads them, and the keywords they were checked for (a
         # loop that passes the same keywords every step checks them once).
         self._optimizer = self._ffi.new(f"{p}_optimizer *")
@@ -355,6 +385,43 @@ class ModelBase:
             geo = self._geometry = _Geometry(self, self._prepared, shapes)
         return arrays, geo
 
+    @staticmethod
+    def _checked_threads(threads):
+        if threads is None:
+            return None
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= int(threads) <= 4096:
+            raise ValueError(f"threads must be None or an integer from 1 to 4096, got {threads!r}")
+        return int(threads)
+
+    @property
+    def threads(self) -> int | None:
+        """The OpenMP threads of each call; None: a share of the cores (see Model())."""
+        return self._threads
+
+    @threads.setter
+    def threads(self, threads) -> None:
+        threads = self._checked_threads(threads)
+        with self.lock:
+            self._threads = threads
+            if threads:
+                self._tell_threads(threads)
+
+    def _tell_threads(self, threads: int) -> None:
+        self._c_set_threads(self._m, threads)
+        self._threads_set = threads
+
+    def _run(self, c_function, *args) -> int:
+        """A C call that computes, on this model's threads: `threads`, else its share of the cores
+        among the calls running now in this process."""
+        _CALLS_RUNNING.append(None)
+        try:
+            threads = self._threads or max(1, self._cores // len(_CALLS_RUNNING))
+            if threads != self._threads_set:
+                self._tell_threads(threads)
+            return c_function(*args)
+        finally:
+            _CALLS_RUNNING.pop()
+
     def _pointers(self, ptrs, arrays):
         """`ptrs` (a cached `real *[]`) pointing at `arrays`, which the caller keeps alive."""
         real, from_buffer = self._real_array, self._ffi.from_buffer
@@ -395,7 +462,7 @@ class ModelBase:
                 inputs = geo.eval_input_ptrs
             # Until the C forward succeeds, no backward pairs with anything.
             self._forward_key = self._eval_inputs = None
-            if self._c_forward(self._m, inputs, geo.output_ptrs):
+            if self._run(self._c_forward, self._m, inputs, geo.output_ptrs):
                 raise self._c_error()
             self._eval_inputs = None if self.training else geo
             self._forward_key = geo.key
@@ -428,7 +495,7 @@ class ModelBase:
             grads = self._pointers(geo.grad_ptrs, dys)
             if self._eval_inputs is not None:
                 self._recompute_for_backward()
-            if self._c_backward(self._m, grads, geo.input_grad_ptrs):
+            if self._run(self._c_backward, self._m, grads, geo.input_grad_ptrs):
                 raise self._c_error()
             return dxs[0] if len(dxs) == 1 else tuple(dxs)
 
@@ -440,7 +507,7 @@ class ModelBase:
         self._call("set_training", self._m, 0)
         self._call("set_keep_for_backward", self._m, 1)
         try:
-            self._check(self._c_forward(self._m, geo.eval_input_ptrs, self._ffi.NULL))
+            self._check(self._run(self._c_forward, self._m, geo.eval_input_ptrs, self._ffi.NULL))
         finally:
             self._call("set_keep_for_backward", self._m, 0)
             self._call("set_training", self._m, mode)
@@ -530,8 +597,8 @@ class ModelBase:
             target = self._target(target, geo)
             # The parameters change: whatever a forward stored is stale, even if the step fails.
             self._forward_key = self._eval_inputs = self._loss_target = None
-            if self._c_train_step(self._m, self._pointers(geo.input_ptrs, arrays), self._ffi.from_buffer(target),
-                                  opt, self._loss_out):
+            if self._run(self._c_train_step, self._m, self._pointers(geo.input_ptrs, arrays),
+                         self._ffi.from_buffer(target), opt, self._loss_out):
                 raise self._c_error()
             self._loss_target = (geo.key, self._forwards, target)
             return float(self._loss_out[0])
@@ -547,8 +614,8 @@ class ModelBase:
             arrays, geo = self._bind(xs)
             target = self._target(target, geo)
             self._forward_key = self._eval_inputs = self._loss_target = None
-            if self._c_compute_grads(self._m, self._pointers(geo.input_ptrs, arrays), self._ffi.from_buffer(target),
-                                     self._loss_out):
+            if self._run(self._c_compute_grads, self._m, self._pointers(geo.input_ptrs, arrays),
+                         self._ffi.from_buffer(target), self._loss_out):
                 raise self._c_error()
             # Its activations are kept: a loss, loss_grad or backward may follow.
             self._forward_key = geo.key
@@ -570,7 +637,7 @@ class ModelBase:
         with self.lock:
             opt = self._optimizer_args(lr, optimizer, momentum, nesterov, weight_decay, betas, eps, max_grad_norm)
             self._forward_key = self._eval_inputs = None
-            if self._c_update(self._m, opt):
+            if self._run(self._c_update, self._m, opt):
                 raise self._c_error()
 
     @_one_at_a_time

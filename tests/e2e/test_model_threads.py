@@ -122,3 +122,63 @@ def test_a_backward_in_another_thread_pairs_with_the_last_forward(module):
     net.forward(x)
     alone.forward(x)
     np.testing.assert_array_equal(run_in_thread(lambda: net.backward(dy)), alone.backward(dy))
+
+
+# ---- the OpenMP threads of each call (Model(threads=), and the share of the cores) ----------
+
+def one_step(net, x):
+    y = net.forward(x)
+    dx = net.backward(np.ones_like(y))
+    return y, dx, {k: g.copy() for k, g in net.grads.items()}
+
+
+def test_threads_sets_the_count_each_call_computes_with(module):
+    """The C model runs its passes on `threads` threads: it plans a per-thread workspace for each
+    (the conv backward gives each thread whole samples), and the results are the one-thread
+    results (per-thread weight gradients summed in a fixed order: within rounding)."""
+    from convdsl.runtime.model import _usable_cores
+    many = _usable_cores() + 2
+    x = np.random.default_rng(3).standard_normal((8, 3, 10, 10)).astype(np.float32)
+    alone, wide = module.Model(seed=0, threads=1), module.Model(seed=0, threads=many)
+    assert (alone.threads, wide.threads) == (1, many)
+    y1, dx1, g1 = one_step(alone, x)
+    y2, dx2, g2 = one_step(wide, x)
+    assert wide.memory()["workspace"] > alone.memory()["workspace"]
+    np.testing.assert_array_equal(y2, y1)
+    np.testing.assert_array_equal(dx2, dx1)
+    for k in g1:
+        np.testing.assert_allclose(g2[k], g1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "2", 10 ** 6])
+def test_threads_must_be_a_positive_count(module, bad):
+    with pytest.raises(ValueError, match="threads must be None or an integer from 1 to 4096"):
+        module.Model(seed=0, threads=bad)
+    net = module.Model(seed=0)
+    with pytest.raises(ValueError, match="threads must be None or an integer"):
+        net.threads = bad
+    assert net.threads is None
+
+
+def test_calls_running_at_once_share_the_cores(module, monkeypatch):
+    """With threads=None a call takes cores // (calls running, itself included) threads, at least
+    one: as if two other models' calls ran in other Python threads, this one gets a third."""
+    from convdsl.runtime import model as runtime
+    monkeypatch.setattr(runtime, "_usable_cores", lambda: 6)
+    net = module.Model(seed=0)
+    told = []
+    real_set = net._c_set_threads
+    net._c_set_threads = lambda m, n: (told.append(n), real_set(m, n))[1]
+    x = np.zeros((2, 3, 10, 10), np.float32)
+    net.forward(x)                                    # alone: every core
+    monkeypatch.setattr(runtime, "_CALLS_RUNNING", [None, None])
+    net.forward(x)                                    # two others running: 6 // 3
+    monkeypatch.setattr(runtime, "_CALLS_RUNNING", [None] * 9)
+    net.forward(x)                                    # nine others: still one thread
+    net.forward(x)                                    # the same count again: not told twice
+    assert told == [6, 2, 1]
+    net.threads = 4                                   # a count of its own: told at once, then kept
+    monkeypatch.setattr(runtime, "_CALLS_RUNNING", [])
+    net.forward(x)
+    assert told == [6, 2, 1, 4]
+    assert runtime._CALLS_RUNNING == []               # every call took its entry out again
