@@ -54,8 +54,8 @@ LINK_FLAGS = ("-shared", "-Wl,-Bsymbolic", "-lm")
 # kernel family, 390 KB of C: 5.6 s of CPU at -O0 -g, 60 s at -O1 -g, where variable tracking
 # over the instrumented code overflows its limits and starts again). The generated C then puts
 # poisoned guard zones between the regions of its activation arena, so that an overrun from one
-# region into the next is reported too. Loading such a module needs libasan first in the process: see
-# tests/sanitize.sh and docs/testing.md.
+# region into the next is reported too. Loading such a module needs libasan first in the
+# process: see tests/sanitize.sh and docs/testing.md.
 SANITIZE_FLAGS = ("-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer")
 # The OpenCL backend's host code (templates/opencl/module.cl.j2) calls the OpenCL C API through
 # the ICD loader, which finds the installed drivers (PoCL, a GPU's) at run time; it has no
