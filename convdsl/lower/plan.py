@@ -73,10 +73,12 @@ def applicable_variants(op, attrs) -> tuple[Variant, ...]:
 
 
 def choose_variant(op, in_types: tuple[TensorType, ...], out: TensorType, attrs, override: Mapping[str, str],
-                   sym_dims: tuple[str, ...] = (), lacks: frozenset[str] = frozenset()) -> Variant:
+                   sym_dims: tuple[str, ...] = (), lacks: frozenset[str] = frozenset(), backend: str = "c") -> Variant:
     """`lacks`: variants the target has no kernels for (Target.lacks_variants); never chosen, and
-    an `algo=` naming one gives way to the cheapest of the others."""
-    usable = tuple(v for v in applicable_variants(op, attrs) if v.name not in lacks) or applicable_variants(op, attrs)
+    an `algo=` naming one gives way to the cheapest of the others. A variant of other backends
+    only (Variant.backends, OpenCL's `tiled`) is not there for `backend` at all."""
+    there = tuple(v for v in applicable_variants(op, attrs) if not v.backends or backend in v.backends)
+    usable = tuple(v for v in there if v.name not in lacks) or there
     asked = attrs.get("algo")
     if asked not in (None, "auto") and any(v.name == asked for v in usable):
         # normalize() already refused an algo= that does not apply here.
@@ -97,12 +99,13 @@ def _epilogue(op, attrs, params) -> Epilogue:
     return Epilogue(bias="bias" in params)
 
 
-def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str] = frozenset()) -> dict[int, Variant]:
+def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str] = frozenset(),
+                    backend: str = "c") -> dict[int, Variant]:
     chosen = {}
     for node in g.nodes:
         in_types = tuple(g.values[v].type for v in node.inputs)
         chosen[node.id] = choose_variant(lookup(node.op), in_types, g.values[node.output].type, node.attrs,
-                                         override, g.sym_dims, lacks)
+                                         override, g.sym_dims, lacks, backend)
     return chosen
 
 
@@ -191,11 +194,12 @@ def _stages(g: Graph, producer: Node, chain: tuple[int, ...], act) -> tuple[Epil
 
 
 def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int = 0,
-          lacks: frozenset[str] = frozenset()) -> Program:
-    """The lowered program of a checked graph; `algo` is the per-run variant override. `guard`
-    (sanitizer builds): no tensor shares memory with another, and `guard` elements (per sample in
-    the activation blocks) follow each one, which the module poisons (Region.guards). `lacks`:
-    the variants the target has no kernels for (Target.lacks_variants), which are never chosen."""
+          lacks: frozenset[str] = frozenset(), backend: str = "c") -> Program:
+    """The lowered program of a checked graph for `backend`; `algo` is the per-run variant
+    override. `guard` (sanitizer builds): no tensor shares memory with another, and `guard`
+    elements (per sample in the activation blocks) follow each one, which the module poisons
+    (Region.guards). `lacks`: the variants the target has no kernels for
+    (Target.lacks_variants), which are never chosen, nor is a variant of other backends only."""
     g = graph
     override = algo_override(algo)
     plan = make_plan(g, guard)
@@ -203,7 +207,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     def numel(vid: int) -> Dim:
         return D.product(g.values[vid].type.shape)
 
-    chosen = chosen_variants(g, override, lacks)
+    chosen = chosen_variants(g, override, lacks, backend)
     fusions = _fusions(g, chosen)
     eval_guards = ()
     if guard:
@@ -272,7 +276,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
             params=params, buffers=buffers, saved=saved, derived=derived, epilogue=epilogue,
             workspace=Workspace(work, variant.doc if work != 0 else "", own),
             parallel=ParallelSplit(variant.parallel, threshold=variant.parallel_threshold,
-                                   gemm_threshold=variant.gemm_threshold, batch_threshold=variant.batch_threshold),
+                                   gemm_threshold=variant.gemm_threshold, batch_threshold=variant.batch_threshold,
+                                   tile=variant.tile(in_types, out_t, node.attrs)),
             fused_into=fused_into.get(nid)))
     steps = [f for f in forward if f.fused_into is None]
     for f in reversed(forward):

@@ -8,12 +8,12 @@ from __future__ import annotations
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, describe_value, expect_bool, expect_int,
-                   expect_symbol, init_arg, parse_init, register)
+from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, WorkGroupTile, describe_value, expect_bool,
+                   expect_int, expect_symbol, init_arg, parse_init, register)
 from .spatial import (PAD_MODES, effective_kernel, input_rank_check, output_sizes, pad_arg, pad_mode_arg, per_axis,
                       resolve_padding, window_context)
 
-ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked", "winograd2", "winograd4")
+ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked", "winograd2", "winograd4", "tiled")
 
 _WINDOW_ARGS = (
     Arg("stride", 1), pad_arg(), Arg("dilation", 1),
@@ -224,6 +224,53 @@ def _winograd_variant(name: str) -> Variant:
         thread_workspace=_own_gradients)
 
 
+# ---- OpenCL's tiled kernels (templates/opencl/ops/conv_tiled.cl.j2) ----
+
+# A work-group of 8×8 work-items: the one group size of the target's other launches
+# (module.cl.j2's CDSL_LOCAL), which every device that runs them has. Each work-item keeps a
+# block of up to 4×4 sums in registers, so a tile is up to 32 rows × 32 columns; the reduction
+# is staged 16 at a time: (32 + 32) · 16 values of local memory, 8 KiB in f64, a quarter of the
+# least local memory OpenCL 1.2 promises.
+TILED_LOCAL = (8, 8)
+TILED_MAX_BLOCK = 4
+TILED_CHUNK = 16
+
+
+def _block_for(extent, items: int) -> int:
+    """A work-item's block along an axis of `extent` values that `items` work-items share: the
+    largest (4, 2 or 1) whose tile the axis fills at least once, so that a short axis does not
+    leave most of a tile empty."""
+    if not isinstance(extent, int):
+        return TILED_MAX_BLOCK            # run-time sizes: planned for large maps
+    block = TILED_MAX_BLOCK
+    while block > 1 and extent < items * block:
+        block //= 2
+    return block
+
+
+def _tiled_tile(in_types, out, attrs) -> WorkGroupTile:
+    """Rows are output channels of a group (dX: input channels), columns output positions (dX:
+    input positions; dW: the group's input channels × taps): the block follows the forward's."""
+    rows = attrs["out"] // attrs["groups"]
+    return WorkGroupTile(TILED_LOCAL, (_block_for(rows, TILED_LOCAL[1]), _block_for(D.product(out.spatial),
+                                                                                   TILED_LOCAL[0])), TILED_CHUNK)
+
+
+def _tiled_cost(in_types, out, attrs):
+    # The multiply-adds its work-groups compute, ragged tiles included: the group's channels
+    # rounded up to whole tiles of rows, the positions to whole tiles of columns and the
+    # reduction (input channels of the group × taps) to whole chunks. Counted once each in
+    # im2col's units (which count a multiply-add about once, plus the columns written), for the
+    # local-memory reuse; so a layer whose tiles would be mostly empty (few channels per group,
+    # depthwise, a few positions) keeps the one-work-item-per-output kernel of the others.
+    tile = _tiled_tile(in_types, out, attrs)
+    groups, cog = attrs["groups"], attrs["out"] // attrs["groups"]
+    depth = attrs["in"] // groups * D.product(attrs["kernel"])
+    rows = -(-cog // tile.rows) * tile.rows
+    cols = D.mul(D.ceildiv(D.product(out.spatial), tile.cols), tile.cols)
+    return D.mul(groups * rows * (-(-depth // tile.chunk) * tile.chunk), cols)
+
+
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
@@ -245,6 +292,10 @@ CONV_VARIANTS = (
             fuses_epilogue=True, thread_workspace=_columns_and_gradients),
     _winograd_variant("winograd2"),
     _winograd_variant("winograd4"),
+    Variant("tiled", "conv_tiled", "OpenCL: work-groups over tiles of output channels × positions, the reduction "
+                                   "staged in local memory (dX and dW the same way)",
+            cost=_tiled_cost, parallel="work-groups over channel × position tiles", fuses_epilogue=True,
+            backends=("opencl",), tile=_tiled_tile),
 )
 
 

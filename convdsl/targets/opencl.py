@@ -67,8 +67,10 @@ class OpenCLTarget(CHost, Target):
     name = "opencl"
     template_dir = "opencl"
     kernel_ext = "cl"
-    # Its conv kernel is one work-item per output whatever the plan's variant; these variants'
-    # own state (Winograd's kept kernel transforms) and tiling exist only in the C kernels.
+    # Its conv kernels are the plan's `tiled` variant (work-groups over tiles, staged in local
+    # memory; ops/conv_tiled.cl.j2) or, for every C variant it has, one work-item per output
+    # value (ops/conv.cl.j2); these variants' own state (Winograd's kept kernel transforms) and
+    # register tiling for the CPU exist only in the C kernels.
     lacks_variants = frozenset({"blocked", "winograd2", "winograd4"})
 
     def scalar_type(self, dtype: str) -> str:
