@@ -5,7 +5,9 @@ made here, once, and written into the Program that backends render.
 Variant choice, strongest first: `algo=` on the layer in the file; a per-run override
 (`convdsl.load(..., algo={"conv": "im2col"})`, `--algo conv=im2col`, or the environment
 variable CONVDSL_ALGO=conv=im2col,depthwise=direct), used where that variant applies and
-ignored where it does not; otherwise the applicable variant of lowest estimated cost.
+ignored where it does not; otherwise the applicable variant of lowest estimated cost on the
+backend (Variant.cost_on: a backend whose kernels for a variant differ from the C ones costs them
+in its own terms).
 """
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ def choose_variant(op, in_types: tuple[TensorType, ...], out: TensorType, attrs,
         if match is not None:
             return match
     probe = {name: PROBE_SIZE for name in sym_dims}
-    return min(usable, key=lambda v: D.evaluate(v.cost(in_types, out, attrs), probe))
+    return min(usable, key=lambda v: D.evaluate(v.cost_on(backend)(in_types, out, attrs), probe))
 
 
 # ---- building the program -------------------------------------------------------------------
@@ -277,7 +279,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
             workspace=Workspace(work, variant.doc if work != 0 else "", own),
             parallel=ParallelSplit(variant.parallel, threshold=variant.parallel_threshold,
                                    gemm_threshold=variant.gemm_threshold, batch_threshold=variant.batch_threshold,
-                                   tile=variant.tile(in_types, out_t, node.attrs)),
+                                   tiles=variant.tiles(in_types, out_t, node.attrs)),
             fused_into=fused_into.get(nid)))
     steps = [f for f in forward if f.fused_into is None]
     for f in reversed(forward):

@@ -148,9 +148,10 @@ class ParallelSplit:
     # A conv's batch loop: from this many multiply-adds per sample on, each sample's GEMMs are
     # split across the threads; below it each thread takes whole samples.
     batch_threshold: int = 0
-    # Device kernels of a matrix-shaped product (OpenCL's `tiled` conv): the work-group tile,
-    # register block and reduction chunk, which the launch's local size is made from.
-    tile: WorkGroupTile | None = None
+    # Device kernels of matrix-shaped products (OpenCL's `tiled` conv): each product's work-group
+    # tile, register block and reduction chunk, as (product, tile) pairs ("forward", "dx",
+    # "dw"); each launch's local size is made from its product's.
+    tiles: tuple[tuple[str, WorkGroupTile], ...] = ()
 
 
 @dataclass(frozen=True)

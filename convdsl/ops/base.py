@@ -103,8 +103,8 @@ class WorkGroupTile:
                 f"{self.block[0]}×{self.block[1]} each)")
 
 
-def _no_tile(in_types, out, attrs) -> WorkGroupTile | None:
-    return None
+def _no_tiles(in_types, out, attrs) -> tuple:
+    return ()
 
 
 @dataclass(frozen=True)
@@ -138,12 +138,20 @@ class Variant:
     # kernel remakes them when the weights differ from that copy (after an update, a load, a
     # write into Model.params). Planned per step in the `derived` region, zero at create.
     derived: Callable[[dict], int] = lambda attrs: 0
+    # Its cost on a backend whose kernels for it are not the C target's (OpenCL's conv variants
+    # other than `tiled` are one work-item per output value there), as (backend, cost) pairs in
+    # the same units; elsewhere `cost`.
+    costs_on: tuple[tuple[str, Callable[[tuple, TensorType, dict], Dim]], ...] = ()
     # The backends that have kernels for it; empty: every backend. A variant of one backend only
     # is never chosen for another, and an `algo=` naming it there gives way to the cheapest other.
     backends: tuple[str, ...] = ()
-    # Device kernels of a matrix-shaped product: the work-group tile the plan gives the step
-    # (ParallelSplit.tile), from its shapes.
-    tile: Callable[[tuple, TensorType, dict], WorkGroupTile | None] = _no_tile
+    # Device kernels of matrix-shaped products: the work-group tile of each of its products, as
+    # (product, WorkGroupTile) pairs, that the plan gives the step (ParallelSplit.tiles).
+    tiles: Callable[[tuple, TensorType, dict], tuple[tuple[str, WorkGroupTile], ...]] = _no_tiles
+
+    def cost_on(self, backend: str) -> Callable[[tuple, TensorType, dict], Dim]:
+        """Its cost function on `backend`."""
+        return dict(self.costs_on).get(backend, self.cost)
 
 
 @dataclass(frozen=True)
