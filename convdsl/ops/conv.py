@@ -238,11 +238,11 @@ TILED_MAX_COLS_BLOCK = 8
 TILED_CHUNK = 16
 # The tiled kernels' cost in the one-work-item-per-output kernel's units: one a multiply-add (on
 # OpenCL the plan's other conv variants are that kernel, and cost that, `_one_work_item_cost`).
-# A multiply-add of a tile costs 1/TILED_SPEEDUP of one (3–6 times faster on
-# full tiles in the measurement above, counted as 4), and each value a work-group stages in local
-# memory TILED_STAGE_COST (the gather's index arithmetic and bounds checks, the barriers), which
-# is what makes a small tile dear: an 8 × 16 tile stages 24 values a chunk for 128 multiply-adds,
-# a 32 × 64 one 96 for 2048.
+# A multiply-add of a tile costs 1/TILED_SPEEDUP of one (3–6 times faster on full tiles in the
+# measurement above, counted as 4), and each value a work-group stages in local memory
+# TILED_STAGE_COST (the gather's index arithmetic and bounds checks, the barriers), which is what
+# makes a small tile dear: per element of the reduction an 8 × 16 tile stages 24 values for 128
+# multiply-adds, a 32 × 64 one 96 for 2048.
 TILED_SPEEDUP = 4
 TILED_STAGE_COST = 2
 
@@ -297,7 +297,7 @@ def _tiled_cost(in_types, out, attrs):
         tile = _tile_for(rows, cols)
         steps = D.mul(attrs["groups"] * -(-rows // tile.rows), D.mul(D.ceildiv(cols, tile.cols),
                                                                        D.ceildiv(depth, tile.chunk)))
-        per_step = tile.rows * tile.cols * tile.chunk // TILED_SPEEDUP + (tile.rows + tile.cols) * tile.chunk * TILED_STAGE_COST
+        per_step = (tile.rows * tile.cols // TILED_SPEEDUP + (tile.rows + tile.cols) * TILED_STAGE_COST) * tile.chunk
         total = D.add(total, D.mul(steps, per_step))
     return D.floordiv(total, 3)
 
