@@ -145,15 +145,15 @@ opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=105
 
 # OpenCL's own conv variant, `tiled` (work-groups over tiles, staged in local memory): the plan
 # picks it for large-depth above (and keeps the one-work-item kernel for the small cases); here it
-# is forced on cases that reach every edge of its tiles: ragged products (every case; the 1-D and
-# the run-time sizes ones with blocks of 1 column, ragged-tiles with 2 rows and 8 columns a
-# work-item), groups, strides, dilation, every padding form (uneven, after only, wider than the
+# is forced on cases that reach every edge of its tiles: ragged products (every case; blocks of 1
+# to 8 columns and 1 or 2 rows a work-item, ragged-tiles' 2 × 8 among them), groups, strides,
+# dilation, every padding form (same's uneven split, explicit pairs, after only, wider than the
 # kernel), flip, 1-D and 3-D, a frozen weight (no dW kernel), run-time sizes, and depthwise.
 TILED = {"conv": "tiled", "depthwise": "tiled"}
 OPENCL_TILED_CASES = (
-    '1d-stride', '1d-groups-nobias-tuple', '2d-same-odd-both-axes', '2d-pairs-wider-than-kernel',
-    '2d-groups-dilation-stride', '2d-flip-groups-stride', '2d-pointwise-pad-after', '2d-frozen', '3d-same-mixed',
-    '3d-groups-pairs-nobias', 'ragged-tiles', 'runtime-same-stride', 'depthwise-m2',
+    '1d-stride', '2d-pairs-wider-than-kernel', '2d-groups-dilation-stride', '2d-flip-groups-stride',
+    '2d-pointwise-pad-after', '2d-frozen', '3d-same-mixed', '3d-groups-pairs-nobias', 'ragged-tiles',
+    'runtime-same-stride', 'depthwise-m2',
 )
 opencl_tiled_runs, test_opencl_tiled_matches_torch = opencl_suite(
     CASES, reference, seed=106, ids=OPENCL_TILED_CASES, algo=TILED, name="opencl_tiled_runs")
