@@ -8,7 +8,8 @@ for everything longer, in templates/opencl/:
 - `lib/target.j2`: a kernel argument is a `__global` pointer given as a buffer and an element
   offset (OpenCL 1.2 has no pointer arithmetic on the host side of a buffer), a launch is
   clSetKernelArg for each argument then clEnqueueNDRangeKernel over one work-item per output
-  element of the kernel;
+  element of the kernel, or (`launch_tiles`, conv's `tiled` variant) over work-groups of the
+  lowered program's WorkGroupTile, one per tile of the kernel's product;
 - `ops/<kind>.cl.j2`: each op's kernels (OpenCL C, rendered into one program source that the
   library embeds as a string) and, as the macros `forward(node)` and `backward(node)`, the
   host's launches of them;
