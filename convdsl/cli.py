@@ -92,16 +92,17 @@ def _algo(args) -> dict:
 
 
 def cmd_plan(args) -> int:
-    """The lowered program of every network of the file, one line per step."""
-    from .targets import C
+    """The lowered program of every network of the file for the backend, one line per step."""
+    from .targets import target
     from .lower import lower
     from .lower.show import program_text
     algo = _algo(args)
+    backend = target(args.backend)
     for i, graph in enumerate(_graphs(args.file, args.network)):
-        C.check_supported(graph)
+        backend.check_supported(graph)
         if i:
             print()
-        print(program_text(lower(graph, algo)), end="")
+        print(program_text(lower(graph, algo, lacks=backend.lacks_variants, backend=backend.name)), end="")
     return 0
 
 
@@ -378,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--network", help="only this network of the file")
     _algo_option(p)
+    _backend_option(p)
     p.set_defaults(run=cmd_plan)
     p = sub.add_parser("graph", help="draw the network: DOT always, SVG/PNG/PDF with Graphviz installed")
     p.add_argument("file")
