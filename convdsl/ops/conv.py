@@ -226,10 +226,11 @@ def _winograd_variant(name: str) -> Variant:
 
 # ---- OpenCL's tiled kernels (templates/opencl/ops/conv_tiled.cl.j2) ----
 
-# A work-group of 8×8 work-items: the one group size of the target's other launches
-# (module.cl.j2's CDSL_LOCAL), which every device that runs them has. Each work-item keeps up to
-# 4 rows × 8 neighbouring columns of sums in registers (a vector of 8 per row), so a tile is up
-# to 32 × 64; the reduction is staged 16 at a time: (32 + 64) · 16 values of local memory, 12 KiB
+# A work-group of 8×8 work-items: 64, the group size of the target's other launches (module.cl.j2's
+# CDSL_LOCAL). A device whose work-groups hold fewer runs those in smaller groups but not these:
+# the driver refuses the program or the launch, and the module says so with its message (the
+# plan does not know the device). Each work-item keeps up to 4 rows × 8 neighbouring columns of
+# sums in registers (a vector of 8 per row), so a tile is up to 32 × 64; the reduction is staged 16 at a time: (32 + 64) · 16 values of local memory, 12 KiB
 # in f64, within the least local memory OpenCL 1.2 promises (32 KiB). Those sizes were the
 # fastest of the few tried on PoCL (benchmarks/RESULTS.md, OpenCL).
 TILED_LOCAL = (8, 8)

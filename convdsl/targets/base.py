@@ -182,8 +182,8 @@ class NodeView:
     derived: str | None = None                    # argument: the step's memory kept across calls (Step.derived)
     thread_work: str | None = None                # argument: per-thread workspaces (with work_threads)
     # How the step's loops are split: axis and thresholds (its own loops and the im2col helpers',
-    # the GEMM's, the batch loop's), and a device kernel's work-group tile per product (name → WorkGroupTile), all from
-    # the lowered program's ParallelSplit.
+    # the GEMM's, the batch loop's) and a device kernel's work-group tile per product (name →
+    # WorkGroupTile), all from the lowered program's ParallelSplit.
     split: dict = field(default_factory=dict)
     # The gradients its backward is the first to touch, zeroed just before it (gradients share
     # memory by lifetime in training): value index and elements per sample.
