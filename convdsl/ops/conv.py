@@ -230,9 +230,10 @@ def _winograd_variant(name: str) -> Variant:
 # CDSL_LOCAL). A device whose work-groups hold fewer runs those in smaller groups but not these:
 # the driver refuses the program or the launch, and the module says so with its message (the
 # plan does not know the device). Each work-item keeps up to 4 rows × 8 neighbouring columns of
-# sums in registers (a vector of 8 per row), so a tile is up to 32 × 64; the reduction is staged 16 at a time: (32 + 64) · 16 values of local memory, 12 KiB
-# in f64, within the least local memory OpenCL 1.2 promises (32 KiB). Those sizes were the
-# fastest of the few tried on PoCL (benchmarks/RESULTS.md, OpenCL).
+# sums in registers (a vector of 8 per row), so a tile is up to 32 × 64; the reduction is staged
+# 16 at a time: (32 + 64) · 16 values of local memory, 12 KiB in f64, within the least local
+# memory OpenCL 1.2 promises (32 KiB). Those sizes were the fastest of the few tried on PoCL
+# (benchmarks/RESULTS.md, OpenCL).
 TILED_LOCAL = (8, 8)
 TILED_MAX_ROWS_BLOCK = 4
 TILED_MAX_COLS_BLOCK = 8
