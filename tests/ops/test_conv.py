@@ -186,6 +186,22 @@ def test_the_plan_tiles_large_layers_on_opencl_only():
     assert not any(s.variant == "tiled" for s in on_c.steps)
 
 
+def test_tiled_is_forced_by_the_layer_and_the_environment(monkeypatch):
+    """`algo=tiled` on the layer and CONVDSL_ALGO=conv=tiled force it on OpenCL; the C backend
+    has no kernels for it and runs its own choice."""
+    layer = "network F {\n input x: [3, 6, 5]\n y = x -> conv(4, kernel=3%s)\n output y\n}\n"
+
+    def variant(src, backend):
+        return compile_graph(graph_from_source(src), backend=backend).program.forward[0].variant
+
+    assert variant(layer % "", "opencl") == "im2col"
+    assert variant(layer % ", algo=tiled", "opencl") == "tiled"
+    assert variant(layer % ", algo=tiled", "c") != "tiled"
+    monkeypatch.setenv("CONVDSL_ALGO", "conv=tiled")
+    assert variant(layer % "", "opencl") == "tiled"
+    assert variant(layer % "", "c") != "tiled"
+
+
 @requires_opencl
 def test_opencl_tiled_finite_differences_float64():
     cases = by_ids(OPENCL_TILED_FD_CASES)
