@@ -92,21 +92,22 @@ def _algo(args) -> dict:
 
 
 def cmd_plan(args) -> int:
-    """The lowered program of every network of the file, one line per step (with `compile --tune
-    --emit lowered`, after timing the variants)."""
+    """The lowered program of every network of the file for the backend, one line per step (with
+    `compile --tune --emit lowered`, after timing the variants)."""
     from .compiler import compile_graph
     from .lower import lower
     from .lower.show import program_text
-    from .targets import C
+    from .targets import target
     algo = _algo(args)
+    backend = target(args.backend)
     for i, graph in enumerate(_graphs(args.file, args.network)):
         if _tuning(args)[0]:
-            compiled = compile_graph(graph, algo, getattr(args, "backend", "c"), *_tuning(args))
+            compiled = compile_graph(graph, algo, backend.name, *_tuning(args))
             _report_tuning(compiled)
             program = compiled.program
         else:
-            C.check_supported(graph)
-            program = lower(graph, algo)
+            backend.check_supported(graph)
+            program = lower(graph, algo, lacks=backend.lacks_variants, backend=backend.name)
         if i:
             print()
         print(program_text(program), end="")
@@ -402,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--network", help="only this network of the file")
     _algo_option(p)
+    _backend_option(p)
     p.set_defaults(run=cmd_plan)
     p = sub.add_parser("graph", help="draw the network: DOT always, SVG/PNG/PDF with Graphviz installed")
     p.add_argument("file")

@@ -79,7 +79,7 @@ def compile_graph(graph: Graph, algo=None, backend: str = "c", tune: bool = Fals
         from .tune import measured_choice, tune as time_variants
         tuned = tuple(time_variants(graph, chosen.name, tune_batch, chosen.lacks_variants))
         measured = measured_choice(tuned)
-    program = lower(graph, algo, guard=guard, lacks=chosen.lacks_variants, measured=measured)
+    program = lower(graph, algo, guard=guard, lacks=chosen.lacks_variants, backend=chosen.name, measured=measured)
     return Compiled(graph, program, render_c(program, chosen), chosen.name, tuned)
 
 

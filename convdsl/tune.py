@@ -53,8 +53,9 @@ class Measured:
     cached: bool
 
 
-def tunable_nodes(graph: Graph, lacks: frozenset[str] = frozenset()) -> list[tuple[Node, tuple[str, ...]]]:
-    """The layers tuning times, with their usable variants' names."""
+def tunable_nodes(graph: Graph, lacks: frozenset[str] = frozenset(),
+                  backend: str = "c") -> list[tuple[Node, tuple[str, ...]]]:
+    """The layers tuning times, with the names of their variants usable on `backend`."""
     out = []
     for node in graph.nodes:
         if node.attrs.get("algo") not in (None, "auto"):
@@ -62,7 +63,8 @@ def tunable_nodes(graph: Graph, lacks: frozenset[str] = frozenset()) -> list[tup
         types = [graph.values[v].type for v in (*node.inputs, node.output)]
         if not all(t.is_static() for t in types):
             continue
-        usable = tuple(v.name for v in applicable_variants(lookup(node.op), node.attrs) if v.name not in lacks)
+        usable = tuple(v.name for v in applicable_variants(lookup(node.op), node.attrs)
+                       if v.name not in lacks and (not v.backends or backend in v.backends))
         if len(usable) > 1:
             out.append((node, usable))
     return out
@@ -174,7 +176,7 @@ def tune(graph: Graph, backend: str = "c", batch: int = 1, lacks: frozenset[str]
         raise ConvDSLError(None, f"tune: the batch to tune for must be an integer from 1 to 4096, got {batch!r}")
     training = graph.loss is not None
     results = []
-    for node, variants in tunable_nodes(graph, lacks):
+    for node, variants in tunable_nodes(graph, lacks, backend):
         path = _cache_file(_key(graph, node, variants, batch, training, backend))
         seconds = _read(path, variants)
         cached = seconds is not None

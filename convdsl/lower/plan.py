@@ -6,7 +6,9 @@ Variant choice, strongest first: `algo=` on the layer in the file; a per-run ove
 (`convdsl.load(..., algo={"conv": "im2col"})`, `--algo conv=im2col`, or the environment
 variable CONVDSL_ALGO=conv=im2col,depthwise=direct), used where that variant applies and
 ignored where it does not; the variant measured fastest for the layer's shape (`--tune`,
-convdsl/tune.py); otherwise the applicable variant of lowest estimated cost.
+convdsl/tune.py); otherwise the applicable variant of lowest estimated cost on the backend
+(Variant.cost_on: a backend whose kernels for a variant differ from the C ones costs them in its
+own terms).
 """
 from __future__ import annotations
 
@@ -75,12 +77,15 @@ def applicable_variants(op, attrs) -> tuple[Variant, ...]:
 
 
 def choose_variant(op, in_types: tuple[TensorType, ...], out: TensorType, attrs, override: Mapping[str, str],
-                   sym_dims: tuple[str, ...] = (), lacks: frozenset[str] = frozenset(),
+                   sym_dims: tuple[str, ...] = (), lacks: frozenset[str] = frozenset(), backend: str = "c",
                    measured: str | None = None) -> Variant:
     """`lacks`: variants the target has no kernels for (Target.lacks_variants); never chosen, and
-    an `algo=` naming one gives way to the cheapest of the others. `measured`: the variant that
-    tuning timed fastest for this layer, which replaces the cost estimate where it is usable."""
-    usable = tuple(v for v in applicable_variants(op, attrs) if v.name not in lacks) or applicable_variants(op, attrs)
+    an `algo=` naming one gives way to the cheapest of the others. A variant of other backends
+    only (Variant.backends, OpenCL's `tiled`) is not there for `backend` at all. `measured`: the
+    variant that tuning timed fastest for this layer, which replaces the cost estimate where it
+    is usable."""
+    there = tuple(v for v in applicable_variants(op, attrs) if not v.backends or backend in v.backends)
+    usable = tuple(v for v in there if v.name not in lacks) or there
     asked = attrs.get("algo")
     if asked not in (None, "auto") and any(v.name == asked for v in usable):
         # normalize() already refused an algo= that does not apply here.
@@ -94,7 +99,7 @@ def choose_variant(op, in_types: tuple[TensorType, ...], out: TensorType, attrs,
     if fastest is not None:
         return fastest
     probe = {name: PROBE_SIZE for name in sym_dims}
-    return min(usable, key=lambda v: D.evaluate(v.cost(in_types, out, attrs), probe))
+    return min(usable, key=lambda v: D.evaluate(v.cost_on(backend)(in_types, out, attrs), probe))
 
 
 # ---- building the program -------------------------------------------------------------------
@@ -105,12 +110,12 @@ def _epilogue(op, attrs, params) -> Epilogue:
 
 
 def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str] = frozenset(),
-                    measured: Mapping[int, str] = MappingProxyType({})) -> dict[int, Variant]:
+                    backend: str = "c", measured: Mapping[int, str] = MappingProxyType({})) -> dict[int, Variant]:
     chosen = {}
     for node in g.nodes:
         in_types = tuple(g.values[v].type for v in node.inputs)
         chosen[node.id] = choose_variant(lookup(node.op), in_types, g.values[node.output].type, node.attrs,
-                                         override, g.sym_dims, lacks, measured.get(node.id))
+                                         override, g.sym_dims, lacks, backend, measured.get(node.id))
     return chosen
 
 
@@ -199,11 +204,13 @@ def _stages(g: Graph, producer: Node, chain: tuple[int, ...], act) -> tuple[Epil
 
 
 def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int = 0,
-          lacks: frozenset[str] = frozenset(), measured: Mapping[int, str] = MappingProxyType({})) -> Program:
-    """The lowered program of a checked graph; `algo` is the per-run variant override. `guard`
-    (sanitizer builds): no tensor shares memory with another, and `guard` elements (per sample in
-    the activation blocks) follow each one, which the module poisons (Region.guards). `lacks`:
-    the variants the target has no kernels for (Target.lacks_variants), which are never chosen.
+          lacks: frozenset[str] = frozenset(), backend: str = "c",
+          measured: Mapping[int, str] = MappingProxyType({})) -> Program:
+    """The lowered program of a checked graph for `backend`; `algo` is the per-run variant
+    override. `guard` (sanitizer builds): no tensor shares memory with another, and `guard`
+    elements (per sample in the activation blocks) follow each one, which the module poisons
+    (Region.guards). `lacks`: the variants the target has no kernels for
+    (Target.lacks_variants), which are never chosen, nor is a variant of other backends only.
     `measured`: node id → the variant tuning timed fastest for it (convdsl/tune.py)."""
     g = graph
     override = algo_override(algo)
@@ -212,7 +219,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     def numel(vid: int) -> Dim:
         return D.product(g.values[vid].type.shape)
 
-    chosen = chosen_variants(g, override, lacks, measured)
+    chosen = chosen_variants(g, override, lacks, backend, measured)
     fusions = _fusions(g, chosen)
     eval_guards = ()
     if guard:
@@ -281,7 +288,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
             params=params, buffers=buffers, saved=saved, derived=derived, epilogue=epilogue,
             workspace=Workspace(work, variant.doc if work != 0 else "", own),
             parallel=ParallelSplit(variant.parallel, threshold=variant.parallel_threshold,
-                                   gemm_threshold=variant.gemm_threshold, batch_threshold=variant.batch_threshold),
+                                   gemm_threshold=variant.gemm_threshold, batch_threshold=variant.batch_threshold,
+                                   tiles=variant.tiles(in_types, out_t, node.attrs)),
             fused_into=fused_into.get(nid)))
     steps = [f for f in forward if f.fused_into is None]
     for f in reversed(forward):

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from ..errors import Span
 from ..ir.dims import Dim
 from ..ir.graph import TensorType
+from ..ops.base import WorkGroupTile
 from ..passes.schedule import BufferSlot, ParamSlot, slots_by_layer   # the parameter and buffer blocks' layout
 
 # Region names. Per-sample regions scale with the batch; the others are fixed at create.
@@ -147,6 +148,10 @@ class ParallelSplit:
     # A conv's batch loop: from this many multiply-adds per sample on, each sample's GEMMs are
     # split across the threads; below it each thread takes whole samples.
     batch_threshold: int = 0
+    # Device kernels of matrix-shaped products (OpenCL's `tiled` conv): each product's work-group
+    # tile, register block and reduction chunk, as (product, tile) pairs ("forward", "dx",
+    # "dw"); each launch's local size is made from its product's.
+    tiles: tuple[tuple[str, WorkGroupTile], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,11 @@ def step_text(step: Step) -> str:
     if step.workspace.per_thread != 0:
         work += f" + {_dim(step.workspace.per_thread)} per thread"
     kernel = f"{step.op}/{step.variant}"
+    tile = "".join(f"; {name} in {t.text()}" for name, t in step.parallel.tiles)
     zero = f" | zeroes {' '.join(o.role for o in step.zero_first)} first" if step.zero_first else ""
     return (f"{step.index:3d} {step.phase:<8} {where:<24} {kernel:<18} "
             f"{' '.join(operands)} | epilogue {step.epilogue.text()} | workspace {work} "
-            f"| threads {step.parallel.axis}{zero}")
+            f"| threads {step.parallel.axis}{tile}{zero}")
 
 
 def program_text(program: Program) -> str:

@@ -80,6 +80,34 @@ def _no_workspace(in_types, out, attrs) -> Dim:
 
 
 @dataclass(frozen=True)
+class WorkGroupTile:
+    """How a device kernel of a matrix-shaped product splits its work (the OpenCL target's
+    `tiled` conv): a work-group of `local` = (columns, rows) work-items computes a tile of
+    rows × columns of the product, each work-item a `block` of (rows, columns) values in
+    registers (rows LY·BM, columns LX·BN), and walks the reduction in chunks of `chunk`, staging
+    each chunk of both operands in local memory. The launch's local size is `local`."""
+    local: tuple[int, int]           # (LX, LY): work-items along the columns, along the rows
+    block: tuple[int, int]           # (BM, BN): rows and columns of each work-item's values
+    chunk: int                       # reduction elements staged in local memory at a time
+
+    @property
+    def rows(self) -> int:
+        return self.local[1] * self.block[0]
+
+    @property
+    def cols(self) -> int:
+        return self.local[0] * self.block[1]
+
+    def text(self) -> str:
+        return (f"tiles {self.rows}×{self.cols} by {self.chunk} ({self.local[0]}×{self.local[1]} work-items, "
+                f"{self.block[0]}×{self.block[1]} each)")
+
+
+def _no_tiles(in_types, out, attrs) -> tuple:
+    return ()
+
+
+@dataclass(frozen=True)
 class Variant:
     """One way to run an op's kernels. The plan picks, per layer, the applicable variant of
     lowest estimated cost; `algo=` in the file or a per-run override can name one instead.
@@ -110,6 +138,20 @@ class Variant:
     # kernel remakes them when the weights differ from that copy (after an update, a load, a
     # write into Model.params). Planned per step in the `derived` region, zero at create.
     derived: Callable[[dict], int] = lambda attrs: 0
+    # Its cost on a backend whose kernels for it are not the C target's (OpenCL's conv variants
+    # other than `tiled` are one work-item per output value there), as (backend, cost) pairs in
+    # the same units; elsewhere `cost`.
+    costs_on: tuple[tuple[str, Callable[[tuple, TensorType, dict], Dim]], ...] = ()
+    # The backends that have kernels for it; empty: every backend. A variant of one backend only
+    # is never chosen for another, and an `algo=` naming it there gives way to the cheapest other.
+    backends: tuple[str, ...] = ()
+    # Device kernels of matrix-shaped products: the work-group tile of each of its products, as
+    # (product, WorkGroupTile) pairs, that the plan gives the step (ParallelSplit.tiles).
+    tiles: Callable[[tuple, TensorType, dict], tuple[tuple[str, WorkGroupTile], ...]] = _no_tiles
+
+    def cost_on(self, backend: str) -> Callable[[tuple, TensorType, dict], Dim]:
+        """Its cost function on `backend`."""
+        return dict(self.costs_on).get(backend, self.cost)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from __future__ import annotations
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ir.graph import Init, ParamSpec, TensorType
-from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, describe_value, expect_bool, expect_int,
-                   expect_symbol, init_arg, parse_init, register)
+from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, WorkGroupTile, describe_value, expect_bool,
+                   expect_int, expect_symbol, init_arg, parse_init, register)
 from .spatial import (PAD_MODES, effective_kernel, input_rank_check, output_sizes, pad_arg, pad_mode_arg, per_axis,
                       resolve_padding, window_context)
 
-ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked", "winograd2", "winograd4")
+ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked", "winograd2", "winograd4", "tiled")
 
 _WINDOW_ARGS = (
     Arg("stride", 1), pad_arg(), Arg("dilation", 1),
@@ -224,20 +224,100 @@ def _winograd_variant(name: str) -> Variant:
         thread_workspace=_own_gradients)
 
 
+# ---- OpenCL's tiled kernels (templates/opencl/ops/conv_tiled.cl.j2) ----
+
+# A work-group of 8×8 work-items: 64, the group size of the target's other launches (module.cl.j2's
+# CDSL_LOCAL). A device whose work-groups hold fewer runs those in smaller groups but not these:
+# the driver refuses the program or the launch, and the module says so with its message (the
+# plan does not know the device). Each work-item keeps up to 4 rows × 8 neighbouring columns of
+# sums in registers (a vector of 8 per row), so a tile is up to 32 × 64; the reduction is staged
+# 16 at a time: (32 + 64) · 16 values of local memory, 12 KiB in f64, within the least local
+# memory OpenCL 1.2 promises (32 KiB). Those sizes were the fastest of the few tried on PoCL
+# (benchmarks/RESULTS.md, OpenCL).
+TILED_LOCAL = (8, 8)
+TILED_MAX_ROWS_BLOCK = 4
+TILED_MAX_COLS_BLOCK = 8
+TILED_CHUNK = 16
+# The tiled kernels' cost in the one-work-item-per-output kernel's units: one a multiply-add (on
+# OpenCL the plan's other conv variants are that kernel, and cost that, `_one_work_item_cost`).
+# A multiply-add of a tile costs 1/TILED_SPEEDUP of one (3–6 times faster on full tiles in the
+# measurement above, counted as 4), and each value a work-group stages in local memory
+# TILED_STAGE_COST (the gather's index arithmetic and bounds checks, the barriers), which is what
+# makes a small tile dear: per element of the reduction an 8 × 16 tile stages 24 values for 128
+# multiply-adds, a 32 × 64 one 96 for 2048.
+TILED_SPEEDUP = 4
+TILED_STAGE_COST = 2
+
+
+def _block_for(extent, items: int, largest: int) -> int:
+    """A work-item's block along an axis of `extent` values that `items` work-items share: the
+    largest power of two up to `largest` whose tile the axis fills at least once, so that a
+    short axis does not leave most of a tile empty."""
+    if not isinstance(extent, int):
+        return largest                    # run-time sizes: planned for large maps
+    block = largest
+    while block > 1 and extent < items * block:
+        block //= 2
+    return block
+
+
+def _tile_for(rows, cols) -> WorkGroupTile:
+    return WorkGroupTile(TILED_LOCAL, (_block_for(rows, TILED_LOCAL[1], TILED_MAX_ROWS_BLOCK),
+                                       _block_for(cols, TILED_LOCAL[0], TILED_MAX_COLS_BLOCK)), TILED_CHUNK)
+
+
+def _tiled_products(in_types, out, attrs):
+    """The three products of the tiled kernels, as (name, rows, columns, reduction per sample):
+    the forward (output channels of a group × output positions, over input channels × taps), dX
+    (input channels × input cells, over output channels × taps) and dW (output channels × input
+    channels · taps, over the batch's positions)."""
+    groups, taps = attrs["groups"], D.product(attrs["kernel"])
+    cig, cog = attrs["in"] // groups, attrs["out"] // groups
+    positions, cells = D.product(out.spatial), D.product(in_types[0].spatial)
+    return (("forward", cog, positions, cig * taps), ("dx", cig, cells, cog * taps), ("dw", cog, cig * taps, positions))
+
+
+def _tiled_tiles(in_types, out, attrs):
+    """Each product's work-group tile, its blocks fitted to its own rows and columns."""
+    return tuple((name, _tile_for(rows, cols)) for name, rows, cols, _ in _tiled_products(in_types, out, attrs))
+
+
+def _one_work_item_cost(in_types, out, attrs):
+    return Conv.macs_of(attrs, out)
+
+
+ON_OPENCL = (("opencl", _one_work_item_cost),)     # im2col, pointwise, direct: conv.cl.j2's kernels there
+
+
+def _tiled_cost(in_types, out, attrs):
+    # Every (work-group, chunk) step of the three products: a whole tile's multiply-adds (its
+    # ragged part computes too) and the values it stages, averaged over the three products.
+    # So a layer whose tiles would be mostly empty or small (a few channels per group, as
+    # depthwise has; a handful of positions) keeps the one-work-item-per-output kernel.
+    total = 0
+    for name, rows, cols, depth in _tiled_products(in_types, out, attrs):
+        tile = _tile_for(rows, cols)
+        steps = D.mul(attrs["groups"] * -(-rows // tile.rows), D.mul(D.ceildiv(cols, tile.cols),
+                                                                       D.ceildiv(depth, tile.chunk)))
+        per_step = (tile.rows * tile.cols // TILED_SPEEDUP + (tile.rows + tile.cols) * TILED_STAGE_COST) * tile.chunk
+        total = D.add(total, D.mul(steps, per_step))
+    return D.floordiv(total, 3)
+
+
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
             workspace=_columns, parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
-            thread_workspace=_columns_and_gradients),
+            thread_workspace=_columns_and_gradients, costs_on=ON_OPENCL),
     Variant("pointwise", "conv", "1×1 at stride 1 without padding: a GEMM on the input itself",
             cost=_gemm_cost, applies=_is_pointwise,
             needs="a 1×1 kernel, stride 1 and no padding before or after on any axis",
             parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
-            thread_workspace=_own_gradients),
+            thread_workspace=_own_gradients, costs_on=ON_OPENCL),
     Variant("direct", "conv_direct", "a loop over the window per output channel (one input channel per group)",
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
             applies=_one_channel_per_group, needs="one input channel per group (depthwise)",
-            parallel="batch × channels", parallel_threshold=0, fuses_epilogue=True),
+            parallel="batch × channels", parallel_threshold=0, fuses_epilogue=True, costs_on=ON_OPENCL),
     Variant("blocked", "conv", "direct convolution, register-blocked over output channels × output columns "
                                "(backward as im2col)",
             cost=_blocked_cost, workspace=_blocked_workspace,
@@ -245,6 +325,10 @@ CONV_VARIANTS = (
             fuses_epilogue=True, thread_workspace=_columns_and_gradients),
     _winograd_variant("winograd2"),
     _winograd_variant("winograd4"),
+    Variant("tiled", "conv_tiled", "OpenCL: work-groups over tiles of output channels × positions, the reduction "
+                                   "staged in local memory (dX and dW the same way)",
+            cost=_tiled_cost, parallel="work-groups over channel × position tiles", fuses_epilogue=True,
+            backends=("opencl",), tiles=_tiled_tiles),
 )
 
 

@@ -182,7 +182,8 @@ class NodeView:
     derived: str | None = None                    # argument: the step's memory kept across calls (Step.derived)
     thread_work: str | None = None                # argument: per-thread workspaces (with work_threads)
     # How the step's loops are split: axis and thresholds (its own loops and the im2col helpers',
-    # the GEMM's, the batch loop's), all from the lowered program's ParallelSplit.
+    # the GEMM's, the batch loop's) and a device kernel's work-group tile per product (name →
+    # WorkGroupTile), all from the lowered program's ParallelSplit.
     split: dict = field(default_factory=dict)
     # The gradients its backward is the first to touch, zeroed just before it (gradients share
     # memory by lifetime in training): value index and elements per sample.
@@ -513,7 +514,7 @@ class Target:
                 thread_work="thread_work" if step.workspace.per_thread != 0 else None,
                 split={"axis": step.parallel.axis, "threshold": step.parallel.threshold,
                        "gemm_threshold": step.parallel.gemm_threshold,
-                       "batch_threshold": step.parallel.batch_threshold},
+                       "batch_threshold": step.parallel.batch_threshold, "tiles": dict(step.parallel.tiles)},
                 zero_first=[{"index": o.value, "numel": host(o.size)} for o in backward.zero_first]))
             for g in op.training_guards(step.attrs, step.in_types, step.out_type):
                 guards.append({"per_sample": host(g.per_sample), "least": g.least,

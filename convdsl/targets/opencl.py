@@ -8,7 +8,8 @@ for everything longer, in templates/opencl/:
 - `lib/target.j2`: a kernel argument is a `__global` pointer given as a buffer and an element
   offset (OpenCL 1.2 has no pointer arithmetic on the host side of a buffer), a launch is
   clSetKernelArg for each argument then clEnqueueNDRangeKernel over one work-item per output
-  element of the kernel;
+  element of the kernel, or (`launch_tiles`, conv's `tiled` variant) over work-groups of the
+  lowered program's WorkGroupTile, one per tile of the kernel's product;
 - `ops/<kind>.cl.j2`: each op's kernels (OpenCL C, rendered into one program source that the
   library embeds as a string) and, as the macros `forward(node)` and `backward(node)`, the
   host's launches of them;
@@ -67,8 +68,10 @@ class OpenCLTarget(CHost, Target):
     name = "opencl"
     template_dir = "opencl"
     kernel_ext = "cl"
-    # Its conv kernel is one work-item per output whatever the plan's variant; these variants'
-    # own state (Winograd's kept kernel transforms) and tiling exist only in the C kernels.
+    # Its conv kernels are the plan's `tiled` variant (work-groups over tiles, staged in local
+    # memory; ops/conv_tiled.cl.j2) or, for every C variant it has, one work-item per output
+    # value (ops/conv.cl.j2); these variants' own state (Winograd's kept kernel transforms) and
+    # register tiling for the CPU exist only in the C kernels.
     lacks_variants = frozenset({"blocked", "winograd2", "winograd4"})
 
     def scalar_type(self, dtype: str) -> str:

@@ -128,6 +128,23 @@ def test_cli_algo_and_environment(tmp_path):
     assert bad.returncode == 1 and "conv has no variant `fft`" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_plan_and_emit_lowered_are_the_backends_program():
+    """`--backend opencl` prints what the OpenCL build runs (it printed the C program before):
+    its own `tiled` conv on the large layer with each product's work-group tile, where the C
+    program runs Winograd."""
+    layers = "benchmarks/nets/layers.cnn"
+    tile = "tiles 32×64 by 16 (8×8 work-items, 4×8 each)"
+    for args in (("plan", layers), ("compile", layers, "--emit", "lowered", "-o", "unused")):
+        on_cl = cli(*args, "--network", "VGG3x3", "--backend", "opencl")
+        on_c = cli(*args, "--network", "VGG3x3")
+        assert on_cl.returncode == on_c.returncode == 0, on_cl.stderr + on_c.stderr
+        assert "conv/tiled" in on_cl.stdout and f"forward in {tile}; dx in {tile}; dw in {tile}" in on_cl.stdout
+        assert "conv/winograd4" in on_c.stdout and "tiled" not in on_c.stdout
+    # Forced on C, which has no kernels for it: the C backend's own choice instead.
+    forced = cli("plan", layers, "--network", "VGG3x3", "--algo", "conv=tiled")
+    assert forced.returncode == 0 and "conv/winograd4" in forced.stdout, forced.stderr
+
+
 def test_load_with_algo_builds_that_variant_and_computes_the_same():
     rng = np.random.default_rng(5)
     auto = convdsl.load_source(SRC).Model(seed=3)

@@ -311,7 +311,8 @@ def standard_suite(cases, reference, seed: int):
     return runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64
 
 
-def opencl_suite(cases, reference, seed: int, ids: tuple[str, ...]):
+def opencl_suite(cases, reference, seed: int, ids: tuple[str, ...], algo: dict | None = None,
+                 name: str = "opencl_runs"):
     """The OpenCL backend's test of an op file, as (fixture, test) to bind at module level:
 
         opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=31, ids=(...))
@@ -320,15 +321,16 @@ def opencl_suite(cases, reference, seed: int, ids: tuple[str, ...]):
     size), on the cases `ids`: a selection that covers each kernel's paths (every rank, padding
     form, flag and run-time sizes the file has), not every case — PoCL compiles each kernel
     through LLVM, about half a second each, and every case adds kernels. The variants of the C
-    backend are one kernel there, so no variant is forced."""
+    backend are one kernel there, so no variant is forced; `algo` forces one that OpenCL has of
+    its own (conv's `tiled`), in a second suite of the file whose fixture is called `name`."""
     by_id = {c.id: c for c in cases}
     missing = [i for i in ids if i not in by_id]
     assert not missing, f"no such cases: {missing}"
     chosen = [by_id[i] for i in ids]
 
-    @pytest.fixture(scope="module")
+    @pytest.fixture(scope="module", name=name)
     def opencl_runs():
-        module = compile_cases(chosen, backend="opencl")
+        module = compile_cases(chosen, algo=algo, backend="opencl")
         rng = np.random.default_rng(seed)
         net = module.Model(seed=0)
         randomize(net, rng)
@@ -337,7 +339,17 @@ def opencl_suite(cases, reference, seed: int, ids: tuple[str, ...]):
     @requires_opencl
     @pytest.mark.parametrize("batch", (1, 3))
     @pytest.mark.parametrize("index", range(len(chosen)), ids=list(ids))
-    def test_opencl_matches_torch(opencl_runs, index, batch):
-        compare_with_torch(opencl_runs[batch], index, chosen[index], reference)
+    def test_opencl_matches_torch(request, index, batch):
+        compare_with_torch(request.getfixturevalue(name)[batch], index, chosen[index], reference)
 
     return opencl_runs, test_opencl_matches_torch
+
+
+def opencl_variants(cases, algo: dict | None = None) -> list[frozenset[str]]:
+    """For every case, the kernel variants its steps run with in the OpenCL build of `cases`
+    under `algo` (the very lowering convdsl.load makes for it)."""
+    program = compile_graph(graph_from_source(source(cases)), algo, backend="opencl").program
+    found: list[set[str]] = [set() for _ in cases]
+    for step in program.forward:
+        found[int(step.label.split(".")[0][1:])].add(step.variant)
+    return [frozenset(f) for f in found]

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from convdsl.compiler import graph_from_source, module_meta
-from opcases import (opencl_suite, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, finite_differences,
-                     forced_runs,
-                     run_cases, source, variant_plan, variant_run)
+from backends import requires_opencl
+from convdsl.compiler import compile_graph, graph_from_source, module_meta
+from opcases import (opencl_suite, opencl_variants, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases,
+                     finite_differences, forced_runs, run_cases, source, variant_plan, variant_run)
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -119,6 +119,10 @@ CASES = (
     conv_case("3x3-end-only-nobias", (2, 5, 10), 3, 3, pad=((0, 2), (0, 1)), bias=False),
     conv_case("3x3-groups-flip-same", (4, 6, 9), 6, 3, groups=2, flip=True, pad="same"),
     conv_case("3x3-one-row", (2, 1, 7), 3, 3, pad=1),
+    # OpenCL's tiled kernels: every product ragged against its tiles (20 channels in tiles of 16
+    # rows, 70 positions in tiles of 64 columns, a reduction of 45 in chunks of 16; dX and dW
+    # likewise), strided on one axis, padded unevenly
+    conv_case("ragged-tiles", (5, 13, 11), 20, 3, stride=(2, 1), pad=((1, 2), (0, 1))),
     # run-time sizes: one model, the batch-3 run at a second size
     conv_case("runtime-same-stride", (3, 9, 7), 4, 3, stride=2, pad="same", dims=(3, "H", "W"), shape2=(3, 6, 10)),
     conv_case("runtime-3x3-same", (3, 9, 7), 4, 3, pad="same", dims=(3, "P", "Q"), shape2=(3, 6, 13)),
@@ -135,9 +139,74 @@ IDS = [c.id for c in CASES]
 OPENCL_CASES = (
     '1d-pairs-flip', '2d-same-dilated-strided', '2d-groups-dilation-stride', '2d-flip-groups-stride',
     '2d-pointwise-pad-after', '2d-frozen', '3d-same-mixed', 'depthwise-m2',
-    'depthwise-1d-wide-kernel-flip', 'separable-2d', 'runtime-same-stride', 'runtime-1d-depthwise',
+    'depthwise-1d-wide-kernel-flip', 'separable-2d', 'runtime-same-stride', 'runtime-1d-depthwise', 'large-depth',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=105, ids=OPENCL_CASES)
+
+# OpenCL's own conv variant, `tiled` (work-groups over tiles, staged in local memory): the plan
+# picks it for large-depth above (and keeps the one-work-item kernel for the small cases); here it
+# is forced on cases that reach every edge of its tiles: ragged products (every case; blocks of 1
+# to 8 columns and 1 or 2 rows a work-item, ragged-tiles' 2 × 8 among them), groups, strides,
+# dilation, every padding form (same's uneven split, explicit pairs, after only, wider than the
+# kernel), flip, 1-D and 3-D, a frozen weight (no dW kernel), run-time sizes, and depthwise.
+TILED = {"conv": "tiled", "depthwise": "tiled"}
+OPENCL_TILED_CASES = (
+    '1d-stride', '2d-pairs-wider-than-kernel', '2d-groups-dilation-stride', '2d-flip-groups-stride',
+    '2d-pointwise-pad-after', '2d-frozen', '3d-same-mixed', '3d-groups-pairs-nobias', 'ragged-tiles',
+    'runtime-same-stride', 'depthwise-m2',
+)
+opencl_tiled_runs, test_opencl_tiled_matches_torch = opencl_suite(
+    CASES, reference, seed=106, ids=OPENCL_TILED_CASES, algo=TILED, name="opencl_tiled_runs")
+OPENCL_TILED_FD_CASES = ('1d-pairs-flip', '2d-groups-dilation-stride', '3d-groups-pairs-nobias', 'ragged-tiles')
+
+
+def by_ids(ids) -> list:
+    return [CASES[IDS.index(i)] for i in ids]
+
+
+def test_the_plan_tiles_large_layers_on_opencl_only():
+    """What runs is the lowered program's choice: `tiled` for the large layer of the OpenCL suite
+    and wherever it is forced, the one-work-item kernel for the small layers (whose tiles would
+    be mostly empty), never on the C backend (forcing it there gives way to a C variant). Each
+    product's tile is the plan's, fitted to its own rows and columns, and the kernels are built
+    for that work-group size."""
+    auto = dict(zip(OPENCL_CASES, opencl_variants(by_ids(OPENCL_CASES))))
+    assert auto["large-depth"] == {"tiled"}
+    assert {i for i, v in auto.items() if "tiled" in v} == {"large-depth"}
+    forced = opencl_variants(by_ids(OPENCL_TILED_CASES), TILED)
+    assert all(v == {"tiled"} for v in forced), dict(zip(OPENCL_TILED_CASES, forced))
+    compiled = compile_graph(graph_from_source(source(by_ids(("ragged-tiles", "large-depth")))), TILED,
+                             backend="opencl")
+    tiles = [dict(s.parallel.tiles) for s in compiled.program.forward]
+    assert [(t["forward"].rows, t["forward"].cols) for t in tiles] == [(16, 64), (32, 64)]
+    assert [(t["dx"].rows, t["dx"].cols) for t in tiles] == [(8, 64), (32, 64)]
+    assert [(t["dw"].rows, t["dw"].cols) for t in tiles] == [(16, 32), (32, 64)]
+    assert compiled.source.c.count("reqd_work_group_size(8, 8, 1)") == 6
+    on_c = compile_graph(graph_from_source(source(by_ids(OPENCL_TILED_CASES))), TILED, backend="c").program
+    assert not any(s.variant == "tiled" for s in on_c.steps)
+
+
+def test_tiled_is_forced_by_the_layer_and_the_environment(monkeypatch):
+    """`algo=tiled` on the layer and CONVDSL_ALGO=conv=tiled force it on OpenCL; the C backend
+    has no kernels for it and runs its own choice."""
+    layer = "network F {\n input x: [3, 6, 5]\n y = x -> conv(4, kernel=3%s)\n output y\n}\n"
+
+    def variant(src, backend):
+        return compile_graph(graph_from_source(src), backend=backend).program.forward[0].variant
+
+    assert variant(layer % "", "opencl") == "im2col"
+    assert variant(layer % ", algo=tiled", "opencl") == "tiled"
+    assert variant(layer % ", algo=tiled", "c") != "tiled"
+    monkeypatch.setenv("CONVDSL_ALGO", "conv=tiled")
+    assert variant(layer % "", "opencl") == "tiled"
+    assert variant(layer % "", "c") != "tiled"
+
+
+@requires_opencl
+def test_opencl_tiled_finite_differences_float64():
+    cases = by_ids(OPENCL_TILED_FD_CASES)
+    finite_differences(compile_cases(cases, dtype="f64", algo=TILED, backend="opencl"), cases,
+                       np.random.default_rng(107))
 
 # Every kernel variant of the conv family runs every case it applies to: the plan's own choice
 # in the `auto` build, each other applicable variant in a build that forces it (convdsl.load's

@@ -61,7 +61,8 @@ def test_the_program_fuses_each_activation_into_its_producer():
     assert not {"relu1", "relu2", "relu3"} & set(epilogues)
 
 
-# OpenCL has one kernel for every conv variant: the plan's own choice there.
+# OpenCL has one kernel for every C conv variant: the plan's own choice there (these small layers
+# keep it); its own `tiled` kernels apply the same epilogues as they write (RESIDUAL_ALGOS).
 ALGOS = [pytest.param(None, "c", id="auto"), pytest.param({"conv": "im2col"}, "c", id="im2col"),
          pytest.param(None, "opencl", id="opencl", marks=requires_opencl)]
 
@@ -195,10 +196,12 @@ def check_against_reference(net, reference, shapes, batch, seed, outputs, inputs
 
 
 _RESIDUAL_MODULES: dict = {}
+# And OpenCL's tiled conv kernels, forced: relu, add and scale stages in their stores.
+RESIDUAL_ALGOS = ALGOS + [pytest.param({"conv": "tiled"}, "opencl", id="opencl-tiled", marks=requires_opencl)]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("algo,backend", ALGOS)
+@pytest.mark.parametrize("algo,backend", RESIDUAL_ALGOS)
 def test_fused_residuals_and_scales_match_torch_forward_and_backward(algo, backend, batch):
     key = (repr(algo), backend)
     if key not in _RESIDUAL_MODULES:
