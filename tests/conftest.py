@@ -26,6 +26,16 @@ if "CONVDSL_OPT" not in os.environ:
     os.environ["CONVDSL_OPT"] = "-O1"
 
 
+# Under pytest-xdist (`-n auto`) the workers share the machine's cores, and each compiled module
+# and torch run OpenMP teams of one thread per core: a thread that spins while it waits for work
+# burns a core the other worker needs. Waiting threads sleep instead (no thread count changes, so
+# every threaded path still runs threaded), and torch, the oracle, computes on one thread.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    import torch
+    torch.set_num_threads(1)
+
+
 # OpenCL programs in the suite: PoCL's compiler at -O0 (as the C builds are -O1, for the compile
 # time), and the device binaries and PoCL's own kernel cache kept per user between runs, beside
 # (not in) the per-run module cache: PoCL compiles each kernel through LLVM when it first runs,
