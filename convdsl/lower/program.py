@@ -147,6 +147,10 @@ class ParallelSplit:
     # A conv's batch loop: from this many multiply-adds per sample on, each sample's GEMMs are
     # split across the threads; below it each thread takes whole samples.
     batch_threshold: int = 0
+    # A product whose columns are known at run time only (dense: the batch): up to this many
+    # columns it runs as dot products of rows (lib/gemm's cdsl_gemm_dot), which copy none of
+    # the weights, instead of the packed GEMM; 0: always the packed GEMM.
+    dot_columns: int = 0
 
 
 @dataclass(frozen=True)

@@ -513,7 +513,8 @@ class Target:
                 thread_work="thread_work" if step.workspace.per_thread != 0 else None,
                 split={"axis": step.parallel.axis, "threshold": step.parallel.threshold,
                        "gemm_threshold": step.parallel.gemm_threshold,
-                       "batch_threshold": step.parallel.batch_threshold},
+                       "batch_threshold": step.parallel.batch_threshold,
+                       "dot_columns": step.parallel.dot_columns},
                 zero_first=[{"index": o.value, "numel": host(o.size)} for o in backward.zero_first]))
             for g in op.training_guards(step.attrs, step.in_types, step.out_type):
                 guards.append({"per_sample": host(g.per_sample), "least": g.least,
