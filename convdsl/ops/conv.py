@@ -230,12 +230,12 @@ def _winograd_variant(name: str) -> Variant:
 # copy of the weights), fitted to forward times on one core (AVX-512; 1×1 convs of MobileNetV2 at
 # 3² to 24², ResNet-18's 3×3 and 1×1 convs at 4² to 16², benchmarks/RESULTS.md): a multiply-add
 # costs DOT_MAC_WEIGHT (a vector load of a row feeds 4 FMAs, where the packed micro-kernel feeds
-# 16), each output DOT_OUTPUT_OPS (summing its accumulator's lanes), and each entry of the
+# 16), each output DOT_OUTPUT_OPS (folding its accumulator's lanes), and each entry of the
 # transposed column matrix DOT_COLUMN_OPS (written with a stride of a whole row). It wins where
 # a sample has few positions (≤ ~16) to reuse each weight on: the packed GEMM copies all the
 # weights on every call and fills its 32-wide panels with zeros there.
 DOT_MAC_WEIGHT = 1.4
-DOT_OUTPUT_OPS = 130
+DOT_OUTPUT_OPS = 90
 DOT_COLUMN_OPS = 2
 
 
