@@ -72,7 +72,7 @@ def compile_graph(graph: Graph, algo=None, backend: str = "c") -> Compiled:
     # A sanitizer build of a target whose module poisons guard zones keeps every tensor apart,
     # behind one.
     guard = SANITIZER_GUARD if sanitizing() and chosen.poisons_guard_zones else 0
-    program = lower(graph, algo, guard=guard, lacks=chosen.lacks_variants)
+    program = lower(graph, algo, guard=guard, lacks=chosen.lacks_variants | chosen.variants_without_kernels())
     return Compiled(graph, program, render_c(program, chosen), chosen.name)
 
 

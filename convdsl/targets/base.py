@@ -33,7 +33,7 @@ from ..ir import dims as D
 from ..ir.dims import Dim
 from ..lower.program import (ACTIVATION, ACTIVATIONS, DERIVED, PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary,
                              Operand, ParallelSplit, Program, Step)
-from ..ops.base import lookup
+from ..ops.base import lookup, registry
 from ..ops.losses import LABELS, LOSSES, PROBABILITIES
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -303,6 +303,16 @@ class Target:
                 raise ConvDSLError(node.span, f"`{node.op}` is not supported by the {self.name} backend")
         if graph.loss is not None and not self.has_template(self.loss_template(LOSSES[graph.loss.kind])):
             raise ConvDSLError(graph.loss.span, f"loss `{graph.loss.kind}` is not supported by the {self.name} backend")
+
+    def variants_without_kernels(self) -> frozenset:
+        """The kernel variants (by name) whose template this target has for none of the ops that
+        have them, beside `lacks_variants`: the plan never chooses them here (batchnorm's
+        `fusing` on a target whose batchnorm kernel applies no epilogue)."""
+        has: dict[str, bool] = {}
+        for op in registry().values():
+            for v in op.variants():
+                has[v.name] = has.get(v.name, False) or self.has_template(self.kernel_template(v.template))
+        return frozenset(name for name, found in has.items() if not found)
 
     def check_program(self, program: Program) -> None:
         """Every step's variant has its template here (the plan may pick one another target lacks)."""
