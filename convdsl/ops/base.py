@@ -114,6 +114,9 @@ class Variant:
     # kernel remakes them when the weights differ from that copy (after an update, a load, a
     # write into Model.params). Planned per step in the `derived` region, zero at create.
     derived: Callable[[dict], int] = lambda attrs: 0
+    # The targets (Target.name) whose kernels of the op implement this variant; empty: every
+    # target. Elsewhere the plan never chooses it (Target.variants_without_kernels).
+    only_on: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -67,11 +67,11 @@ class BatchNorm(OpDef):
     def variants(self):
         # `fusing`: the same kernel, applying the ops after it (an activation, a residual add, …,
         # lower/plan.py's fusion rules) to each value as it writes it, in both modes, so that
-        # batchnorm → relu is one pass over the tensor instead of two. One less pass costs less;
-        # a target without its template (batchnorm_fusing) runs `default`, which fuses nothing.
+        # batchnorm → relu is one pass over the tensor instead of two. One less pass costs less.
+        # Only the C kernel applies an epilogue: other targets run `default`, which fuses nothing.
         (default,) = super().variants()
         return (default, replace(
-            default, name="fusing", template="batchnorm_fusing", fuses_epilogue=True,
+            default, name="fusing", fuses_epilogue=True, only_on=("c",),
             doc="the op's kernel, applying the ops fused after it as it writes",
             cost=lambda in_types, out, attrs: self.macs(in_types, out, attrs)))
 

@@ -305,14 +305,11 @@ class Target:
             raise ConvDSLError(graph.loss.span, f"loss `{graph.loss.kind}` is not supported by the {self.name} backend")
 
     def variants_without_kernels(self) -> frozenset:
-        """The kernel variants (by name) whose template this target has for none of the ops that
-        have them, beside `lacks_variants`: the plan never chooses them here (batchnorm's
-        `fusing` on a target whose batchnorm kernel applies no epilogue)."""
-        has: dict[str, bool] = {}
-        for op in registry().values():
-            for v in op.variants():
-                has[v.name] = has.get(v.name, False) or self.has_template(self.kernel_template(v.template))
-        return frozenset(name for name, found in has.items() if not found)
+        """Beside `lacks_variants`: the kernel variants (by name) that say they run on other
+        targets only (Variant.only_on), which the plan never chooses here (batchnorm's `fusing`
+        on a target whose batchnorm kernel applies no epilogue)."""
+        return frozenset(v.name for op in registry().values() for v in op.variants()
+                         if v.only_on and self.name not in v.only_on)
 
     def check_program(self, program: Program) -> None:
         """Every step's variant has its template here (the plan may pick one another target lacks)."""

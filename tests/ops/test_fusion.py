@@ -387,7 +387,7 @@ def bn_reference(x, r, p, running, training):
 
 def test_batchnorm_runs_the_activations_and_adds_after_it_in_its_kernel():
     """On the C target batchnorm's `fusing` variant applies the chain after it as it writes; a
-    target without that variant's template (OpenCL) keeps batchnorm and each op a step of its own."""
+    target whose batchnorm kernel applies no epilogue (OpenCL) keeps each op a step of its own."""
     from convdsl.targets import target
     graph = graph_from_source(BN_SRC.format(dtype="f32"))
     program = lower(graph)
