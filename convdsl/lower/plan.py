@@ -289,7 +289,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
             workspace=Workspace(work, variant.doc if work != 0 else "", own),
             parallel=ParallelSplit(variant.parallel, threshold=variant.parallel_threshold,
                                    gemm_threshold=variant.gemm_threshold, batch_threshold=variant.batch_threshold,
-                                   tiles=variant.tiles(in_types, out_t, node.attrs)),
+                                   tiles=variant.tiles(in_types, out_t, node.attrs),
+                                   dot_columns=variant.dot_columns),
             fused_into=fused_into.get(nid)))
     steps = [f for f in forward if f.fused_into is None]
     for f in reversed(forward):

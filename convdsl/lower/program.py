@@ -152,6 +152,10 @@ class ParallelSplit:
     # tile, register block and reduction chunk, as (product, tile) pairs ("forward", "dx",
     # "dw"); each launch's local size is made from its product's.
     tiles: tuple[tuple[str, WorkGroupTile], ...] = ()
+    # A product whose columns are known at run time only (dense: the batch): up to this many
+    # columns it runs as dot products of rows (lib/gemm's cdsl_gemm_dot), which copy none of
+    # the weights, instead of the packed GEMM; 0: always the packed GEMM.
+    dot_columns: int = 0
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,10 @@ class Variant:
     # (ParallelSplit.batch_threshold).
     gemm_threshold: int = 65536
     batch_threshold: int = 8_000_000
+    # Kernels that call the shared GEMM on a product whose columns are known only at run time
+    # (dense: the batch): up to this many columns it runs as dot products of rows
+    # (ParallelSplit.dot_columns, lib/gemm's cdsl_gemm_dot), which pack nothing; 0: never.
+    dot_columns: int = 0
     fuses_epilogue: bool = False                     # its forward applies an epilogue as it writes
     # Elements each thread needs of its own when the kernel splits a batch across threads (conv
     # backward: its columns and its share of dW and db), planned like the shared workspace.
@@ -306,7 +310,7 @@ class OpDef:
                                                                 D.product(out.shape)),
                         workspace=lambda in_types, out, attrs: self.scratch_elements(in_types, out, attrs),
                         parallel=self.parallel, parallel_threshold=self.parallel_threshold,
-                        gemm_threshold=self.gemm_threshold,
+                        gemm_threshold=self.gemm_threshold, dot_columns=self.dot_columns,
                         fuses_epilogue=self.fuses_epilogue),)
 
     # A single-variant op whose forward kernel applies an epilogue to each value as it writes its
@@ -343,6 +347,8 @@ class OpDef:
     # The least multiply-adds of one product for which the shared GEMM splits it across threads
     # (Variant.gemm_threshold), for a single-variant op whose kernels call it.
     gemm_threshold: ClassVar[int] = 65536
+    # Up to this many run-time columns its GEMM runs as dot products of rows (Variant.dot_columns).
+    dot_columns: ClassVar[int] = 0
     # Model state its kernels read besides their operands: "mode" (training or eval; a backward
     # gets the mode of its forward), "random" (the model's random stream, which a forward advances).
     kernel_state: ClassVar[tuple[str, ...]] = ()

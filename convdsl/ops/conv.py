@@ -13,7 +13,7 @@ from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, 
 from .spatial import (PAD_MODES, effective_kernel, input_rank_check, output_sizes, pad_arg, pad_mode_arg, per_axis,
                       resolve_padding, window_context)
 
-ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked", "winograd2", "winograd4", "tiled")
+ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked", "winograd2", "winograd4", "dot", "tiled")
 
 _WINDOW_ARGS = (
     Arg("stride", 1), pad_arg(), Arg("dilation", 1),
@@ -304,6 +304,27 @@ def _tiled_cost(in_types, out, attrs):
     return D.floordiv(total, 3)
 
 
+# ---- dot: weight rows against windows, nothing packed (lib/gemm's cdsl_gemm_dot) ----
+
+# In the im2col variant's units (its cost counts whole column panels of the packed GEMM and no
+# copy of the weights), fitted to forward times on one core (AVX-512; 1×1 convs of MobileNetV2 at
+# 3² to 24², ResNet-18's 3×3 and 1×1 convs at 4² to 16², benchmarks/RESULTS.md): a multiply-add
+# costs DOT_MAC_WEIGHT (a vector load of a row feeds 4 FMAs, where the packed micro-kernel feeds
+# 16), each output DOT_OUTPUT_OPS (folding its accumulator's lanes), and each entry of the
+# transposed column matrix DOT_COLUMN_OPS (written with a stride of a whole row). It wins where
+# a sample has few positions (≤ ~16) to reuse each weight on: the packed GEMM copies all the
+# weights on every call and fills its 32-wide panels with zeros there.
+DOT_MAC_WEIGHT = 1.4
+DOT_OUTPUT_OPS = 90
+DOT_COLUMN_OPS = 2
+
+
+def _dot_cost(in_types, out, attrs):
+    macs = D.floordiv(D.mul(Conv.macs_of(attrs, out), int(DOT_MAC_WEIGHT * 10)), 10)
+    outputs = D.mul(attrs["out"] * DOT_OUTPUT_OPS, D.product(out.spatial))
+    return D.add(D.add(macs, outputs), D.mul(_columns(in_types, out, attrs), DOT_COLUMN_OPS))
+
+
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
@@ -329,6 +350,10 @@ CONV_VARIANTS = (
                                    "staged in local memory (dX and dW the same way)",
             cost=_tiled_cost, parallel="work-groups over channel × position tiles", fuses_epilogue=True,
             backends=("opencl",), tiles=_tiled_tiles),
+    Variant("dot", "conv", "dot products of weight rows with each position's window, nothing packed "
+                           "(backward as pointwise or im2col)",
+            cost=_dot_cost, workspace=_columns, parallel="weight rows (backward: as pointwise or im2col)",
+            fuses_epilogue=True, thread_workspace=_columns_and_gradients, backends=("c",)),
 )
 
 
@@ -457,7 +482,8 @@ class Conv(OpDef):
 
     def kernel_context(self, attrs, in_types, out, c) -> dict:
         return {**window_context(attrs, in_types[0], out, c),
-                "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()}}
+                "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()},
+                "pointwise": _is_pointwise(attrs)}
 
 
 @register

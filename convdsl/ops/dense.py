@@ -34,6 +34,10 @@ class Dense(OpDef):
     name = "dense"
     saves_for_backward = frozenset({INPUTS})   # dW += dYᵀ · X (dX needs the weights only)
     parallel = "the GEMM's rows for large products"
+    # At a batch of up to this many samples the forward is dot products of weight rows with each
+    # sample (lib/gemm's cdsl_gemm_dot): the packed GEMM would copy the whole weight matrix,
+    # transposed, on every call and fill its rows with zeros (measured, benchmarks/RESULTS.md).
+    dot_columns = 8
     fuses_epilogue = True
     fully_connected = True
     map_form = "conv"              # on a [C, *S] map: a conv with kernel S (convert --fc-to-conv)

@@ -9,6 +9,8 @@ scaled by 1 / (1 − p); in inference mode it is the identity.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..ir import dims as D
 from ..ir.graph import Init, ParamSpec
 from .base import INPUTS, SAVED, Arg, BufferSpec, OpDef, TrainingGuard, expect_float, register
@@ -61,6 +63,17 @@ class BatchNorm(OpDef):
     def kernel_context(self, attrs, in_types, out, c):
         t = in_types[0]
         return {"C": c(t.channels), "spatial": c(D.product(t.spatial))}
+
+    def variants(self):
+        # `fusing`: the same kernel, applying the ops after it (an activation, a residual add, …,
+        # lower/plan.py's fusion rules) to each value as it writes it, in both modes, so that
+        # batchnorm → relu is one pass over the tensor instead of two. One less pass costs less.
+        # Only the C kernel applies an epilogue: other targets run `default`, which fuses nothing.
+        (default,) = super().variants()
+        return (default, replace(
+            default, name="fusing", fuses_epilogue=True, backends=("c",),
+            doc="the op's kernel, applying the ops fused after it as it writes",
+            cost=lambda in_types, out, attrs: self.macs(in_types, out, attrs)))
 
     def training_guards(self, attrs, in_types, out):
         # As PyTorch: batch statistics of a single value per channel are meaningless (and the

@@ -33,7 +33,7 @@ from ..ir import dims as D
 from ..ir.dims import Dim
 from ..lower.program import (ACTIVATION, ACTIVATIONS, DERIVED, PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary,
                              Operand, ParallelSplit, Program, Step)
-from ..ops.base import lookup
+from ..ops.base import lookup, registry
 from ..ops.losses import LABELS, LOSSES, PROBABILITIES
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -514,7 +514,8 @@ class Target:
                 thread_work="thread_work" if step.workspace.per_thread != 0 else None,
                 split={"axis": step.parallel.axis, "threshold": step.parallel.threshold,
                        "gemm_threshold": step.parallel.gemm_threshold,
-                       "batch_threshold": step.parallel.batch_threshold, "tiles": dict(step.parallel.tiles)},
+                       "batch_threshold": step.parallel.batch_threshold, "tiles": dict(step.parallel.tiles),
+                       "dot_columns": step.parallel.dot_columns},
                 zero_first=[{"index": o.value, "numel": host(o.size)} for o in backward.zero_first]))
             for g in op.training_guards(step.attrs, step.in_types, step.out_type):
                 guards.append({"per_sample": host(g.per_sample), "least": g.least,

@@ -251,6 +251,7 @@ def test_every_variant_is_run_and_applies_by_its_rule():
                             "3d-pointwise-pad-after-nobias", "runtime-pointwise-pad-after", "2d-pointwise-stride"}
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "im2col"} == set(IDS)
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "blocked"} == set(IDS)
+    assert {IDS[i] for v, i in VARIANTS.pairs if v == "dot"} == set(IDS)
     direct = {IDS[i] for v, i in VARIANTS.pairs if v == "direct"}
     assert {"depthwise-m1", "depthwise-m2", "conv-groups-is-channels", "3d-full-stride"} <= direct
     assert "2d-pointwise-groups" not in direct

@@ -43,6 +43,9 @@ CASES = (
     Case("dense-large-map", (20, 6, 7), "dense(90)", dict(kind="dense")),
 )
 IDS = [c.id for c in CASES]
+# Up to the plan's dot_columns the forward runs as dot products of rows (lib/gemm's
+# cdsl_gemm_dot), above it as the packed GEMM: batches on both sides of it.
+BATCHES = (1, 3, 7, 11)
 
 
 # On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite.
@@ -64,7 +67,7 @@ def runs():
     net = module.Model(seed=0)
     for p in net.params.values():
         p[...] = rng.standard_normal(p.shape)
-    return {b: run_cases(module, CASES, b, rng, net=net) for b in (1, 3, 7)}
+    return {b: run_cases(module, CASES, b, rng, net=net) for b in BATCHES}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +89,16 @@ def test_forward_and_gradients_match_torch(runs, index, batch):
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
 def test_nhwc_layout_flattens_in_h_w_c_order(nhwc_run, index):
     compare_with_torch(nhwc_run, index, with_layout(CASES[index], "NHWC"), reference)
+
+
+def test_the_batches_run_both_forms_of_the_forward():
+    """The lowered program says up to which batch dense's forward runs as dot products; the
+    batches above cover both that form and the packed GEMM."""
+    from convdsl.compiler import compile_graph
+    program = compile_graph(graph_from_source("network D {\n input x: [12]\n y = x -> dense(5)\n output y\n}\n")).program
+    (step,) = [s for s in program.forward if s.op == "dense"]
+    assert 0 < step.parallel.dot_columns
+    assert any(b <= step.parallel.dot_columns for b in BATCHES) and any(b > step.parallel.dot_columns for b in BATCHES)
 
 
 def test_flatten_orders_on_known_values():

@@ -359,3 +359,123 @@ def test_fused_newer_activations_match_torch_forward_and_backward(batch, backend
 
 def test_the_fused_newer_activations_compile_without_warnings(tmp_path):
     assert_c_compiles_cleanly(NEWER_SRC, tmp_path)
+
+
+# ---- batchnorm as the producer: the ops after it in its kernel, both modes ------------------
+
+BN_SRC = """network B {{
+    dtype {dtype}
+    input x: [3, 5, 4]
+    input r: [3, 5, 4]
+    a = x -> batchnorm -> relu
+    b = x -> conv(3, kernel=1, bias=false) -> batchnorm -> add(r) -> relu
+    c = x -> batchnorm(momentum=0.3) -> sigmoid -> relu
+    output a, b, c
+}}
+"""
+BN_MOMENTUM = {"batchnorm1": 0.1, "batchnorm2": 0.1, "batchnorm3": 0.3}
+
+
+def bn_reference(x, r, p, running, training):
+    """F.batch_norm in float64; `running` (name → [mean, var] tensors) moves as PyTorch moves it."""
+    def bn(t, name):
+        mean, var = running[name]
+        return F.batch_norm(t, mean, var, p[f"{name}.weight"], p[f"{name}.bias"], training=training,
+                            momentum=BN_MOMENTUM[name], eps=1e-5)
+    a = F.relu(bn(x, "batchnorm1"))
+    b = F.relu(bn(F.conv2d(x, p["conv1.weight"]), "batchnorm2") + r)
+    c = F.relu(torch.sigmoid(bn(x, "batchnorm3")))
+    return a, b, c
+
+
+def test_batchnorm_runs_the_activations_and_adds_after_it_in_its_kernel():
+    """On the C target batchnorm's `fusing` variant applies the chain after it as it writes; a
+    target whose batchnorm kernel applies no epilogue (OpenCL) keeps each op a step of its own."""
+    from convdsl.targets import target
+    graph = graph_from_source(BN_SRC.format(dtype="f32"))
+    program = lower(graph)
+    steps = {s.label: s for s in program.forward}
+    assert not {"relu1", "relu2", "relu3", "add1", "sigmoid1"} & set(steps)
+    assert {steps[f"batchnorm{i}"].variant for i in (1, 2, 3)} == {"fusing"}
+    assert steps["batchnorm1"].epilogue.text().endswith("relu (relu1 fused)")
+    assert re.search(r"add\(v\d+\) \(add1 fused\)\+relu \(relu2 fused\)$", steps["batchnorm2"].epilogue.text())
+    sigmoid = next(n.output for n in graph.nodes if n.label == "sigmoid1")
+    assert steps["batchnorm3"].epilogue.text().endswith(f"sigmoid (sigmoid1 fused, v{sigmoid} kept in training)"
+                                                        "+relu (relu3 fused)")
+    opencl = target("opencl")
+    plain = lower(graph, lacks=opencl.lacks_variants, backend=opencl.name)
+    assert {s.variant for s in plain.forward if s.op == "batchnorm"} == {"default"}
+    assert {"relu1", "relu2", "relu3", "add1", "sigmoid1"} <= {s.label for s in plain.forward}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_batchnorm_matches_torch_in_training_and_eval_mode(batch):
+    net = convdsl.load_source(BN_SRC.format(dtype="f32")).Model(seed=0)
+    rng = np.random.default_rng(40 + batch)
+    for p in net.params.values():
+        p[...] = rng.standard_normal(p.shape)
+    for name in BN_MOMENTUM:            # statistics away from 0 / 1, so that eval mode tells them apart
+        net.buffers[f"{name}.running_mean"][...] = rng.standard_normal(3)
+        net.buffers[f"{name}.running_var"][...] = rng.uniform(0.5, 2.0, 3)
+    running = {name: [torch.tensor(net.buffers[f"{name}.running_mean"], dtype=torch.float64),
+                      torch.tensor(net.buffers[f"{name}.running_var"], dtype=torch.float64)] for name in BN_MOMENTUM}
+    x = (1.0 + 2.0 * rng.standard_normal((batch, 3, 5, 4))).astype(np.float32)
+    r = rng.standard_normal((batch, 3, 5, 4)).astype(np.float32)
+    ys = net.forward(x, r)
+    dys = [rng.standard_normal(y.shape).astype(np.float32) for y in ys]
+    dx, dr = net.backward(*dys)
+    tx = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    tr = torch.tensor(r, dtype=torch.float64, requires_grad=True)
+    tp = {k: torch.tensor(a, dtype=torch.float64, requires_grad=True) for k, a in net.params.items()}
+    refs = bn_reference(tx, tr, tp, running, training=True)
+    for name, y, ref in zip("abc", ys, refs):
+        assert_close(y, ref.detach().numpy(), what=f"training forward {name}")
+    sum((ref * torch.tensor(dy, dtype=torch.float64)).sum() for ref, dy in zip(refs, dys)).backward()
+    assert_close(dx, tx.grad.numpy(), what="dx")
+    assert_close(dr, tr.grad.numpy(), what="dr")
+    for k, g in net.grads.items():
+        assert_close(g, tp[k].grad.numpy(), what=f"grad {k}")
+    for name, (mean, var) in running.items():
+        assert_close(net.buffers[f"{name}.running_mean"], mean.numpy(), what=f"{name}.running_mean")
+        assert_close(net.buffers[f"{name}.running_var"], var.numpy(), what=f"{name}.running_var")
+    net.eval()
+    with torch.no_grad():
+        evals = bn_reference(tx, tr, tp, running, training=False)
+    for name, y, ref in zip("abc", net.forward(x, r), evals):
+        assert_close(y, ref.numpy(), what=f"eval forward {name}")
+
+
+def test_fused_batchnorm_gradients_match_finite_differences_in_float64_both_modes():
+    from opcases import FD_EPS, FD_TOL
+    module = convdsl.load_source(BN_SRC.format(dtype="f64"))
+    rng = np.random.default_rng(44)
+    for training in (True, False):
+        net = module.Model(seed=0)
+        for p in net.params.values():
+            p[...] = rng.standard_normal(p.shape)
+        for name in BN_MOMENTUM:
+            net.buffers[f"{name}.running_var"][...] = rng.uniform(0.5, 2.0, 3)
+        if not training:
+            net.eval()
+        xs = [rng.standard_normal((3, 3, 5, 4)) for _ in range(2)]
+        ys = net.forward(*xs)
+        dys = [rng.standard_normal(y.shape) for y in ys]
+        dxs = net.backward(*dys)
+        grads = {k: v.copy() for k, v in net.grads.items()}
+
+        def objective() -> float:
+            return float(sum((y * d).sum() for y, d in zip(net.forward(*xs), dys)))
+
+        for what, t, g in [("x", xs[0], dxs[0]), ("r", xs[1], dxs[1])] + [(k, net.params[k], g) for k, g in grads.items()]:
+            v = rng.standard_normal(t.shape)
+            t += FD_EPS * v
+            up = objective()
+            t -= 2 * FD_EPS * v
+            down = objective()
+            t += FD_EPS * v
+            assert_close(np.array((up - down) / (2 * FD_EPS)), np.array(float((g * v).sum())),
+                         what=f"finite differences ({'training' if training else 'eval'}), {what}", **FD_TOL)
+
+
+def test_the_fused_batchnorm_kernels_compile_without_warnings(tmp_path):
+    assert_c_compiles_cleanly(BN_SRC.format(dtype="f32"), tmp_path)
