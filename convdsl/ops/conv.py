@@ -303,6 +303,14 @@ def _is_separable(attrs) -> bool:
     return separable_factors(attrs) is not None
 
 
+# A pass's multiply-add in im2col's units: the passes run per channel pair with no reuse across
+# channels, the W pass with its taps along the vector (a strided gather), where the GEMM keeps
+# its tiles in registers. An estimate (not fitted to measurements as Winograd's is): it gives the
+# split to the hand-made filters of few channels, and many-channel layers to the GEMM variants
+# unless their kernels are large.
+SEPARABLE_PASS_WEIGHT = 2
+
+
 def _separable_cost(in_types, out, attrs):
     # Per (output, input channel) pair one multiply-add per tap of each pass over the map it
     # writes: Σ_axis K_axis · (that pass's output size), O(w·d) per output instead of O(w^d);
@@ -316,7 +324,7 @@ def _separable_cost(in_types, out, attrs):
     for a in separable_axes(attrs):
         sizes[a] = outs[a]
         work = D.add(work, D.mul(ks[a] + 1, D.product(sizes)))
-    return D.mul(attrs["out"] * (attrs["in"] // attrs["groups"]), work)
+    return D.mul(SEPARABLE_PASS_WEIGHT * attrs["out"] * (attrs["in"] // attrs["groups"]), work)
 
 
 def _separable_workspace(in_types, out, attrs):

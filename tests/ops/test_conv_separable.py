@@ -15,6 +15,7 @@ import convdsl
 from convdsl.compiler import graph_from_source
 from convdsl.errors import ConvDSLError
 from convdsl.lower import lower
+from ccheck import assert_c_compiles_cleanly
 from opcases import finite_differences, Case
 from reference import assert_close, pad_pairs, pad_spatial
 
@@ -59,20 +60,21 @@ LAPLACE = np.array([[[[0, 1, 0], [1, -4, 1], [0, 1, 0]]]], dtype=np.float64)   #
 
 class SepCase:
     """A conv layer with a frozen const weight; `ref` the F.conv arguments."""
-    def __init__(self, id, shape, weight, *, algo=None, **kw):
+    def __init__(self, id, shape, weight, *, algo=None, dims=None, **kw):
         self.id, self.shape, self.weight, self.kw = id, shape, weight, kw
+        self.dims = dims if dims is not None else shape        # as declared: names for run-time sizes
         args = [str(weight.shape[0]), f"kernel={dsl(tuple(weight.shape[2:]))}", "frozen=true"]
         args += [f"{k}={dsl(v)}" for k, v in kw.items()] + ([f"algo={algo}"] if algo else [])
         self.op = lambda name: f"conv({', '.join(args)}, weight={name})"
 
 
-CASES = (
+SPLIT_CASES = (
     SepCase("sobel-same", (1, 8, 9), SOBEL_X, pad="same"),
     SepCase("box-stride-asymmetric", (2, 9, 8), BOX, stride=(2, 1), pad=((1, 2), (0, 1))),
     SepCase("gauss-5x5-dilated", (1, 13, 12), GAUSS, dilation=2, pad="same", bias=False),
     SepCase("rank1-flip-full", (2, 6, 7), rank1(2, 2, (3, 4)), flip=True, pad="full"),
     SepCase("rank1-groups-stride", (4, 7, 7), rank1(6, 2, (3, 3)), groups=2, stride=2, pad=1),
-    SepCase("rank1-depthwise-flip", (3, 8, 6), rank1(3, 1, (2, 3)), groups=3, flip=True, pad=((0, 1), (2, 0))),
+    SepCase("rank1-depthwise-flip", (3, 8, 6), rank1(3, 1, (5, 4)), groups=3, flip=True, pad=((0, 1), (2, 0))),
     SepCase("1d-stride-same-flip", (3, 12), rank1(2, 3, (4,)), stride=3, pad="same", flip=True),
     SepCase("3d-mixed", (2, 5, 6, 7), rank1(2, 2, (3, 2, 3)), stride=(2, 1, 2), dilation=(1, 2, 1),
             pad=((1, 0), (0, 1), (1, 1))),
@@ -81,16 +83,18 @@ CASES = (
     # into the other axis's and it has no pass)
     SepCase("column-strided-across", (2, 7, 9), rank1(2, 2, (3, 1)), stride=(1, 2), pad=(1, 0)),
     SepCase("row-kernel", (2, 6, 9), rank1(3, 2, (1, 3)), pad=((0, 0), (1, 1))),
+    # run-time sizes: the padding of `same` at stride 2 is known at run time only
+    SepCase("runtime-gauss-same-stride", (1, 11, 9), GAUSS, stride=2, pad="same", dims=(1, "H", "W")),
     # forced where the plan could pick another: a 1×1 kernel is rank 1 too
     SepCase("pointwise-forced", (3, 4, 5), rank1(2, 3, (1, 1)), algo="separable"),
 )
-IDS = [c.id for c in CASES]
+IDS = [c.id for c in SPLIT_CASES]
 
 
 def source(cases, dtype="f32", layout="NCHW") -> str:
     lines = ["network S {", f"    dtype {dtype}", f"    layout {layout}"]
     for i, c in enumerate(cases):
-        shape = c.shape if layout == "NCHW" or len(c.shape) == 1 else (*c.shape[1:], c.shape[0])
+        shape = c.dims if layout == "NCHW" or len(c.dims) == 1 else (*c.dims[1:], c.dims[0])
         lines.append(f"    input x{i}: [{', '.join(map(str, shape))}]")
         lines.append(f"    const w{i} = {literal(c.weight)}")
         lines.append(f"    y{i} = x{i} -> {c.op(f'w{i}')}")
@@ -116,7 +120,7 @@ def variants(src: str) -> list[str]:
 
 
 def test_the_plan_splits_rank1_const_kernels_only():
-    assert variants(source(CASES[:-1])) == ["separable"] * (len(CASES) - 1)
+    assert variants(source(SPLIT_CASES[:-1])) == ["separable"] * (len(SPLIT_CASES) - 1)
     # rank 2 (a Laplacian), a Sobel kernel that trains (no frozen=true), and a frozen kernel of
     # unknown values: never split
     src = ("network R {\n input x: [1, 8, 8]\n"
@@ -144,7 +148,7 @@ def test_algo_separable_is_refused_where_it_does_not_apply():
 
 @pytest.fixture(scope="module")
 def modules():
-    return {layout: convdsl.load_source(source(CASES, layout=layout)) for layout in ("NCHW", "NHWC")}
+    return {layout: convdsl.load_source(source(SPLIT_CASES, layout=layout)) for layout in ("NCHW", "NHWC")}
 
 
 @pytest.mark.parametrize("layout", ("NCHW", "NHWC"))
@@ -158,11 +162,11 @@ def test_forward_and_input_gradient_match_torch(modules, layout, batch):
     assert list(net.grads) == []
     last = (lambda a: np.moveaxis(a, 1, -1)) if layout == "NHWC" else (lambda a: a)
     first = (lambda a: np.moveaxis(a, -1, 1)) if layout == "NHWC" else (lambda a: a)
-    xs = [rng.standard_normal((batch, *c.shape)).astype(np.float32) for c in CASES]
+    xs = [rng.standard_normal((batch, *c.shape)).astype(np.float32) for c in SPLIT_CASES]
     ys = [first(y) for y in net.forward(*[last(x) for x in xs])]
     dys = [rng.standard_normal(y.shape).astype(np.float32) for y in ys]
     dxs = [first(d) for d in net.backward(*[last(d) for d in dys])]
-    for i, c in enumerate(CASES):
+    for i, c in enumerate(SPLIT_CASES):
         x = torch.tensor(xs[i], dtype=torch.float64, requires_grad=True)
         bias = net.params.get(f"conv{i + 1}.bias")
         y = reference(x, c, None if bias is None else torch.tensor(bias, dtype=torch.float64))
@@ -172,6 +176,33 @@ def test_forward_and_input_gradient_match_torch(modules, layout, batch):
 
 
 def test_finite_differences_float64():
-    module = convdsl.load_source(source(CASES, dtype="f64"))
-    cases = [Case(c.id, c.shape, "") for c in CASES]
+    module = convdsl.load_source(source(SPLIT_CASES, dtype="f64"))
+    cases = [Case(c.id, c.shape, "") for c in SPLIT_CASES]
     finite_differences(module, cases, np.random.default_rng(205), net=module.Model(seed=0))
+
+
+def test_generated_c_has_no_warnings(tmp_path):
+    assert_c_compiles_cleanly(source(SPLIT_CASES, dtype="f64"), tmp_path)
+
+
+def test_weights_written_into_params_are_used():
+    """The factors hold for the const only: weights written into Model.params (here a rank-2
+    kernel, then the const again) give the result of those weights, forward and dX."""
+    c = SPLIT_CASES[IDS.index("rank1-groups-stride")]
+    net = convdsl.load_source(source([c])).Model(seed=0)
+    rng = np.random.default_rng(206)
+    x = rng.standard_normal((2, *c.shape)).astype(np.float32)
+    dy = None
+    const = net.params["conv1.weight"].copy()
+    for what, weight in (("a written rank-2 kernel", rng.standard_normal(const.shape)), ("the const again", const)):
+        net.params["conv1.weight"][...] = weight
+        y = net.forward(x)
+        dy = rng.standard_normal(y.shape).astype(np.float32) if dy is None else dy
+        dx = net.backward(dy)
+        xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        w = torch.tensor(net.params["conv1.weight"], dtype=torch.float64)
+        ref = F.conv2d(F.pad(xt, (1, 1, 1, 1)), w, torch.tensor(net.params["conv1.bias"], dtype=torch.float64),
+                       stride=2, groups=2)
+        ref.backward(torch.tensor(dy, dtype=torch.float64))
+        assert_close(y, ref.detach().numpy(), what=f"{what}: forward")
+        assert_close(dx, xt.grad.numpy(), what=f"{what}: input gradient")
