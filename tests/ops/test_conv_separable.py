@@ -15,6 +15,7 @@ import convdsl
 from convdsl.compiler import graph_from_source
 from convdsl.errors import ConvDSLError
 from convdsl.lower import lower
+from convdsl.targets.opencl import OpenCLTarget
 from ccheck import assert_c_compiles_cleanly
 from opcases import finite_differences, Case
 from reference import assert_close, pad_pairs, pad_spatial
@@ -60,16 +61,17 @@ LAPLACE = np.array([[[[0, 1, 0], [1, -4, 1], [0, 1, 0]]]], dtype=np.float64)   #
 
 class SepCase:
     """A conv layer with a frozen const weight; `ref` the F.conv arguments."""
-    def __init__(self, id, shape, weight, *, algo=None, dims=None, **kw):
-        self.id, self.shape, self.weight, self.kw = id, shape, weight, kw
+    def __init__(self, id, shape, weight, *, algo=None, dims=None, relu=False, **kw):
+        self.id, self.shape, self.weight, self.kw, self.relu = id, shape, weight, kw, relu
         self.dims = dims if dims is not None else shape        # as declared: names for run-time sizes
         args = [str(weight.shape[0]), f"kernel={dsl(tuple(weight.shape[2:]))}", "frozen=true"]
         args += [f"{k}={dsl(v)}" for k, v in kw.items()] + ([f"algo={algo}"] if algo else [])
-        self.op = lambda name: f"conv({', '.join(args)}, weight={name})"
+        # relu: applied by the split's forward as it writes (the epilogue)
+        self.op = lambda name: f"conv({', '.join(args)}, weight={name})" + (" -> relu" if relu else "")
 
 
 SPLIT_CASES = (
-    SepCase("sobel-same", (1, 8, 9), SOBEL_X, pad="same"),
+    SepCase("sobel-same-relu", (1, 8, 9), SOBEL_X, pad="same", relu=True),
     SepCase("box-stride-asymmetric", (2, 9, 8), BOX, stride=(2, 1), pad=((1, 2), (0, 1))),
     SepCase("gauss-5x5-dilated", (1, 13, 12), GAUSS, dilation=2, pad="same", bias=False),
     SepCase("rank1-flip-full", (2, 6, 7), rank1(2, 2, (3, 4)), flip=True, pad="full"),
@@ -111,8 +113,9 @@ def reference(x, c, bias):
     w = torch.tensor(c.weight, dtype=torch.float64)
     if kw.get("flip"):
         w = torch.flip(w, dims=tuple(range(2, w.dim())))
-    return CONV[rank](pad_spatial(x, pairs), w, bias, stride=kw.get("stride", 1), dilation=kw.get("dilation", 1),
-                      groups=kw.get("groups", 1))
+    y = CONV[rank](pad_spatial(x, pairs), w, bias, stride=kw.get("stride", 1), dilation=kw.get("dilation", 1),
+                   groups=kw.get("groups", 1))
+    return F.relu(y) if c.relu else y
 
 
 def variants(src: str) -> list[str]:
@@ -121,6 +124,9 @@ def variants(src: str) -> list[str]:
 
 def test_the_plan_splits_rank1_const_kernels_only():
     assert variants(source(SPLIT_CASES[:-1])) == ["separable"] * (len(SPLIT_CASES) - 1)
+    first = lower(graph_from_source(source(SPLIT_CASES[:1]))).forward
+    assert [s.op for s in first] == ["conv"] and [g.op for g in first[0].epilogue.stages] == ["relu"], \
+        "the relu runs in the split's forward"
     # rank 2 (a Laplacian), a Sobel kernel that trains (no frozen=true), and a frozen kernel of
     # unknown values: never split
     src = ("network R {\n input x: [1, 8, 8]\n"
@@ -130,6 +136,9 @@ def test_the_plan_splits_rank1_const_kernels_only():
            " c = x -> conv(1, kernel=3, frozen=true)\n"
            " output a, b, c\n}\n")
     assert "separable" not in variants(src)
+    # OpenCL has no kernels for the split: the same Sobel layer gets one of its own variants there
+    sobel = lower(graph_from_source(source(SPLIT_CASES[:1])), backend="opencl", lacks=OpenCLTarget.lacks_variants)
+    assert [s.variant for s in sobel.forward if s.op == "conv"] == ["im2col"]
     # nearly rank 1: off by more than the tolerance relative to the kernel's largest tap
     nearly = SOBEL_X.copy()
     nearly[0, 0, 1, 1] = 1e-5
