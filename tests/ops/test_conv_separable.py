@@ -61,7 +61,7 @@ LAPLACE = np.array([[[[0, 1, 0], [1, -4, 1], [0, 1, 0]]]], dtype=np.float64)   #
 
 class SepCase:
     """A conv layer with a frozen const weight; `ref` the F.conv arguments."""
-    def __init__(self, id, shape, weight, *, algo=None, dims=None, relu=False, **kw):
+    def __init__(self, id, shape, weight, *, algo="separable", dims=None, relu=False, **kw):
         self.id, self.shape, self.weight, self.kw, self.relu = id, shape, weight, kw, relu
         self.dims = dims if dims is not None else shape        # as declared: names for run-time sizes
         args = [str(weight.shape[0]), f"kernel={dsl(tuple(weight.shape[2:]))}", "frozen=true"]
@@ -87,8 +87,8 @@ SPLIT_CASES = (
     SepCase("row-kernel", (2, 6, 9), rank1(3, 2, (1, 3)), pad=((0, 0), (1, 1))),
     # run-time sizes: the padding of `same` at stride 2 is known at run time only
     SepCase("runtime-gauss-same-stride", (1, 11, 9), GAUSS, stride=2, pad="same", dims=(1, "H", "W")),
-    # forced where the plan could pick another: a 1×1 kernel is rank 1 too
-    SepCase("pointwise-forced", (3, 4, 5), rank1(2, 3, (1, 1)), algo="separable"),
+    # a 1×1 kernel is rank 1 too
+    SepCase("pointwise", (3, 4, 5), rank1(2, 3, (1, 1))),
 )
 IDS = [c.id for c in SPLIT_CASES]
 
@@ -119,40 +119,57 @@ def reference(x, c, bias):
 
 
 def variants(src: str) -> list[str]:
-    return [s.variant for s in lower(graph_from_source(src)).forward if s.op == "conv"]
+    return [s.variant for s in lower(graph_from_source(src)).forward if s.op in ("conv", "depthwise")]
+
+
+def plan_of(consts: dict, layers: str) -> list[str]:
+    """The variants the plan picks for each conv of a network of one input of 3 × 96 × 96."""
+    decls = "".join(f" const {name} = {literal(value)}\n" for name, value in consts.items())
+    return variants(f"network P {{\n input x: [3, 96, 96]\n{decls}{layers} output " +
+                    ", ".join(line.split("=")[0].strip() for line in layers.strip().splitlines()) + "\n}\n")
 
 
 def test_the_plan_splits_rank1_const_kernels_only():
-    assert variants(source(SPLIT_CASES[:-1])) == ["separable"] * (len(SPLIT_CASES) - 1)
-    first = lower(graph_from_source(source(SPLIT_CASES[:1]))).forward
-    assert [s.op for s in first] == ["conv"] and [g.op for g in first[0].epilogue.stages] == ["relu"], \
-        "the relu runs in the split's forward"
-    # rank 2 (a Laplacian), a Sobel kernel that trains (no frozen=true), and a frozen kernel of
-    # unknown values: never split
-    src = ("network R {\n input x: [1, 8, 8]\n"
-           f" const lap = {literal(LAPLACE)}\n const sob = {literal(SOBEL_X)}\n"
-           " a = x -> conv(1, kernel=3, weight=lap, frozen=true)\n"
-           " b = x -> conv(1, kernel=3, weight=sob)\n"
-           " c = x -> conv(1, kernel=3, frozen=true)\n"
-           " output a, b, c\n}\n")
-    assert "separable" not in variants(src)
-    # OpenCL has no kernels for the split: the same Sobel layer gets one of its own variants there
-    sobel = lower(graph_from_source(source(SPLIT_CASES[:1])), backend="opencl", lacks=OpenCLTarget.lacks_variants)
+    """By the cost model (ops/conv.py, SEPARABLE_PASS_WEIGHT, from timings): the split for
+    Gaussian and box filters of 5 taps a side and more, and for Sobel's pair of gradients on all
+    three input channels; the direct loop keeps a 3×3 filter of one input channel."""
+    sobel_xy = np.stack([np.stack([SOBEL_X[0, 0]] * 3), np.stack([SOBEL_X[0, 0].T] * 3)])   # [2, 3, 3, 3]
+    box5 = np.full((3, 1, 5, 5), 1 / 25)
+    gauss7 = np.repeat(outer(*[[1, 6, 15, 20, 15, 6, 1]] * 2)[None, None] / 4096, 3, axis=0)
+    layers = (" a = x -> conv(2, kernel=3, weight=sobel, frozen=true, pad=same)\n"
+              " b = x -> depthwise(5, weight=box, frozen=true, pad=same)\n"
+              " c = x -> depthwise(7, weight=gauss, frozen=true, pad=same, bias=false)\n")
+    assert plan_of({"sobel": sobel_xy, "box": box5, "gauss": gauss7}, layers) == ["separable"] * 3
+    one = " a = x -> depthwise(3, weight=sobel1, frozen=true, pad=same)\n"
+    assert plan_of({"sobel1": np.repeat(SOBEL_X, 3, axis=0)}, one) == ["direct"]
+    # OpenCL has no kernels for the split: the same Sobel layers get its own variants there
+    sobel = lower(graph_from_source(f"network O {{\n input x: [3, 96, 96]\n const sobel = {literal(sobel_xy)}\n"
+                                    + layers.splitlines()[0] + "\n output a\n}\n"),
+                  backend="opencl", lacks=OpenCLTarget.lacks_variants)
     assert [s.variant for s in sobel.forward if s.op == "conv"] == ["im2col"]
-    # nearly rank 1: off by more than the tolerance relative to the kernel's largest tap
+    # the relu after the split runs in its forward (the epilogue)
+    first = lower(graph_from_source(source(SPLIT_CASES[:1]))).forward
+    assert [s.op for s in first] == ["conv"] and [g.op for g in first[0].epilogue.stages] == ["relu"]
+
+
+def test_algo_separable_applies_to_rank1_frozen_consts_only():
+    """The split needs the values at compile time and a kernel of rank 1 to within 10⁻⁷ of its
+    largest tap: a Laplacian (rank 2), a Sobel kernel that trains (no frozen=true), a frozen
+    kernel without `weight=` (drawn at create) and a Sobel kernel off by 10⁻⁵ are refused at
+    `algo=`; the Sobel kernel itself is accepted."""
     nearly = SOBEL_X.copy()
     nearly[0, 0, 1, 1] = 1e-5
-    assert variants("network N {\n input x: [1, 8, 8]\n"
-                    f" const k = {literal(nearly)}\n y = x -> conv(1, kernel=3, weight=k, frozen=true)\n"
-                    " output y\n}\n") != ["separable"]
 
+    def layer(weight, args):
+        const = f" const k = {literal(weight)}\n" if weight is not None else ""
+        return graph_from_source(f"network R {{\n input x: [1, 8, 8]\n{const}"
+                                 f" y = x -> conv(1, kernel=3, {args}, algo=separable)\n output y\n}}\n")
 
-def test_algo_separable_is_refused_where_it_does_not_apply():
-    src = ("network R {\n input x: [1, 8, 8]\n"
-           f" const lap = {literal(LAPLACE)}\n"
-           " y = x -> conv(1, kernel=3, weight=lap, frozen=true, algo=separable)\n output y\n}\n")
-    with pytest.raises(ConvDSLError, match="algo=separable does not apply"):
-        graph_from_source(src)
+    layer(SOBEL_X, "weight=k, frozen=true")
+    for weight, args in ((LAPLACE, "weight=k, frozen=true"), (SOBEL_X, "weight=k"), (None, "frozen=true"),
+                         (nearly, "weight=k, frozen=true")):
+        with pytest.raises(ConvDSLError, match="algo=separable does not apply"):
+            layer(weight, args)
 
 
 @pytest.fixture(scope="module")
