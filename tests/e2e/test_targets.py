@@ -32,7 +32,7 @@ MIXED = """network Mixed {
 SPLIT = """network Split {
     input x: [1, H, W]
     const sobel = [[[[1, 0, -1], [2, 0, -2], [1, 0, -1]]]]
-    y = x -> conv(1, kernel=3, weight=sobel, frozen=true, pad=same) -> relu
+    y = x -> conv(1, kernel=3, weight=sobel, frozen=true, pad=same, algo=separable) -> relu
     output y
 }
 """
