@@ -28,6 +28,14 @@ MIXED = """network Mixed {
     loss mse(y)
 }
 """
+# conv's separable split: a frozen const Sobel kernel (rank 1) on a map of run-time size.
+SPLIT = """network Split {
+    input x: [1, H, W]
+    const sobel = [[[[1, 0, -1], [2, 0, -2], [1, 0, -1]]]]
+    y = x -> conv(1, kernel=3, weight=sobel, frozen=true, pad=same, algo=separable) -> relu
+    output y
+}
+"""
 
 
 def layer_section(c_text: str) -> str:
@@ -58,8 +66,8 @@ def test_no_kernel_takes_or_touches_the_model():
     takes model_t, none reads `m->`; the forward and backward passes resolve the arguments."""
     programs = [lower(graph_from_file(path, name)) for path, name in EXAMPLES]
     programs += [lower(graph_from_source(src)) for _, src in _op_case_sources()]
-    programs.append(lower(graph_from_source(MIXED)))
-    seen_ops = set()
+    programs += [lower(graph_from_source(MIXED)), lower(graph_from_source(SPLIT))]
+    seen_ops, seen_templates = set(), set()
     for program in programs:
         section = layer_section(C.render(program).c)
         heads = _kernel_heads(section)
@@ -68,11 +76,13 @@ def test_no_kernel_takes_or_touches_the_model():
             assert "model_t" not in params and "_model" not in params, (program.name, name, params)
         assert "m->" not in section, (program.name, section[section.index("m->") - 300:section.index("m->") + 100])
         seen_ops |= {s.op for s in program.steps}
+        seen_templates |= {s.variant_template for s in program.steps}
     # The networks above run every op kind with a template.
     templates = {p.name.split(".")[0] for p in (REPO / "templates" / "c" / "ops").glob("*.c.j2")
                  if not p.name.endswith("_epilogue.c.j2")}   # an activation's formula, not a kernel
     assert {"conv", "dense", "batchnorm", "dropout", "softmax", "add", "concat", "upsample"} <= seen_ops
-    assert templates - {"conv_direct"} <= seen_ops | {"conv_direct"}, templates - seen_ops
+    assert "conv_separable" in seen_templates
+    assert templates - {"conv_direct", "conv_separable"} <= seen_ops | {"conv_direct"}, templates - seen_ops
 
 
 def test_the_passes_launch_each_kernel_with_its_operands_from_the_model():
