@@ -311,6 +311,14 @@ def standard_suite(cases, reference, seed: int):
     return runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64
 
 
+def _chosen(cases, ids) -> list:
+    """The cases named `ids`, in that order (an OpenCL selection)."""
+    by_id = {c.id: c for c in cases}
+    missing = [i for i in ids if i not in by_id]
+    assert not missing, f"no such cases: {missing}"
+    return [by_id[i] for i in ids]
+
+
 def opencl_suite(cases, reference, seed: int, ids: tuple[str, ...]):
     """The OpenCL backend's test of an op file, as (fixture, test) to bind at module level:
 
@@ -321,10 +329,7 @@ def opencl_suite(cases, reference, seed: int, ids: tuple[str, ...]):
     form, flag and run-time sizes the file has), not every case — PoCL compiles each kernel
     through LLVM, about half a second each, and every case adds kernels. The variants of the C
     backend are one kernel there, so no variant is forced."""
-    by_id = {c.id: c for c in cases}
-    missing = [i for i in ids if i not in by_id]
-    assert not missing, f"no such cases: {missing}"
-    chosen = [by_id[i] for i in ids]
+    chosen = _chosen(cases, ids)
 
     @pytest.fixture(scope="module")
     def opencl_runs():
@@ -341,3 +346,47 @@ def opencl_suite(cases, reference, seed: int, ids: tuple[str, ...]):
         compare_with_torch(opencl_runs[batch], index, chosen[index], reference)
 
     return opencl_runs, test_opencl_matches_torch
+
+
+def opencl_nhwc_test(cases, reference, seed: int, ids: tuple[str, ...]):
+    """The OpenCL twin of an op file's NHWC run, as a test to bind at module level:
+
+        test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=32, ids=OPENCL_CASES)
+
+    the cases `ids` in one NHWC network at batch 2 against `reference`, values and every
+    gradient, as the C runs do. OpenCL buffers are channel-first inside, whatever the file's
+    layout: the host converts inputs, outputs and their gradients at the boundary, and only the
+    layout-dependent kernels (flatten, reshape, dense on a map) read the layout. So the cases of
+    `opencl_suite` serve here too (every rank, run-time sizes), and their program is the NCHW
+    network's, which the device-binary cache then already holds."""
+    chosen = _chosen(cases, ids)
+    run = {}
+
+    @requires_opencl
+    @pytest.mark.parametrize("index", range(len(chosen)), ids=list(ids))
+    def test_opencl_nhwc_layout_matches_torch(index):
+        if "nhwc" not in run:
+            module = compile_cases(chosen, layout="NHWC", backend="opencl")
+            run["nhwc"] = run_cases(module, chosen, 2, np.random.default_rng(seed), layout="NHWC")
+        compare_with_torch(run["nhwc"], index, chosen[index], reference)
+
+    return test_opencl_nhwc_layout_matches_torch
+
+
+def opencl_f64_test(cases, seed: int, ids: tuple[str, ...], batch: int = 2):
+    """The OpenCL twin of an op file's float64 finite-difference check, as a test to bind at
+    module level:
+
+        test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=33, ids=OPENCL_CASES)
+
+    the cases `ids` in one f64 network (PoCL on a CPU has cl_khr_fp64), every input and trainable
+    parameter along a random direction, at the C runs' tolerance (`finite_differences`). A
+    selection as in `opencl_suite`: the f64 program is a program of its own, compiled anew."""
+    chosen = _chosen(cases, ids)
+
+    @requires_opencl
+    def test_opencl_finite_differences_float64():
+        finite_differences(compile_cases(chosen, dtype="f64", backend="opencl"), chosen,
+                           np.random.default_rng(seed), batch=batch)
+
+    return test_opencl_finite_differences_float64

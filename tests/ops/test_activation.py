@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import opencl_suite, Case, compare_with_torch, compile_cases, finite_differences, run_cases
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, Case, compare_with_torch, compile_cases,
+                     finite_differences, run_cases)
 from reference import assert_close
 
 
@@ -92,6 +93,8 @@ OPENCL_CASES = (
     'elu-0.3-vector', 'hardswish-runtime',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=405, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1405, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2405, ids=OPENCL_CASES)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import convdsl
 from convdsl.compiler import graph_from_source, module_meta
-from opcases import opencl_suite, Case, compare_with_torch, compile_cases, run_cases
+from opcases import opencl_nhwc_test, opencl_suite, Case, compare_with_torch, compile_cases, run_cases
 from reference import assert_close, torch_params
 
 
@@ -55,6 +55,11 @@ opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=29,
 
 def with_layout(case: Case, layout: str) -> Case:
     return dataclasses.replace(case, ref=dict(case.ref, layout=layout))
+
+
+# The NHWC network on OpenCL: flatten and dense on a map read the maps in H,W,C order there too.
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(tuple(with_layout(c, "NHWC") for c in CASES), reference,
+                                                         seed=1029, ids=OPENCL_CASES)
 
 
 @pytest.fixture(scope="module")

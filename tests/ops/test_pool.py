@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import opencl_suite, Case, compare_with_torch, compile_cases, run_cases
+from opcases import opencl_nhwc_test, opencl_suite, Case, compare_with_torch, compile_cases, run_cases
 from reference import assert_close, pad_pairs, pad_spatial
 
 MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -101,6 +101,7 @@ OPENCL_CASES = (
     'max-runtime', 'avg-runtime-same', 'globalmax-runtime',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=63, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1063, ids=OPENCL_CASES)
 
 
 @pytest.fixture(scope="module")
