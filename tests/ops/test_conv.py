@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import convdsl
 from convdsl.compiler import graph_from_source, module_meta
-from opcases import (opencl_suite, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, finite_differences,
+from opcases import (opencl_nhwc_test, opencl_suite, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, finite_differences,
                      forced_runs,
                      run_cases, source, variant_plan, variant_run)
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
@@ -138,6 +138,7 @@ OPENCL_CASES = (
     'depthwise-1d-wide-kernel-flip', 'separable-2d', 'runtime-same-stride', 'runtime-1d-depthwise',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=105, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1105, ids=OPENCL_CASES)
 
 # Every kernel variant of the conv family runs every case it applies to: the plan's own choice
 # in the `auto` build, each other applicable variant in a build that forces it (convdsl.load's

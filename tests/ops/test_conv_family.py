@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
                      finite_differences, forced_runs, layer_stats, run_cases, source, torch_pad, variant_plan,
                      variant_run)
 from reference import assert_close
@@ -68,6 +68,18 @@ CASES = (
     Case("parallel", (16, 20, 20), "conv(16, kernel=3, pad=1)", dict(padding=1)),   # threaded GEMM/im2col
 )
 IDS = [c.id for c in CASES]
+
+# On OpenCL (PoCL in CI): a selection of the cases, see opcases.opencl_suite — each rank, the
+# padding forms (same at stride 2, pairs), groups, dilation, flip, frozen, the direct depthwise
+# shapes; test_conv.py's selection holds the rest. (Not the run-time case: its reference
+# changes with the second size, see ref_for.)
+OPENCL_CASES = (
+    '2d-stride-pad', '2d-same-odd', '2d-pairs', '2d-groups', '2d-nobias', '2d-pointwise', '1d', '3d',
+    'depthwise-x2', 'depthwise-flip-dilated', 'depthwise-3d-frozen',
+)
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=15, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=16, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=17, ids=OPENCL_CASES + ("runtime-size",))
 # Every applicable kernel variant of every case (see opcases.VariantPlan).
 VARIANTS = variant_plan(CASES, ("conv", "depthwise"))
 
