@@ -71,8 +71,8 @@ def test_joins_match_torch(layout, batch, backend):
         assert_close(g, t.grad.numpy(), what=f"gradient of {name}")
 
 
-def test_joins_finite_differences_float64():
-    net = joins_module(dtype="f64").Model()
+def test_joins_finite_differences_float64(backend):
+    net = joins_module(dtype="f64", backend=backend).Model()
     rng = np.random.default_rng(64)
     xs = [rng.standard_normal((2, *SHAPE)) for _ in range(3)] + [rng.standard_normal((2, 4))]
     dys = [rng.standard_normal(y.shape) for y in net.forward(*xs)]

@@ -67,12 +67,12 @@ def test_reshape_matches_torch_reshape_in_the_layouts_order(layout, batch, backe
         assert_close(dx, t.grad.numpy(), what=f"{layout} reshape {i}: input gradient")
 
 
-def test_finite_differences_float64():
+def test_finite_differences_float64(backend):
     class Shaped:                     # what finite_differences reads of a case: its input shape
         def __init__(self, i, shape):
             self.id, self.shape = f"reshape {i}", shape
     cases = [Shaped(i, shape) for i, (shape, _) in enumerate(RESHAPES)]
-    finite_differences(module("f64", "NHWC"), cases, np.random.default_rng(84))
+    finite_differences(module("f64", "NHWC", backend), cases, np.random.default_rng(84))
 
 
 def test_an_nhwc_reshape_reads_channels_last():
