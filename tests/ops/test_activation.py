@@ -153,8 +153,8 @@ def edge_input() -> np.ndarray:
                     dtype=np.float32)
 
 
-def test_kinks_and_large_values_match_torch():
-    net = convdsl.load_source(EDGES).Model()
+def test_kinks_and_large_values_match_torch(backend):
+    net = convdsl.load_source(EDGES, backend=backend).Model()
     x = edge_input()
     ys = net.forward(x)
     rng = np.random.default_rng(403)

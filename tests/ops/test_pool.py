@@ -151,8 +151,8 @@ network E {
 """
 
 
-def test_padding_never_wins_a_max_and_is_never_counted_in_a_mean():
-    net = convdsl.load_source(EDGES).Model()
+def test_padding_never_wins_a_max_and_is_never_counted_in_a_mean(backend):
+    net = convdsl.load_source(EDGES, backend=backend).Model()
     x = -np.arange(1, 13, dtype=np.float32).reshape(1, 1, 3, 4) - 100        # every value negative
     v = -np.ones((1, 2, 5), dtype=np.float32) * 7
     a, b, c, d, e = net.forward(x, v)
