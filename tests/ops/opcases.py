@@ -380,8 +380,11 @@ def opencl_f64_test(cases, seed: int, ids: tuple[str, ...], batch: int = 2):
         test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=33, ids=OPENCL_CASES)
 
     the cases `ids` in one f64 network (PoCL on a CPU has cl_khr_fp64), every input and trainable
-    parameter along a random direction, at the C runs' tolerance (`finite_differences`). A
-    selection as in `opencl_suite`: the f64 program is a program of its own, compiled anew."""
+    parameter along a random direction, at the C runs' tolerance (`finite_differences`). The f64
+    program is one of its own, which PoCL compiles anew, kernel by kernel; so `ids` is smaller
+    than `opencl_suite`'s: each op kind and flag (bias or not, frozen, a padding mode) once —
+    what double precision changes is the kernels' arithmetic, not their indexing, which the
+    f32 selection covers in every rank and at run-time sizes."""
     chosen = _chosen(cases, ids)
 
     @requires_opencl

@@ -36,7 +36,8 @@ OPENCL_CASES = (
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, unshared_reference, seed=4, ids=OPENCL_CASES)
 test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, unshared_reference, seed=1004, ids=OPENCL_CASES)
-test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2004, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2004, ids=(
+    "2d-odd-stride2-same", "2d-pairs-nobias", "frozen"))
 
 
 @pytest.fixture(scope="module")

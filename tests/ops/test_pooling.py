@@ -65,11 +65,9 @@ runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_diff
     standard_suite(CASES, reference, seed=21)
 
 # On OpenCL the f32 runs of these ops are test_pool.py's (its OPENCL_CASES, both layouts); the
-# float64 finite differences, which test_pool.py has not, are here: every kind, rank and padding
-# form and run-time sizes.
+# float64 finite differences, which test_pool.py has not, are here: every kind, with padding.
 test_opencl_finite_differences_float64 = opencl_f64_test(
-    CASES, seed=23, ids=("max-3s1-same", "max-odd", "max-1d", "max-3d", "avg-same", "avg-1d", "avg-3d",
-                         "gavg-1d", "gmax-3d", "max-runtime", "gavg-runtime"))
+    CASES, seed=23, ids=("max-odd", "max-1d", "avg-same", "avg-3d", "gavg-1d", "gmax-3d"))
 
 
 def test_generated_c_is_warning_free(tmp_path):

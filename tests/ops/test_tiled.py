@@ -41,7 +41,7 @@ OPENCL_CASES = (
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, unshared_reference, seed=12, ids=OPENCL_CASES)
 test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, unshared_reference, seed=1012, ids=OPENCL_CASES)
-test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2012, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2012, ids=("2d-t2", "1d-nobias", "frozen"))
 
 
 EQUIVALENCE = """
