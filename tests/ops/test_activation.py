@@ -177,9 +177,9 @@ def test_kinks_and_large_values_match_torch(backend):
     assert_close(dx, xt.grad.numpy(), what="input gradient of all of them")
 
 
-def test_softmax_columns_sum_to_one_per_pixel():
-    net = convdsl.load_source("network S {\n layout NHWC\n input x: [3, 5, 7]\n y = x -> softmax\n output y\n}\n")\
-        .Model()
+def test_softmax_columns_sum_to_one_per_pixel(backend):
+    net = convdsl.load_source("network S {\n layout NHWC\n input x: [3, 5, 7]\n y = x -> softmax\n output y\n}\n",
+                              backend=backend).Model()
     x = np.random.default_rng(404).standard_normal((2, 3, 5, 7)).astype(np.float32) * 10
     y = net.forward(x)
     np.testing.assert_allclose(y.sum(axis=-1), 1.0, rtol=1e-5)            # channels are last in NHWC
