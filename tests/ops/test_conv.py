@@ -290,8 +290,10 @@ SOBEL = np.array([[[[1, 0, -1], [2, 0, -2], [1, 0, -1]], [[0, 1, 0], [1, -4, 1],
 
 
 @pytest.fixture(scope="module")
-def setup_module_():
-    return convdsl.load_source(SETUP)
+def setup_module_(backend):
+    """On each backend: the parameters' names, const weights, frozen layers and initialisers are
+    the host's on OpenCL too (create, the optimizer), over device kernels."""
+    return convdsl.load_source(SETUP, backend=backend)
 
 
 def test_names_and_order_of_parameters(setup_module_):

@@ -116,9 +116,9 @@ def test_dense_on_a_map_is_named_as_one_layer():
     assert labels == ["dense1.flatten", "dense1"]
 
 
-def test_frozen_dense_passes_the_gradient_and_keeps_its_weights():
+def test_frozen_dense_passes_the_gradient_and_keeps_its_weights(backend):
     net = convdsl.load_source("network Z {\n input x: [6]\n y = x -> dense(4, frozen=true) -> tanh -> dense(3)\n"
-                              " output y\n loss mse(y)\n}\n").Model(seed=1)
+                              " output y\n loss mse(y)\n}\n", backend=backend).Model(seed=1)
     assert list(net.grads) == ["dense2.weight", "dense2.bias"]
     rng = np.random.default_rng(303)
     x = rng.standard_normal((5, 6)).astype(np.float32)
