@@ -15,9 +15,10 @@ import torch.nn.functional as F
 
 import convdsl
 from convdsl.compiler import graph_from_source, module_meta
-from opcases import (opencl_nhwc_test, opencl_suite, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, finite_differences,
+from opcases import (opencl_suite, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, finite_differences,
                      forced_runs,
                      run_cases, source, variant_plan, variant_run)
+from opcases import opencl_nhwc_test
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

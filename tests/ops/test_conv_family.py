@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
+from opcases import (Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
                      finite_differences, forced_runs, layer_stats, run_cases, source, torch_pad, variant_plan,
                      variant_run)
+from opcases import opencl_f64_test, opencl_nhwc_test, opencl_suite
 from reference import assert_close
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

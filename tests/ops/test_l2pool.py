@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats,
-                     source, torch_pad)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, layer_stats, source, torch_pad)
 
 AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from convdsl.cli import main as convdsl_main
-from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
-                     finite_differences, layer_stats, run_cases, source, unshared_reference)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, Case, assert_c_compiles_cleanly,
+                     assert_error_at, compare_with_torch, compile_cases, finite_differences, layer_stats,
+                     run_cases, source, unshared_reference)
 
 CASES = (
     Case("2d-k3", (3, 8, 8), "local(4, kernel=3)",

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import convdsl
-from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats,
-                     source)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, layer_stats, source)
 
 
 def reference(x, params, *, k):

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opcases import (opencl_f64_test, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases, finite_differences,
-                     run_cases, source)
+from opcases import (opencl_f64_test, Case, assert_c_compiles_cleanly, compare_with_torch, compile_cases,
+                     finite_differences, run_cases, source)
 
 
 def reference(x, params, *, kind, alpha=None, nhwc_flatten=False):

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from opcases import (opencl_f64_test, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases, source,
-                     torch_pad)
+from opcases import (opencl_f64_test, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at,
+                     compile_cases, source, torch_pad)
 
 MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}

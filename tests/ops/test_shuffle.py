@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases,
-                     layer_stats, source)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats, source)
 
 
 def reference(x, params, *, groups):

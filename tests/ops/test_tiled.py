@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import convdsl
-from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases,
-                     layer_stats, source, unshared_reference)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats, source,
+                     unshared_reference)
 from reference import F64, assert_close
 
 CASES = (

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch.nn.functional as F
 
-from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats,
-                     source)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, layer_stats, source)
 
 
 def reference(x, params, *, factor, mode="nearest"):
