@@ -304,6 +304,7 @@ def test_part_of_an_optimizers_state_is_refused(f32_each, tmp_path):
     (dict(lr=0.1, betas=0.9), "betas must be a pair"),
 ])
 def test_arguments_torch_refuses_are_refused_and_change_nothing(f32_each, options, message):
+    options = dict(options)            # the parameter's own dict serves the run on each backend
     [(x, labels)] = batches(np.float32, 1)
     net = f32_each.Model(seed=0)
     before = {n: p.copy() for n, p in net.params.items()}
