@@ -3,7 +3,8 @@ the same again), a forward, a backward and a training step give what a fresh mod
 
 prepare lays the activations out first and the gradients after them, and reuses a large
 arena for a smaller batch; these tests make sure no stale activation, gradient or scratch
-value from an earlier batch leaks into a later one.
+value from an earlier batch leaks into a later one — on both backends (on OpenCL the arena is
+a device buffer, grown and reused the same way).
 """
 from __future__ import annotations
 
@@ -37,13 +38,13 @@ BATCHES = (4, 2, 7, 1, 3, 7, 4)
 
 
 @pytest.fixture(scope="module")
-def module():
-    return convdsl.load_source(NET)
+def module(backend):
+    return convdsl.load_source(NET, backend=backend)
 
 
 @pytest.fixture(scope="module")
-def dropout_module():
-    return convdsl.load_source(WITH_DROPOUT)
+def dropout_module(backend):
+    return convdsl.load_source(WITH_DROPOUT, backend=backend)
 
 
 def batch_data(batch: int):

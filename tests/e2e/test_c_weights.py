@@ -32,8 +32,8 @@ network Small {{
 """
 
 
-def small(dtype: str = "f32"):
-    return convdsl.load_source(SMALL.format(dtype=dtype))
+def small(dtype: str = "f32", backend: str = "c"):
+    return convdsl.load_source(SMALL.format(dtype=dtype), backend=backend)
 
 
 def trained(module, seed: int = 1):
@@ -63,8 +63,10 @@ def assert_state_equal(got: dict, want: dict) -> None:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_weights_saved_in_python_load_in_c(tmp_path):
-    module = small()
+def test_weights_saved_in_python_load_in_c(tmp_path, backend):
+    """On OpenCL too: what the C loader writes (parameters, batchnorm's buffers) reaches the device
+    at the next call."""
+    module = small(backend=backend)
     source = trained(module)
     path = tmp_path / "small.npz"
     source.save(path)

@@ -14,6 +14,7 @@ import pytest
 
 import convdsl
 from convdsl.codegen.render import layer_function
+from backends import requires_opencl
 from ccheck import assert_c_compiles_cleanly
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,6 +94,27 @@ def test_networks_named_like_generated_identifiers_compile_and_run(name, tmp_pat
     src = NETWORKS[name]
     assert_c_compiles_cleanly(src, tmp_path)
     loss = train_once(convdsl.load_source(src), (2, 1, 4, 4))
+    assert np.isfinite(loss)
+
+
+# On OpenCL the names reach an OpenCL C program too: layers named like its address spaces and
+# qualifiers, its vector types and built-ins, the program's own typedefs (`real`, `acc_t`) and
+# the kernels' arguments (`i`, `batch`, `dim`), in a network named `kernel`.
+OPENCL_NAMES = ("network kernel {\n input x: [1, 4, 4]\n layer global = conv(2, kernel=3, pad=same)\n"
+                " layer constant = relu\n layer private = tanh\n layer half = relu\n layer float4 = conv(2, kernel=1)\n"
+                " layer get_global_id = sigmoid\n layer barrier = relu\n layer acc_t = relu\n layer real = relu\n"
+                " layer i = relu\n layer batch = relu\n layer dim = relu\n layer cdsl_L0_real = relu\n"
+                " y = x -> global -> constant -> private -> half -> float4 -> get_global_id -> barrier -> acc_t -> real"
+                " -> i -> batch -> dim -> cdsl_L0_real\n output y\n loss mse(y)\n}\n")
+
+
+OPENCL_NETWORKS = {"float-with-helper-names": NETWORKS["float-with-helper-names"], "opencl-names": OPENCL_NAMES}
+
+
+@requires_opencl
+@pytest.mark.parametrize("name", OPENCL_NETWORKS)
+def test_networks_named_like_generated_identifiers_run_on_opencl(name):
+    loss = train_once(convdsl.load_source(OPENCL_NETWORKS[name], backend="opencl"), (2, 1, 4, 4))
     assert np.isfinite(loss)
 
 

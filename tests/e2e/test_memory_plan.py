@@ -67,9 +67,9 @@ def test_module_allocates_what_check_reports(path, network):
                 assert_close(a, b, what=f"{network}: eval forward in shared memory")
 
 
-def test_eval_runs_in_shared_memory_and_a_backward_after_it_recomputes_the_forward():
+def test_eval_runs_in_shared_memory_and_a_backward_after_it_recomputes_the_forward(backend):
     path = REPO / "examples" / "shufflenet_unit.cnn"          # batchnorm: eval and training differ
-    net = convdsl.load(path).Model(seed=0)
+    net = convdsl.load(path, backend=backend).Model(seed=0)
     rng = np.random.default_rng(2)
     for p in net.params.values():
         p[...] = rng.standard_normal(p.shape)
@@ -85,7 +85,7 @@ def test_eval_runs_in_shared_memory_and_a_backward_after_it_recomputes_the_forwa
     assert kept > shared
     grads = {k: v.copy() for k, v in net.grads.items()}
     # The same through a C API model that keeps eval-mode activations from the start.
-    other = convdsl.load(path).Model(seed=0)
+    other = convdsl.load(path, backend=backend).Model(seed=0)
     for k, v in net.state_dict().items():
         (other.params if k in other.params else other.buffers)[k][...] = v
     other.eval()
@@ -142,11 +142,11 @@ def _branches_in_torch(x, p):
     return r, F.linear(c.flatten(1), p["dense1.weight"], p["dense1.bias"])
 
 
-def test_a_residual_block_and_a_concat_train_as_in_pytorch():
+def test_a_residual_block_and_a_concat_train_as_in_pytorch(backend):
     """`a` feeds conv2, the residual add and the concat, and `r` is an output that the concat reads
     too: their gradients gather shares from several backward steps (and, for `r`, the caller's)
     while the gradients before them reuse memory; each is zeroed before the first step adds to it."""
-    net = convdsl.load_source(BRANCHES).Model(seed=3)
+    net = convdsl.load_source(BRANCHES, backend=backend).Model(seed=3)
     graph = graph_from_source(BRANCHES)
     assert plan_memory(graph).training_bytes < plan_memory(graph).all_kept_bytes
     rng = np.random.default_rng(4)

@@ -75,8 +75,9 @@ def test_four_threads_with_different_batches_on_one_model_get_single_threaded_re
 
 
 @pytest.fixture(scope="module")
-def module():
-    return convdsl.load_source(NET)
+def module(backend):
+    """The network on each backend: a backward pairs with the last forward there too."""
+    return convdsl.load_source(NET, backend=backend)
 
 
 def run_in_thread(fn):

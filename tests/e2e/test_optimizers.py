@@ -133,11 +133,11 @@ def test_each_optimizer_equals_pytorch_in_f64_and_never_moves_a_frozen_parameter
         assert not any(key.startswith(f"optim.{name}.") for key in net.optimizer_state)
 
 
-def test_clipping_scales_the_gradients_to_the_global_norm(f32):
+def test_clipping_scales_the_gradients_to_the_global_norm(f32_each):
     """clip_grad_norm_ semantics: the factor max_norm / (norm + 1e-6), applied only when it is
     below 1, and `grads` keep the clipped values."""
     [(x, labels)] = batches(np.float32, 1)
-    net = f32.Model(seed=3)
+    net = f32_each.Model(seed=3)
     net.compute_grads(x, labels)
     norm = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in net.grads.values()))
     before = {n: g.copy() for n, g in net.grads.items()}
@@ -165,9 +165,9 @@ def test_compute_grads_then_update_is_train_step(f32_each):
         np.testing.assert_array_equal(value, two.optimizer_state[name])
 
 
-def test_compute_grads_leaves_the_parameters_and_gives_torchs_gradients(f32):
+def test_compute_grads_leaves_the_parameters_and_gives_torchs_gradients(f32_each):
     [(x, labels)] = batches(np.float32, 1)
-    net = f32.Model(seed=3)
+    net = f32_each.Model(seed=3)
     before = {n: p.copy() for n, p in net.params.items()}
     loss = net.compute_grads(x, labels)
     p = {name: torch.tensor(arr.copy(), requires_grad=True) for name, arr in net.params.items()}
@@ -248,15 +248,15 @@ def test_save_and_load_mid_training_resume_the_same_trajectory(f32_each, tmp_pat
             np.testing.assert_array_equal(resumed.params[name], straight.params[name], err_msg=(loader, name))
 
 
-def test_a_file_without_optimizer_state_starts_a_fresh_optimizer(f32, tmp_path):
+def test_a_file_without_optimizer_state_starts_a_fresh_optimizer(f32_each, tmp_path):
     [(x, labels)] = batches(np.float32, 1)
-    fresh = f32.Model(seed=1)
+    fresh = f32_each.Model(seed=1)
     fresh.save(tmp_path / "weights.npz")
-    used = f32.Model(seed=1)
+    used = f32_each.Model(seed=1)
     for _ in range(3):
         used.train_step(x, labels, lr=1e-3, optimizer="adam")
     for loader in ("python", "c"):
-        target = f32.Model(seed=1)
+        target = f32_each.Model(seed=1)
         target.train_step(x, labels, lr=1e-3, optimizer="adam", momentum=0.0)
         if loader == "python":
             target.load(tmp_path / "weights.npz")
@@ -265,15 +265,15 @@ def test_a_file_without_optimizer_state_starts_a_fresh_optimizer(f32, tmp_path):
                 target._m, str(tmp_path / "weights.npz").encode()) == 0
         assert target.optimizer_state == {}
         target.train_step(x, labels, lr=1e-3, optimizer="adam")
-        fresh_step = f32.Model(seed=1)
+        fresh_step = f32_each.Model(seed=1)
         fresh_step.train_step(x, labels, lr=1e-3, optimizer="adam")
         for name in target.params:
             np.testing.assert_array_equal(target.params[name], fresh_step.params[name])
 
 
-def test_part_of_an_optimizers_state_is_refused(f32, tmp_path):
+def test_part_of_an_optimizers_state_is_refused(f32_each, tmp_path):
     [(x, labels)] = batches(np.float32, 1)
-    net = f32.Model(seed=1)
+    net = f32_each.Model(seed=1)
     net.train_step(x, labels, lr=1e-3, optimizer="adam")
     state = {**net.state_dict(), **net.optimizer_state}
     del state["optim.dense2.bias.exp_avg_sq"]
@@ -303,9 +303,10 @@ def test_part_of_an_optimizers_state_is_refused(f32, tmp_path):
     (dict(lr=0.1, max_grad_norm=float("inf")), "Invalid max_grad_norm"),
     (dict(lr=0.1, betas=0.9), "betas must be a pair"),
 ])
-def test_arguments_torch_refuses_are_refused_and_change_nothing(f32, options, message):
+def test_arguments_torch_refuses_are_refused_and_change_nothing(f32_each, options, message):
+    options = dict(options)            # the parameter's own dict serves the run on each backend
     [(x, labels)] = batches(np.float32, 1)
-    net = f32.Model(seed=0)
+    net = f32_each.Model(seed=0)
     before = {n: p.copy() for n, p in net.params.items()}
     with pytest.raises(ValueError, match=message):
         net.train_step(x, labels, **options)
@@ -317,9 +318,9 @@ def test_arguments_torch_refuses_are_refused_and_change_nothing(f32, options, me
     assert net.optimizer_state == {}
 
 
-def test_the_c_update_refuses_what_python_would(f32):
+def test_the_c_update_refuses_what_python_would(f32_each):
     """The C API checks its optimizer struct too (a C caller has no Python in front of it)."""
-    net = f32.Model(seed=0)
+    net = f32_each.Model(seed=0)
     lib, ffi, p = net._lib, net._ffi, net._meta["prefix"]
     opt = ffi.new(f"{p}_optimizer *", getattr(lib, f"{p}_optimizer_defaults")(getattr(lib, f"{p}_adamw"), 1e-3))
     assert opt.weight_decay == pytest.approx(1e-2) and opt.beta2 == pytest.approx(0.999) and opt.eps == 1e-8

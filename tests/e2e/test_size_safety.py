@@ -62,7 +62,8 @@ def test_a_static_size_beyond_int64_is_refused_at_compile_time():
 
 # The front end refuses all of these sizes at check time (tests/ir/test_limits.py). The tests here
 # lift its limits so that what they test is the generated C's own line of defence: prepare's
-# overflow-checked sizes and its memory check, which must hold even if a size got past check.
+# overflow-checked sizes and its memory check, which must hold even if a size got past check —
+# on both backends (the OpenCL library's prepare is its own, in templates/opencl/module.cl.j2).
 LIFT_CHECK_LIMITS = """
 from convdsl import limits
 limits.SIZE_BOUND = limits.MAX_ACTIVATION_ELEMENTS = 2 ** 300
@@ -94,7 +95,7 @@ src = '''network Big {
     output y
 }
 '''
-net = convdsl.load_source(src).Model(seed=0)
+net = convdsl.load_source(src, backend=BACKEND).Model(seed=0)
 try:
     net.forward(np.ones((1, 1, 16, 64, 64), np.float32))
 except ValueError as e:
@@ -102,10 +103,10 @@ except ValueError as e:
 """
 
 
-def test_run_time_sizes_whose_tensor_overflows_int64_are_refused_by_prepare():
+def test_run_time_sizes_whose_tensor_overflows_int64_are_refused_by_prepare(backend):
     """With D·H·W = 2^16 the upsampled tensor has 2^48 · 2^16 = 2^64 elements, which wrapped to 0:
     the memory check passed and the upsample wrote past the arena (a segmentation fault)."""
-    proc = run_python(RUN_TIME_OVERFLOW)
+    proc = run_python(f"BACKEND = {backend!r}\n" + RUN_TIME_OVERFLOW)
     assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "refused: the sizes D = 16, H = 64, W = 64 make a tensor of more than 2^63 elements" in proc.stdout
 
@@ -118,7 +119,7 @@ src = '''network Many {
     output y
 }
 '''
-net = convdsl.load_source(src).Model(seed=0)
+net = convdsl.load_source(src, backend=BACKEND).Model(seed=0)
 try:
     net.forward(np.ones((1, 1, 4, 4), np.float32))
 except ValueError as e:
@@ -126,9 +127,9 @@ except ValueError as e:
 """
 
 
-def test_many_channels_times_run_time_sizes_are_refused_by_prepare():
+def test_many_channels_times_run_time_sizes_are_refused_by_prepare(backend):
     """2^20 channels upsampled 2^20 × 2^20 on a 4×4 input: 2^60 · 16 = 2^64 elements, wrapped to 0."""
-    proc = run_python(CHANNELS_OVERFLOW)
+    proc = run_python(f"BACKEND = {backend!r}\n" + CHANNELS_OVERFLOW)
     assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "refused: the sizes H = 4, W = 4 make a tensor of more than 2^63 elements" in proc.stdout
 
@@ -136,7 +137,7 @@ def test_many_channels_times_run_time_sizes_are_refused_by_prepare():
 BYTES_OVERFLOW = LIFT_CHECK_LIMITS + """
 import numpy as np, convdsl
 src = "network Two {\\n input x: [1, H, W]\\n y = x -> upsample(1048576) -> globalmaxpool\\n output y\\n}\\n"
-net = convdsl.load_source(src).Model(seed=0)
+net = convdsl.load_source(src, backend=BACKEND).Model(seed=0)
 net._call("set_memory_limit", net._m, 1e300)     # the C API: no limit, only the 64-bit check stands
 try:
     net.forward(np.ones((3, 1, 2048, 1024), np.float32))
@@ -145,9 +146,9 @@ except ValueError as e:
 """
 
 
-def test_a_batch_whose_byte_count_overflows_is_refused():
+def test_a_batch_whose_byte_count_overflows_is_refused(backend):
     """2^61 elements per sample fit int64; three samples, values and gradients do not (and the
     old floating-point total turned into a wrapped allocation size)."""
-    proc = run_python(BYTES_OVERFLOW)
+    proc = run_python(f"BACKEND = {backend!r}\n" + BYTES_OVERFLOW)
     assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "refused: this batch would need" in proc.stdout and "more than 64-bit sizes can count" in proc.stdout

@@ -311,6 +311,14 @@ def standard_suite(cases, reference, seed: int):
     return runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64
 
 
+def _chosen(cases, ids) -> list:
+    """The cases named `ids`, in that order (an OpenCL selection)."""
+    by_id = {c.id: c for c in cases}
+    missing = [i for i in ids if i not in by_id]
+    assert not missing, f"no such cases: {missing}"
+    return [by_id[i] for i in ids]
+
+
 def opencl_suite(cases, reference, seed: int, ids: tuple[str, ...], algo: dict | None = None,
                  name: str = "opencl_runs"):
     """The OpenCL backend's test of an op file, as (fixture, test) to bind at module level:
@@ -323,10 +331,7 @@ def opencl_suite(cases, reference, seed: int, ids: tuple[str, ...], algo: dict |
     through LLVM, about half a second each, and every case adds kernels. The variants of the C
     backend are one kernel there, so no variant is forced; `algo` forces one that OpenCL has of
     its own (conv's `tiled`), in a second suite of the file whose fixture is called `name`."""
-    by_id = {c.id: c for c in cases}
-    missing = [i for i in ids if i not in by_id]
-    assert not missing, f"no such cases: {missing}"
-    chosen = [by_id[i] for i in ids]
+    chosen = _chosen(cases, ids)
 
     @pytest.fixture(scope="module", name=name)
     def opencl_runs():
@@ -353,3 +358,50 @@ def opencl_variants(cases, algo: dict | None = None) -> list[frozenset[str]]:
     for step in program.forward:
         found[int(step.label.split(".")[0][1:])].add(step.variant)
     return [frozenset(f) for f in found]
+
+
+def opencl_nhwc_test(cases, reference, seed: int, ids: tuple[str, ...]):
+    """The OpenCL twin of an op file's NHWC run, as a test to bind at module level:
+
+        test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=32, ids=OPENCL_CASES)
+
+    the cases `ids` in one NHWC network at batch 2 against `reference`, values and every
+    gradient, as the C runs do. OpenCL buffers are channel-first inside, whatever the file's
+    layout: the host converts inputs, outputs and their gradients at the boundary, and only the
+    layout-dependent kernels (flatten, reshape, dense on a map) read the layout. So the cases of
+    `opencl_suite` serve here too (every rank, run-time sizes), and their program is the NCHW
+    network's, which the device-binary cache then already holds."""
+    chosen = _chosen(cases, ids)
+    run = {}
+
+    @requires_opencl
+    @pytest.mark.parametrize("index", range(len(chosen)), ids=list(ids))
+    def test_opencl_nhwc_layout_matches_torch(index):
+        if "nhwc" not in run:
+            module = compile_cases(chosen, layout="NHWC", backend="opencl")
+            run["nhwc"] = run_cases(module, chosen, 2, np.random.default_rng(seed), layout="NHWC")
+        compare_with_torch(run["nhwc"], index, chosen[index], reference)
+
+    return test_opencl_nhwc_layout_matches_torch
+
+
+def opencl_f64_test(cases, seed: int, ids: tuple[str, ...], batch: int = 2):
+    """The OpenCL twin of an op file's float64 finite-difference check, as a test to bind at
+    module level:
+
+        test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=33, ids=OPENCL_CASES)
+
+    the cases `ids` in one f64 network (PoCL on a CPU has cl_khr_fp64), every input and trainable
+    parameter along a random direction, at the C runs' tolerance (`finite_differences`). The f64
+    program is one of its own, which PoCL compiles anew, kernel by kernel; so `ids` is smaller
+    than `opencl_suite`'s: each op kind and flag (bias or not, frozen, a padding mode) once —
+    what double precision changes is the kernels' arithmetic, not their indexing, which the
+    f32 selection covers in every rank and at run-time sizes."""
+    chosen = _chosen(cases, ids)
+
+    @requires_opencl
+    def test_opencl_finite_differences_float64():
+        finite_differences(compile_cases(chosen, dtype="f64", backend="opencl"), chosen,
+                           np.random.default_rng(seed), batch=batch)
+
+    return test_opencl_finite_differences_float64

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import opencl_suite, Case, compare_with_torch, compile_cases, finite_differences, run_cases
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, Case, compare_with_torch, compile_cases,
+                     finite_differences, run_cases)
 from reference import assert_close
 
 
@@ -92,6 +93,10 @@ OPENCL_CASES = (
     'elu-0.3-vector', 'hardswish-runtime',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=405, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1405, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2405, ids=(
+    "sigmoid-1d", "tanh-3d", "softmax-2d-map", "relu6-2d", "clip-keywords-1d", "hardsigmoid-2d",
+    "hardswish-3d", "silu-vector", "gelu-1d", "elu-0.3-vector"))
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +155,8 @@ def edge_input() -> np.ndarray:
                     dtype=np.float32)
 
 
-def test_kinks_and_large_values_match_torch():
-    net = convdsl.load_source(EDGES).Model()
+def test_kinks_and_large_values_match_torch(backend):
+    net = convdsl.load_source(EDGES, backend=backend).Model()
     x = edge_input()
     ys = net.forward(x)
     rng = np.random.default_rng(403)
@@ -172,9 +177,9 @@ def test_kinks_and_large_values_match_torch():
     assert_close(dx, xt.grad.numpy(), what="input gradient of all of them")
 
 
-def test_softmax_columns_sum_to_one_per_pixel():
-    net = convdsl.load_source("network S {\n layout NHWC\n input x: [3, 5, 7]\n y = x -> softmax\n output y\n}\n")\
-        .Model()
+def test_softmax_columns_sum_to_one_per_pixel(backend):
+    net = convdsl.load_source("network S {\n layout NHWC\n input x: [3, 5, 7]\n y = x -> softmax\n output y\n}\n",
+                              backend=backend).Model()
     x = np.random.default_rng(404).standard_normal((2, 3, 5, 7)).astype(np.float32) * 10
     y = net.forward(x)
     np.testing.assert_allclose(y.sum(axis=-1), 1.0, rtol=1e-5)            # channels are last in NHWC

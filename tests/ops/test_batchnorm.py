@@ -166,8 +166,8 @@ def test_running_statistics_follow_torch_over_training_steps_and_only_training_f
     assert_close(y, model(torch.tensor(x, dtype=torch.float64)).detach().numpy(), what="eval forward")
 
 
-def test_backward_follows_the_mode_of_its_forward():
-    module = convdsl.load_source(NET)
+def test_backward_follows_the_mode_of_its_forward(backend):
+    module = convdsl.load_source(NET, backend=backend)
     rng = np.random.default_rng(9)
     x = rng.standard_normal((3, 3, 4, 4)).astype(np.float32)
     dy = rng.standard_normal((3, 5)).astype(np.float32)
@@ -181,7 +181,7 @@ def test_backward_follows_the_mode_of_its_forward():
     assert all(np.array_equal(a.grads[k], b.grads[k]) for k in a.grads)
 
 
-def test_a_shared_layer_updates_its_statistics_at_every_use():
+def test_a_shared_layer_updates_its_statistics_at_every_use(backend):
     src = """network S {
         dtype f64
         input x: [2, 3, 3]
@@ -189,7 +189,7 @@ def test_a_shared_layer_updates_its_statistics_at_every_use():
         y = x -> BN -> relu -> BN
         output y
     }"""
-    net = convdsl.load_source(src).Model(seed=0)
+    net = convdsl.load_source(src, backend=backend).Model(seed=0)
     assert list(net.buffers) == ["BN.running_mean", "BN.running_var"]
     rng = np.random.default_rng(2)
     net.params["BN.weight"][...] = rng.standard_normal(2)
@@ -206,8 +206,8 @@ def test_a_shared_layer_updates_its_statistics_at_every_use():
     assert_close(net.buffers["BN.running_var"], bn.running_var.numpy(), what="running_var")
 
 
-def test_buffers_start_at_zeros_and_ones_and_travel_with_save_and_load(tmp_path):
-    module = convdsl.load_source(NET)
+def test_buffers_start_at_zeros_and_ones_and_travel_with_save_and_load(tmp_path, backend):
+    module = convdsl.load_source(NET, backend=backend)
     net = module.Model(seed=0)
     assert list(net.buffers) == ["batchnorm1.running_mean", "batchnorm1.running_var"]
     assert net.buffers["batchnorm1.running_mean"].tolist() == [0.0] * 4
@@ -241,8 +241,9 @@ def test_buffers_start_at_zeros_and_ones_and_travel_with_save_and_load(tmp_path)
     assert fresh.buffers["batchnorm1.running_var"].tolist() == [1.0] * 4
 
 
-def test_one_value_per_channel_is_refused_in_training_mode_only():
-    net = convdsl.load_source("network V {\n input x: [4]\n y = x -> batchnorm\n output y\n}\n").Model()
+def test_one_value_per_channel_is_refused_in_training_mode_only(backend):
+    net = convdsl.load_source("network V {\n input x: [4]\n y = x -> batchnorm\n output y\n}\n",
+                              backend=backend).Model()
     x = np.ones((1, 4), dtype=np.float32)
     with pytest.raises(RuntimeError, match=r"batchnorm batchnorm1 \(line 3\) needs more than one value per channel"):
         net.forward(x)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import convdsl
 from backends import requires_opencl
 from convdsl.compiler import compile_graph, graph_from_source, module_meta
-from opcases import (opencl_suite, opencl_variants, Case, compare_with_torch, compile_cases,
+from opcases import (opencl_nhwc_test, opencl_suite, opencl_variants, Case, compare_with_torch, compile_cases,
                      finite_differences, forced_runs, run_cases, source, variant_plan, variant_run)
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
 
@@ -142,6 +142,7 @@ OPENCL_CASES = (
     'depthwise-1d-wide-kernel-flip', 'separable-2d', 'runtime-same-stride', 'runtime-1d-depthwise', 'large-depth',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=105, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1105, ids=OPENCL_CASES)
 
 # OpenCL's own conv variant, `tiled` (work-groups over tiles, staged in local memory): the plan
 # picks it for large-depth above (and keeps the one-work-item kernel for the small cases); here it
@@ -356,8 +357,10 @@ SOBEL = np.array([[[[1, 0, -1], [2, 0, -2], [1, 0, -1]], [[0, 1, 0], [1, -4, 1],
 
 
 @pytest.fixture(scope="module")
-def setup_module_():
-    return convdsl.load_source(SETUP)
+def setup_module_(backend):
+    """On each backend: the parameters' names, const weights, frozen layers and initialisers are
+    the host's on OpenCL too (create, the optimizer), over device kernels."""
+    return convdsl.load_source(SETUP, backend=backend)
 
 
 def test_names_and_order_of_parameters(setup_module_):

@@ -11,6 +11,7 @@ import convdsl
 from opcases import (Case, assert_error_at, compare_with_torch, compile_cases,
                      finite_differences, forced_runs, layer_stats, run_cases, source, torch_pad, variant_plan,
                      variant_run)
+from opcases import opencl_f64_test, opencl_nhwc_test, opencl_suite
 from reference import assert_close
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -68,6 +69,16 @@ CASES = (
     Case("parallel", (16, 20, 20), "conv(16, kernel=3, pad=1)", dict(padding=1)),   # threaded GEMM/im2col
 )
 IDS = [c.id for c in CASES]
+
+# On OpenCL (PoCL in CI): a few cases, see opcases.opencl_suite — those whose paths
+# test_conv.py's selection lacks (same padding at stride 2 on odd and even sizes, (before, after)
+# pairs on both axes, a 3-D stride and padding, grouped conv; the direct depthwise shapes with
+# flip, dilation, a multiplier and frozen weights), also in f64 and NHWC. The run-time case is
+# not here: its reference changes with the second size (ref_for).
+OPENCL_CASES = ('2d-same-odd', '2d-pairs', '2d-groups', '3d', 'depthwise-flip-dilated', 'depthwise-3d-frozen')
+opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=15, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=16, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=17, ids=OPENCL_CASES)
 # Every applicable kernel variant of every case (see opcases.VariantPlan).
 VARIANTS = variant_plan(CASES, ("conv", "depthwise"))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch.nn.functional as F
 
-from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases,
-                     layer_stats, source)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats, source)
 
 CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -45,6 +45,9 @@ OPENCL_CASES = (
     'frozen-groups', 'runtime-size',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=22, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1022, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2022, ids=(
+    "2d-everything", "1d-nobias", "frozen-groups"))
 
 
 def test_parameter_shapes_and_frozen():

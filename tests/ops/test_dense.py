@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import convdsl
 from convdsl.compiler import graph_from_source, module_meta
-from opcases import opencl_suite, Case, compare_with_torch, compile_cases, run_cases
+from opcases import opencl_nhwc_test, opencl_suite, Case, compare_with_torch, compile_cases, run_cases
 from reference import assert_close, torch_params
 
 
@@ -58,6 +58,13 @@ opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=29,
 
 def with_layout(case: Case, layout: str) -> Case:
     return dataclasses.replace(case, ref=dict(case.ref, layout=layout))
+
+
+# The NHWC network on OpenCL: flatten and dense on a map read the maps in H,W,C order there too
+# (their kernels differ from NCHW's, so this is a program of its own: the map cases only — on a
+# vector the layout changes nothing).
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(tuple(with_layout(c, "NHWC") for c in CASES), reference,
+                                                         seed=1029, ids=("flatten-2d-map", "dense-3d-map"))
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +131,9 @@ def test_dense_on_a_map_is_named_as_one_layer():
     assert labels == ["dense1.flatten", "dense1"]
 
 
-def test_frozen_dense_passes_the_gradient_and_keeps_its_weights():
+def test_frozen_dense_passes_the_gradient_and_keeps_its_weights(backend):
     net = convdsl.load_source("network Z {\n input x: [6]\n y = x -> dense(4, frozen=true) -> tanh -> dense(3)\n"
-                              " output y\n loss mse(y)\n}\n").Model(seed=1)
+                              " output y\n loss mse(y)\n}\n", backend=backend).Model(seed=1)
     assert list(net.grads) == ["dense2.weight", "dense2.bias"]
     rng = np.random.default_rng(303)
     x = rng.standard_normal((5, 6)).astype(np.float32)

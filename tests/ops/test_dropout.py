@@ -91,9 +91,9 @@ def splitmix_at(key: int, i: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def test_masks_follow_the_documented_generator():
+def test_masks_follow_the_documented_generator(backend):
     seed, p = 12345, 0.4
-    net = load(p=p, dims="[3, 5]", dtype="f64").Model(seed=seed)
+    net = load(p=p, dims="[3, 5]", dtype="f64", backend=backend).Model(seed=seed)
     x = positive_input(np.random.default_rng(3), (2, 3, 5), np.float64)
     stream = seed ^ 0xA0761D6478BD642F
     for _ in range(2):
@@ -104,11 +104,11 @@ def test_masks_follow_the_documented_generator():
         assert np.array_equal(net.forward(x) != 0, expected)
 
 
-def test_p_zero_keeps_everything_and_nhwc_works():
-    net = load(p=0, dims="[5, 6, 3]", layout="NHWC").Model(seed=0)
+def test_p_zero_keeps_everything_and_nhwc_works(backend):
+    net = load(p=0, dims="[5, 6, 3]", layout="NHWC", backend=backend).Model(seed=0)
     x = np.random.default_rng(4).standard_normal((2, 5, 6, 3)).astype(np.float32)
     assert np.array_equal(net.forward(x), x)
-    net = load(p=0.5, dims="[5, 6, 3]", layout="NHWC").Model(seed=0)
+    net = load(p=0.5, dims="[5, 6, 3]", layout="NHWC", backend=backend).Model(seed=0)
     x = positive_input(np.random.default_rng(5), (2, 5, 6, 3))
     y = net.forward(x)
     kept = y != 0

@@ -71,8 +71,8 @@ def test_joins_match_torch(layout, batch, backend):
         assert_close(g, t.grad.numpy(), what=f"gradient of {name}")
 
 
-def test_joins_finite_differences_float64():
-    net = joins_module(dtype="f64").Model()
+def test_joins_finite_differences_float64(backend):
+    net = joins_module(dtype="f64", backend=backend).Model()
     rng = np.random.default_rng(64)
     xs = [rng.standard_normal((2, *SHAPE)) for _ in range(3)] + [rng.standard_normal((2, 4))]
     dys = [rng.standard_normal(y.shape) for y in net.forward(*xs)]
@@ -166,8 +166,8 @@ def test_mse_train_step_and_loss(backend):
     sgd_check(net, mse, p, loss, 0.2, before)
 
 
-def test_labels_are_checked():
-    net = convdsl.load_source(CLASSIFIER).Model()
+def test_labels_are_checked(backend):
+    net = convdsl.load_source(CLASSIFIER, backend=backend).Model()
     x = np.zeros((2, 3, 8, 8), dtype=np.float32)
     with pytest.raises(ValueError, match="out of range"):
         net.train_step(x, np.array([0, 5]), lr=0.1)
@@ -185,9 +185,9 @@ def test_labels_are_checked():
     assert np.isfinite(net.train_step(x, np.array([0.0, 4.0]), lr=0.1))
 
 
-def test_labels_beyond_int64_are_reported_as_given():
+def test_labels_beyond_int64_are_reported_as_given(backend):
     # Converted to int64 first, 1e20 and 2**64 - 1 would wrap to a negative class.
-    net = convdsl.load_source(CLASSIFIER).Model()
+    net = convdsl.load_source(CLASSIFIER, backend=backend).Model()
     x = np.zeros((2, 3, 8, 8), dtype=np.float32)
     with pytest.raises(ValueError, match=r"class 100000000000000000000 is out of range \[0, 5\)"):
         net.train_step(x, np.array([0.0, 1e20]), lr=0.1)

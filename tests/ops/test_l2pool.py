@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats,
-                     source, torch_pad)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, layer_stats, source, torch_pad)
 
 AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -49,6 +49,8 @@ OPENCL_CASES = (
     'runtime-size',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=32, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1032, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2032, ids=("2d-odd-same", "3d"))
 
 
 def test_gradient_at_a_zero_output_is_zero():

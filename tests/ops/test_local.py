@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from convdsl.cli import main as convdsl_main
-from opcases import (opencl_suite, Case, assert_c_compiles_cleanly, assert_error_at, compare_with_torch, compile_cases,
-                     finite_differences, layer_stats, run_cases, source, unshared_reference)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, Case, assert_c_compiles_cleanly,
+                     assert_error_at, compare_with_torch, compile_cases, finite_differences, layer_stats,
+                     run_cases, source, unshared_reference)
 
 CASES = (
     Case("2d-k3", (3, 8, 8), "local(4, kernel=3)",
@@ -35,6 +36,9 @@ OPENCL_CASES = (
     '2d-odd-stride2-same', '2d-pairs-nobias', '1d', 'frozen',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, unshared_reference, seed=4, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, unshared_reference, seed=1004, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2004, ids=(
+    "2d-odd-stride2-same", "2d-pairs-nobias", "frozen"))
 
 
 @pytest.fixture(scope="module")

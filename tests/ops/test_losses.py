@@ -182,9 +182,24 @@ def check_loss_value_and_gradient(name, dtype, layout, backend):
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradient_is_the_finite_difference_float64(name):
     """The gradient train_step applies is the derivative of the loss Model.loss reports."""
+    check_finite_difference_float64(name, "c")
+
+
+# On OpenCL in f64: a per-pixel loss with class weights and a target turned channel-first
+# (NHWC), one with a scratch (dice), and a per-sample one after a dense layer.
+OPENCL_FD = ("cross-entropy-weighted-ignored", "dice-sigmoid", "cross-entropy-weighted-per-sample")
+
+
+@requires_opencl
+@pytest.mark.parametrize("name", OPENCL_FD)
+def test_gradient_is_the_finite_difference_float64_on_opencl(name):
+    check_finite_difference_float64(name, "opencl")
+
+
+def check_finite_difference_float64(name, backend):
     case = CASES[name]
     layout = next(lay for n, d, lay in RUNS if n == name and d == "f64")
-    net = load(name, "f64", layout).Model(seed=5)
+    net = load(name, "f64", layout, backend).Model(seed=5)
     rng = np.random.default_rng(11)
     x = rng.standard_normal((3, IN_CHANNELS) if case.per_sample else (3, IN_CHANNELS, *MAP[1:]))
     x = in_file_layout(x, layout, case.per_sample)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import convdsl
-from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats,
-                     source)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, layer_stats, source)
 
 
 def reference(x, params, *, k):
@@ -35,6 +35,8 @@ OPENCL_CASES = (
     'runtime-size',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=42, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1042, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2042, ids=("2d-k3", "flat-vector"))
 
 
 def test_ties_send_the_gradient_to_the_first_channel():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opcases import Case, assert_error_at, layer_stats, opencl_suite, standard_suite
+from opcases import Case, assert_error_at, layer_stats, opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite
 
 
 def reference(x, params, *, kind, groups=None, eps=1e-5, init=None, shared=False):
@@ -56,6 +56,9 @@ OPENCL_CASES = (
     'prelu-2d', 'prelu-vector', 'prelu-shared-1d', 'layernorm-runtime', 'groupnorm-runtime',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=75, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1075, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2075, ids=(
+    "layernorm-2d", "groupnorm-2d", "groupnorm-vector", "instancenorm-1d", "prelu-2d", "prelu-shared-1d"))
 
 
 def test_parameters_start_as_pytorch_does():

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import Case, assert_error_at, layer_stats, opencl_suite, standard_suite
+from opcases import Case, assert_error_at, layer_stats, opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite
 from reference import assert_close
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -71,6 +71,9 @@ OPENCL_CASES = (
     'pad-replicate-runtime',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=95, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1095, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2095, ids=(
+    "pad-zeros-2d", "pad-reflect-2d-pairs", "pad-replicate-3d", "conv-reflect"))
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate"])

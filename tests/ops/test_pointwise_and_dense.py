@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opcases import (Case, compare_with_torch, compile_cases, finite_differences,
+from opcases import (opencl_f64_test, Case, compare_with_torch, compile_cases, finite_differences,
                      run_cases, source)
 
 
@@ -49,6 +49,12 @@ MAP_CASES = (
     Case("flatten-1x1", (6, 1, 1), "flatten", dict(kind="flatten")),
 )
 IDS = [c.id for c in CASES]
+
+# On OpenCL the f32 runs of these ops (both layouts) are test_activation.py's and test_dense.py's;
+# the float64 finite differences of flatten and dense, which those files have not, are here (the
+# activations' are in test_activation.py).
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES + MAP_CASES, seed=54,
+                                                         ids=("dense-flat", "dense-nobias", "flatten", "dense-map"))
 
 
 @pytest.fixture(scope="module")

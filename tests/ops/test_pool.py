@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import convdsl
-from opcases import opencl_suite, Case, compare_with_torch, compile_cases, run_cases
+from opcases import opencl_nhwc_test, opencl_suite, Case, compare_with_torch, compile_cases, run_cases
 from reference import assert_close, pad_pairs, pad_spatial
 
 MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -101,6 +101,7 @@ OPENCL_CASES = (
     'max-runtime', 'avg-runtime-same', 'globalmax-runtime',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=63, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1063, ids=OPENCL_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +151,8 @@ network E {
 """
 
 
-def test_padding_never_wins_a_max_and_is_never_counted_in_a_mean():
-    net = convdsl.load_source(EDGES).Model()
+def test_padding_never_wins_a_max_and_is_never_counted_in_a_mean(backend):
+    net = convdsl.load_source(EDGES, backend=backend).Model()
     x = -np.arange(1, 13, dtype=np.float32).reshape(1, 1, 3, 4) - 100        # every value negative
     v = -np.ones((1, 2, 5), dtype=np.float32) * 7
     a, b, c, d, e = net.forward(x, v)

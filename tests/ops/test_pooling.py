@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from opcases import (standard_suite, Case, assert_error_at, compile_cases, source,
+from opcases import (opencl_f64_test, standard_suite, Case, assert_error_at, compile_cases, source,
                      torch_pad)
 
 MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -63,6 +63,11 @@ CASES = (
 
 runs, test_forward_and_gradients_match_torch, test_nhwc_layout, test_finite_differences_float64 = \
     standard_suite(CASES, reference, seed=21)
+
+# On OpenCL the f32 runs of these ops are test_pool.py's (its OPENCL_CASES, both layouts); the
+# float64 finite differences, which test_pool.py has not, are here: every kind, with padding.
+test_opencl_finite_differences_float64 = opencl_f64_test(
+    CASES, seed=23, ids=("max-odd", "max-1d", "avg-same", "avg-3d", "gavg-1d", "gmax-3d"))
 
 
 

@@ -67,19 +67,19 @@ def test_reshape_matches_torch_reshape_in_the_layouts_order(layout, batch, backe
         assert_close(dx, t.grad.numpy(), what=f"{layout} reshape {i}: input gradient")
 
 
-def test_finite_differences_float64():
+def test_finite_differences_float64(backend):
     class Shaped:                     # what finite_differences reads of a case: its input shape
         def __init__(self, i, shape):
             self.id, self.shape = f"reshape {i}", shape
     cases = [Shaped(i, shape) for i, (shape, _) in enumerate(RESHAPES)]
-    finite_differences(module("f64", "NHWC"), cases, np.random.default_rng(84))
+    finite_differences(module("f64", "NHWC", backend), cases, np.random.default_rng(84))
 
 
-def test_an_nhwc_reshape_reads_channels_last():
+def test_an_nhwc_reshape_reads_channels_last(backend):
     """[2, 2, 3] written in NHWC is 2×2 positions of 3 channels: the vector's first three values
     are the channels of the first position."""
     net = convdsl.load_source("network N {\n layout NHWC\n input v: [12]\n y = v -> reshape([2, 2, 3])\n"
-                              " output y\n}\n").Model()
+                              " output y\n}\n", backend=backend).Model()
     v = np.arange(12, dtype=np.float32)[None]
     y = net.forward(v)
     np.testing.assert_array_equal(y, v.reshape(1, 2, 2, 3))

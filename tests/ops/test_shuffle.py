@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases,
-                     layer_stats, source)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats, source)
 
 
 def reference(x, params, *, groups):
@@ -34,6 +34,8 @@ OPENCL_CASES = (
     'runtime-size',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=52, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1052, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2052, ids=("2d-g3", "flat-vector"))
 
 
 def test_channel_order():

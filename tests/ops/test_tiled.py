@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import convdsl
-from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, compile_cases,
-                     layer_stats, source, unshared_reference)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, compile_cases, layer_stats, source,
+                     unshared_reference)
 from reference import F64, assert_close
 
 CASES = (
@@ -40,6 +41,8 @@ OPENCL_CASES = (
     'runtime-size',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, unshared_reference, seed=12, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, unshared_reference, seed=1012, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2012, ids=("2d-t2", "1d-nobias", "frozen"))
 
 
 EQUIVALENCE = """

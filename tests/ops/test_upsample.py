@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch.nn.functional as F
 
-from opcases import (opencl_suite, standard_suite, Case, assert_c_compiles_cleanly, assert_error_at, layer_stats,
-                     source)
+from opcases import (opencl_f64_test, opencl_nhwc_test, opencl_suite, standard_suite, Case,
+                     assert_c_compiles_cleanly, assert_error_at, layer_stats, source)
 
 
 def reference(x, params, *, factor, mode="nearest"):
@@ -46,6 +46,9 @@ OPENCL_CASES = (
     'runtime-size',
 )
 opencl_runs, test_opencl_matches_torch = opencl_suite(CASES, reference, seed=62, ids=OPENCL_CASES)
+test_opencl_nhwc_layout_matches_torch = opencl_nhwc_test(CASES, reference, seed=1062, ids=OPENCL_CASES)
+test_opencl_finite_differences_float64 = opencl_f64_test(CASES, seed=2062, ids=(
+    "2d-nearest-per-axis", "2d-bilinear-odd", "1d-linear", "3d-trilinear", "1-pixel-bilinear"))
 
 
 def test_check_rows():
