@@ -33,7 +33,7 @@ from ..ir import dims as D
 from ..ir.dims import Dim
 from ..lower.program import (ACTIVATION, ACTIVATIONS, DERIVED, PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary,
                              Operand, ParallelSplit, Program, Step)
-from ..ops.base import lookup, registry
+from ..ops.base import lookup
 from ..ops.losses import LABELS, LOSSES, PROBABILITIES
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
