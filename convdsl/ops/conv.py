@@ -471,7 +471,7 @@ CONV_VARIANTS = (
             cost=_separable_cost, applies=_is_separable,
             needs="a frozen `const` weight (weight=CONST, frozen=true) whose kernel is, for every pair of output and "
                   "input channel, an outer product of one vector per axis (rank 1)",
-            workspace=_separable_workspace, fuses_epilogue=True),
+            workspace=_separable_workspace, fuses_epilogue=True, backends=("c",)),
     Variant("tiled", "conv_tiled", "OpenCL: work-groups over tiles of output channels × positions, the reduction "
                                    "staged in local memory (dX and dW the same way)",
             cost=_tiled_cost, parallel="work-groups over channel × position tiles", fuses_epilogue=True,

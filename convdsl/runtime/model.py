@@ -212,9 +212,11 @@ class ModelBase:
         self._c_update = getattr(lib, f"{p}_update")
         self._c_set_threads = getattr(lib, f"{p}_set_threads")
         self._cores = _usable_cores()
-        self._threads_set = 0          # what set_threads last told the C model (0: OpenMP's own count)
-        if self._threads:              # before the first prepare, which plans per-thread workspaces
-            self._tell_threads(self._threads)
+        # Told before the first prepare, which plans the per-thread workspaces for it: a model
+        # prepares as any other one does, whatever OpenMP's count in the calling thread is (torch,
+        # sharing libgomp, may have set it to 1), and so sums what threads split in the same order.
+        self._threads_set = 0          # what set_threads last told the C model
+        self._tell_threads(self._threads or self._cores)
         # The optimizer's arguments as C reads them, and the keywords they were checked for (a
         # loop that passes the same keywords every step checks them once).
         self._optimizer = self._ffi.new(f"{p}_optimizer *")

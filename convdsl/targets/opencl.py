@@ -72,7 +72,7 @@ class OpenCLTarget(CHost, Target):
     # memory; ops/conv_tiled.cl.j2) or, for every C variant it has, one work-item per output
     # value (ops/conv.cl.j2); these variants' own state (Winograd's kept kernel transforms) and
     # register tiling for the CPU exist only in the C kernels.
-    lacks_variants = frozenset({"blocked", "winograd2", "winograd4", "separable"})
+    lacks_variants = frozenset({"blocked", "winograd2", "winograd4"})
 
     def scalar_type(self, dtype: str) -> str:
         return _SCALAR[dtype]

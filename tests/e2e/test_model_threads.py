@@ -133,14 +133,19 @@ def one_step(net, x):
     return y, dx, {k: g.copy() for k, g in net.grads.items()}
 
 
-def test_threads_sets_the_count_each_call_computes_with(module):
+@pytest.fixture(scope="module")
+def c_module():
+    return convdsl.load_source(NET)
+
+
+def test_threads_sets_the_count_each_call_computes_with(c_module):
     """The C model runs its passes on `threads` threads: it plans a per-thread workspace for each
     (the conv backward gives each thread whole samples), and the results are the one-thread
     results (per-thread weight gradients summed in a fixed order: within rounding)."""
     from convdsl.runtime.model import _usable_cores
     many = _usable_cores() + 2
     x = np.random.default_rng(3).standard_normal((8, 3, 10, 10)).astype(np.float32)
-    alone, wide = module.Model(seed=0, threads=1), module.Model(seed=0, threads=many)
+    alone, wide = c_module.Model(seed=0, threads=1), c_module.Model(seed=0, threads=many)
     assert (alone.threads, wide.threads) == (1, many)
     y1, dx1, g1 = one_step(alone, x)
     y2, dx2, g2 = one_step(wide, x)
@@ -163,23 +168,25 @@ def test_threads_must_be_a_positive_count(module, bad):
 
 def test_calls_running_at_once_share_the_cores(module, monkeypatch):
     """With threads=None a call takes cores // (calls running, itself included) threads, at least
-    one: as if two other models' calls ran in other Python threads, this one gets a third."""
+    one: as if two other models' calls ran in other Python threads, this one gets a third. The
+    model is told every core before its first prepare, and a count again only when it changes."""
     from convdsl.runtime import model as runtime
     monkeypatch.setattr(runtime, "_usable_cores", lambda: 6)
     net = module.Model(seed=0)
+    assert net._threads_set == 6                      # told at creation: every core
     told = []
     real_set = net._c_set_threads
     net._c_set_threads = lambda m, n: (told.append(n), real_set(m, n))[1]
     x = np.zeros((2, 3, 10, 10), np.float32)
-    net.forward(x)                                    # alone: every core
+    net.forward(x)                                    # alone: every core, as told already
     monkeypatch.setattr(runtime, "_CALLS_RUNNING", [None, None])
     net.forward(x)                                    # two others running: 6 // 3
     monkeypatch.setattr(runtime, "_CALLS_RUNNING", [None] * 9)
     net.forward(x)                                    # nine others: still one thread
     net.forward(x)                                    # the same count again: not told twice
-    assert told == [6, 2, 1]
+    assert told == [2, 1]
     net.threads = 4                                   # a count of its own: told at once, then kept
     monkeypatch.setattr(runtime, "_CALLS_RUNNING", [])
     net.forward(x)
-    assert told == [6, 2, 1, 4]
+    assert told == [2, 1, 4]
     assert runtime._CALLS_RUNNING == []               # every call took its entry out again
