@@ -476,7 +476,14 @@ def _syntax_error(source: Source, err: UnexpectedInput) -> ConvDSLError:
                     msg += f"; expected {expected}"
             return ConvDSLError(span, msg)
         width = len(str(tok)) if tok.type != "_NL" else 1
-        span = Span(source, tok.line, tok.column, tok.line, tok.column + max(1, width))
+        column = tok.column
+        if tok.type == "_NL":
+            # The end of the line as the error shows it: a lone \r before it (white space to the
+            # lexer) is not shown, so the caret goes just after the line's last shown character.
+            lines = source.text.split("\n")
+            shown = lines[tok.line - 1].rstrip("\r") if tok.line <= len(lines) else ""
+            column = min(column, len(shown) + 1)
+        span = Span(source, tok.line, column, tok.line, column + max(1, width))
         text = str(tok)
         before, before_at = _text_before(source.text, tok.start_pos)
         prefix = source.text[max(0, tok.start_pos - 1):tok.start_pos] if tok.start_pos else ""   # the character before
