@@ -41,6 +41,16 @@ class Case:
         return dims if layout == "NCHW" or len(dims) == 1 else (*dims[1:], dims[0])
 
 
+def dsl(value) -> str:
+    """A Python value written as a .cnn argument: 3, (1, 2), ((0, 1),), same, true."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        inner = ", ".join(dsl(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return str(value)
+
+
 def source(cases, dtype: str = "f32", layout: str = "NCHW") -> str:
     """One network: input xI → layer LI (the case's op) → output yI, for every case I."""
     lines = ["network T {", f"    dtype {dtype}", f"    layout {layout}"]

@@ -16,21 +16,11 @@ import torch.nn.functional as F
 import convdsl
 from backends import requires_opencl
 from convdsl.compiler import compile_graph, graph_from_source, module_meta
-from opcases import (opencl_nhwc_test, opencl_suite, opencl_variants, Case, compare_with_torch, compile_cases,
+from opcases import (dsl, opencl_nhwc_test, opencl_suite, opencl_variants, Case, compare_with_torch, compile_cases,
                      finite_differences, forced_runs, run_cases, source, variant_plan, variant_run)
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def dsl(value) -> str:
-    """A Python value written as a .cnn argument: 3, (1, 2), ((0, 1),), same, true."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        inner = ", ".join(dsl(v) for v in value)
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
-    return str(value)
 
 
 def conv_case(id, shape, out, kernel, *, kind="conv", dims=None, shape2=None, **kw) -> Case:

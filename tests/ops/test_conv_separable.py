@@ -17,21 +17,11 @@ from convdsl.errors import ConvDSLError
 from convdsl.lower import lower
 from convdsl.targets.opencl import OpenCLTarget
 from ccheck import assert_c_compiles_cleanly
-from opcases import finite_differences, Case
+from opcases import dsl, finite_differences, Case
 from reference import assert_close, pad_pairs, pad_spatial
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 RNG = np.random.default_rng(201)
-
-
-def dsl(value) -> str:
-    """A Python value written as a .cnn argument: 3, (1, 2), ((0, 1),), same, true."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        inner = ", ".join(dsl(v) for v in value)
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
-    return str(value)
 
 
 def literal(a: np.ndarray) -> str:
