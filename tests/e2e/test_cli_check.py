@@ -1,16 +1,19 @@
 """`convdsl check` (the table, --json against its schema) and `convdsl graph` on every example."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 
+from convdsl.cli import main
 from convdsl.compiler import graph_from_file, graph_from_source, networks_in_file
 from convdsl.graphviz import quote, to_dot
 from convdsl.passes.memory import plan_memory
@@ -21,9 +24,22 @@ SCHEMA = json.loads((REPO / "docs" / "check-report.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 
-def cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "convdsl", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd)
+def cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    """`convdsl ARGS` run in this process (convdsl.cli.main, its streams captured): a Python
+    process per call cost half a second each. The installed command itself runs in
+    test_cli_help.py and test_cli_compile.py."""
+    out, err = io.StringIO(), io.StringIO()
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:         # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(["convdsl", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_the_schema_is_a_draft_2020_12_schema():

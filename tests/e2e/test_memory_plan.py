@@ -40,7 +40,8 @@ def inputs(graph, size, rng):
 
 
 @pytest.mark.parametrize("path,network", CASES, ids=[f"{p.stem}:{n}" for p, n in CASES])
-def test_module_allocates_what_check_reports(path, network):
+def test_module_allocates_what_check_reports(path, network, optimised):
+    # (-O3: the module test_examples.py builds, from the run's cache when it came first.)
     graph = graph_from_file(path, network)
     memory = plan_memory(graph)
     net = convdsl.load(path, network).Model(seed=0)
