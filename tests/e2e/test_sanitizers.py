@@ -1,7 +1,7 @@
 """The generated C under AddressSanitizer and UndefinedBehaviorSanitizer, through tests/sanitize.sh
 (CONVDSL_SANITIZE=1 builds, libasan preloaded): a small network of every kernel family in the
-quick run, the examples in the slow one; every run must end with no report. A deliberate
-overflow shows that the harness does see reports."""
+quick run, the examples and a slice of the op tests in the slow one; every run must end with no
+report. A deliberate overflow shows that the harness does see reports."""
 from __future__ import annotations
 
 import os
@@ -142,13 +142,14 @@ def test_an_overrun_from_one_tensor_into_the_next_is_reported(tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_examples_run_clean_under_the_sanitizers(tmp_path):
-    """Every example: forward, backward, train_step (convolutions of each algorithm, pools,
-    batchnorm, dropout, concat, dense, both losses). More is a command away: tests/sanitize.sh
-    tests/ops (docs/testing.md)."""
+def test_examples_and_op_tests_run_clean_under_the_sanitizers(tmp_path):
+    """Every example (forward, backward, train_step: convolutions of each algorithm, pools,
+    batchnorm, dropout, concat, dense, both losses) and the upsample op suite. More is a command
+    away: tests/sanitize.sh tests/ops (docs/testing.md)."""
     # The C backend's runs: on OpenCL the kernels run inside PoCL, which the sanitizers do not
     # instrument, and its compiles under them doubled this test's time.
-    proc = sanitized(["-x", "-p", "no:cacheprovider", "-k", "not opencl", "tests/e2e/test_examples.py"], tmp_path,
-                     timeout=1800)
+    # Nor the upsample suite's -Werror compile, which runs nothing.
+    proc = sanitized(["-x", "-p", "no:cacheprovider", "-k", "not opencl and not warnings", "tests/e2e/test_examples.py",
+                      "tests/ops/test_upsample.py"], tmp_path, timeout=1800)
     assert_clean(proc)
     assert re.search(r"\b\d+ passed\b", proc.stdout) and "failed" not in proc.stdout, proc.stdout[-2000:]
