@@ -76,11 +76,12 @@ def compile_cases(cases, dtype: str = "f32", layout: str = "NCHW", algo: dict | 
     return _MODULES[key]
 
 
-def case_variants(cases, ops: tuple[str, ...], algo: dict | None = None) -> list[frozenset[str]]:
+def case_variants(cases, ops: tuple[str, ...], algo: dict | None = None, graph=None) -> list[frozenset[str]]:
     """For every case, the kernel variants the plan runs its `ops` steps with (under `algo`).
-    Case I's steps are layer LI and, for ops that expand, LI.<part>."""
+    Case I's steps are layer LI and, for ops that expand, LI.<part>. `graph`: the cases' graph,
+    when the caller has parsed it already."""
     from convdsl.lower import lower
-    program = lower(graph_from_source(source(cases)), algo)
+    program = lower(graph if graph is not None else graph_from_source(source(cases)), algo)
     found: list[set[str]] = [set() for _ in cases]
     for step in program.forward:
         if step.op in ops:
@@ -108,10 +109,11 @@ class VariantPlan:
 def variant_plan(cases, ops: tuple[str, ...]) -> VariantPlan:
     from convdsl.ops.base import lookup
     names = list(dict.fromkeys(v.name for op in ops for v in lookup(op).variants()))
-    auto = case_variants(cases, ops)
+    graph = graph_from_source(source(cases))        # parsed once (at collection), lowered per variant
+    auto = case_variants(cases, ops, graph=graph)
     forced = {}
     for v in names:
-        got = case_variants(cases, ops, {op: v for op in ops})
+        got = case_variants(cases, ops, {op: v for op in ops}, graph=graph)
         forced[v] = [i for i in range(len(cases)) if v in got[i] and v not in auto[i]]
     pairs = [(v, i) for v in names for i in range(len(cases)) if v in auto[i] or i in forced[v]]
     return VariantPlan(tuple(ops), auto, forced, pairs)
