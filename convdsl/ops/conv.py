@@ -60,6 +60,12 @@ def _kernel_text(k: tuple[int, ...]) -> str:
 # planned for the largest tile, so that any target's build fits in them.
 BLOCKED_MAX_ROWS = 8
 BLOCKED_MAX_COLS = 32
+# A sample's tiles split across threads from this many multiply-adds on (ParallelSplit.
+# gemm_threshold; the backward's GEMMs take it too). Measured on the 2-core Xeon, 2 threads,
+# LeNet-5's convs (1→6 5×5 on 28², 117,600 MACs; 6→16 5×5 on 14², 240,000): split, each ran as
+# long as on one thread or longer, and the maxpool after it ~2× longer for reading the other
+# core's half; at batch 1 the forward took 34 µs split, 26 µs not (benchmarks/RESULTS.md).
+BLOCKED_SPLIT_MACS = 1_000_000
 
 
 # ---- kernel variants: applicability on the attributes, cost in element operations per sample ----
@@ -463,7 +469,7 @@ CONV_VARIANTS = (
                                "(backward as im2col)",
             cost=_blocked_cost, workspace=_blocked_workspace,
             parallel="channel blocks × position tiles of each sample (backward: as im2col)",
-            fuses_epilogue=True, thread_workspace=_columns_and_gradients),
+            gemm_threshold=BLOCKED_SPLIT_MACS, fuses_epilogue=True, thread_workspace=_columns_and_gradients),
     _winograd_variant("winograd2"),
     _winograd_variant("winograd4"),
     Variant("separable", "conv_separable", "a frozen const kernel of rank 1 (Sobel, box, Gaussian) as one 1-D pass "

@@ -61,6 +61,12 @@ class MaxPool(WindowPool):
     relatives = ("fractional_max_pool",)
     summary = "max over each window; a padded cell never wins"
 
+    def kernel_context(self, attrs, in_types, out, c):
+        # Without padding every window lies inside the input (the output size is the floor of
+        # (I − K) / S + 1), and the forward reads its cells with no bounds to check.
+        inside = all(before == 0 and after == 0 for before, after in attrs["pads"])
+        return {**super().kernel_context(attrs, in_types, out, c), "inside": inside}
+
 
 @register
 class AvgPool(WindowPool):

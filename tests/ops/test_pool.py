@@ -168,3 +168,32 @@ def test_padding_never_wins_a_max_and_is_never_counted_in_a_mean(backend):
     ones = net.forward(np.ones_like(x), np.ones_like(v))
     np.testing.assert_array_equal(ones[2], np.ones((1, 1, 3, 4)))
     np.testing.assert_array_equal(ones[3], np.ones((1, 1, 2, 3)))
+
+
+NANS = """
+network N {
+    input x: [2, 4, 6]
+    inside = x -> maxpool(2)
+    overlapping = x -> maxpool(3, stride=1)
+    padded = x -> maxpool(2, pad=((1, 1), (1, 1)))
+    output inside, overlapping, padded
+}
+"""
+
+
+def test_a_nan_wins_a_max_with_and_without_padding():
+    # Without padding the forward reads each window with no bounds checks (templates/c/ops/
+    # maxpool.c.j2); with padding it scans as the backward does. Both give a NaN where PyTorch does:
+    # in any cell of the window, the first or a later one.
+    net = convdsl.load_source(NANS).Model()
+    x = np.random.default_rng(5).standard_normal((3, 2, 4, 6)).astype(np.float32)
+    x[0, 0, 0, 0] = x[1, 1, 3, 5] = x[2, 0, 1, 2] = x[2, 1, 2, 1] = np.nan
+    xt = torch.tensor(x, dtype=torch.float64)
+    inside, overlapping, padded = net.forward(x)
+    for got, want, what in ((inside, F.max_pool2d(xt, 2), "no padding"),
+                            (overlapping, F.max_pool2d(xt, 3, 1), "overlapping windows"),
+                            (padded, F.max_pool2d(xt, 2, 2, padding=1), "padding")):
+        want = want.numpy()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=what)
+        assert np.isnan(want).sum() >= 4, what
+        np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=1e-6, err_msg=what)
