@@ -152,11 +152,13 @@ def cmd_compile(args) -> int:
             from .codegen.weights import checked_state, render_weights
             state = checked_state(compiled.program, _weights_file(args.weights, graph), f"--weights {args.weights}")
             weights_c = render_weights(compiled.program, src.prefix, graph.name, state, Path(args.weights).name)
-        so_path = build_library(src.prefix, src.c, src.h, src.cdef, compiled.backend)
+        so_path = build_library(src.prefix, src.c, src.h, src.cdef, compiled.backend, src.kernels)
         with _writing(out):
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{src.prefix}.c").write_text(src.c)
             (out / f"{src.prefix}.h").write_text(src.h)
+            if src.kernels is not None:       # the same file for every network of its element type
+                (out / f"{src.kernels.name}.c").write_text(src.kernels.c)
             shutil.copyfile(so_path, out / so_path.name)
             size, sha256 = file_digest(out / so_path.name)
             py = environment().get_template("python/module.py.j2").render(
@@ -167,8 +169,11 @@ def cmd_compile(args) -> int:
             if weights_c is not None:
                 (out / f"{src.prefix}_weights.c").write_text(weights_c)
                 builtin.add(src.prefix)
-        written.append((graph.name, src.prefix))
-        print(f"{graph.name}: wrote {out / (src.prefix + '.c')}, {src.prefix}.h, {src.prefix}.py and {so_path.name}"
+        kernels = src.kernels.name if src.kernels is not None else None
+        written.append((graph.name, src.prefix, kernels))
+        print(f"{graph.name}: wrote {out / (src.prefix + '.c')}, {src.prefix}.h, "
+              + (f"{kernels}.c (the kernel library it calls), " if kernels else "")
+              + f"{src.prefix}.py and {so_path.name}"
               + (f"; {src.prefix}_weights.c holds the weights of {args.weights}, built into the C library"
                  if src.prefix in builtin else ""))
     if written:
@@ -189,17 +194,20 @@ def _writing(out: Path):
         raise ConvDSLError(None, f"cannot write the compiled network to {where}: {reason}") from None
 
 
-def _write_makefile(out: Path, source: str, written: list[tuple[str, str]], c_flags: tuple[str, ...],
+def _write_makefile(out: Path, source: str, written: list[tuple[str, str, str | None]], c_flags: tuple[str, ...],
                     backend: str = "c", builtin: set = frozenset()) -> None:
     """A Makefile beside the C files: static and shared libraries and a demo program, built with
-    the flags of convdsl's own builds (OpenMP, OpenCL and PIC are the Makefile's business)."""
+    the flags of convdsl's own builds (OpenMP, OpenCL and PIC are the Makefile's business).
+    `written` holds (network, prefix, kernel library stem or None) for each network."""
     from .codegen.render import comment_safe, environment
     one = len(written) == 1
     networks = [{"name": name, "prefix": prefix, "demo_target": "demo" if one else f"{prefix}_demo",
-                 "builtin_weights": prefix in builtin} for name, prefix in written]
-    libraries = [f"lib{prefix}.{kind}" for _, prefix in written for kind in ("a", "so")]
+                 "builtin_weights": prefix in builtin, "kernels": kernels} for name, prefix, kernels in written]
+    libraries = [f"lib{prefix}.{kind}" for _, prefix, _ in written for kind in ("a", "so")]
+    kernel_libraries = sorted({kernels for _, _, kernels in written if kernels})
     text = environment().get_template("c/Makefile.j2").render(
-        networks=networks, libraries=libraries, source_name=comment_safe(source), backend=backend,
+        networks=networks, libraries=libraries, kernel_libraries=kernel_libraries,
+        source_name=comment_safe(source), backend=backend,
         optimise_flags=[f for f in c_flags if f not in ("-fopenmp", "-fPIC") and not f.startswith("-fvisibility")])
     (out / "Makefile").write_text(text)
     print(f"wrote {out / 'Makefile'}: `make -C {out}` builds {', '.join(libraries)}; "

@@ -107,7 +107,7 @@ def build_module(compiled: Compiled) -> types.ModuleType:
     from .runtime.build import build_library, load_library
     from .runtime.model import make_model_class
     src = compiled.source
-    path = build_library(src.prefix, src.c, src.h, src.cdef, compiled.backend)
+    path = build_library(src.prefix, src.c, src.h, src.cdef, compiled.backend, src.kernels)
     ext = load_library(path, src.cdef)
     meta = module_meta(compiled.graph, compiled.backend)
     module = types.ModuleType(src.prefix, f"Network {compiled.graph.name}, compiled by convdsl.")

@@ -7,8 +7,13 @@ took as long to compile as a small network's own code at -O1 (0.48 s of 0.79 s f
 network; measured with gcc 12), and a call through libffi costs about 0.04 µs more than one
 through it (0.13 µs against 0.09 µs for an argument-less call): nothing next to a forward.
 
+A network that calls the kernel library (templates/c/kernels.c.j2: the GEMM, im2col,
+Winograd, the same source for every network of an element type) links it as an object
+compiled once per flags and cached beside the modules (kernel_object), rather than compiling
+it again into each network.
+
 The cache key covers everything that changes the binary: the C source and declarations,
-the compiler flags and version and the CPU (for -march=native). A build
+the kernel library it links, the compiler flags and version and the CPU (for -march=native). A build
 happens in a temporary folder on the cache's filesystem and is moved into place with
 os.replace, so concurrent processes either see a complete module or none.
 
@@ -211,22 +216,22 @@ def _matches_manifest(target: Path) -> bool:
     return isinstance(recorded, dict) and recorded.get("size") == size and recorded.get("sha256") == sha256
 
 
-def build_library(prefix: str, c_source: str, header: str, cdef: str, backend: str = "c") -> Path:
+def build_library(prefix: str, c_source: str, header: str, cdef: str, backend: str = "c",
+                  kernels=None) -> Path:
     """Return the path of the network's shared library, compiling only on a cache miss or when
     the cached file does not match its manifest. The backend (`c`, `opencl`) is part of the
-    key, with its flags; `cdef` (the header as cffi reads it) too, since loading needs it."""
-    key = cache_key(c_source, header, cdef, backend=backend)
+    key, with its flags; `cdef` (the header as cffi reads it) too, since loading needs it.
+    `kernels` (a targets.base.KernelLibrary, or None) is the kernel library the source calls:
+    compiled once per flags into an object of its own (kernel_object) and linked in."""
+    key = cache_key(c_source, header, cdef, kernels.c if kernels is not None else "", backend=backend)
     target = library_path(prefix, key)
     if str(target) in _LOADED or _matches_manifest(target):
         return target
+    objects = (kernel_object(kernels, backend),) if kernels is not None else ()
     root = cache_root()
+    work = _work_folder(root)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
-    except (OSError, ValueError) as e:
-        raise _cache_problem(root, e) from None
-    try:
-        _build_in(work, prefix, key, target, c_source, header, backend)
+        _build_in(work, prefix, key, target, c_source, header, backend, objects)
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG and len(prefix) > NAME_IN_PATH:
             raise ConvDSLError(None, f"the network name is too long to build ({len(prefix)} characters): "
@@ -238,13 +243,19 @@ def build_library(prefix: str, c_source: str, header: str, cdef: str, backend: s
     return target
 
 
-def _build_in(work: Path, prefix: str, key: str, target: Path, c_source: str, header: str,
-              backend: str = "c") -> None:
-    (work / f"{prefix}.h").write_text(header)     # the generated C includes it by this name
-    (work / "network.c").write_text(c_source)
-    # Relative names, run inside the build folder: the temporary folder's name does not end
-    # up in the binary, so every build of one key is byte for byte the same file.
-    cmd = [compiler(), *c_flags(backend), "-I.", "network.c", "-o", target.name, *link_flags(backend)]
+def _work_folder(root: Path) -> Path:
+    """A fresh temporary folder for one build, on the cache's filesystem (so that os.replace
+    publishes its result atomically)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="build-", dir=root))
+    except (OSError, ValueError) as e:
+        raise _cache_problem(root, e) from None
+
+
+def _compile(cmd: list[str], work: Path, key: str, what: str) -> None:
+    """Run the C compiler in `work`; a refusal is a ConvDSLError and a warning a CompilerWarning,
+    each with the compiler's output in a log beside the cache."""
     try:
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -252,26 +263,72 @@ def _build_in(work: Path, prefix: str, key: str, target: Path, c_source: str, he
     if proc.returncode != 0:
         log = cache_root() / f"failed-{key[:16]}.log"
         log.write_text(" ".join(cmd) + "\n\n" + proc.stderr)
-        raise ConvDSLError(None, f"internal error: the C compiler rejected the generated code for {prefix} "
+        raise ConvDSLError(None, f"internal error: the C compiler rejected the generated code for {what} "
                                  f"(this is a convdsl bug; the compiler's output is in {log})")
     # A warning is never dropped: the generated code is meant to compile without one.
     if "warning:" in proc.stderr:
         log = cache_root() / f"warnings-{key[:16]}.log"
         log.write_text(" ".join(cmd) + "\n\n" + proc.stderr)
-        warnings.warn(CompilerWarning(f"the C compiler warned about the generated code for {prefix} "
+        warnings.warn(CompilerWarning(f"the C compiler warned about the generated code for {what} "
                                       f"(a convdsl bug; its output is in {log}):\n{proc.stderr.strip()[:2000]}"),
-                      stacklevel=3)
-    built = work / target.name
+                      stacklevel=4)
+
+
+def _publish(built: Path, target: Path, work: Path) -> None:
+    """Move a finished build into the cache: the file first and its manifest (size, sha256)
+    last, both atomically, so that a reader that finds a manifest finds the whole file it
+    describes (or, mid-rebuild, a file it does not describe: a rebuild)."""
     size, sha256 = file_digest(built)
     (work / "manifest.json").write_text(json.dumps({"file": target.name, "size": size, "sha256": sha256}))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(built, target)
+    os.replace(work / "manifest.json", manifest_path(target))
+
+
+_KERNEL_OBJECTS: set[str] = set()     # kernel objects this process built or checked
+
+
+def kernel_object(kernels, backend: str = "c") -> Path:
+    """The kernel library (templates/c/kernels.c.j2) compiled with this build's flags into a
+    position-independent object, cached like a module: keyed by its source, the flags, the
+    compiler and the CPU, published atomically, checked against its manifest before each use
+    and rebuilt when damaged. Every network of the element type links the same object, so
+    the GEMM, im2col and Winograd code is compiled once per flags rather than once a network."""
+    key = cache_key(kernels.c, backend=backend)
+    target = cache_root() / "kernels" / f"{kernels.name}_{key[:16]}.o"
+    if str(target) in _KERNEL_OBJECTS or _matches_manifest(target):
+        _KERNEL_OBJECTS.add(str(target))
+        return target
+    work = _work_folder(cache_root())
+    try:
+        (work / f"{kernels.name}.c").write_text(kernels.c)
+        _compile([compiler(), *c_flags(backend), "-c", f"{kernels.name}.c", "-o", target.name], work, key,
+                 f"the kernel library {kernels.name}")
+        _publish(work / target.name, target, work)
+    except OSError as e:
+        raise _cache_problem(cache_root(), e) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _KERNEL_OBJECTS.add(str(target))
+    return target
+
+
+def _build_in(work: Path, prefix: str, key: str, target: Path, c_source: str, header: str,
+              backend: str = "c", objects: tuple[Path, ...] = ()) -> None:
+    (work / f"{prefix}.h").write_text(header)     # the generated C includes it by this name
+    (work / "network.c").write_text(c_source)
+    # Relative names, run inside the build folder: the temporary folder's name does not end
+    # up in the binary, so every build of one key is byte for byte the same file. (The kernel
+    # object's path is only read by the linker.)
+    cmd = [compiler(), *c_flags(backend), "-I.", "network.c", *map(str, objects), "-o", target.name,
+           *link_flags(backend)]
+    _compile(cmd, work, key, prefix)
+    built = work / target.name
     target.parent.mkdir(parents=True, exist_ok=True)
     for name, published in (("network.c", "network.c"), (f"{prefix}.h", "network.h")):
         with contextlib.suppress(OSError):        # copies to read; the module does not need them
             os.replace(work / name, target.parent / published)
-    # Atomic, the library first and its manifest last: a reader that finds a manifest finds the
-    # whole library it describes (or, mid-rebuild, a library it does not describe: a rebuild).
-    os.replace(built, target)
-    os.replace(work / "manifest.json", manifest_path(target))
+    _publish(built, target, work)
 
 
 _LOADED: dict[str, object] = {}

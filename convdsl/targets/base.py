@@ -78,12 +78,24 @@ def layer_function(node_id: int, label: str) -> str:
 
 
 @dataclass(frozen=True)
+class KernelLibrary:
+    """The C that networks share instead of each compiling it (templates/c/kernels.c.j2): the
+    out-of-line halves of the kernel helpers, one source per element type. `name` is its file
+    stem (cdsl_kernels_f32), `tag` what its function names carry (element type and hash)."""
+    name: str
+    tag: str
+    c: str
+
+
+@dataclass(frozen=True)
 class Rendered:
-    """What a target makes of a program: the module's source, its header and the cffi declarations."""
+    """What a target makes of a program: the module's source, its header and the cffi
+    declarations, and the kernel library it calls (None when it calls none)."""
     prefix: str
     c: str
     h: str
     cdef: str
+    kernels: KernelLibrary | None = None
 
 
 class SizeSlots:
@@ -311,6 +323,13 @@ class Target:
             if not self.has_template(self.kernel_template(step.variant_template)):
                 raise ConvDSLError(None, f"{step.op} {step.label} (line {step.line}): kernel variant "
                                          f"`{step.variant}` is not supported by the {self.name} backend")
+
+    # Helpers (templates/<target>/lib/<h>.h.j2) whose out-of-line half (<h>.c.j2) is compiled
+    # once, as the target's kernel library, instead of into every network; in this order.
+    kernel_library_parts: tuple[str, ...] = ()
+
+    def kernel_library(self, dtype: str) -> KernelLibrary:
+        raise NotImplementedError(f"the {self.name} target has no kernel library")
 
     _env: jinja2.Environment | None = None
 
@@ -606,6 +625,9 @@ class Target:
             "zero_at_start": [{"index": o.value, "numel": host(o.size)} for o in pg.zero_at_start],
             "buffers": buffer_table, "buffer_total": pg.buffer_total, "saved": saved, "training_guards": guards,
         }
+        kernels = self.kernel_library(dtype) if set(helpers) & set(self.kernel_library_parts) else None
+        context.update(kernels=kernels, kernels_tag=kernels.tag if kernels else "",
+                       kernels_name=kernels.name if kernels else "")
         env = self.environment()
         try:
             body = env.get_template(self.module_template()).render(dims=sizes.slot_exprs(), **context)
@@ -613,7 +635,7 @@ class Target:
             cdef = env.get_template(self.header_template()).render(for_cffi=True, **context)
         except jinja2.TemplateError as e:
             raise ConvDSLError(None, f"internal error while generating {self.name}: {type(e).__name__}: {e}") from None
-        return Rendered(prefix, body, header, cdef)
+        return Rendered(prefix, body, header, cdef, kernels)
 
 
 def _init_scale(spec) -> float:

@@ -10,10 +10,13 @@ header.h.j2).
 """
 from __future__ import annotations
 
+import hashlib
+
 from ..errors import ConvDSLError
-from .base import INT64_MAX, Target
+from .base import INT64_MAX, KernelLibrary, Target
 
 INT32_MAX = 2 ** 31 - 1
+_KERNEL_LIBRARIES: dict[str, KernelLibrary] = {}     # one rendering per element type and process
 
 _SCALAR = {"f32": "float", "f64": "double"}
 _MATH = {"f32": {"exp": "expf", "tanh": "tanhf", "sqrt": "sqrtf", "log": "logf", "fabs": "fabsf", "erf": "erff"},
@@ -71,6 +74,21 @@ class CTarget(CHost, Target):
     template_dir = "c"
     kernel_ext = "c"
     poisons_guard_zones = True
+    kernel_library_parts = ("gemm", "im2col", "winograd", "conv_blocked")
+
+    def kernel_library(self, dtype: str) -> KernelLibrary:
+        """templates/c/kernels.c.j2 for `dtype`, the same text for every network: its function
+        names carry a hash of the source (rendered first with the element type alone), so that
+        a program linking two networks gets one copy only where the code is the same."""
+        if dtype not in _KERNEL_LIBRARIES:
+            template = self.environment().get_template("c/kernels.c.j2")
+            name = f"cdsl_kernels_{dtype}"
+            context = {"ctype": self.scalar_type(dtype), "kernel_helpers": self.kernel_library_parts,
+                       "kernels_name": name}
+            draft = template.render(kernels_tag=dtype, **context)
+            tag = f"{dtype}_{hashlib.sha256(draft.encode()).hexdigest()[:10]}"
+            _KERNEL_LIBRARIES[dtype] = KernelLibrary(name, tag, template.render(kernels_tag=tag, **context))
+        return _KERNEL_LIBRARIES[dtype]
 
     def scalar_type(self, dtype: str) -> str:
         return _SCALAR[dtype]

@@ -309,7 +309,8 @@ def test_the_loader_reads_nothing_out_of_bounds(tmp_path):
     # At -O0 -g, as convdsl's own sanitizer builds (SANITIZE_FLAGS): the same checks, 2.5 times faster to build.
     proc = subprocess.run(["gcc", "-std=c11", "-O0", "-g", "-fopenmp", "-fsanitize=address,undefined",
                            "-fno-sanitize-recover=all", f"-I{out}", str(REPO / "examples" / "c_api_demo.c"),
-                           str(out / "lenet5.c"), "-lm", "-o", str(exe)], capture_output=True, text=True, timeout=300)
+                           str(out / "lenet5.c"), str(out / "cdsl_kernels_f32.c"), "-lm", "-o", str(exe)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     script = f"""
 import sys, numpy as np
