@@ -1,7 +1,8 @@
 #!/bin/sh
 # Run pytest (or any command after `--`) with every generated module built under AddressSanitizer
-# and UndefinedBehaviorSanitizer (CONVDSL_SANITIZE=1, a cache of its own). An ASan-built
-# extension can only be loaded into a process that starts with libasan, hence LD_PRELOAD.
+# and UndefinedBehaviorSanitizer (CONVDSL_SANITIZE=1, a cache of its own; or the checks that
+# CONVDSL_SANITIZE names, a -fsanitize= list holding `address`). An ASan-built extension can
+# only be loaded into a process that starts with libasan, hence LD_PRELOAD.
 #   tests/sanitize.sh tests/e2e/test_examples.py -x        # pytest arguments
 #   tests/sanitize.sh -- python examples/train_digits.py    # any command
 # Leak detection is off (the Python interpreter itself "leaks" at exit); any other report
@@ -13,7 +14,7 @@ case "$ASAN_LIB" in
     /*) ;;
     *) echo "sanitize.sh: $CC has no libasan.so" >&2; exit 2 ;;
 esac
-export CONVDSL_SANITIZE=1
+export CONVDSL_SANITIZE="${CONVDSL_SANITIZE:-1}"      # 1: address,undefined; or a -fsanitize= list with address
 export CONVDSL_CACHE_DIR="${CONVDSL_SANITIZE_CACHE_DIR:-${TMPDIR:-/tmp}/convdsl-sanitize-cache}"
 export LD_PRELOAD="$ASAN_LIB${LD_PRELOAD:+ $LD_PRELOAD}"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:${ASAN_OPTIONS:-}"

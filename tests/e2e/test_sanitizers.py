@@ -1,7 +1,7 @@
 """The generated C under AddressSanitizer and UndefinedBehaviorSanitizer, through tests/sanitize.sh
-(CONVDSL_SANITIZE=1 builds, libasan preloaded): a small network of every kernel family in the
-quick run, the examples and a slice of the op tests in the slow one; every run must end with no
-report. A deliberate overflow shows that the harness does see reports."""
+(CONVDSL_SANITIZE builds, libasan preloaded): a small network of every kernel family in the
+quick run; every example, and every op test file's networks, in the slow one; every run must
+end with no report. A deliberate overflow shows that the harness does see reports."""
 from __future__ import annotations
 
 import os
@@ -19,9 +19,22 @@ SCRIPT = REPO / "tests" / "sanitize.sh"
 REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer")
 
 
-def sanitized(args, tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CONVDSL_SANITIZE_CACHE_DIR": str(tmp_path / "cache"),
-           "OMP_NUM_THREADS": "2"}
+# The checks of the op networks' sweep (tests/op_networks.py): ASan and the core of UBSan, without
+# its null, alignment and pointer-overflow checks, which took 40% of the sweep's compile time and
+# find what ASan reports when the pointer is used (convdsl/runtime/build.py, SANITIZE_FLAGS).
+SWEEP_CHECKS = "address,signed-integer-overflow,shift,bounds,integer-divide-by-zero,vla-bound"
+
+
+@pytest.fixture(scope="session")
+def sanitize_cache(tmp_path_factory) -> Path:
+    """One sanitizer build cache for this worker's runs: what they share (the kernel library,
+    the same small networks) compiles once; entries are keyed by content and flags."""
+    return tmp_path_factory.mktemp("sanitize-cache")
+
+
+def sanitized(args, cache: Path, timeout: int, checks: str = "1") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CONVDSL_SANITIZE_CACHE_DIR": str(cache),
+           "CONVDSL_SANITIZE": checks, "OMP_NUM_THREADS": "2"}
     env.pop("CONVDSL_CACHE_DIR", None)
     env.pop("PYTEST_ADDOPTS", None)     # the caller's plugins and options are not the nested run's
     return subprocess.run(["sh", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
@@ -36,6 +49,12 @@ def test_sanitized_builds_have_flags_and_a_cache_key_of_their_own(monkeypatch):
     assert cache_key("source") != plain_key
     assert "-fsanitize=address,undefined" in c_flags() and "-O3" not in c_flags() and "-O3" in plain_flags
     assert "-fsanitize=address,undefined" in link_flags()
+    monkeypatch.setenv("CONVDSL_SANITIZE", SWEEP_CHECKS)
+    assert f"-fsanitize={SWEEP_CHECKS}" in c_flags() and f"-fsanitize={SWEEP_CHECKS}" in link_flags()
+    for wrong in ("undefined", "address;rm -rf /", "address,"):
+        monkeypatch.setenv("CONVDSL_SANITIZE", wrong)
+        with pytest.raises(ConvDSLError, match="CONVDSL_SANITIZE"):
+            c_flags()
 
 
 def test_the_optimisation_level_follows_convdsl_opt_and_is_part_of_the_cache_key(monkeypatch):
@@ -92,8 +111,8 @@ print("ran", y.shape)
 """
 
 
-def test_a_network_of_every_kernel_family_runs_clean_under_the_sanitizers(tmp_path):
-    proc = sanitized(["--", "python", "-c", SMALL], tmp_path, timeout=600)
+def test_a_network_of_every_kernel_family_runs_clean_under_the_sanitizers(sanitize_cache):
+    proc = sanitized(["--", "python", "-c", SMALL], sanitize_cache, timeout=600)
     assert_clean(proc)
     assert "ran (3, 5)" in proc.stdout
 
@@ -107,8 +126,8 @@ print("not caught")
 """
 
 
-def test_the_harness_sees_a_report(tmp_path):
-    proc = sanitized(["--", "python", "-c", OVERRUN], tmp_path, timeout=600)
+def test_the_harness_sees_a_report(sanitize_cache):
+    proc = sanitized(["--", "python", "-c", OVERRUN], sanitize_cache, timeout=600)
     assert proc.returncode != 0 and "ERROR: AddressSanitizer" in proc.stderr, proc.stderr[-3000:]
     assert "not caught" not in proc.stdout
 
@@ -135,21 +154,32 @@ print("not caught")
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_an_overrun_from_one_tensor_into_the_next_is_reported(tmp_path, mode):
-    proc = sanitized(["--", "python", "-c", INNER_OVERRUN, mode], tmp_path, timeout=600)
+def test_an_overrun_from_one_tensor_into_the_next_is_reported(sanitize_cache, mode):
+    proc = sanitized(["--", "python", "-c", INNER_OVERRUN, mode], sanitize_cache, timeout=600)
     assert proc.returncode != 0 and "ERROR: AddressSanitizer" in proc.stderr, proc.stdout + proc.stderr[-3000:]
     assert "not caught" not in proc.stdout
 
 
 @pytest.mark.slow
-def test_examples_and_op_tests_run_clean_under_the_sanitizers(tmp_path):
+def test_every_example_runs_clean_under_the_sanitizers(sanitize_cache):
     """Every example (forward, backward, train_step: convolutions of each algorithm, pools,
-    batchnorm, dropout, concat, dense, both losses) and the upsample op suite. More is a command
-    away: tests/sanitize.sh tests/ops (docs/testing.md)."""
+    batchnorm, dropout, concat, dense, both losses), with ASan and all of UBSan."""
     # The C backend's runs: on OpenCL the kernels run inside PoCL, which the sanitizers do not
-    # instrument, and its compiles under them doubled this test's time.
-    # Nor the upsample suite's -Werror compile, which runs nothing.
-    proc = sanitized(["-x", "-p", "no:cacheprovider", "-k", "not opencl and not warnings", "tests/e2e/test_examples.py",
-                      "tests/ops/test_upsample.py"], tmp_path, timeout=1800)
+    # instrument, and its compiles under them doubled this test's time. Nor the examples'
+    # -Werror compile, which runs nothing.
+    proc = sanitized(["-x", "-p", "no:cacheprovider", "-k", "not opencl and not warnings",
+                      "tests/e2e/test_examples.py"], sanitize_cache, timeout=1800)
     assert_clean(proc)
     assert re.search(r"\b\d+ passed\b", proc.stdout) and "failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_every_op_test_network_runs_clean_under_the_sanitizers(sanitize_cache):
+    """The networks of every op test file with CASES, as its tests build them (the plan's
+    variants and each forced one), forward and backward at two batch sizes and in eval mode
+    (tests/op_networks.py), under ASan and UBSan's core checks (SWEEP_CHECKS)."""
+    proc = sanitized(["--", "python", "tests/op_networks.py"], sanitize_cache, timeout=1800, checks=SWEEP_CHECKS)
+    assert_clean(proc)
+    ran = re.search(r"op_networks: (\d+) networks ran", proc.stdout)
+    assert ran and int(ran.group(1)) >= 27, proc.stdout[-2000:]       # 27 on 2026-12-02
+    assert "test_conv: winograd4" in proc.stdout and "test_upsample: plan" in proc.stdout
