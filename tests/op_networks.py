@@ -44,9 +44,10 @@ def op_files(names=()) -> list[Path]:
 
 
 def load(path: Path):
+    """An op test file, imported from its path (tests/ops on the path for its own imports)."""
     if str(OPS) not in sys.path:
         sys.path.insert(0, str(OPS))
-    spec = importlib.util.spec_from_file_location(f"_op_networks_{path.stem}", path)
+    spec = importlib.util.spec_from_file_location(f"_op_file_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -9,20 +9,18 @@ whose -O3 builds with -Wall -Wextra test_examples.py makes (a warning there fail
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from ccheck import assert_generated_c_compiles_cleanly
+from op_networks import load, op_files
 from convdsl.compiler import compile_graph, graph_from_file, graph_from_source, networks_in_file
 from convdsl.runtime.build import CompilerWarning, build_library
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = [(path, name) for path in sorted((REPO / "examples").glob("*.cnn")) for name in networks_in_file(path)]
-OPS = REPO / "tests" / "ops"
-OP_FILES = sorted(p for p in OPS.glob("test_*.py") if "\nCASES = (" in p.read_text())
+OP_FILES = op_files()
 
 
 def test_a_build_that_draws_a_warning_says_so():
@@ -51,11 +49,7 @@ def test_every_example_compiles_without_a_warning(path, network, tmp_path):
 
 def op_cases(path: Path):
     """The CASES of one op test file (and MAP_CASES where it has them), imported from its file."""
-    if str(OPS) not in sys.path:
-        sys.path.insert(0, str(OPS))
-    spec = importlib.util.spec_from_file_location(f"_warnings_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load(path)
     return tuple(module.CASES) + tuple(getattr(module, "MAP_CASES", ()))
 
 
