@@ -58,6 +58,7 @@ import numpy as np
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_BUCKET_BYTES = 25 << 20
 SPIN_SECONDS = 2e-3             # how long a wait polls MPI without pausing
+ABORT_GRACE_SECONDS = 0.5       # for the launcher to forward what a failing rank wrote, before MPI_Abort
 
 
 class DistributedError(RuntimeError):
@@ -229,10 +230,14 @@ class DistributedModel:
         comm = self.comm
 
         def abort(kind, value, tb):
+            # One write, then a moment before MPI_Abort: the launcher forwards each rank's
+            # stderr through a pipe and stops when the first rank aborts, and a run whose ranks
+            # all failed at once showed one rank's first line and no traceback at all.
             sys.stderr.write(f"convdsl.distributed: uncaught exception on rank {comm.Get_rank()}; "
-                             f"aborting every rank (MPI_Abort)\n")
-            sys.stderr.write("".join(traceback.format_exception(kind, value, tb)))
+                             f"aborting every rank (MPI_Abort)\n"
+                             + "".join(traceback.format_exception(kind, value, tb)))
             sys.stderr.flush()
+            time.sleep(ABORT_GRACE_SECONDS)
             comm.Abort(1)
 
         if not getattr(sys.excepthook, "_convdsl_abort", False):
