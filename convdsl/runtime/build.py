@@ -7,8 +7,8 @@ took as long to compile as a small network's own code at -O1 (0.48 s of 0.79 s f
 network; measured with gcc 12), and a call through libffi costs about 0.04 µs more than one
 through it (0.13 µs against 0.09 µs for an argument-less call): nothing next to a forward.
 
-A network that calls the kernel library (templates/c/kernels.c.j2: the GEMM, im2col,
-Winograd, the same source for every network of an element type) links it as an object
+A network that calls the kernel library (templates/c/kernels.c.j2: the GEMM, the same source
+for every network of an element type) links it as an object
 compiled once per flags and cached beside the modules (kernel_object), rather than compiling
 it again into each network.
 
@@ -314,7 +314,7 @@ def kernel_object(kernels, backend: str = "c") -> Path:
     position-independent object, cached like a module: keyed by its source, the flags, the
     compiler and the CPU, published atomically, checked against its manifest before each use
     and rebuilt when damaged. Every network of the element type links the same object, so
-    the GEMM, im2col and Winograd code is compiled once per flags rather than once a network."""
+    the GEMM is compiled once per flags rather than once a network."""
     key = cache_key(kernels.c, backend=backend)
     target = cache_root() / "kernels" / f"{kernels.name}_{key[:16]}.o"
     if str(target) in _KERNEL_OBJECTS or _matches_manifest(target):

@@ -1,4 +1,4 @@
-"""The kernel library (templates/c/kernels.c.j2: the GEMM, col2im, Winograd's transforms):
+"""The kernel library (templates/c/kernels.c.j2: the GEMM's out-of-line half):
 one source per element type, compiled once per flags into a cached object that every network
 calling it links; a damaged cached object is rebuilt; and networks of both element types link
 into one C program, each with its own copy (their functions carry the dtype in their names)."""
