@@ -314,6 +314,8 @@ environment:
   CC                 the C compiler (default: cc); it needs OpenMP, as gcc has
   CONVDSL_OPT        the optimisation level of the builds (default: -O3; -O1 compiles faster)
   CONVDSL_ALGO       kernel variants to force, e.g. conv=im2col (as --algo)
+  CONVDSL_MARCH      the instruction set of the builds, a gcc -march name (default: native;
+                     e.g. x86-64-v3 for any AVX2 machine)
   CONVDSL_OPENCL_DEVICE  --backend opencl: the device, as P:D, an index or part of its name
                      (default: the first one found)
   CONVDSL_OPENCL_OPTIONS  --backend opencl: options added to the OpenCL compiler's

@@ -95,6 +95,20 @@ OPT_LEVELS = ("-O0", "-O1", "-O2", "-O3", "-Os")
 LEVEL_EXTRAS = {"-O1": ("-fexpensive-optimizations",)}
 
 
+# CONVDSL_MARCH=x86-64-v3 (any gcc -march name) builds for that instruction set instead of this
+# machine's (-march=native): a module for another machine, or the AVX2 and SSE2 forms of the
+# kernels tested on an AVX-512 one (tests/e2e/test_instruction_sets.py). Part of the cache key
+# through the flags.
+MARCH_ENV = "CONVDSL_MARCH"
+
+
+def march() -> str:
+    value = os.environ.get(MARCH_ENV, "") or "native"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._+-]{0,63}", value):
+        raise ConvDSLError(None, f"{MARCH_ENV}={value!r} is not a gcc -march name (e.g. native, x86-64-v3, armv8-a)")
+    return f"-march={value}"
+
+
 def sanitizing() -> bool:
     return os.environ.get("CONVDSL_SANITIZE", "") not in ("", "0")
 
@@ -122,8 +136,10 @@ def optimisation() -> str:
 
 def c_flags(backend: str = "c") -> tuple[str, ...]:
     """The compile flags of a build now: C_FLAGS at the level CONVDSL_OPT asks (-O3 by default),
-    or with the sanitizers at theirs (the OpenCL host code without OpenMP)."""
-    plain = tuple(f for f in C_FLAGS if not f.startswith("-O") and (backend == "c" or f != "-fopenmp"))
+    or with the sanitizers at theirs, for the instruction set CONVDSL_MARCH names (this
+    machine's by default); the OpenCL host code without OpenMP."""
+    plain = tuple(march() if f == "-march=native" else f for f in C_FLAGS
+                  if not f.startswith("-O") and (backend == "c" or f != "-fopenmp"))
     if sanitizing():
         return plain + SANITIZE_FLAGS + (f"-fsanitize={sanitizers()}",) + WARNING_FLAGS
     level = optimisation()
