@@ -445,6 +445,29 @@ DOT_OUTPUT_OPS = 90
 DOT_COLUMN_OPS = 2
 
 
+# A batch of more positions than DOT_COLUMNS (a run-time product: the batch times a sample's
+# positions) runs the dot variant's forward as packed GEMMs instead, each over the columns of
+# DOT_GEMM_COLUMNS // positions samples side by side: dot products read every weight once per
+# sample, at about a third of the packed micro-kernel's speed once the windows no longer fit in
+# L1; a GEMM packs the weights once for those samples (ResNet-18's 512-channel 3×3 convs on 4×4
+# maps at batch 8: see benchmarks/RESULTS.md).
+DOT_COLUMNS = 16
+DOT_GEMM_COLUMNS = 256
+
+
+def dot_samples(out) -> int:
+    """The samples of one packed GEMM of the dot variant past DOT_COLUMNS: DOT_GEMM_COLUMNS //
+    positions, at least 1 (1 where the positions are known at run time only)."""
+    positions = D.product(out.spatial)
+    return max(1, DOT_GEMM_COLUMNS // positions) if isinstance(positions, int) else 1
+
+
+def _dot_workspace(in_types, out, attrs):
+    # The windows of one sample (dot products) or the staged result of one group's GEMM.
+    staged = D.mul(attrs["out"] // attrs["groups"] * dot_samples(out), D.product(out.spatial))
+    return D.maximum(_columns(in_types, out, attrs), staged)
+
+
 def _dot_cost(in_types, out, attrs):
     macs = D.floordiv(D.mul(Conv.macs_of(attrs, out), int(DOT_MAC_WEIGHT * 10)), 10)
     outputs = D.mul(attrs["out"] * DOT_OUTPUT_OPS, D.product(out.spatial))
@@ -482,10 +505,10 @@ CONV_VARIANTS = (
                                    "staged in local memory (dX and dW the same way)",
             cost=_tiled_cost, parallel="work-groups over channel × position tiles", fuses_epilogue=True,
             backends=("opencl",), tiles=_tiled_tiles),
-    Variant("dot", "conv", "dot products of weight rows with each position's window, nothing packed "
-                           "(backward as pointwise or im2col)",
-            cost=_dot_cost, workspace=_columns, parallel="weight rows (backward: as pointwise or im2col)",
-            fuses_epilogue=True, thread_workspace=_columns_and_gradients, backends=("c",)),
+    Variant("dot", "conv", "dot products of weight rows with each position's window, nothing packed; a batch of "
+                           "more positions as GEMMs over several samples (backward as pointwise or im2col)",
+            cost=_dot_cost, workspace=_dot_workspace, parallel="weight rows (backward: as pointwise or im2col)",
+            fuses_epilogue=True, thread_workspace=_columns_and_gradients, backends=("c",), dot_columns=DOT_COLUMNS),
 )
 
 
@@ -615,7 +638,7 @@ class Conv(OpDef):
     def kernel_context(self, attrs, in_types, out, c) -> dict:
         return {**window_context(attrs, in_types[0], out, c),
                 "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()},
-                "pointwise": _is_pointwise(attrs),
+                "pointwise": _is_pointwise(attrs), "dot_samples": dot_samples(out),
                 "separable": separable_factors(attrs), "separable_axes": separable_axes(attrs)}
 
 
