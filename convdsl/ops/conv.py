@@ -445,26 +445,29 @@ DOT_OUTPUT_OPS = 90
 DOT_COLUMN_OPS = 2
 
 
-# A batch of more positions than DOT_COLUMNS (a run-time product: the batch times a sample's
-# positions) runs the dot variant's forward as packed GEMMs instead, each over the columns of
-# DOT_GEMM_COLUMNS // positions samples side by side: dot products read every weight once per
-# sample, at about a third of the packed micro-kernel's speed once the windows no longer fit in
-# L1; a GEMM packs the weights once for those samples (ResNet-18's 512-channel 3×3 convs on 4×4
-# maps at batch 8: see benchmarks/RESULTS.md).
+# A small map's forward at a batch of several samples runs as packed GEMMs, each over the columns
+# of GEMM_BATCH_COLUMNS // positions samples side by side (`im2col` from two samples on, `dot`
+# past DOT_COLUMNS positions in the batch, a run-time product of the batch and the positions):
+# a GEMM per sample packed all the weights for each sample's few columns, and dot products read
+# every weight once per sample, at about a third of the packed micro-kernel's speed once the
+# windows no longer fit in L1. One GEMM packs the weights once for its samples (1 thread, AMD
+# EPYC: a 512-channel 3×3 conv on 4×4 maps at batch 8 10.3 → 4.6 ms, PyTorch 4.3; a 256-channel
+# one on 8×8 at batch 8 4.8 → 3.9 ms).
 DOT_COLUMNS = 16
-DOT_GEMM_COLUMNS = 256
+GEMM_BATCH_COLUMNS = 256
 
 
-def dot_samples(out) -> int:
-    """The samples of one packed GEMM of the dot variant past DOT_COLUMNS: DOT_GEMM_COLUMNS //
-    positions, at least 1 (1 where the positions are known at run time only)."""
+def gemm_samples(out) -> int:
+    """The samples of one batched GEMM: GEMM_BATCH_COLUMNS // positions, at least 1 (1 where the
+    positions are known at run time only: no batching)."""
     positions = D.product(out.spatial)
-    return max(1, DOT_GEMM_COLUMNS // positions) if isinstance(positions, int) else 1
+    return max(1, GEMM_BATCH_COLUMNS // positions) if isinstance(positions, int) else 1
 
 
-def _dot_workspace(in_types, out, attrs):
-    # The windows of one sample (dot products) or the staged result of one group's GEMM.
-    staged = D.mul(attrs["out"] // attrs["groups"] * dot_samples(out), D.product(out.spatial))
+def _batched_workspace(in_types, out, attrs):
+    # The column matrix of one sample (dot's windows, im2col's backward) or the staged result of
+    # one group's batched GEMM.
+    staged = D.mul(attrs["out"] // attrs["groups"] * gemm_samples(out), D.product(out.spatial))
     return D.maximum(_columns(in_types, out, attrs), staged)
 
 
@@ -477,7 +480,7 @@ def _dot_cost(in_types, out, attrs):
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
-            workspace=_columns, parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
+            workspace=_batched_workspace, parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
             thread_workspace=_columns_and_gradients, costs_on=ON_OPENCL),
     Variant("pointwise", "conv", "1×1 at stride 1 without padding: a GEMM on the input itself",
             cost=_gemm_cost, applies=_is_pointwise,
@@ -507,7 +510,7 @@ CONV_VARIANTS = (
             backends=("opencl",), tiles=_tiled_tiles),
     Variant("dot", "conv", "dot products of weight rows with each position's window, nothing packed; a batch of "
                            "more positions as GEMMs over several samples (backward as pointwise or im2col)",
-            cost=_dot_cost, workspace=_dot_workspace, parallel="weight rows (backward: as pointwise or im2col)",
+            cost=_dot_cost, workspace=_batched_workspace, parallel="weight rows (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_columns_and_gradients, backends=("c",), dot_columns=DOT_COLUMNS),
 )
 
@@ -638,7 +641,7 @@ class Conv(OpDef):
     def kernel_context(self, attrs, in_types, out, c) -> dict:
         return {**window_context(attrs, in_types[0], out, c),
                 "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()},
-                "pointwise": _is_pointwise(attrs), "dot_samples": dot_samples(out),
+                "pointwise": _is_pointwise(attrs), "gemm_samples": gemm_samples(out),
                 "separable": separable_factors(attrs), "separable_axes": separable_axes(attrs)}
 
 
