@@ -447,7 +447,8 @@ DOT_COLUMN_OPS = 2
 
 # A small map's forward at a batch of several samples runs as packed GEMMs, each over the columns
 # of GEMM_BATCH_COLUMNS // positions samples side by side (`im2col` from two samples on, `dot`
-# past DOT_COLUMNS positions in the batch, a run-time product of the batch and the positions):
+# from two samples on once the batch has more than DOT_COLUMNS positions, a run-time product of
+# the batch and the positions; one sample runs as the plan chose it for one sample's shape):
 # a GEMM per sample packed all the weights for each sample's few columns, and dot products read
 # every weight once per sample, at about a third of the packed micro-kernel's speed once the
 # windows no longer fit in L1. One GEMM packs the weights once for its samples (1 thread, AMD
