@@ -162,7 +162,7 @@ def test_the_shared_helpers_split_at_the_thresholds_of_the_lowered_program():
     assert "#define CONV_LOOP_SPLIT 111\n" in conv and "#define CONV_BATCH_SPLIT 333\n" in conv
     assert "CONV_WINDOW, CONV_LOOP_SPLIT);" in conv
     assert "#define DECONV_LOOP_SPLIT 111\n" in deconv
-    assert "cdsl_col2im(col, yn, DECONV_WINDOW, DECONV_LOOP_SPLIT);" in deconv
+    assert "cdsl_col2im(col, PI, yn, DECONV_WINDOW, DECONV_LOOP_SPLIT);" in deconv
     assert "cdsl_im2col(dyn, col, DECONV_WINDOW, DECONV_LOOP_SPLIT);" in deconv
 
 def test_the_optimizer_splits_each_parameter_block_at_the_update_steps_threshold():
