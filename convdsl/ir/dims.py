@@ -148,6 +148,20 @@ def maximum(a: Dim, b: Dim) -> Dim:
     return _make({Atom("max", args=(x, y)): 1}, 0)
 
 
+def maximum_of(dims) -> Dim:
+    """The largest of `dims` (0 for none), as a balanced tree of `maximum` over the distinct ones:
+    folding them one by one nested the expression once per item, and a network of a hundred
+    layers with run-time sizes nested its workspace's maximum deeper than Python's recursion
+    limit (a fuzzed input, tests/campaigns/fuzz_regressions/traceback-recursionerror.cnn)."""
+    static = [d for d in dims if isinstance(d, int)]
+    items = sorted({d for d in dims if not isinstance(d, int)}, key=repr)
+    if static:
+        items.append(max(static))
+    while len(items) > 1:
+        items = [maximum(items[i], items[i + 1]) if i + 1 < len(items) else items[i] for i in range(0, len(items), 2)]
+    return items[0] if items else 0
+
+
 def is_static(d: Dim) -> bool:
     return isinstance(d, int)
 

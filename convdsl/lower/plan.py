@@ -247,7 +247,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
 
     fused_into = {nid: producer for producer, chain in fusions.items() for nid in chain}
 
-    forward, workspace_total, thread_total, derived_total = [], 0, 0, 0
+    forward, works, owns, derived_total = [], [], [], 0
     for nid in plan.order:
         node: Node = g.nodes[nid]
         op = lookup(node.op)
@@ -256,10 +256,10 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         variant = chosen[nid]
         work = variant.workspace(in_types, out_t, node.attrs)
         if work != 0:
-            workspace_total = work if workspace_total == 0 else D.maximum(workspace_total, work)
+            works.append(work)
         own = variant.thread_workspace(in_types, out_t, node.attrs)
         if own != 0:
-            thread_total = own if thread_total == 0 else D.maximum(thread_total, own)
+            owns.append(own)
         params = tuple(Operand(local, PARAMS, slot.offset, slot.size, None, slot.spec.shape, slot.spec.trainable)
                        for local, slot in plan.layer_params(node.layer).items())
         buffers = tuple(Operand(local, BUFFERS, slot.offset, slot.size, None, slot.spec.shape, False)
@@ -333,8 +333,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         Region(TRAINING, layout.total, True, "training mode: what backward reads, the gradients and saved masks, "
                                              "sharing memory by lifetime (act, grad and saved offsets are into it)",
                layout.guards),
-        Region(WORKSPACE, workspace_total, False, "one step's scratch (im2col columns), shared by all steps"),
-        Region(THREAD_WORKSPACE, thread_total, False, "per thread, when a step splits the batch across threads"),
+        Region(WORKSPACE, D.maximum_of(works), False, "one step's scratch (im2col columns), shared by all steps"),
+        Region(THREAD_WORKSPACE, D.maximum_of(owns), False, "per thread, when a step splits the batch across threads"),
         Region(PARAMS, plan.param_total, False, "every parameter", plan.param_guards),
         Region(PARAM_GRADS, plan.param_total, False, "the gradients of the trainable parameters", plan.param_guards),
         Region(BUFFERS, plan.buffer_total, False, "layer state that is not trained (running statistics)"),

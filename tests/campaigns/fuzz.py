@@ -324,7 +324,11 @@ def judge(text: str, workdir: Path, compile_sample: bool = False, route: str = "
         check_error_text(str(result), path, text)
         return "error"
     if isinstance(result, RecursionError):
-        raise Bug("traceback: RecursionError", "maximum recursion depth exceeded")
+        # One signature whatever the frames (they differ with the depth it was hit at); the
+        # innermost frames of convdsl in the detail, to find where it recursed.
+        import traceback
+        frames = [f for f in traceback.extract_tb(result.__traceback__) if "/convdsl/" in f.filename][-6:]
+        raise Bug("traceback: RecursionError", "maximum recursion depth exceeded\n" + "".join(traceback.format_list(frames)))
     if isinstance(result, Exception):
         import traceback
         frames = traceback.extract_tb(result.__traceback__)
