@@ -452,7 +452,7 @@ DOT_COLUMN_OPS = 2
 # a GEMM per sample packed all the weights for each sample's few columns, and dot products read
 # every weight once per sample, at about a third of the packed micro-kernel's speed once the
 # windows no longer fit in L1. One GEMM packs the weights once for its samples (1 thread, AMD
-# EPYC: a 512-channel 3×3 conv on 4×4 maps at batch 8 10.3 → 4.6 ms, PyTorch 4.3; a 256-channel
+# EPYC: a 512-channel 3×3 conv on 4×4 maps at batch 8 9.0 → 4.6 ms, PyTorch 4.3; a 256-channel
 # one on 8×8 at batch 8 4.8 → 3.9 ms). The backward of both takes the same samples together too:
 # one dW GEMM over their positions (dW read and written once for them) and one for their dX
 # columns (ResNet-18 training at batch 8: 293 → 204 ms).
