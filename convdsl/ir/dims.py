@@ -152,7 +152,8 @@ def maximum_of(dims) -> Dim:
     """The largest of `dims` (0 for none), as a balanced tree of `maximum` over the distinct ones:
     folding them one by one nested the expression once per item, and a network of a hundred
     layers with run-time sizes nested its workspace's maximum deeper than Python's recursion
-    limit (a fuzzed input, tests/campaigns/fuzz_regressions/traceback-recursionerror.cnn)."""
+    limit (a fuzzed input, tests/campaigns/fuzz_regressions/
+    recursion-workspace-max-of-110-runtime-size-convs.cnn)."""
     static = [d for d in dims if isinstance(d, int)]
     items = sorted({d for d in dims if not isinstance(d, int)}, key=repr)
     if static:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -326,11 +327,9 @@ def judge(text: str, workdir: Path, compile_sample: bool = False, route: str = "
     if isinstance(result, RecursionError):
         # One signature whatever the frames (they differ with the depth it was hit at); the
         # innermost frames of convdsl in the detail, to find where it recursed.
-        import traceback
         frames = [f for f in traceback.extract_tb(result.__traceback__) if "/convdsl/" in f.filename][-6:]
         raise Bug("traceback: RecursionError", "maximum recursion depth exceeded\n" + "".join(traceback.format_list(frames)))
     if isinstance(result, Exception):
-        import traceback
         frames = traceback.extract_tb(result.__traceback__)
         inner = next((f for f in reversed(frames) if "/convdsl/" in f.filename), frames[-1] if frames else None)
         where = f"{Path(inner.filename).name}:{inner.name}" if inner else "?"
