@@ -108,6 +108,7 @@ CONFIGS = (
     Config("conv1x1", "1×1 256→64 28²", NETS / "layers.cnn", "Pointwise", (1,)),
     Config("depthwise", "depthwise 3×3 128ch 56²", NETS / "layers.cnn", "Depthwise", (1,)),
     Config("dilated", "dilated 3×3 r2 64→64 64²", NETS / "layers.cnn", "Dilated", (1,)),
+    Config("large-kernel", "large kernel 9×9 32→32 64² same", NETS / "layers.cnn", "LargeKernel", (1,)),
     Config("maxpool", "maxpool 2×2 s2 64ch 112²", NETS / "layers.cnn", "MaxPool", (1,)),
     Config("lenet5", "LeNet-5 whole (28²)", REPO / "examples" / "lenet5.cnn", None, (1, 64)),
     Config("resnet18", "ResNet-18 (32²) whole", NETS / "resnet18_cifar.cnn", None, (1, 8)),

@@ -264,7 +264,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
                        for local, slot in plan.layer_params(node.layer).items())
         buffers = tuple(Operand(local, BUFFERS, slot.offset, slot.size, None, slot.spec.shape, False)
                         for local, slot in plan.layer_buffers(node.layer).items())
-        kept = variant.derived(node.attrs)
+        kept = variant.derived(in_types, out_t, node.attrs)
         derived = None
         if kept:
             derived = Operand("derived", DERIVED, derived_total, kept)
@@ -308,6 +308,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
             inputs=(grad(node.output, "dy"), *read),
             outputs=tuple(grad(v, f"dx{i}") for i, v in enumerate(node.inputs)) + grads,
             params=f.params, buffers=f.buffers, saved=f.saved, epilogue=f.epilogue, workspace=f.workspace,
+            derived=f.derived if chosen[f.node].derived_in_backward else None,
             parallel=f.parallel, fused_into=f.fused_into,
             zero_first=tuple(grad(v, f"d{v}") for v in layout.zeroed_before(f.node))))
     steps = [replace(s, index=i) for i, s in enumerate(steps)]

@@ -141,7 +141,10 @@ class Variant:
     # (Winograd's transformed kernels, with the copy of the weights they were made from): the
     # kernel remakes them when the weights differ from that copy (after an update, a load, a
     # write into Model.params). Planned per step in the `derived` region, zero at create.
-    derived: Callable[[dict], int] = lambda attrs: 0
+    derived: Callable[[tuple, TensorType, dict], int] = lambda in_types, out, attrs: 0
+    # Its backward reads (and, where the weights changed, remakes) that memory too (FFT: the
+    # kernels' spectra, which dX multiplies with dY's).
+    derived_in_backward: bool = False
     # Its cost on a backend whose kernels for it are not the C target's (OpenCL's conv variants
     # other than `tiled` are one work-item per output value there), as (backend, cost) pairs in
     # the same units; elsewhere `cost`.

@@ -16,7 +16,7 @@ from .spatial import (PAD_MODES, effective_kernel, input_rank_check, output_size
                       resolve_padding, window_context)
 
 ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked", "winograd2", "winograd4", "dot", "separable",
-         "tiled")
+         "tiled", "fft")
 
 _WINDOW_ARGS = (
     Arg("stride", 1), pad_arg(), Arg("dilation", 1),
@@ -229,7 +229,7 @@ def _winograd_variant(name: str) -> Variant:
         needs="a 2-D 3×3 kernel at stride 1 without dilation" + (
             "" if m == 2 else f", and in f32 at most {WINOGRAD4_F32_MAX_CHANNELS} input channels per group "
                               "(where its rounding error is measured inside the f32 tolerance)"),
-        workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels (dW: batch, as im2col)", fuses_epilogue=True,
+        workspace=_winograd_workspace(m), derived=lambda in_types, out, attrs: _winograd_derived(m)(attrs), parallel="tiles × channels (dW: batch, as im2col)", fuses_epilogue=True,
         thread_workspace=_own_gradients)
 
 
@@ -349,6 +349,132 @@ def _separable_workspace(in_types, out, attrs):
         largest = D.maximum(largest, D.product(sizes))
     return D.mul(largest, 2)
 
+
+# ---- FFT convolution (§4.3.1, templates/c/ops/conv_fft.c.j2 and lib/fft.h.j2) ----
+
+# Convolution is a pointwise product of spectra: the padded input and the (dilated) kernel are
+# transformed on a grid at least as large as the padded input along every axis, so that the
+# circular correlation equals the linear one at every output; each output channel's spectrum is
+# the sum over its group's input channels of X · conj(W), transformed back. The grid's side is the
+# least 2^a·3^b·5^c at least that size (the radices of lib/fft). Stride 1 only (a stride would
+# compute every skipped output too), and sizes known when the file is checked (the grid and the
+# kept kernel spectra are planned from them). The kernels' spectra are kept across calls in the
+# step's derived memory, remade when the weights change, as Winograd's kernels are; both they and
+# the backward's weight-gradient spectra have CO · CI/G · F complex values (F: the grid's half
+# spectrum), up to FFT_MAX_SPECTRUM_ELEMENTS reals each, beyond which the variant does not apply.
+FFT_RADICES = (4, 2, 3, 5)
+FFT_MAX_SPECTRUM_ELEMENTS = 1 << 24
+FFT_MAX_SIDE = 1 << 14
+# Channel pairs are transformed in slots of the workspace, FFT_SLOTS at a time (threads share
+# them out; each slot is one pair's grid, its Stockham buffer and two spectra).
+FFT_SLOTS = 16
+
+
+def fft_length(n: int) -> int:
+    """The least 2^a·3^b·5^c that is at least n."""
+    m = max(1, n)
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def fft_factors(n: int) -> tuple[int, ...]:
+    """n's radices in the order lib/fft's stages apply them: 4s, a 2, then 3s and 5s."""
+    out = []
+    for p in FFT_RADICES:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+    return tuple(out)
+
+
+def _fft_padded(in_spatial, attrs):
+    """The padded input's size per axis (3-D), or None where a size is known at run time only."""
+    sizes = [1] * (3 - len(attrs["kernel"])) + list(in_spatial)
+    pads = [(0, 0)] * (3 - len(attrs["kernel"])) + list(attrs["pads"])
+    if not all(isinstance(v, int) for v in sizes) or not all(isinstance(p, int) for pair in pads for p in pair):
+        return None
+    return tuple(s + before + after for s, (before, after) in zip(sizes, pads))
+
+
+def fft_grid(attrs) -> dict | None:
+    """The FFT variant's grid for a conv (None where it does not apply): `L` per axis (D, H, W),
+    each axis's radices, the half spectrum's last side `half`, F = L0·L1·half and T = L0·L1·L2."""
+    if any(s != 1 for s in attrs["stride"]) or "in_spatial" not in attrs:
+        return None
+    padded = _fft_padded(attrs["in_spatial"], attrs)
+    if padded is None:
+        return None
+    L = tuple(fft_length(n) for n in padded)
+    if max(L) > FFT_MAX_SIDE:
+        return None
+    half = L[2] // 2 + 1
+    return {"L": L, "factors": tuple(fft_factors(n) for n in L), "half": half,
+            "F": L[0] * L[1] * half, "T": L[0] * L[1] * L[2]}
+
+
+def _fft_spectra(attrs, grid) -> int:
+    return 2 * attrs["out"] * (attrs["in"] // attrs["groups"]) * grid["F"]
+
+
+def _is_fft_shape(attrs) -> bool:
+    grid = fft_grid(attrs)
+    return grid is not None and D.product(attrs["kernel"]) > 1 \
+        and _fft_spectra(attrs, grid) <= FFT_MAX_SPECTRUM_ELEMENTS
+
+
+def _fft_slots(attrs) -> int:
+    pairs = max(attrs["in"], attrs["out"], attrs["out"] * (attrs["in"] // attrs["groups"]))
+    return max(1, min(FFT_SLOTS, (pairs + 1) // 2))
+
+
+def _fft_workspace(in_types, out, attrs):
+    # The twiddles of each axis, then (backward) dY's spectra, the input's spectra, the weight
+    # gradient's spectra, then the slots; the forward uses the same start (the input's spectra
+    # where the backward keeps dY's).
+    grid = fft_grid(attrs)
+    if grid is None:
+        return 0
+    F, T = grid["F"], grid["T"]
+    twiddles = 2 * sum(grid["L"])
+    slots = _fft_slots(attrs) * (4 * T + 4 * F)
+    gradients = 0 if attrs["frozen"] else _fft_spectra(attrs, grid)
+    return twiddles + 2 * F * (attrs["out"] + attrs["in"]) + gradients + slots
+
+
+def _fft_derived(in_types, out, attrs):
+    # The copy of the weights the spectra were made from, then the kernels' spectra.
+    grid = fft_grid(attrs)
+    if grid is None:
+        return 0
+    return attrs["out"] * (attrs["in"] // attrs["groups"]) * D.product(attrs["kernel"]) + _fft_spectra(attrs, grid)
+
+
+# In im2col's units, fitted on one core (AMD EPYC, AVX2, f32, forward at batch 1; 3×3 to 15×15
+# kernels, 3 to 128 channels, 14² to 128² maps; the fit is within 0.8–1.2 of every time, and
+# benchmarks/RESULTS.md has the table): a complex transform of T points costs FFT_POINT_OPS ·
+# T · log2 T (one per channel pair: two real maps share a complex transform), and a complex
+# multiply-add of the spectra FFT_PRODUCT_OPS (the kernels' spectra stream from memory: at 64
+# channels on a 32² grid they are 17 MB). So it wins on large kernels: 7×7 and up on 64² maps
+# (16 → 16 channels: 1.9 ms, im2col 3.4), 15×15 on 100² 7× faster than im2col; it loses on 3×3
+# (Winograd) and where many channels make the products dominate (64 → 64, 5×5 on 32²: 5.2 ms,
+# im2col 4.8).
+FFT_POINT_OPS = 17
+FFT_PRODUCT_OPS = 30
+
+
+def _fft_cost(in_types, out, attrs):
+    grid = fft_grid(attrs)
+    T, F = grid["T"], grid["F"]
+    log_t = max(1, (T - 1).bit_length())
+    pairs = (attrs["in"] + 1) // 2 + (attrs["out"] + 1) // 2
+    products = attrs["out"] * (attrs["in"] // attrs["groups"]) * F
+    return FFT_POINT_OPS * pairs * T * log_t + FFT_PRODUCT_OPS * products
 
 # ---- OpenCL's tiled kernels (templates/opencl/ops/conv_tiled.cl.j2) ----
 
@@ -515,6 +641,14 @@ CONV_VARIANTS = (
                                    "staged in local memory (dX and dW the same way)",
             cost=_tiled_cost, parallel="work-groups over channel × position tiles", fuses_epilogue=True,
             backends=("opencl",), tiles=_tiled_tiles),
+    Variant("fft", "conv_fft", "FFT convolution: the padded input's and the kernels' spectra multiplied per "
+                               "frequency, transformed back (dX and dW the same way)",
+            cost=_fft_cost, applies=_is_fft_shape,
+            needs="stride 1, a window of more than one tap, sizes known when the file is checked, and at most "
+                  f"{FFT_MAX_SPECTRUM_ELEMENTS} values in the kernels' spectra (output channels × input channels "
+                  "per group × the grid's half spectrum)",
+            workspace=_fft_workspace, derived=_fft_derived, derived_in_backward=True,
+            parallel="channel pairs and output channels", fuses_epilogue=True, backends=("c",)),
     Variant("dot", "conv", "dot products of weight rows with each position's window, nothing packed; a batch of "
                            "more positions as GEMMs over several samples (backward as pointwise or im2col)",
             cost=_dot_cost, workspace=_batched_workspace, parallel="weight rows (backward: as pointwise or im2col)",
@@ -530,7 +664,7 @@ class Conv(OpDef):
     summary = "convolution (cross-correlation; flip=true for the mathematical one)"
     args = (Arg("out"), Arg("kernel"), *_WINDOW_ARGS, Arg("groups", 1), *_LAYER_ARGS)
     template = "conv"
-    c_helpers = ("gemm", "im2col", "conv_blocked", "winograd")
+    c_helpers = ("gemm", "im2col", "conv_blocked", "winograd", "fft")
     convolution = True
 
     def backward_reads(self, attrs):
@@ -586,6 +720,7 @@ class Conv(OpDef):
             "frozen": frozen, "weight": weight,
             "algo": expect_symbol(attrs["algo"], ALGOS, ctx, "algo"),
             "dtype": ctx.dtype,          # Winograd F(4×4, 3×3) applies by its measured f32 error
+            "in_spatial": tuple(t.spatial),   # the FFT variant's grid is planned from the input's size
         }
         chosen = next((v for v in self.variants() if v.name == normalized["algo"]), None)
         if chosen is not None and not chosen.applies(normalized):
@@ -649,7 +784,8 @@ class Conv(OpDef):
         return {**window_context(attrs, in_types[0], out, c),
                 "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()},
                 "pointwise": _is_pointwise(attrs), "gemm_samples": gemm_samples(out),
-                "separable": separable_factors(attrs), "separable_axes": separable_axes(attrs)}
+                "separable": separable_factors(attrs), "separable_axes": separable_axes(attrs),
+                "fft": fft_grid(attrs) if _is_fft_shape(attrs) else None, "fft_slots": _fft_slots(attrs)}
 
 
 @register

@@ -466,6 +466,8 @@ class Target:
         args += [KernelArg(checked_identifier(o.role), "output", src(o)) for o in step.outputs]
         if step.workspace.elements != 0:
             args.append(KernelArg("work", "output", {"region": WORKSPACE}))
+        if step.derived is not None:
+            args.append(KernelArg("derived", "output", src(step.derived)))
         if step.workspace.per_thread != 0:
             args.append(KernelArg("thread_work", "output", {"region": THREAD_WORKSPACE}))
             args.append(KernelArg("work_threads", "threads", {"region": "threads"}))

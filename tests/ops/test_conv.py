@@ -253,6 +253,12 @@ def test_every_variant_is_run_and_applies_by_its_rule():
         assert runs_it == {c.id for c in CASES if c.ref.get("kernel") == 3 and c.ref.get("stride", 1) == 1
                            and c.ref.get("dilation", 1) == 1 and len(c.shape) == 3}, winograd
         assert {"3x3-pairs-asymmetric-wide", "3x3-groups-flip-same", "runtime-3x3-same", "large-depth"} <= runs_it
+    # FFT: stride 1 on every axis, more than one tap, sizes known when the file is checked
+    runs_fft = {IDS[i] for v, i in VARIANTS.pairs if v == "fft"}
+    assert runs_fft == {c.id for c in CASES if c.ref.get("stride", 1) in (1, (1,) * (len(c.shape) - 1))
+                        and np.prod(c.ref["kernel"]) > 1 and c.dims is None}
+    assert {"2d-dilation", "2d-pairs-wider-than-kernel", "3d-groups-pairs-nobias", "depthwise-m2",
+            "depthwise-1d-wide-kernel-flip", "2d-frozen"} <= runs_fft
 
 
 # Winograd in float64: each applicable case forced to each Winograd variant in the op's own
@@ -268,11 +274,42 @@ def test_winograd_finite_differences_float64():
     finite_differences(compile_cases(WINOGRAD_CASES, dtype="f64"), WINOGRAD_CASES, np.random.default_rng(104))
 
 
+# FFT in float64: each case it applies to (but the large ones) forced in the op's own `algo=`.
+FFT_CASES = tuple(
+    Case(f"{c.id}-fft", c.shape, c.op[:-1] + ", algo=fft)", c.ref, c.dims)
+    for i, c in enumerate(CASES) if ("fft", i) in VARIANTS.pairs and "large" not in c.id and c.ref["kind"] != "separable")
+
+
+def test_fft_finite_differences_float64():
+    assert len(FFT_CASES) >= 20
+    finite_differences(compile_cases(FFT_CASES, dtype="f64"), FFT_CASES, np.random.default_rng(108))
+
+
+def test_fft_applies_by_its_rule():
+    """algo=fft refuses a stride, a single tap and sizes known at run time only, saying what it needs."""
+    for shape, op in (("[2, 9, 9]", "conv(3, kernel=3, stride=2, algo=fft)"),
+                      ("[2, 9, 9]", "conv(3, kernel=1, algo=fft)"),
+                      ("[2, H, W]", "conv(3, kernel=3, pad=same, algo=fft)")):
+        with pytest.raises(convdsl.ConvDSLError, match="algo=fft does not apply.*stride 1"):
+            convdsl.load_source(f"network F {{\n input x: {shape}\n y = x -> {op}\n output y\n}}\n")
+
+
 def test_winograd_remakes_its_kernels_when_the_weights_change():
     """The forward keeps its transformed kernels across calls: a write into Model.params, a
     train_step and a load must each be seen by the next forward."""
     src = ("network W {\n input x: [5, 8, 7]\n y = x -> conv(6, kernel=3, pad=same, algo=winograd4) -> relu"
            " -> conv(4, kernel=3, pad=((0, 2), (1, 0)), algo=winograd2)\n output y\n loss mse(y)\n}\n")
+    _remakes_kernels(src, ("conv1.weight", "conv2.weight"))
+
+
+def test_fft_remakes_its_spectra_when_the_weights_change():
+    """The FFT variant keeps its kernels' spectra across calls, as Winograd its kernels."""
+    src = ("network W {\n input x: [5, 8, 7]\n y = x -> conv(6, kernel=3, pad=same, algo=fft) -> relu"
+           " -> conv(4, kernel=3, pad=((0, 2), (1, 0)), algo=fft)\n output y\n loss mse(y)\n}\n")
+    _remakes_kernels(src, ("conv1.weight", "conv2.weight"))
+
+
+def _remakes_kernels(src, weights):
     net = convdsl.load_source(src).Model(seed=0)
     rng = np.random.default_rng(105)
     x = rng.standard_normal((2, 5, 8, 7)).astype(np.float32)
@@ -283,7 +320,7 @@ def test_winograd_remakes_its_kernels_when_the_weights_change():
         return F.conv2d(pad_spatial(h, ((0, 2), (1, 0))), p["conv2.weight"], p["conv2.bias"]).detach().numpy()
 
     assert_close(net.forward(x), expected(), what="first forward")
-    for name in ("conv1.weight", "conv2.weight"):
+    for name in weights:
         net.params[name][...] = rng.standard_normal(net.params[name].shape)
         assert_close(net.forward(x), expected(), what=f"after writing {name}")
     net.train()
