@@ -95,6 +95,24 @@ def test_random_network_forcing_winograd_more(monkeypatch, at_its_level, seed, v
     run_forcing(monkeypatch, at_its_level, seed, variant)
 
 
+# Networks with layers forced to the FFT variant (stride-1 convs and depthwise ones with sizes
+# known at check time): f64 (seed 4: three such layers), f32 (34: three; 22: two); more in the
+# slow set. (Seeds from a search of the quick range, as above.)
+FFT_SEEDS = [4, 34, 22]
+FFT_MORE = [3, 8, 28, 30, 48]
+
+
+@pytest.mark.parametrize("seed", FFT_SEEDS)
+def test_random_network_forcing_fft(monkeypatch, at_its_level, seed):
+    run_forcing(monkeypatch, at_its_level, seed, "fft")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", FFT_MORE)
+def test_random_network_forcing_fft_more(monkeypatch, at_its_level, seed):
+    run_forcing(monkeypatch, at_its_level, seed, "fft")
+
+
 @pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.stem)
 def test_regression(path, at_its_level):
     case, text = read_regression(path)
