@@ -188,7 +188,7 @@ def _winograd_workspace(m: int):
 
 
 def _winograd_derived(m: int):
-    def derived(attrs):
+    def derived(in_types, out, attrs):
         # The copy of the weights the kept kernels were made from, then those kernels: per group
         # and position [K/G rows rounded up to a panel × C/G].
         t, g = (m + 2) ** 2, attrs["groups"]
@@ -229,8 +229,8 @@ def _winograd_variant(name: str) -> Variant:
         needs="a 2-D 3×3 kernel at stride 1 without dilation" + (
             "" if m == 2 else f", and in f32 at most {WINOGRAD4_F32_MAX_CHANNELS} input channels per group "
                               "(where its rounding error is measured inside the f32 tolerance)"),
-        workspace=_winograd_workspace(m), derived=lambda in_types, out, attrs: _winograd_derived(m)(attrs), parallel="tiles × channels (dW: batch, as im2col)", fuses_epilogue=True,
-        thread_workspace=_own_gradients)
+        workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels (dW: batch, as im2col)",
+        fuses_epilogue=True, thread_workspace=_own_gradients)
 
 
 # ---- the separable-kernel split (§4.3.2, templates/c/ops/conv_separable.c.j2) ----

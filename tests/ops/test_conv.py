@@ -277,7 +277,8 @@ def test_winograd_finite_differences_float64():
 # FFT in float64: each case it applies to (but the large ones) forced in the op's own `algo=`.
 FFT_CASES = tuple(
     Case(f"{c.id}-fft", c.shape, c.op[:-1] + ", algo=fft)", c.ref, c.dims)
-    for i, c in enumerate(CASES) if ("fft", i) in VARIANTS.pairs and "large" not in c.id and c.ref["kind"] != "separable")
+    for i, c in enumerate(CASES)
+    if ("fft", i) in VARIANTS.pairs and "large" not in c.id and c.ref["kind"] != "separable")
 
 
 def test_fft_finite_differences_float64():
