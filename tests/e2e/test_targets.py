@@ -36,6 +36,14 @@ SPLIT = """network Split {
     output y
 }
 """
+# conv by FFT (sizes known at check time, as it needs).
+BY_FFT = """network ByFFT {
+    input x: [2, 12, 10]
+    y = x -> conv(3, kernel=5, pad=((2, 1), (0, 3)), dilation=(1, 2), algo=fft) -> relu
+    output y
+    loss mse(y)
+}
+"""
 
 
 def layer_section(c_text: str) -> str:
@@ -66,7 +74,7 @@ def test_no_kernel_takes_or_touches_the_model():
     takes model_t, none reads `m->`; the forward and backward passes resolve the arguments."""
     programs = [lower(graph_from_file(path, name)) for path, name in EXAMPLES]
     programs += [lower(graph_from_source(src)) for _, src in _op_case_sources()]
-    programs += [lower(graph_from_source(MIXED)), lower(graph_from_source(SPLIT))]
+    programs += [lower(graph_from_source(src)) for src in (MIXED, SPLIT, BY_FFT)]
     seen_ops, seen_templates = set(), set()
     for program in programs:
         section = layer_section(C.render(program).c)
@@ -81,8 +89,8 @@ def test_no_kernel_takes_or_touches_the_model():
     templates = {p.name.split(".")[0] for p in (REPO / "templates" / "c" / "ops").glob("*.c.j2")
                  if not p.name.endswith("_epilogue.c.j2")}   # an activation's formula, not a kernel
     assert {"conv", "dense", "batchnorm", "dropout", "softmax", "add", "concat", "upsample"} <= seen_ops
-    assert "conv_separable" in seen_templates
-    assert templates - {"conv_direct", "conv_separable"} <= seen_ops | {"conv_direct"}, templates - seen_ops
+    assert {"conv_separable", "conv_fft"} <= seen_templates
+    assert templates - {"conv_direct", "conv_separable", "conv_fft"} <= seen_ops | {"conv_direct"}, templates - seen_ops
 
 
 def test_the_passes_launch_each_kernel_with_its_operands_from_the_model():
