@@ -645,8 +645,8 @@ CONV_VARIANTS = (
                                "frequency, transformed back (dX and dW the same way)",
             cost=_fft_cost, applies=_is_fft_shape,
             needs="stride 1, a window of more than one tap, sizes known when the file is checked, and at most "
-                  f"{FFT_MAX_SPECTRUM_ELEMENTS} values in the kernels' spectra (output channels × input channels "
-                  "per group × the grid's half spectrum)",
+                  f"{FFT_MAX_SPECTRUM_ELEMENTS // 2} complex values in the kernels' spectra (output channels × "
+                  "input channels per group × the grid's half spectrum)",
             workspace=_fft_workspace, derived=_fft_derived, derived_in_backward=True,
             parallel="channel pairs and output channels", fuses_epilogue=True, backends=("c",)),
     Variant("dot", "conv", "dot products of weight rows with each position's window, nothing packed; a batch of "
