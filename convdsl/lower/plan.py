@@ -349,11 +349,31 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         node = g.nodes[v.producer]
         return f"{node.label} (line {node.span.line})"
 
+    def channels_last(t: TensorType) -> bool:
+        return g.layout == "NHWC" and t.rank > 1 and D.product(t.spatial) != 1
+
+    # An eval-mode forward keeps nothing for a backward, so the kernels may read the inputs where
+    # the caller has them and write the outputs straight into the caller's arrays: two copies of
+    # each fewer (a cheap layer on a large map spent more time in them than computing). Not where
+    # the edge converts the layout, nor an output that is an input or an earlier output too (its
+    # value already lives in the caller's other array: it is copied from there). Training mode
+    # copies: a backward reads the values after the call, when the caller may have changed them.
+    in_place = set()
+
+    def boundary(b) -> Boundary:
+        t = g.values[b.value].type
+        transposed = channels_last(t)
+        here = not transposed and b.value not in in_place
+        if here:
+            in_place.add(b.value)
+        return Boundary(b.name, b.value, t, transposed, here)
+
+    inputs = tuple(boundary(i) for i in g.inputs)
+    outputs = tuple(boundary(o) for o in g.outputs)
     return Program(
         name=g.name, source_path=g.source_path, line=g.span.line if g.span else 0, layout=g.layout, dtype=g.dtype,
         sym_dims=g.sym_dims,
-        inputs=tuple(Boundary(i.name, i.value, g.values[i.value].type) for i in g.inputs),
-        outputs=tuple(Boundary(o.name, o.value, g.values[o.value].type) for o in g.outputs),
+        inputs=inputs, outputs=outputs,
         values=tuple(ValueInfo(v.id, v.type, maker(v),
                                None if v.producer is None else g.nodes[v.producer].label,
                                g.span if v.producer is None else g.nodes[v.producer].span) for v in g.values),

@@ -550,11 +550,12 @@ class Target:
 
         def boundary(b: Boundary, index: int):
             t = b.type
-            transpose = pg.layout == "NHWC" and t.rank > 1 and D.product(t.spatial) != 1
+            transpose = b.transposed
             dims = list(t.shape)
             if pg.layout == "NHWC" and t.rank > 1:
                 dims = dims[1:] + dims[:1]
             return {"index": index, "name": checked_identifier(b.name), "value": b.value, "transpose": transpose,
+                    "eval_in_place": b.eval_in_place,
                     "C": host(t.channels), "S": host(D.product(t.spatial)), "numel": host(D.product(t.shape)),
                     "layout_dims": [host(d) for d in dims], "dims_text": ", ".join(D.to_text(d) for d in dims)}
 
