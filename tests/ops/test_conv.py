@@ -103,6 +103,13 @@ CASES = (
     conv_case("large-depth", (34, 14, 14), 40, 3, pad=1),
     conv_case("large-positions", (2, 48, 47), 3, 3, pad="same"),
     conv_case("large-depthwise", (24, 30, 30), None, 5, kind="depthwise", pad="same"),
+    # the direct loop's vectors of output columns (16 at AVX-512, 8 at AVX2) with ragged ends, a
+    # stride-1 dX gathered through the mirrored kernel: dilated, padded unevenly, multiplier 2;
+    # a 3-D one with flip
+    conv_case("depthwise-wide-rows-dilated", (3, 7, 45), None, 3, kind="depthwise", multiplier=2, dilation=(1, 2),
+              pad=((2, 0), (1, 4))),
+    conv_case("depthwise-3d-wide-rows-flip", (2, 3, 4, 37), None, (2, 3, 3), kind="depthwise", flip=True,
+              pad=((1, 0), (1, 1), (0, 2))),
     # 3×3 at stride 1, the Winograd variants' shapes: padding before one side only, after only,
     # wider than the kernel, none; groups with flip; one-row and odd maps; run-time sizes below
     conv_case("3x3-pairs-asymmetric-wide", (3, 9, 7), 4, 3, pad=((2, 0), (0, 3))),
