@@ -57,6 +57,7 @@ class WindowPool(OpDef):
 class MaxPool(WindowPool):
     name = "maxpool"
     saves_for_backward = frozenset({INPUTS})   # the winner of each window is found again in x
+    c_helpers = ("vector",)                    # 2×2 at stride 2: vectors of windows
     aliases = ("max_pooling",)
     relatives = ("fractional_max_pool",)
     summary = "max over each window; a padded cell never wins"
@@ -65,7 +66,11 @@ class MaxPool(WindowPool):
         # Without padding every window lies inside the input (the output size is the floor of
         # (I − K) / S + 1), and the forward reads its cells with no bounds to check.
         inside = all(before == 0 and after == 0 for before, after in attrs["pads"])
-        return {**super().kernel_context(attrs, in_types, out, c), "inside": inside}
+        context = super().kernel_context(attrs, in_types, out, c)
+        # The commonest pool of all, 2×2 at stride 2 on a 2-D map without padding: its windows
+        # are the even and odd columns of two rows, vectors of windows apart (the template).
+        pairs = inside and context["K"] == (1, 2, 2) and context["S"] == (1, 2, 2)
+        return {**context, "inside": inside, "pairs": pairs}
 
 
 @register

@@ -197,3 +197,22 @@ def test_a_nan_wins_a_max_with_and_without_padding():
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=what)
         assert np.isnan(want).sum() >= 4, what
         np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=1e-6, err_msg=what)
+
+
+def test_a_nan_takes_its_windows_gradient_as_in_torch():
+    # 2×2 at stride 2 runs in vectors of windows (maxpool.c.j2, k.pairs): its masks must pick
+    # the cell PyTorch's backward picks, the first maximum, or the last NaN of the window
+    # (two in one window here), in the vectors and in the overlapping last one of a row.
+    net = convdsl.load_source("network P {\n input x: [2, 4, 70]\n y = x -> maxpool(2)\n output y\n}").Model()
+    net.train()
+    x = np.random.default_rng(8).standard_normal((2, 2, 4, 70)).astype(np.float32)
+    x[0, 0, 0, 0] = x[0, 0, 1, 1] = x[1, 1, 2, 69] = x[1, 0, 3, 40] = x[0, 1, 0, 66] = np.nan
+    x[1, 1, 0, 10] = x[1, 1, 1, 10] = x[1, 1, 1, 11] = 3.0     # a tie: the first in scan order wins
+    y = net.forward(x)
+    dy = np.random.default_rng(9).standard_normal(y.shape).astype(np.float32)
+    dx = net.backward(dy)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    want = F.max_pool2d(xt, 2)
+    want.backward(torch.tensor(dy, dtype=torch.float64))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want.detach().numpy()))
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-6, atol=0)

@@ -56,6 +56,9 @@ CASES = (
          shape2=(3, 6, 11)),
     Case("gavg-runtime", (3, 5, 7), "globalavgpool", dict(kind="globalavg"), dims=(3, "P", "Q"), shape2=(3, 8, 4)),
     Case("max-parallel", (16, 32, 32), "maxpool(2)", dict(kind="max", window=2, stride=2)),
+    # 2×2 at stride 2 in vectors of windows (16 at AVX-512, 8 at AVX2): 22 a row, the last vector
+    # overlapping the one before it, and an odd width whose last column no window reads
+    Case("max-2-vectors-odd", (3, 10, 45), "maxpool(2)", dict(kind="max", window=2, stride=2)),
     Case("avg-parallel", (16, 32, 32), "avgpool(3, stride=1, pad=1)",
          dict(kind="avg", window=3, stride=1, pads=((1, 1), (1, 1)))),
 )
