@@ -312,3 +312,30 @@ def test_train_step_learning_rates(module, backend):
             net.train_step(x, z, np.zeros((2, 3)), lr=bad)
     with pytest.raises(TypeError, match="target"):
         net.train_step(x, z, None, lr=0.1)
+
+
+EDGES = """
+network E {
+    input x: [2, 5, 5]
+    h = x -> relu
+    s = h -> globalavgpool
+    output x, h, s
+}
+"""
+
+
+def test_outputs_that_are_an_input_or_read_later_are_whole_in_both_modes(backend):
+    # An eval forward writes an output straight into the caller's array and reads the inputs
+    # where they are (lower/plan.py, eval_in_place): an output that is an input and one that a
+    # later layer reads must still come back whole, and the input untouched.
+    net = convdsl.load_source(EDGES, backend=backend).Model()
+    x = np.random.default_rng(3).standard_normal((3, 2, 5, 5)).astype(np.float32)
+    before = x.copy()
+    for mode in (net.eval, net.train, net.eval):
+        mode()
+        a, b, s = net.forward(x)
+        np.testing.assert_array_equal(a, x)
+        np.testing.assert_array_equal(b, np.maximum(x, 0))
+        np.testing.assert_allclose(s[:, :, 0, 0], np.maximum(x, 0).mean(axis=(2, 3)), rtol=1e-6)
+        assert not np.shares_memory(a, x)
+    np.testing.assert_array_equal(x, before)
