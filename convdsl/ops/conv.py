@@ -15,8 +15,8 @@ from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, 
 from .spatial import (PAD_MODES, effective_kernel, input_rank_check, output_sizes, pad_arg, pad_mode_arg, per_axis,
                       resolve_padding, window_context)
 
-ALGOS = ("auto", "im2col", "pointwise", "direct", "blocked", "winograd2", "winograd4", "dot", "separable",
-         "tiled", "fft")
+ALGOS = ("auto", "im2col", "pointwise", "broadcast", "direct", "blocked", "winograd2", "winograd4", "dot",
+         "separable", "tiled", "fft")
 
 _WINDOW_ARGS = (
     Arg("stride", 1), pad_arg(), Arg("dilation", 1),
@@ -610,6 +610,44 @@ def _dot_cost(in_types, out, attrs):
     return D.add(D.add(macs, outputs), D.mul(_columns(in_types, out, attrs), DOT_COLUMN_OPS))
 
 
+# ---- broadcast (lib/gemm's cdsl_gemm_broadcast): a 1×1 conv on a small map ----
+
+# Each weight is broadcast against a vector of positions; the positions of a chunk of at most
+# BROADCAST_COLUMNS are staged once, zero-padded to whole vectors (16 lanes at AVX-512, the
+# widest, as the other costs count). In im2col's units, fitted to forward times on one core
+# (AVX-512 Xeon, MobileNetV2's 1×1 convs at 3² to 48², benchmarks/RESULTS.md): a multiply-add
+# of the padded lanes costs BROADCAST_MAC_WEIGHT (a broadcast and a vector load feed a tile's
+# FMAs, no weights packed; the packed GEMM pays its packing in _gemm_cost's per-row term), each
+# staged entry BROADCAST_STAGE_OPS. It wins where the positions are few (9 to ~150): the packed
+# GEMM fills its 32-wide panels with zeros there and copies every weight on each call.
+BROADCAST_COLUMNS = 64
+BROADCAST_LANES = 16
+BROADCAST_MAC_WEIGHT = 1.0
+BROADCAST_STAGE_OPS = 6
+
+
+def _broadcast_padded(positions):
+    chunks = D.floordiv(positions, BROADCAST_COLUMNS)
+    rest = D.add(positions, D.mul(chunks, -BROADCAST_COLUMNS))
+    return D.add(D.mul(chunks, BROADCAST_COLUMNS),
+                 D.mul(D.floordiv(D.add(rest, BROADCAST_LANES - 1), BROADCAST_LANES), BROADCAST_LANES))
+
+
+def _broadcast_cost(in_types, out, attrs):
+    padded = _broadcast_padded(D.product(out.spatial))
+    macs = D.mul(attrs["in"] // attrs["groups"] * attrs["out"], padded)
+    return D.add(D.floordiv(D.mul(macs, int(BROADCAST_MAC_WEIGHT * 10)), 10),
+                 D.mul(attrs["in"] * BROADCAST_STAGE_OPS, padded))
+
+
+def _broadcast_workspace(in_types, out, attrs):
+    # One chunk of a group's input, staged: its channels × at most BROADCAST_COLUMNS positions
+    # (fewer on a map known to be smaller).
+    padded = _broadcast_padded(D.product(out.spatial))
+    columns = min(padded, BROADCAST_COLUMNS) if isinstance(padded, int) else BROADCAST_COLUMNS
+    return attrs["in"] // attrs["groups"] * columns
+
+
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
@@ -620,6 +658,12 @@ CONV_VARIANTS = (
             needs="a 1×1 kernel, stride 1 and no padding before or after on any axis",
             parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
             thread_workspace=_own_gradients, costs_on=ON_OPENCL),
+    Variant("broadcast", "conv", "1×1 at stride 1 without padding on a small map: each weight broadcast against "
+                                 "vectors of positions, the weights read where they lie (backward as pointwise)",
+            cost=_broadcast_cost, applies=_is_pointwise,
+            needs="a 1×1 kernel, stride 1 and no padding before or after on any axis",
+            workspace=_broadcast_workspace, parallel="rows of output channels (backward: as pointwise)",
+            fuses_epilogue=True, thread_workspace=_own_gradients, backends=("c",)),
     Variant("direct", "conv_direct", "a loop over the window per output channel (one input channel per group)",
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
             applies=_one_channel_per_group, needs="one input channel per group (depthwise)",

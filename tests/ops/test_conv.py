@@ -80,6 +80,9 @@ CASES = (
     conv_case("1d-pointwise-pad-after", (3, 7), 2, 1, pad=((0, 3),)),
     conv_case("2d-pointwise-groups-pad-after", (6, 4, 5), 4, 1, groups=2, pad=((0, 1), (0, 0))),
     conv_case("3d-pointwise-pad-after-nobias", (2, 3, 2, 4), 3, 1, pad=((0, 0), (0, 0), (0, 1)), bias=False),
+    # 1×1 on the input itself over 99 positions: broadcast's chunks of 64 and 35 columns (whole
+    # and partial vectors), 30 output channels (a partial block of tile rows), 2 groups
+    conv_case("2d-pointwise-ragged-chunks", (14, 9, 11), 30, 1, groups=2),
     conv_case("2d-frozen", (3, 6, 5), 2, 3, frozen=True, pad="same"),
     # 3-D
     conv_case("3d-same-mixed", (2, 5, 6, 7), 3, (3, 2, 3), stride=(2, 1, 2), dilation=(1, 2, 1), pad="same"),
@@ -110,6 +113,12 @@ CASES = (
               pad=((2, 0), (1, 4))),
     conv_case("depthwise-3d-wide-rows-flip", (2, 3, 4, 37), None, (2, 3, 3), kind="depthwise", flip=True,
               pad=((1, 0), (1, 1), (0, 2))),
+    # stride 2 in vectors too (the even lanes of two vectors of a row; the last columns, whose
+    # second vector would pass the row's end, one by one), without and with a dilation
+    conv_case("depthwise-stride2-wide-rows", (3, 9, 75), None, 3, kind="depthwise", stride=2,
+              pad=((1, 1), (1, 0))),
+    conv_case("depthwise-stride2-dilated-wide-m2", (2, 8, 90), None, (2, 3), kind="depthwise", stride=2,
+              multiplier=2, dilation=(1, 2), pad="same"),
     # 3×3 at stride 1, the Winograd variants' shapes: padding before one side only, after only,
     # wider than the kernel, none; groups with flip; one-row and odd maps; run-time sizes below
     conv_case("3x3-pairs-asymmetric-wide", (3, 9, 7), 4, 3, pad=((2, 0), (0, 3))),
@@ -250,6 +259,7 @@ def test_every_variant_is_run_and_applies_by_its_rule():
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "im2col"} == set(IDS)
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "blocked"} == set(IDS)
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "dot"} == set(IDS)
+    assert {IDS[i] for v, i in VARIANTS.pairs if v == "broadcast"} == pointwise
     direct = {IDS[i] for v, i in VARIANTS.pairs if v == "direct"}
     assert {"depthwise-m1", "depthwise-m2", "conv-groups-is-channels", "3d-full-stride"} <= direct
     assert "2d-pointwise-groups" not in direct
@@ -500,3 +510,15 @@ def test_nhwc_conv_on_channel_last_arrays_matches_torch():
     assert_close(y, yt.detach().numpy(), what="forward")
     assert_close(dx, xt.grad.numpy(), what="input gradient")
     assert_close(net.grads["conv1.weight"], p["conv1.weight"].grad.numpy(), what="weight gradient")
+
+
+# broadcast in float64 (lib/gemm's double tiles, 8 lanes at AVX-512): each case it applies to
+# forced in the op's own `algo=`.
+BROADCAST_CASES = tuple(
+    Case(f"{c.id}-broadcast", c.shape, c.op[:-1] + ", algo=broadcast)", c.ref, c.dims)
+    for i, c in enumerate(CASES) if ("broadcast", i) in VARIANTS.pairs and c.ref["kind"] != "separable")
+
+
+def test_broadcast_finite_differences_float64():
+    assert len(BROADCAST_CASES) >= 3
+    finite_differences(compile_cases(BROADCAST_CASES, dtype="f64"), BROADCAST_CASES, np.random.default_rng(109))
