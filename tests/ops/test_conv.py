@@ -115,6 +115,14 @@ CASES = (
               pad=((1, 0), (1, 1), (0, 2))),
     # stride 2 in vectors too (the even lanes of two vectors of a row; the last columns, whose
     # second vector would pass the row's end, one by one), without and with a dilation
+    # maps past the direct loop's grids (ops/conv.py, DIRECT_GRID_MAX), row by row in vectors:
+    # stride 2 (even lanes of two vectors of a row) and stride 1 dilated
+    conv_case("depthwise-rows-stride2", (2, 70, 130), None, 3, kind="depthwise", stride=2, pad=((1, 1), (1, 0))),
+    conv_case("depthwise-rows-dilated-m2", (1, 96, 90), None, 3, kind="depthwise", multiplier=2, dilation=2,
+              pad=((2, 1), (2, 3))),
+    # leading pads wider than the window: dX's grid starts inside dY (negative padding)
+    conv_case("depthwise-pads-wider-than-window", (2, 6, 20), None, 2, kind="depthwise", multiplier=2,
+              pad=((3, 0), (2, 1))),
     conv_case("depthwise-stride2-wide-rows", (3, 9, 75), None, 3, kind="depthwise", stride=2,
               pad=((1, 1), (1, 0))),
     conv_case("depthwise-stride2-dilated-wide-m2", (2, 8, 90), None, (2, 3), kind="depthwise", stride=2,
