@@ -648,15 +648,17 @@ def direct_grid(attrs, in_types, out) -> int | None:
 # Each weight is broadcast against a vector of positions; the positions of a chunk of at most
 # BROADCAST_COLUMNS are staged once, zero-padded to whole vectors (16 lanes at AVX-512, the
 # widest, as the other costs count). In im2col's units, fitted to forward times on one core
-# (AVX-512 Xeon, MobileNetV2's 1×1 convs at 3² to 48², benchmarks/RESULTS.md): a multiply-add
-# of the padded lanes costs BROADCAST_MAC_WEIGHT (a broadcast and a vector load feed a tile's
-# FMAs, no weights packed; the packed GEMM pays its packing in _gemm_cost's per-row term), each
-# staged entry BROADCAST_STAGE_OPS. It wins where the positions are few (9 to ~150): the packed
-# GEMM fills its 32-wide panels with zeros there and copies every weight on each call.
+# (AVX-512 Xeon; the 1×1 shapes of MobileNetV2 at 3² to 48², weights warm in L2 and cold, against
+# pointwise and dot): a multiply-add of the padded lanes costs BROADCAST_MAC_WEIGHT (a broadcast
+# and a vector load feed a tile's FMAs; nothing is packed, where the packed GEMM pays its
+# packing in _gemm_cost's per-row term), each staged entry BROADCAST_STAGE_OPS, which also
+# stands for what the tiles lose on few output channels (24 or 32 of them over 144 to 576
+# positions: the packed GEMM is 10–30% faster there). It wins on 9 to ~150 positions, and on
+# larger maps over few input channels; dot stays close at 3² over many input channels.
 BROADCAST_COLUMNS = 64
 BROADCAST_LANES = 16
-BROADCAST_MAC_WEIGHT = 1.0
-BROADCAST_STAGE_OPS = 6
+BROADCAST_MAC_WEIGHT = 0.8
+BROADCAST_STAGE_OPS = 12
 
 
 def _broadcast_padded(positions):
