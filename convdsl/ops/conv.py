@@ -656,9 +656,17 @@ def direct_grid(attrs, in_types, out) -> int | None:
 # positions: the packed GEMM is 10–30% faster there). It wins on 9 to ~150 positions, and on
 # larger maps over few input channels; dot stays close at 3² over many input channels.
 BROADCAST_COLUMNS = 64
+BROADCAST_STAGE = 8192          # reals staged at a time (lib/gemm.c: CDSL_BROADCAST_STAGE)
 BROADCAST_LANES = 16
 BROADCAST_MAC_WEIGHT = 0.8
 BROADCAST_STAGE_OPS = 12
+BROADCAST_WIDE = 256            # positions past which, over a reduction of BROADCAST_DEEP, the packed GEMM gains
+BROADCAST_DEEP = 256
+# A batch of more positions than this (a run-time product: ParallelSplit.dot_columns) runs the
+# forward as packed GEMMs over several samples' columns, as dot does: there the weights are
+# packed once for those samples and its panels fill up, where broadcast reads every weight once
+# per sample (ResNet-18 training at batch 8: 1.5× PyTorch's time per sample, 1.2× batched).
+BROADCAST_BATCH_COLUMNS = 64
 
 
 def _broadcast_padded(positions):
@@ -669,18 +677,38 @@ def _broadcast_padded(positions):
 
 
 def _broadcast_cost(in_types, out, attrs):
-    padded = _broadcast_padded(D.product(out.spatial))
-    macs = D.mul(attrs["in"] // attrs["groups"] * attrs["out"], padded)
-    return D.add(D.floordiv(D.mul(macs, int(BROADCAST_MAC_WEIGHT * 10)), 10),
-                 D.mul(attrs["in"] * BROADCAST_STAGE_OPS, padded))
+    positions = D.product(out.spatial)
+    padded = _broadcast_padded(positions)
+    rows = attrs["in"] // attrs["groups"] * D.product(attrs["kernel"])
+    macs = D.mul(rows * attrs["out"], padded)
+    cost = D.add(D.floordiv(D.mul(macs, int(BROADCAST_MAC_WEIGHT * 10)), 10),
+                 D.mul(rows * attrs["groups"] * BROADCAST_STAGE_OPS, padded))
+    if isinstance(positions, int) and positions > BROADCAST_WIDE:
+        # Many positions over a long reduction: the packed GEMM's blocking pays there (a 1×1
+        # 256 → 64 on 28²: 10% faster), not over a short one (16 → 96 on 48²: broadcast 1.6×).
+        depth = min(rows, BROADCAST_DEEP)
+        cost = D.add(cost, macs * (positions - BROADCAST_WIDE) * depth * depth // (1024 * BROADCAST_DEEP ** 2))
+    return cost
 
 
 def _broadcast_workspace(in_types, out, attrs):
-    # One chunk of a group's input, staged: its channels × at most BROADCAST_COLUMNS positions
-    # (fewer on a map known to be smaller).
+    # A block of a group's column matrix, staged: its rows × at most BROADCAST_COLUMNS positions
+    # (fewer on a map known to be smaller), at most BROADCAST_STAGE reals; the backward (im2col's, off a 1×1 on the
+    # input itself) takes the column matrix from the same memory.
     padded = _broadcast_padded(D.product(out.spatial))
     columns = min(padded, BROADCAST_COLUMNS) if isinstance(padded, int) else BROADCAST_COLUMNS
-    return attrs["in"] // attrs["groups"] * columns
+    staged = min(attrs["in"] // attrs["groups"] * D.product(attrs["kernel"]) * columns, BROADCAST_STAGE)
+    return staged if _is_pointwise(attrs) else D.maximum(staged, _columns(in_types, out, attrs))
+
+
+def _broadcast_batched_workspace(in_types, out, attrs):
+    # Past BROADCAST_BATCH_COLUMNS positions in the batch the forward runs as im2col's packed
+    # GEMMs over several samples, and the backward takes them together too, in the same memory.
+    return D.maximum(_broadcast_workspace(in_types, out, attrs), _batched_workspace(in_types, out, attrs))
+
+
+def _broadcast_thread_workspace(in_types, out, attrs):
+    return _own_gradients(in_types, out, attrs) if _is_pointwise(attrs) else _columns_and_gradients(in_types, out, attrs)
 
 
 CONV_VARIANTS = (
@@ -693,12 +721,13 @@ CONV_VARIANTS = (
             needs="a 1×1 kernel, stride 1 and no padding before or after on any axis",
             parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
             thread_workspace=_own_gradients, costs_on=ON_OPENCL),
-    Variant("broadcast", "conv", "1×1 at stride 1 without padding on a small map: each weight broadcast against "
-                                 "vectors of positions, the weights read where they lie (backward as pointwise)",
-            cost=_broadcast_cost, applies=_is_pointwise,
-            needs="a 1×1 kernel, stride 1 and no padding before or after on any axis",
-            workspace=_broadcast_workspace, parallel="rows of output channels (backward: as pointwise)",
-            fuses_epilogue=True, thread_workspace=_own_gradients, backends=("c",)),
+    Variant("broadcast", "conv", "a small map: each weight broadcast against vectors of positions of the column "
+                                 "matrix, gathered as it is staged, the weights read where they lie; a batch of more "
+                                 "positions as GEMMs over several samples (backward as pointwise or im2col)",
+            cost=_broadcast_cost, workspace=_broadcast_batched_workspace,
+            parallel="rows of output channels (backward: as pointwise or im2col)",
+            fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
+            dot_columns=BROADCAST_BATCH_COLUMNS),
     Variant("direct", "conv_direct", "a loop over the window per output channel (one input channel per group)",
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
             applies=_one_channel_per_group, needs="one input channel per group (depthwise)",

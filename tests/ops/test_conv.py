@@ -267,7 +267,7 @@ def test_every_variant_is_run_and_applies_by_its_rule():
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "im2col"} == set(IDS)
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "blocked"} == set(IDS)
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "dot"} == set(IDS)
-    assert {IDS[i] for v, i in VARIANTS.pairs if v == "broadcast"} == pointwise
+    assert {IDS[i] for v, i in VARIANTS.pairs if v == "broadcast"} == set(IDS)
     direct = {IDS[i] for v, i in VARIANTS.pairs if v == "direct"}
     assert {"depthwise-m1", "depthwise-m2", "conv-groups-is-channels", "3d-full-stride"} <= direct
     assert "2d-pointwise-groups" not in direct
@@ -521,12 +521,14 @@ def test_nhwc_conv_on_channel_last_arrays_matches_torch():
 
 
 # broadcast in float64 (lib/gemm's double tiles, 8 lanes at AVX-512): each case it applies to
+# (but the large ones, whose losses sum too many terms for a central difference's rounding)
 # forced in the op's own `algo=`.
 BROADCAST_CASES = tuple(
     Case(f"{c.id}-broadcast", c.shape, c.op[:-1] + ", algo=broadcast)", c.ref, c.dims)
-    for i, c in enumerate(CASES) if ("broadcast", i) in VARIANTS.pairs and c.ref["kind"] != "separable")
+    for i, c in enumerate(CASES)
+    if ("broadcast", i) in VARIANTS.pairs and c.ref["kind"] != "separable" and "large" not in c.id)
 
 
 def test_broadcast_finite_differences_float64():
-    assert len(BROADCAST_CASES) >= 3
+    assert len(BROADCAST_CASES) >= 40
     finite_differences(compile_cases(BROADCAST_CASES, dtype="f64"), BROADCAST_CASES, np.random.default_rng(109))
