@@ -355,9 +355,9 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     # An eval-mode forward keeps nothing for a backward, so the kernels may read the inputs where
     # the caller has them and write the outputs straight into the caller's arrays: two copies of
     # each fewer (a cheap layer on a large map spent more time in them than computing). Not where
-    # the edge converts the layout, nor an output that is an input or an earlier output too (its
-    # value already lives in the caller's other array: it is copied from there). Training mode
-    # copies: a backward reads the values after the call, when the caller may have changed them.
+    # the edge converts the layout, nor an output that is an input too (its value lives in the
+    # caller's input: it is copied from there). Training mode copies: a backward reads the values
+    # after the call, when the caller may have changed them.
     in_place = set()
 
     def boundary(b) -> Boundary:

@@ -69,7 +69,7 @@ class MaxPool(WindowPool):
         context = super().kernel_context(attrs, in_types, out, c)
         # The commonest pool of all, 2×2 at stride 2 on a 2-D map without padding: its windows
         # are the even and odd columns of two rows, vectors of windows apart (the template).
-        pairs = inside and context["K"] == (1, 2, 2) and context["S"] == (1, 2, 2)
+        pairs = inside and len(in_types[0].spatial) == 2 and context["K"] == (1, 2, 2) and context["S"] == (1, 2, 2)
         return {**context, "inside": inside, "pairs": pairs}
 
 

@@ -59,6 +59,8 @@ CASES = (
     # 2×2 at stride 2 in vectors of windows (16 at AVX-512, 8 at AVX2): 22 a row, the last vector
     # overlapping the one before it, and an odd width whose last column no window reads
     Case("max-2-vectors-odd", (3, 10, 45), "maxpool(2)", dict(kind="max", window=2, stride=2)),
+    # the same window on a 3-D map, slice by slice (odd heights: the last row of each is dropped)
+    Case("max-3d-flat-window", (2, 3, 7, 40), "maxpool((1, 2, 2))", dict(kind="max", window=(1, 2, 2), stride=(1, 2, 2))),
     Case("avg-parallel", (16, 32, 32), "avgpool(3, stride=1, pad=1)",
          dict(kind="avg", window=3, stride=1, pads=((1, 1), (1, 1)))),
 )
