@@ -121,3 +121,17 @@ def test_an_f32_and_an_f64_network_link_into_one_program(tmp_path):
     want_d = wide.forward(((i % 5) / 5.0 - 0.3).reshape(1, 2, 6, 6))
     np.testing.assert_allclose(got[:, 0], want_s[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[:, 1], want_d[0], rtol=1e-12, atol=1e-14)
+
+
+def test_broadcast_stages_no_more_than_the_plan_gives_it():
+    # The plan sizes broadcast's workspace (ops/conv.py) from the kernel library's own limits on
+    # what cdsl_gemm_broadcast stages at once (lib/gemm): the two must be the same numbers, or a
+    # product would stage past its workspace.
+    import re
+    from convdsl.ops import conv
+    from convdsl.resources import templates_dir
+    lib = Path(templates_dir()) / "c" / "lib"
+    stage = re.search(r"#define CDSL_BROADCAST_STAGE (\d+)", (lib / "gemm.c.j2").read_text())
+    columns = re.search(r"#define CDSL_BROADCAST_COLUMNS (\d+)", (lib / "gemm.h.j2").read_text())
+    assert stage and int(stage.group(1)) == conv.BROADCAST_STAGE
+    assert columns and int(columns.group(1)) == conv.BROADCAST_COLUMNS
