@@ -2,8 +2,10 @@
 for AVX2 (`CONVDSL_MARCH=x86-64-v3`: 32-byte vectors, 16 registers) and for SSE2 (`x86-64`:
 16-byte vectors), as on machines without AVX-512, against PyTorch — forward, input gradient and
 every parameter gradient, float32 — for each conv variant whose code the vector width changes
-(im2col's packed GEMM and micro-kernel, dot's register tiles, blocked's, Winograd's) and dense at
-batch 1 (dot's one-column tiles) and at batch 5 (its tiles of four columns and the rest)."""
+(im2col's packed GEMM and micro-kernel, dot's register tiles, blocked's, Winograd's, broadcast's,
+the direct depthwise loop's grids: `conv=direct` reaches the depthwise layer, the others keep the
+plan's choice) and dense at batch 1 (dot's one-column tiles) and at batch 5 (its tiles of four
+columns and the rest); and maxpool's 2×2 vectors of windows."""
 from __future__ import annotations
 
 import platform
@@ -52,7 +54,8 @@ def reference(p, x):
 
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
-@pytest.mark.parametrize("algo", ["conv=im2col", "conv=dot", "conv=blocked", "conv=winograd4", "conv=winograd2"])
+@pytest.mark.parametrize("algo", ["conv=im2col", "conv=dot", "conv=blocked", "conv=winograd4", "conv=winograd2",
+                                  "conv=broadcast", "conv=direct"])
 def test_the_narrower_vector_forms_match_torch(march, algo, monkeypatch):
     if not _runs_here(march):
         pytest.skip(f"this machine ({platform.machine()}) cannot run code built with -march={march}")
@@ -80,3 +83,31 @@ def test_a_bad_instruction_set_name_is_refused(monkeypatch):
     monkeypatch.setenv("CONVDSL_MARCH", "native -fplugin=x")
     with pytest.raises(convdsl.ConvDSLError, match="CONVDSL_MARCH"):
         convdsl.load_source(NET)
+
+
+POOL = """network Pool {
+    input x: [3, 6, 45]
+    y = x -> maxpool(2)
+    output y
+}
+"""
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_maxpool_vectors_of_windows_in_the_narrower_forms(march, monkeypatch):
+    # 22 windows a row: vectors of 8 (AVX2) or 4 (SSE2) windows, the last one overlapping.
+    if not _runs_here(march):
+        pytest.skip(f"this machine ({platform.machine()}) cannot run code built with -march={march}")
+    monkeypatch.setenv("CONVDSL_MARCH", march)
+    net = convdsl.load_source(POOL).Model()
+    net.train()
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 6, 45)).astype(np.float32)
+    y = net.forward(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = net.backward(dy)
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    yt = F.max_pool2d(xt, 2)
+    yt.backward(torch.tensor(dy, dtype=torch.float64))
+    assert_close(y, yt.detach().numpy(), what=f"{march}: y")
+    assert_close(dx, xt.grad.numpy(), what=f"{march}: dx")
