@@ -657,7 +657,7 @@ def direct_grid(attrs, in_types, out) -> int | None:
 # larger maps over few input channels; dot stays close at 3² over many input channels.
 BROADCAST_COLUMNS = 64
 BROADCAST_STAGE = 8192          # reals staged at a time (lib/gemm.c: CDSL_BROADCAST_STAGE)
-BROADCAST_LANES = 16
+BROADCAST_LANES = _WIDEST_VECTOR_BYTES // 4   # f32 lanes of the widest vectors, as the other costs count
 BROADCAST_MAC_WEIGHT = 0.8
 BROADCAST_STAGE_OPS = 12
 BROADCAST_WIDE = 256            # positions past which, over a reduction of BROADCAST_DEEP, the packed GEMM gains
@@ -693,18 +693,13 @@ def _broadcast_cost(in_types, out, attrs):
 
 def _broadcast_workspace(in_types, out, attrs):
     # A block of a group's column matrix, staged: its rows × at most BROADCAST_COLUMNS positions
-    # (fewer on a map known to be smaller), at most BROADCAST_STAGE reals; the backward (im2col's, off a 1×1 on the
-    # input itself) takes the column matrix from the same memory.
+    # (fewer on a map known to be smaller), at most BROADCAST_STAGE reals; and, in the same
+    # memory, what im2col's batched GEMMs need past BROADCAST_BATCH_COLUMNS positions in the
+    # batch, and the backward's column matrix.
     padded = _broadcast_padded(D.product(out.spatial))
     columns = min(padded, BROADCAST_COLUMNS) if isinstance(padded, int) else BROADCAST_COLUMNS
     staged = min(attrs["in"] // attrs["groups"] * D.product(attrs["kernel"]) * columns, BROADCAST_STAGE)
-    return staged if _is_pointwise(attrs) else D.maximum(staged, _columns(in_types, out, attrs))
-
-
-def _broadcast_batched_workspace(in_types, out, attrs):
-    # Past BROADCAST_BATCH_COLUMNS positions in the batch the forward runs as im2col's packed
-    # GEMMs over several samples, and the backward takes them together too, in the same memory.
-    return D.maximum(_broadcast_workspace(in_types, out, attrs), _batched_workspace(in_types, out, attrs))
+    return D.maximum(staged, _batched_workspace(in_types, out, attrs))
 
 
 def _broadcast_thread_workspace(in_types, out, attrs):
@@ -724,7 +719,7 @@ CONV_VARIANTS = (
     Variant("broadcast", "conv", "a small map: each weight broadcast against vectors of positions of the column "
                                  "matrix, gathered as it is staged, the weights read where they lie; a batch of more "
                                  "positions as GEMMs over several samples (backward as pointwise or im2col)",
-            cost=_broadcast_cost, workspace=_broadcast_batched_workspace,
+            cost=_broadcast_cost, workspace=_broadcast_workspace,
             parallel="rows of output channels (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
             dot_columns=BROADCAST_BATCH_COLUMNS),
