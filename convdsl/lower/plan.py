@@ -24,7 +24,7 @@ from ..ir.graph import Graph, Node, TensorType
 from ..ops.base import INPUTS, OUTPUT, Variant, lookup, registry
 from ..passes.schedule import make_plan
 from .memory import inference_placement, lifetimes, place_guarded, training_placement
-from .program import (ACTIVATION, ACTIVATIONS, BUFFERS, DERIVED, GRADIENTS, INFERENCE, PARAM_GRADS, RESIDUAL, SCALE,
+from .program import (ACTIVATION, ACTIVATIONS, AFFINE, BUFFERS, DERIVED, GRADIENTS, INFERENCE, PARAM_GRADS, RESIDUAL, SCALE,
                       THREAD_WORKSPACE, PARAMS, SAVED, TRAINING, WORKSPACE, Boundary, Epilogue, EpilogueStage,
                       LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
 
@@ -119,12 +119,13 @@ def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str]
     return chosen
 
 
-def fusions_of(g: Graph, algo=None) -> dict[int, tuple[int, ...]]:
-    """producer node → the nodes fused into its kernel, as lower() fuses them under `algo`."""
-    return _fusions(g, chosen_variants(g, algo_override(algo)))
+def fusions_of(g: Graph, algo=None, eval_mode: bool = False) -> dict[int, tuple[int, ...]]:
+    """producer node → the nodes fused into its kernel, as lower() fuses them under `algo` (in
+    eval mode's schedule: with the batchnorms folded)."""
+    return _fusions(g, chosen_variants(g, algo_override(algo)), eval_mode)
 
 
-def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, tuple[int, ...]]:
+def _fusions(g: Graph, variants: dict[int, Variant], eval_mode: bool = False) -> dict[int, tuple[int, ...]]:
     """producer node → the chain of nodes whose forward runs in its kernel's epilogue, in order.
 
     The producer's variant applies epilogues (`fuses_epilogue`: conv and depthwise in every
@@ -134,7 +135,15 @@ def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, tuple[int, ...
     activation; an add of exactly two tensors whose other addend has the same shape and is made
     before the producer runs; a scale whose x is the value so far and whose factors are made
     before the producer runs. The values in between are never written in eval mode; in training
-    the step writes those that a backward reads (lower() marks them)."""
+    the step writes those that a backward reads (lower() marks them).
+
+    `eval_mode`: the chains of eval mode's schedule, where a batchnorm (`OpDef.folds_in_eval`)
+    that runs as a fusing kernel (its variant applies epilogues: the C target's) is a scale and
+    shift per channel, and folds into the producer before it with the chain fused into it in
+    training, taken whole: when a stage of that chain cannot run in the producer (its other
+    tensor is made after the producer runs), the batchnorm does not fold at all, so that every
+    node keeps a kernel that runs it. A folded batchnorm is no producer of its own."""
+    train = _fusions(g, variants) if eval_mode else {}
     readers: dict[int, list[int]] = {}
     for node in g.nodes:
         for vid in node.inputs:
@@ -146,11 +155,28 @@ def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, tuple[int, ...
         return maker is None or maker < step          # nodes run in id order (passes/schedule.py)
 
     fused: dict[int, tuple[int, ...]] = {}
+    absorbed: set[int] = set()          # nodes in a chain already: a folded batchnorm makes none of its own
     for node in g.nodes:
         # A producer whose backward reads its own output never fuses: its kernel writes only the
         # chain's last value (and what the stages' backwards read).
-        if not variants[node.id].fuses_epilogue or OUTPUT in lookup(node.op).backward_reads(node.attrs):
+        if node.id in absorbed or not variants[node.id].fuses_epilogue \
+                or OUTPUT in lookup(node.op).backward_reads(node.attrs):
             continue
+        def runs_here(nxt: Node, value: int) -> bool:
+            """Whether node `nxt`, the only reader of `value`, can run in `node`'s epilogue."""
+            kind = lookup(nxt.op).fuses_as
+            shape = g.values[value].type.shape
+            if kind == ACTIVATION:
+                return True
+            if kind == RESIDUAL:
+                others = [v for v in nxt.inputs if v != value]
+                return len(nxt.inputs) == 2 and len(others) == 1 and g.values[others[0]].type.shape == shape \
+                    and made_before(others[0], node.id)
+            if kind == SCALE:
+                return nxt.inputs[0] == value and nxt.inputs[1] != value and made_before(nxt.inputs[1], node.id) \
+                    and g.values[nxt.output].type.shape == shape
+            return False
+
         chain: list[int] = []
         value = node.output
         while value not in outputs:
@@ -158,38 +184,48 @@ def _fusions(g: Graph, variants: dict[int, Variant]) -> dict[int, tuple[int, ...
             if len(after) != 1:
                 break
             nxt = g.nodes[after[0]]
-            kind = lookup(nxt.op).fuses_as
-            shape = g.values[value].type.shape
-            if kind == ACTIVATION:
-                ok = True
-            elif kind == RESIDUAL:
-                others = [v for v in nxt.inputs if v != value]
-                ok = len(nxt.inputs) == 2 and len(others) == 1 and g.values[others[0]].type.shape == shape \
-                    and made_before(others[0], node.id)
-            elif kind == SCALE:
-                ok = nxt.inputs[0] == value and nxt.inputs[1] != value and made_before(nxt.inputs[1], node.id) \
-                    and g.values[nxt.output].type.shape == shape
-            else:
-                ok = False
-            if not ok:
+            if eval_mode and lookup(nxt.op).folds_in_eval and variants[nxt.id].fuses_epilogue:
+                # The batchnorm and its own chain (which made the same checks against the
+                # batchnorm's place in the order, not the producer's): whole, or not at all.
+                block = [nxt.id, *train.get(nxt.id, ())]
+                before = nxt.output
+                for nid in block[1:]:
+                    if not runs_here(g.nodes[nid], before):
+                        break
+                    before = g.nodes[nid].output
+                else:
+                    chain.extend(block)
+                    value = before
+                    continue
+                break
+            if not runs_here(nxt, value):
                 break
             chain.append(nxt.id)
             value = nxt.output
         if chain:
             fused[node.id] = tuple(chain)
+            absorbed.update(chain)
     return fused
 
 
-def _stages(g: Graph, producer: Node, chain: tuple[int, ...], act) -> tuple[EpilogueStage, ...]:
+def _stages(g: Graph, producer: Node, chain: tuple[int, ...], act,
+            tables: Mapping[int, Operand] | None = None) -> tuple[EpilogueStage, ...]:
     """The epilogue stages of a fused chain, each with the other tensor it reads and, when a
     backward reads the value it is given (its own backward reads its inputs, or the node before
-    it is read by its backward through its output), where training mode keeps that value."""
+    it is read by its backward through its output), where training mode keeps that value.
+    `tables`, for eval mode's schedule (None: training's): folded batchnorm node → its (scale,
+    shift) table; that schedule keeps nothing."""
     stages = []
     before = producer
     for nid in chain:
         node = g.nodes[nid]
         op = lookup(node.op)
         value = before.output
+        if tables is not None and nid in tables:
+            stages.append(EpilogueStage(kind=AFFINE, node=nid, op=node.op, label=node.label,
+                                        describe=op.describe(node.attrs), attrs=node.attrs, operand=tables[nid]))
+            before = node
+            continue
         # Training keeps the value this stage reads when a backward reads it: this stage's own
         # (it reads its input) or that of the op that made it (it reads its output).
         keep = INPUTS in op.backward_reads(node.attrs) or OUTPUT in lookup(before.op).backward_reads(before.attrs)
@@ -198,9 +234,44 @@ def _stages(g: Graph, producer: Node, chain: tuple[int, ...], act) -> tuple[Epil
         stages.append(EpilogueStage(
             kind=op.fuses_as, node=nid, op=node.op, label=node.label, describe=op.describe(node.attrs),
             attrs=node.attrs, operand=act(other, role) if role is not None else None,
-            keep_input=act(value, "kept") if keep else None))
+            keep_input=act(value, "kept") if keep and tables is None else None))
         before = node
     return tuple(stages)
+
+
+def _eval_schedule(g: Graph, forward: list[Step], fusions, eval_fusions, act, derived_total: int):
+    """Eval mode's forward (Program.eval_forward) and the derived region's new size: each
+    producer whose eval chain folds a batchnorm runs with that chain as its epilogue, after one
+    fold step per batchnorm, which writes its (scale, shift) pairs into a table of its own in the
+    derived region; every other step is the training forward's. Empty when nothing folds."""
+    if eval_fusions == fusions:
+        return (), derived_total
+    eval_fused_into = {nid: producer for producer, chain in eval_fusions.items() for nid in chain}
+    step_of = {f.node: f for f in forward}
+    schedule: list[Step] = []
+    for f in forward:
+        if f.node in eval_fused_into:
+            continue                                  # runs in its producer's kernel
+        chain = eval_fusions.get(f.node)
+        if chain == fusions.get(f.node):
+            schedule.append(f)
+            continue
+        tables = {}
+        for nid in chain:
+            # A node that folds is in a chain only by folding: it never fuses in training.
+            if lookup(g.nodes[nid].op).folds_in_eval is None:
+                continue
+            bn = step_of[nid]
+            pairs = 2 * g.nodes[nid].attrs["C"]
+            tables[nid] = Operand("affine", DERIVED, derived_total, pairs)
+            derived_total += pairs
+            schedule.append(replace(bn, inputs=(), outputs=(), saved=None, derived=tables[nid], epilogue=Epilogue(),
+                                    workspace=Workspace(), parallel=ParallelSplit("none"), fused_into=None,
+                                    folds_into=f.node))
+        node = g.nodes[f.node]
+        schedule.append(replace(f, outputs=(act(g.nodes[chain[-1]].output, "y"),),
+                                epilogue=Epilogue(bias=f.epilogue.bias, stages=_stages(g, node, chain, act, tables))))
+    return tuple(replace(s, index=i) for i, s in enumerate(schedule)), derived_total
 
 
 def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int = 0,
@@ -221,11 +292,14 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
 
     chosen = chosen_variants(g, override, lacks, backend, measured)
     fusions = _fusions(g, chosen)
+    # Eval mode's schedule folds batchnorms into their producers: its placement gives the values
+    # in between no memory either.
+    eval_fusions = _fusions(g, chosen, eval_mode=True)
     eval_guards = ()
     if guard:
-        eval_offsets, eval_total, eval_guards = place_guarded(lifetimes(g, fusions), guard)
+        eval_offsets, eval_total, eval_guards = place_guarded(lifetimes(g, eval_fusions), guard)
     else:
-        eval_offsets, eval_total = inference_placement(g, fusions)
+        eval_offsets, eval_total = inference_placement(g, eval_fusions)
     inference = tuple(Operand(f"v{v.id}", INFERENCE, eval_offsets[v.id], numel(v.id), v.id, v.type.shape)
                       for v in g.values)
     # Training: activations, gradients and saved masks in one block, sharing memory by lifetime.
@@ -293,6 +367,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
                                    dot_columns=variant.dot_columns),
             fused_into=fused_into.get(nid)))
     steps = [f for f in forward if f.fused_into is None]
+    eval_forward, derived_total = _eval_schedule(g, forward, fusions, eval_fusions, act, derived_total)
     for f in reversed(forward):
         node = g.nodes[f.node]
         grads = tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape, True)
@@ -340,7 +415,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         Region(PARAM_GRADS, plan.param_total, False, "the gradients of the trainable parameters", plan.param_guards),
         Region(BUFFERS, plan.buffer_total, False, "layer state that is not trained (running statistics)"),
         Region(DERIVED, derived_total, False, "per step, kept across calls: kernels' transforms of their weights "
-                                              "(Winograd), remade when the weights change"),
+                                              "(Winograd), remade when the weights change; eval mode's folded "
+                                              "batchnorm tables, made each call"),
     )
 
     def maker(v) -> str:
@@ -379,5 +455,5 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
                                g.span if v.producer is None else g.nodes[v.producer].span) for v in g.values),
         regions=regions, activations=activations, inference=inference, gradients=gradients,
         params=plan.params, param_total=plan.param_total, buffers=plan.buffers, buffer_total=plan.buffer_total,
-        steps=tuple(steps), loss=loss,
+        steps=tuple(steps), eval_forward=eval_forward, loss=loss,
         zero_at_start=tuple(grad(v, f"d{v}") for v in layout.zeroed_at_start()))

@@ -6,10 +6,14 @@ the step, its workspace and how its work is split across threads. Sizes are Dims
 (convdsl/ir/dims.py), so run-time sizes stay symbolic until the module's prepare.
 
 Eval mode runs forward only, in the `inference` region, where values whose lifetimes do not
-overlap share memory. Training mode keeps what the backward reads (a conv's input, a relu's
-output, dropout's mask) and the gradients, all in the one `training` block, sharing memory by
-lifetime too: an operand's region `activations`, `gradients` or `saved` says what it holds, and
-its offset is into that block (lower/memory.py says how long each lives).
+overlap share memory, and by a schedule of its own (`Program.eval_forward`): with no batch
+statistics to compute, a batchnorm is a scale and shift per channel, which its producer's kernel
+applies as it writes (an AFFINE epilogue stage) from a table a small step makes each call.
+An eval-mode forward whose activations are kept for a backward runs the training forward.
+Training mode keeps what the backward reads (a conv's input, a relu's output, dropout's mask)
+and the gradients, all in the one `training` block, sharing memory by lifetime too: an
+operand's region `activations`, `gradients` or `saved` says what it holds, and its offset is
+into that block (lower/memory.py says how long each lives).
 
 Offsets and sizes in the per-sample regions (`inference`, `training`) count elements of one
 sample; a region of a batch of N holds N samples one after the other per value (value v of
@@ -69,20 +73,24 @@ class Operand:
 
 
 ACTIVATION, RESIDUAL, SCALE = "activation", "residual", "scale"   # the kinds of epilogue stage
+AFFINE = "affine"                    # eval mode only: a batchnorm folded into its producer
 
 
 @dataclass(frozen=True)
 class EpilogueStage:
     """One op whose forward runs inside the producer's kernel, applied to each value as the
-    kernel writes it: an activation, a residual add of one other tensor of the same shape, or a
-    scale by a per-sample factor of each channel. Its backward stays a step of its own."""
-    kind: str                        # activation | residual | scale
+    kernel writes it: an activation, a residual add of one other tensor of the same shape, a
+    scale by a per-sample factor of each channel, or (eval mode's schedule only) a batchnorm's
+    v·scale[c] + shift[c], read as pairs from the table its fold step writes. Its backward
+    stays a step of its own."""
+    kind: str                        # activation | residual | scale | affine
     node: int                        # the fused IR node
     op: str
     label: str
     describe: str
     attrs: Mapping[str, Any]
-    operand: Operand | None = None   # residual: the other addend; scale: the factors (one per channel)
+    operand: Operand | None = None   # residual: the other addend; scale: the factors (one per channel);
+                                     # affine: the (scale, shift) pair of each channel
     # Training mode: the value this stage reads, written there as well, because a backward reads
     # it (relu's output before an add, conv's output before a scale); eval mode never writes it.
     keep_input: Operand | None = None
@@ -93,7 +101,7 @@ class EpilogueStage:
 
     def text(self) -> str:
         what = {ACTIVATION: self.describe, RESIDUAL: f"add(v{self.operand.value if self.operand else '?'})",
-                SCALE: f"scale(v{self.operand.value if self.operand else '?'})"}[self.kind]
+                SCALE: f"scale(v{self.operand.value if self.operand else '?'})", AFFINE: self.describe}[self.kind]
         return f"{what} ({self.label} fused)"
 
 
@@ -189,6 +197,10 @@ class Step:
     # Backward: the gradients this step is the first to touch, zeroed just before it runs (it adds
     # into them, and in the training block their memory held another tensor before).
     zero_first: tuple[Operand, ...] = ()
+    # Eval mode's schedule only: this step computes nothing of the network but its op's scale and
+    # shift per channel (a batchnorm's, from its parameters and running statistics) into
+    # `derived`, for the step of node `folds_into`, which applies them (an AFFINE stage).
+    folds_into: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.attrs, MappingProxyType):
@@ -250,6 +262,11 @@ class Program:
     buffers: tuple[BufferSlot, ...]
     buffer_total: int
     steps: tuple[Step, ...]
+    # The forward of an eval-mode call that keeps nothing for a backward (the module's inference
+    # placement): the training forward's steps, except that a batchnorm whose producer applies
+    # epilogues is folded into it (a fold step, then the producer with the batchnorm and what
+    # was fused after it in its epilogue). Empty: the same steps as `forward`.
+    eval_forward: tuple[Step, ...] = ()
     loss: LossStep | None = None
     # The gradients zeroed as a backward starts, before any step: the outputs' (then seeded with
     # the caller's gradients or the loss's) and any no step touches (an input nobody reads).
@@ -266,6 +283,11 @@ class Program:
     @property
     def forward(self) -> tuple[Step, ...]:
         return self.phase("forward")
+
+    @property
+    def eval_steps(self) -> tuple[Step, ...]:
+        """The steps an eval-mode forward runs (eval_forward, or the training forward's)."""
+        return self.eval_forward or self.forward
 
     @property
     def backward(self) -> tuple[Step, ...]:

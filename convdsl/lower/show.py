@@ -43,7 +43,7 @@ def step_text(step: Step) -> str:
     work = _dim(step.workspace.elements) if step.workspace.elements != 0 else "0"
     if step.workspace.per_thread != 0:
         work += f" + {_dim(step.workspace.per_thread)} per thread"
-    kernel = f"{step.op}/{step.variant}"
+    kernel = f"{step.op}/{'fold' if step.folds_into is not None else step.variant}"
     tile = "".join(f"; {name} in {t.text()}" for name, t in step.parallel.tiles)
     zero = f" | zeroes {' '.join(o.role for o in step.zero_first)} first" if step.zero_first else ""
     return (f"{step.index:3d} {step.phase:<8} {where:<24} {kernel:<18} "
@@ -71,6 +71,10 @@ def program_text(program: Program) -> str:
                                                          for o in program.zero_at_start) + " (then seeds the outputs')")
     lines.append("steps (training mode's places; eval mode reads and writes the same values at their eval places):")
     lines.extend(step_text(s) for s in program.steps)
+    if program.eval_forward:
+        lines.append("eval mode's forward (no backward follows; batchnorms folded into the kernel before them, "
+                     "each after a step that makes its scale and shift per channel):")
+        lines.extend(step_text(s) for s in program.eval_forward)
     if program.loss is not None:
         call = LOSSES[program.loss.kind].describe(program.loss.output_name, program.loss.attrs)
         lines.append(f"loss: {call} (line {program.loss.line})")

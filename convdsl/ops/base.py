@@ -326,6 +326,10 @@ class OpDef:
     # training then keeps as the producer writes it), "residual" (the sum with one other tensor of the same shape: add), "scale"
     # (times a per-sample factor of its channel: scale). None: it runs as a kernel of its own.
     fuses_as: ClassVar[str | None] = None
+    # Eval mode only: the op is a scale and shift per channel (batchnorm on its running
+    # statistics), which a producer's kernel applies as it writes ("affine"), after this op's
+    # template's `fold` kernel has made the (scale, shift) pairs. None: it folds nowhere.
+    folds_in_eval: ClassVar[str | None] = None
 
     # What this op's backward reads besides the gradient of its output, which training memory
     # keeps alive for it (everything else a forward makes dies at its last forward reader):

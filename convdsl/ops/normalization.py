@@ -27,6 +27,7 @@ class BatchNorm(OpDef):
     summary = "batch normalisation: batch statistics in training mode, running ones in inference mode"
     args = (Arg("eps", 1e-5), Arg("momentum", 0.1))
     positionwise = True            # at inference y = a·x + b per channel; training adds batch statistics
+    folds_in_eval = "affine"       # that a·x + b, in the producer's kernel (lower/plan.py)
     locality = "channel"
 
     def normalize(self, attrs, in_types, ctx):

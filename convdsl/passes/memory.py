@@ -43,9 +43,11 @@ def plan_memory(g: Graph) -> MemoryPlan:
     size = BYTES[g.dtype]
     value_bytes = [D.mul(D.product(v.type.shape), size) for v in g.values]
     fusions = fusions_of(g)
+    # Eval mode runs its own schedule, with each batchnorm folded into the kernel before it.
+    eval_fusions = fusions_of(g, eval_mode=True)
     # Each value is live over a range of nodes, from the node that writes it (inputs: the first;
     # an activation fused into its producer: the producer, which writes it) to its last reader.
-    life = lifetimes(g, fusions)
+    life = lifetimes(g, eval_fusions)
     probe = {name: 64 for name in g.sym_dims}
     # A sweep over the nodes: a value's bytes join the sum where it becomes live and leave it
     # after its last node (sizes add exactly: the sums are those of adding up each node's values).
@@ -68,7 +70,7 @@ def plan_memory(g: Graph) -> MemoryPlan:
         for vid in dead_after[node.id]:
             live = D.sub(live, D.mul(life.size[vid], size))
     # What the module allocates: the placement by lifetime (the largest live sum is its lower bound).
-    _, placed = inference_placement(g, fusions)
+    _, placed = inference_placement(g, eval_fusions)
     peak = D.mul(placed, size)
     training = D.mul(training_placement(g, fusions).total, size)
     everything: Dim = 0

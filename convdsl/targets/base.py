@@ -200,6 +200,11 @@ class NodeView:
     # The gradients its backward is the first to touch, zeroed just before it (gradients share
     # memory by lifetime in training): value index and elements per sample.
     zero_first: list = field(default_factory=list)
+    # Eval mode's schedule (Program.eval_forward): a twin of a producer's kernel with the
+    # batchnorms folded into its epilogue renders its forward only (`fn` ends in `_eval`); a
+    # folded batchnorm's node renders a `fold` kernel too, with these arguments.
+    forward_only: bool = False
+    fold_args: list = field(default_factory=list)
 
 
 # How a kernel reads the model state an op declares (OpDef.kernel_state), per phase.
@@ -246,6 +251,9 @@ class Target:
     # Kernel variants this target has no kernels of its own for: the plan chooses among the others
     # (an `algo=` naming one gives way to the cheapest of the rest).
     lacks_variants: frozenset = frozenset()
+    # Whether its templates run eval mode's own schedule (Program.eval_forward: batchnorms folded
+    # into their producers' epilogues, after a fold kernel each).
+    runs_eval_schedule = False
 
     # ---- what differs between targets ---------------------------------------------------
 
@@ -446,6 +454,16 @@ class Target:
         args += [_STATE_ARGS[s]["forward"] for s in lookup(step.op).kernel_state if "forward" in _STATE_ARGS[s]]
         return args
 
+    def fold_arguments(self, pg: Program, step: Step) -> list[KernelArg]:
+        """A fold step's kernel (eval mode's schedule): the parameters and buffers it reads, and
+        the table it writes."""
+        src = self._operand_source
+        args = self.size_arguments(pg)
+        args += [KernelArg(checked_identifier(p.role), "input", src(p)) for p in step.params]
+        args += [KernelArg(checked_identifier(b.role), "input", src(b)) for b in step.buffers]
+        args.append(KernelArg("table", "output", src(step.derived)))
+        return args
+
     def backward_arguments(self, pg: Program, step: Step, saved_index: dict[int, int]) -> list[KernelArg]:
         """What it reads — of the forward its inputs x0 … and its output y, those its op declares
         that its backward reads (`OpDef.saves_for_backward`; the others are NULL: in the training
@@ -487,6 +505,9 @@ class Target:
         c, host = sizes.kernel, sizes.host
         real = lambda v: self.float_literal(v, dtype)  # noqa: E731
 
+        if pg.eval_forward and not self.runs_eval_schedule:
+            raise ConvDSLError(None, f"internal error: the {self.name} target has no kernels for eval mode's "
+                                     f"folded batchnorms")
         saved_steps = [s for s in pg.forward if s.saved is not None]
         saved_index = {s.node: k for k, s in enumerate(saved_steps)}
         backward_of = {s.node: s for s in pg.backward}
@@ -495,11 +516,9 @@ class Target:
         # kernel) its backward step only.
         kernel_steps = sorted((forward_of.get(n, b) for n, b in backward_of.items()), key=lambda s: s.node)
         nodes, helpers, guards = [], [], []
-        for step in kernel_steps:
+
+        def node_view(step: Step, fn: str, forward_only: bool = False) -> NodeView:
             op = lookup(step.op)
-            for h in op.c_helpers:
-                if h not in helpers:
-                    helpers.append(h)
             slots = pg.layer_params(step.layer)
             params = {}
             for operand in step.params:
@@ -512,8 +531,9 @@ class Target:
             x_types = step.in_types
             label = checked_identifier(step.label, dotted=True)
             # The stages fused into this kernel, in order: each reads its other tensor (a
-            # residual, the factors of a scale) from the argument `epi_in<i>`, and writes the value
-            # a backward reads to `epi_keep<i>`, which is NULL in eval mode (forward_arguments).
+            # residual, the factors of a scale, a folded batchnorm's table) from the argument
+            # `epi_in<i>`, and writes the value a backward reads to `epi_keep<i>`, which is NULL in
+            # eval mode (forward_arguments).
             epilogue = [{"kind": s.kind, "op": s.op, "attrs": s.attrs, "label": s.label, "describe": s.describe,
                          "formula": self.kernel_template(f"{lookup(s.op).template or s.op}_epilogue")
                          if s.kind == ACTIVATION else None,
@@ -521,8 +541,8 @@ class Target:
                          "keep": f"epi_keep{i}" if s.keep_input is not None else None,
                          "keep_of": pg.values[s.keep_input.value].producer_label if s.keep_input is not None else None}
                         for i, s in enumerate(step.epilogue.stages)] if step.phase == "forward" else []
-            nodes.append(NodeView(
-                fn=layer_function(step.node, step.label), label=label, line=step.line, op=step.op,
+            return NodeView(
+                fn=fn, label=label, line=step.line, op=step.op,
                 describe=step.describe, template=self.kernel_template(step.variant_template),
                 x=[TensorView(f"x{i}", f"dx{i}", c(t.channels), c(D.product(t.shape))) for i, t in enumerate(x_types)],
                 y=TensorView("y", "dy", c(own_output.channels), c(D.product(own_output.shape))),
@@ -530,7 +550,7 @@ class Target:
                 real=real, b=buffers, saved="saved" if step.saved is not None else None,
                 variant=step.variant, fused=step.fused_into is not None, epilogue=epilogue,
                 forward_args=self.forward_arguments(pg, step, saved_index) if step.phase == "forward" else [],
-                backward_args=self.backward_arguments(pg, backward, saved_index),
+                backward_args=[] if forward_only else self.backward_arguments(pg, backward, saved_index),
                 size_args=self.size_arguments(pg),
                 work="work" if step.workspace.elements != 0 else None,
                 derived="derived" if step.derived is not None else None,
@@ -539,10 +559,43 @@ class Target:
                        "gemm_threshold": step.parallel.gemm_threshold,
                        "batch_threshold": step.parallel.batch_threshold, "tiles": dict(step.parallel.tiles),
                        "dot_columns": step.parallel.dot_columns},
-                zero_first=[{"index": o.value, "numel": host(o.size)} for o in backward.zero_first]))
+                zero_first=[] if forward_only else [{"index": o.value, "numel": host(o.size)}
+                                                    for o in backward.zero_first],
+                forward_only=forward_only)
+
+        for step in kernel_steps:
+            op = lookup(step.op)
+            for h in op.c_helpers:
+                if h not in helpers:
+                    helpers.append(h)
+            label = checked_identifier(step.label, dotted=True)
+            nodes.append(node_view(step, layer_function(step.node, step.label)))
             for g in op.training_guards(step.attrs, step.in_types, step.out_type):
                 guards.append({"per_sample": host(g.per_sample), "least": g.least,
                                "message": f"{step.op} {label} (line {step.line}) {g.message}"})
+
+        # Eval mode's schedule, where it differs from the training forward: each launch in order
+        # (a fold kernel, a producer's twin, or the training forward's kernel), and the twins.
+        eval_nodes, eval_launches = [], []
+        if pg.eval_forward:
+            view_of = {n.fn: n for n in nodes}
+            for step in pg.eval_forward:
+                fn = layer_function(step.node, step.label)
+                where = {"label": checked_identifier(step.label, dotted=True), "line": step.line}
+                trained = forward_of[step.node]
+                if step.folds_into is not None:
+                    args = self.fold_arguments(pg, step)
+                    view_of[fn].fold_args = args
+                    into = checked_identifier(forward_of[step.folds_into].label, dotted=True)
+                    eval_launches.append({"fn": fn + "_fold", "args": args, **where,
+                                          "doc": f"its scale and shift per channel, which {into} applies"})
+                elif step.epilogue == trained.epilogue and step.outputs == trained.outputs:
+                    eval_launches.append({"fn": fn + "_forward", "args": view_of[fn].forward_args, **where, "doc": ""})
+                else:
+                    twin = node_view(step, fn + "_eval", forward_only=True)
+                    eval_nodes.append(twin)
+                    eval_launches.append({"fn": twin.fn + "_forward", "args": twin.forward_args, **where,
+                                          "doc": " + ".join(f"{s['label']} (fused)" for s in twin.epilogue)})
 
         def value_view(vid: int) -> TensorView:
             t = pg.values[vid].type
@@ -624,7 +677,7 @@ class Target:
             "prefix": prefix, "net": pg, "source_name": comment_safe(Path(pg.source_path).name),
             "ctype": self.scalar_type(dtype), "math": self.math_functions(dtype),
             "sym_dims": [checked_identifier(s) for s in pg.sym_dims],
-            "nodes": nodes, "helpers": helpers, "values": values, "inputs": inputs, "outputs": outputs,
+            "nodes": nodes, "eval_nodes": eval_nodes, "eval_launches": eval_launches, "helpers": helpers, "values": values, "inputs": inputs, "outputs": outputs,
             "params": params, "param_total": pg.param_total, "consts": consts, "loss": loss,
             "size_checks": size_checks, "regions": regions, "guard_zones": guard_zones,
             "zero_at_start": [{"index": o.value, "numel": host(o.size)} for o in pg.zero_at_start],

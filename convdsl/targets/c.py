@@ -74,6 +74,7 @@ class CTarget(CHost, Target):
     template_dir = "c"
     kernel_ext = "c"
     poisons_guard_zones = True
+    runs_eval_schedule = True
     kernel_library_parts = ("gemm",)     # im2col, winograd: header only (their constant sizes pay)
 
     def kernel_library(self, dtype: str) -> KernelLibrary:

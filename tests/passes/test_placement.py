@@ -117,7 +117,8 @@ def static_parts(life: Lifetimes) -> list[Lifetimes]:
 def both_modes(graph):
     fusions = fusions_of(graph)
     life, timeline, _ = training_lifetimes(graph, fusions, saved_elements(graph))
-    return [(lifetimes(graph, fusions), len(graph.nodes), memory.SEARCH_ORDERS),
+    # Eval mode places the values of its own schedule (batchnorms folded into their producers).
+    return [(lifetimes(graph, fusions_of(graph, eval_mode=True)), len(graph.nodes), memory.SEARCH_ORDERS),
             (life, timeline.end + 1, memory.TRAINING_SEARCH_ORDERS)]
 
 
