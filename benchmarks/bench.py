@@ -432,11 +432,14 @@ class Row:
 
 
 def variants_of(program) -> list[str]:
-    """The plan's choice for each forward step: kernel variant, what is fused into it, the split."""
+    """The plan's choice for each step of an eval-mode forward (what the forward rows time; the
+    training forward differs where a batchnorm folds into the kernel before it): kernel variant,
+    what is fused into it, the split. A batchnorm's fold step, which makes its scale and shift
+    per channel, is not listed: the kernel that applies them says so."""
     out = []
-    for step in program.forward:
-        if step.fused_into is not None:
-            continue                 # an activation that runs inside its producer's step
+    for step in program.eval_steps:
+        if step.fused_into is not None or step.folds_into is not None:
+            continue                 # runs inside its producer's step, or only makes its table
         epilogue = step.epilogue.text()
         extra = f" + {epilogue}" if epilogue != "-" else ""
         out.append(f"{step.label} {step.op}/{step.variant}{extra} (threads: {step.parallel.axis})")
@@ -693,7 +696,7 @@ def report(rows, variants, peak: FmaPeak, threads: int, runs: int, warmup: int, 
             lines.append(f"| {r.title} | {r.batch} | {m['opencl']:.3f} | {m['opencl_c_fwd']:.3f} | "
                          f"{m['opencl'] / m['opencl_c_fwd']:.2f} | {m['opencl_train']:.3f} | {m['opencl_c_train']:.3f} | "
                          f"{m['opencl_train'] / m['opencl_c_train']:.2f} | {m['opencl_train'] / m['torch_train']:.2f} |")
-    lines += ["", "### What the plan chose (forward steps of each convdsl config)", ""]
+    lines += ["", "### What the plan chose (eval-mode forward steps of each convdsl config)", ""]
     for (title, key), steps in variants.items():
         if len(steps) <= 3:
             lines.append(f"- {title}: " + "; ".join(steps))
