@@ -122,10 +122,13 @@ def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str]
 def fusions_of(g: Graph, algo=None, eval_mode: bool = False) -> dict[int, tuple[int, ...]]:
     """producer node → the nodes fused into its kernel, as lower() fuses them under `algo` (in
     eval mode's schedule: with the batchnorms folded)."""
-    return _fusions(g, chosen_variants(g, algo_override(algo)), eval_mode)
+    variants = chosen_variants(g, algo_override(algo))
+    fusions = _fusions(g, variants)
+    return _fusions(g, variants, fusions) if eval_mode else fusions
 
 
-def _fusions(g: Graph, variants: dict[int, Variant], eval_mode: bool = False) -> dict[int, tuple[int, ...]]:
+def _fusions(g: Graph, variants: dict[int, Variant],
+             train: Mapping[int, tuple[int, ...]] | None = None) -> dict[int, tuple[int, ...]]:
     """producer node → the chain of nodes whose forward runs in its kernel's epilogue, in order.
 
     The producer's variant applies epilogues (`fuses_epilogue`: conv and depthwise in every
@@ -137,13 +140,14 @@ def _fusions(g: Graph, variants: dict[int, Variant], eval_mode: bool = False) ->
     before the producer runs. The values in between are never written in eval mode; in training
     the step writes those that a backward reads (lower() marks them).
 
-    `eval_mode`: the chains of eval mode's schedule, where a batchnorm (`OpDef.folds_in_eval`)
+    `train` given (training's chains, from a call without it): the chains of eval mode's
+    schedule, where a batchnorm (`OpDef.folds_in_eval`)
     that runs as a fusing kernel (its variant applies epilogues: the C target's) is a scale and
     shift per channel, and folds into the producer before it with the chain fused into it in
     training, taken whole: when a stage of that chain cannot run in the producer (its other
     tensor is made after the producer runs), the batchnorm does not fold at all, so that every
     node keeps a kernel that runs it. A folded batchnorm is no producer of its own."""
-    train = _fusions(g, variants) if eval_mode else {}
+    eval_mode = train is not None
     readers: dict[int, list[int]] = {}
     for node in g.nodes:
         for vid in node.inputs:
@@ -294,7 +298,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     fusions = _fusions(g, chosen)
     # Eval mode's schedule folds batchnorms into their producers: its placement gives the values
     # in between no memory either.
-    eval_fusions = _fusions(g, chosen, eval_mode=True)
+    eval_fusions = _fusions(g, chosen, fusions)
     eval_guards = ()
     if guard:
         eval_offsets, eval_total, eval_guards = place_guarded(lifetimes(g, eval_fusions), guard)
