@@ -17,7 +17,7 @@ from .base import (INPUTS, Arg, ConstTensor, OpContext, OpDef, Symbol, Variant, 
 from .spatial import (PAD_MODES, effective_kernel, input_rank_check, output_sizes, pad_arg, pad_mode_arg, per_axis,
                       resolve_padding, window_context)
 
-ALGOS = ("auto", "im2col", "pointwise", "broadcast", "direct", "blocked", "winograd2", "winograd4", "dot",
+ALGOS = ("auto", "im2col", "pointwise", "broadcast", "narrow", "direct", "blocked", "winograd2", "winograd4", "dot",
          "separable", "tiled", "fft")
 
 _WINDOW_ARGS = (
@@ -706,6 +706,52 @@ def _broadcast_thread_workspace(in_types, out, attrs):
     return _own_gradients(in_types, out, attrs) if _is_pointwise(attrs) else _columns_and_gradients(in_types, out, attrs)
 
 
+# ---- narrow (lib/gemm's cdsl_gemm_narrow): few positions, vectors along the output channels ----
+
+# The transposed form of broadcast: each entry of the column matrix is broadcast against vectors
+# of output channels, whose rows of weights are packed k-major a block at a time (squares of
+# vectors turned across, in L1). No lane idles however few the positions: broadcast fills 9 of
+# 16 lanes at 3², 4 at 2². Fitted to broadcast's cost, so that the ratio of the two costs is the
+# ratio of their times, with the weights coming from memory as they do in a network's forward
+# (caches flushed before each call; one core of an AVX-512 EPYC; 24 to 512 channels × 4 to 576
+# positions × reductions of 27 to 2304: 112 shapes, 80% within 0.85–1.37 of the measured
+# ratio): a multiply-add over the output channels rounded up to whole vectors costs
+# NARROW_MAC_WEIGHT, each weight packed (once per chunk of up to NARROW_COLUMNS positions)
+# NARROW_PACK_OPS, each output NARROW_OUTPUT_OPS (turned across into C), each entry of the
+# column matrix NARROW_STAGE_OPS. It wins at 2² and 3² (0.45–0.85× broadcast's time) and on 6²
+# over long reductions (0.9×), not where the positions fill whole vectors (4², 8², 12²:
+# 1.1–1.5×) or the reduction is short. With the weights warm it does better (3²: 0.55–0.7×,
+# 6²: 0.75–0.85×), but a network's forward rarely finds them there.
+NARROW_COLUMNS = 64             # positions staged at a time (lib/gemm.h: CDSL_NARROW_COLUMNS)
+NARROW_MAC_WEIGHT = 0.8
+NARROW_PACK_OPS = 4.1
+NARROW_OUTPUT_OPS = 10.2
+NARROW_STAGE_OPS = 13.8
+
+
+def _narrow_cost(in_types, out, attrs):
+    positions = D.product(out.spatial)
+    rows = attrs["in"] // attrs["groups"] * D.product(attrs["kernel"])
+    channels = -(-attrs["out"] // attrs["groups"] // BROADCAST_LANES) * BROADCAST_LANES * attrs["groups"]
+    chunks = D.floordiv(D.add(positions, NARROW_COLUMNS - 1), NARROW_COLUMNS)
+    macs = D.floordiv(D.mul(rows * channels * int(NARROW_MAC_WEIGHT * 100), positions), 100)
+    packs = D.mul(int(rows * channels * NARROW_PACK_OPS), chunks)
+    outputs = D.mul(int(attrs["out"] * NARROW_OUTPUT_OPS), positions)
+    staged = D.mul(int(rows * attrs["groups"] * NARROW_STAGE_OPS), positions)
+    return D.add(D.add(macs, packs), D.add(outputs, staged))
+
+
+def _narrow_workspace(in_types, out, attrs):
+    # A group's column matrix staged whole, up to NARROW_COLUMNS positions of it at a time (none
+    # for a 1×1 on the input itself, read where it lies); and, in the same memory, what im2col's
+    # batched GEMMs need past BROADCAST_BATCH_COLUMNS positions in the batch, and the backward's
+    # column matrix.
+    positions = D.product(out.spatial)
+    columns = min(positions, NARROW_COLUMNS) if isinstance(positions, int) else NARROW_COLUMNS
+    staged = 0 if _is_pointwise(attrs) else attrs["in"] // attrs["groups"] * D.product(attrs["kernel"]) * columns
+    return D.maximum(staged, _batched_workspace(in_types, out, attrs))
+
+
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
@@ -721,6 +767,13 @@ CONV_VARIANTS = (
                                  "positions as GEMMs over several samples (backward as pointwise or im2col)",
             cost=_broadcast_cost, workspace=_broadcast_workspace,
             parallel="rows of output channels (backward: as pointwise or im2col)",
+            fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
+            dot_columns=BROADCAST_BATCH_COLUMNS),
+    Variant("narrow", "conv", "few positions: each entry of the column matrix broadcast against vectors of output "
+                              "channels, whose weights are packed a block at a time in L1; a batch of more positions "
+                              "as GEMMs over several samples (backward as pointwise or im2col)",
+            cost=_narrow_cost, workspace=_narrow_workspace,
+            parallel="blocks of output channels (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
             dot_columns=BROADCAST_BATCH_COLUMNS),
     Variant("direct", "conv_direct", "a loop over the window per output channel (one input channel per group)",

@@ -113,6 +113,24 @@ def test_random_network_forcing_fft_more(monkeypatch, at_its_level, seed):
     run_forcing(monkeypatch, at_its_level, seed, "fft")
 
 
+# Networks with every conv and depthwise layer forced to `narrow` (lib/gemm's cdsl_gemm_narrow,
+# which the plan picks on small maps only): f32 NHWC convs (seed 38), f64 NHWC depthwise (21);
+# more in the slow set.
+NARROW_SEEDS = [38, 21]
+NARROW_MORE = [15, 48, 4]
+
+
+@pytest.mark.parametrize("seed", NARROW_SEEDS)
+def test_random_network_forcing_narrow(monkeypatch, at_its_level, seed):
+    run_forcing(monkeypatch, at_its_level, seed, "narrow")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", NARROW_MORE)
+def test_random_network_forcing_narrow_more(monkeypatch, at_its_level, seed):
+    run_forcing(monkeypatch, at_its_level, seed, "narrow")
+
+
 @pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.stem)
 def test_regression(path, at_its_level):
     case, text = read_regression(path)

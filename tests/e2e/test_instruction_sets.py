@@ -55,7 +55,7 @@ def reference(p, x):
 
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
 @pytest.mark.parametrize("algo", ["conv=im2col", "conv=dot", "conv=blocked", "conv=winograd4", "conv=winograd2",
-                                  "conv=broadcast", "conv=direct"])
+                                  "conv=broadcast", "conv=narrow", "conv=direct"])
 def test_the_narrower_vector_forms_match_torch(march, algo, monkeypatch):
     if not _runs_here(march):
         pytest.skip(f"this machine ({platform.machine()}) cannot run code built with -march={march}")

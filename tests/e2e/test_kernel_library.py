@@ -135,3 +135,6 @@ def test_broadcast_stages_no_more_than_the_plan_gives_it():
     columns = re.search(r"#define CDSL_BROADCAST_COLUMNS (\d+)", (lib / "gemm.h.j2").read_text())
     assert stage and int(stage.group(1)) == conv.BROADCAST_STAGE
     assert columns and int(columns.group(1)) == conv.BROADCAST_COLUMNS
+    # narrow stages all the rows of up to CDSL_NARROW_COLUMNS positions at a time
+    narrow = re.search(r"#define CDSL_NARROW_COLUMNS (\d+)", (lib / "gemm.h.j2").read_text())
+    assert narrow and int(narrow.group(1)) == conv.NARROW_COLUMNS

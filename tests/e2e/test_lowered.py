@@ -105,7 +105,7 @@ def test_run_override_applies_where_the_variant_applies(monkeypatch):
 
 
 @pytest.mark.parametrize("algo, message", [
-    ({"conv": "winograd"}, "conv has no variant `winograd`; it has im2col, pointwise, broadcast, direct, blocked"),
+    ({"conv": "winograd"}, "conv has no variant `winograd`; it has im2col, pointwise, broadcast, narrow, direct"),
     ({"convolution": "im2col"}, "there is no op `convolution`"),
     ("conv", "`conv` is not OP=VARIANT"),
 ])

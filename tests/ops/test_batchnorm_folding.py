@@ -136,7 +136,7 @@ def test_folded_batchnorms_match_torch_in_eval_mode(layout, batch):
 
 # Every conv variant that applies to conv1 (3×3, stride 1) or conv2 (1×1), forced: each applies
 # the folded batchnorm in its own epilogue code.
-CONV_VARIANTS = ["im2col", "pointwise", "broadcast", "blocked", "winograd2", "winograd4", "fft", "dot"]
+CONV_VARIANTS = ["im2col", "pointwise", "broadcast", "narrow", "blocked", "winograd2", "winograd4", "fft", "dot"]
 
 
 @pytest.mark.parametrize("variant", CONV_VARIANTS)

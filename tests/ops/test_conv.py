@@ -268,6 +268,7 @@ def test_every_variant_is_run_and_applies_by_its_rule():
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "blocked"} == set(IDS)
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "dot"} == set(IDS)
     assert {IDS[i] for v, i in VARIANTS.pairs if v == "broadcast"} == set(IDS)
+    assert {IDS[i] for v, i in VARIANTS.pairs if v == "narrow"} == set(IDS)
     direct = {IDS[i] for v, i in VARIANTS.pairs if v == "direct"}
     assert {"depthwise-m1", "depthwise-m2", "conv-groups-is-channels", "3d-full-stride"} <= direct
     assert "2d-pointwise-groups" not in direct
@@ -532,3 +533,16 @@ BROADCAST_CASES = tuple(
 def test_broadcast_finite_differences_float64():
     assert len(BROADCAST_CASES) >= 40
     finite_differences(compile_cases(BROADCAST_CASES, dtype="f64"), BROADCAST_CASES, np.random.default_rng(109))
+
+
+# narrow in float64 (8 lanes at AVX-512: other tile widths and packed squares than f32's), the
+# same cases forced in the op's own `algo=`.
+NARROW_CASES = tuple(
+    Case(f"{c.id}-narrow", c.shape, c.op[:-1] + ", algo=narrow)", c.ref, c.dims)
+    for i, c in enumerate(CASES)
+    if ("narrow", i) in VARIANTS.pairs and c.ref["kind"] != "separable" and "large" not in c.id)
+
+
+def test_narrow_finite_differences_float64():
+    assert len(NARROW_CASES) >= 40
+    finite_differences(compile_cases(NARROW_CASES, dtype="f64"), NARROW_CASES, np.random.default_rng(113))

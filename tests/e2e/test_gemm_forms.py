@@ -1,0 +1,87 @@
+"""lib/gemm's products for few columns, called directly against numpy in float64: cdsl_gemm_narrow
+(vectors along the rows, the rows of A packed a block at a time) and cdsl_gemm_broadcast (vectors
+along the columns, A read where it lies). A conv reaches them only with accumulate = 0, a
+contiguous A and one thread's worth of rows per tile; here every edge of their blocking is run:
+rows and columns that fill no whole vector or tile, more columns than one staged chunk, a
+reduction shorter than a vector and longer than a packed block, strides wider than the matrices,
+adding into C, and the threads' split."""
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import numpy as np
+import pytest
+
+from convdsl.targets.c import CTarget
+
+WRAPPER = """
+#include "kernels.c"
+/* B stored row-major (b->B, ldb): both products read it where it lies or stage it. */
+__attribute__((visibility("default"))) void product(int narrow, int64_t M, int64_t N, int64_t K, const real *A,
+        int64_t lda, const real *B, int64_t ldb, real *C, int64_t ldc, int accumulate, real *work, double split)
+{
+    const cdsl_broadcast_b b = {B, ldb, NULL, NULL};
+    if (narrow)
+        cdsl_gemm_narrow(M, N, K, A, lda, &b, C, ldc, accumulate, work, split);
+    else
+        cdsl_gemm_broadcast(M, N, K, A, lda, &b, C, ldc, accumulate, work, split);
+}
+"""
+
+# (M, N, K): one row, rows past whole vectors and tiles (17, 33, 49, 65, 100), a column, the
+# columns of every tile width and past one chunk of 64 (65, 130), reductions shorter than a
+# vector, just past one (17) and past a packed block (300: 128 to 64 per block).
+SHAPES = [(1, 1, 1), (1, 9, 17), (17, 1, 5), (33, 13, 300), (49, 16, 16), (65, 36, 31), (100, 64, 129),
+          (24, 65, 7), (64, 130, 40), (5, 4, 2), (130, 9, 160), (48, 12, 64), (7, 96, 3)]
+
+
+@pytest.fixture(scope="module", params=["f32", "f64"])
+def library(request, tmp_path_factory):
+    dtype = request.param
+    out = tmp_path_factory.mktemp(f"gemm_{dtype}")
+    (out / "kernels.c").write_text(CTarget().kernel_library(dtype).c)
+    (out / "wrapper.c").write_text(WRAPPER)
+    lib = out / "libproduct.so"
+    proc = subprocess.run(["cc", "-O2", "-march=native", "-fopenmp", "-fPIC", "-shared", "-o", str(lib),
+                           str(out / "wrapper.c"), "-lm"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    handle = ctypes.CDLL(str(lib))
+    handle.product.restype = None
+    handle.product.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64,
+                                                                      ctypes.c_void_p, ctypes.c_int64,
+                                                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                                                                      ctypes.c_void_p, ctypes.c_double]
+    return handle, np.float32 if dtype == "f32" else np.float64
+
+
+def run(library, form, M, N, K, *, pad=(0, 0, 0), accumulate=False, split=1e30, seed=0):
+    handle, real = library
+    rng = np.random.default_rng(seed)
+    lda, ldb, ldc = K + pad[0], N + pad[1], N + pad[2]
+    A = rng.standard_normal((M, lda)).astype(real)
+    B = rng.standard_normal((K, ldb)).astype(real)
+    C = rng.standard_normal((M, ldc)).astype(real)
+    before = C.copy()
+    work = np.zeros(max(K * max(N, 64), 8192) + 64, real)
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+    handle.product(form == "narrow", M, N, K, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, int(accumulate), ptr(work),
+                   split)
+    want = A[:, :K].astype(np.float64) @ B[:, :N].astype(np.float64) + (before[:, :N] if accumulate else 0)
+    scale = np.abs(A[:, :K]).astype(np.float64) @ np.abs(B[:, :N]).astype(np.float64) + 1
+    tol = 1e-5 if real == np.float32 else 1e-12
+    assert np.all(np.abs(C[:, :N] - want) <= tol * scale), (form, M, N, K)
+    np.testing.assert_array_equal(C[:, N:], before[:, N:])     # nothing past the columns of C is written
+
+
+@pytest.mark.parametrize("form", ["narrow", "broadcast"])
+@pytest.mark.parametrize("M, N, K", SHAPES)
+def test_products_of_few_columns_match_numpy(library, form, M, N, K):
+    run(library, form, M, N, K)
+
+
+@pytest.mark.parametrize("form", ["narrow", "broadcast"])
+def test_strided_operands_adding_into_c_and_split_across_threads(library, form):
+    for i, (M, N, K) in enumerate(SHAPES):
+        run(library, form, M, N, K, pad=(3, 5, 2), accumulate=True, seed=i)
+        run(library, form, M, N, K, split=0, seed=100 + i)       # split: always a parallel region
