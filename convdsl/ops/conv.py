@@ -142,7 +142,7 @@ def _blocked_cost(in_types, out, attrs):
     return D.add(work, D.mul(copies, 2))
 
 
-# ---- Winograd F(m×m, 3×3) (lib/winograd.c.j2): 3×3, stride 1, dilation 1, 2-D ----
+# ---- Winograd F(m×m, 3×3) (lib/winograd.h.j2): 3×3, stride 1, any dilation, 2-D ----
 
 WINOGRAD_TILES = {"winograd2": 2, "winograd4": 4}     # variant → m, the output tile's side
 # The tile block a Winograd kernel transforms, multiplies and transforms back at a time: about
@@ -151,8 +151,8 @@ WINOGRAD_BLOCK_ELEMENTS = 1 << 17
 
 
 def _is_winograd_shape(attrs) -> bool:
-    return len(attrs["kernel"]) == 2 and attrs["kernel"] == (3, 3) and attrs["stride"] == (1, 1) \
-        and attrs["dilation"] == (1, 1)
+    # Any dilation: each phase of the map is a 3×3 convolution without (lib/winograd).
+    return len(attrs["kernel"]) == 2 and attrs["kernel"] == (3, 3) and attrs["stride"] == (1, 1)
 
 
 # F(4×4, 3×3) rounds with transform entries up to 8 (Aᵀ) and 5 (Bᵀ): against PyTorch in f64,
@@ -174,8 +174,10 @@ def winograd_block(attrs, m: int) -> int:
     return max(32, min(512, WINOGRAD_BLOCK_ELEMENTS // per_tile // 32 * 32))
 
 
-def _winograd_tiles(out, m: int) -> Dim:
-    return D.mul(D.ceildiv(out.spatial[0], m), D.ceildiv(out.spatial[1], m))
+def _winograd_tiles(out, m: int, dilation=(1, 1)) -> Dim:
+    # Per phase of a dilated map (lib/winograd's cdsl_wino_tiles), every phase as large as the first.
+    rh, rw = dilation
+    return D.mul(rh * rw, D.mul(D.ceildiv(D.ceildiv(out.spatial[0], rh), m), D.ceildiv(D.ceildiv(out.spatial[1], rw), m)))
 
 
 def _winograd_workspace(m: int):
@@ -215,7 +217,7 @@ def _winograd_cost(m: int):
     def cost(in_types, out, attrs):
         t, g = (m + 2) ** 2, attrs["groups"]
         cg, kg = attrs["in"] // g, attrs["out"] // g
-        tiles = _winograd_tiles(out, m)
+        tiles = _winograd_tiles(out, m, attrs["dilation"])
         panel = 2 * _WIDEST_VECTOR_BYTES // (8 if attrs["dtype"] == "f64" else 4)
         lanes = D.mul(D.ceildiv(tiles, panel), panel)
         products = D.floordiv(D.mul(lanes, int(WINOGRAD_PRODUCT_WEIGHT * 10) * t * cg * kg * g), 10)
@@ -228,7 +230,7 @@ def _winograd_variant(name: str) -> Variant:
     return Variant(
         name, "conv", f"Winograd F({m}×{m}, 3×3): {(m + 2) ** 2} channel products per {m}×{m} output tile",
         cost=_winograd_cost(m), applies=_is_winograd_shape if m == 2 else _is_winograd4_shape,
-        needs="a 2-D 3×3 kernel at stride 1 without dilation" + (
+        needs="a 2-D 3×3 kernel at stride 1" + (
             "" if m == 2 else f", and in f32 at most {WINOGRAD4_F32_MAX_CHANNELS} input channels per group "
                               "(where its rounding error is measured inside the f32 tolerance)"),
         workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels (dW: batch, as im2col)",

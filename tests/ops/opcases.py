@@ -211,8 +211,11 @@ def finite_differences(module, cases, rng, batch: int = 2, net=None, label: str 
     dxs = as_tuple(net.backward(*dys))
     grads = {k: v.copy() for k, v in net.grads.items()}
 
-    def objective() -> float:
-        return float(sum((y * d).sum() for y, d in zip(as_tuple(net.forward(*xs)), dys)))
+    def objective() -> np.ndarray:
+        # One sum per output, differenced output by output: the outputs a perturbation does not
+        # reach come out the same both times and cancel exactly, where one sum over all of them
+        # (a network of many cases) lost the reached one's change to the rounding of the total.
+        return np.array([(y * d).sum() for y, d in zip(as_tuple(net.forward(*xs)), dys)])
 
     tensors = [(f"{c.id}: input", x, dx) for c, x, dx in zip(cases, xs, dxs)]
     tensors += [(name, net.params[name], g) for name, g in grads.items()]
@@ -223,7 +226,7 @@ def finite_differences(module, cases, rng, batch: int = 2, net=None, label: str 
         t -= 2 * FD_EPS * v
         down = objective()
         t += FD_EPS * v
-        numeric = (up - down) / (2 * FD_EPS)
+        numeric = float(((up - down) / (2 * FD_EPS)).sum())
         assert_close(np.array(numeric), np.array(float((g * v).sum())), what=f"finite differences{label}, {what}",
                      **FD_TOL)
 

@@ -68,6 +68,12 @@ CASES = (
     conv_case("2d-dilation", (2, 10, 9), 4, 2, dilation=(3, 4)),
     conv_case("2d-groups-dilation-stride", (6, 11, 10), 9, 3, groups=3, stride=2, dilation=2, pad="same",
               bias=False),
+    # 3×3 dilated at stride 1: Winograd on each phase of the map (a phase of 5 rows against 4 of
+    # 9 at dilation 2; dilations apart per axis, pads asymmetric and wider than the reach on one
+    # side, groups, flip)
+    conv_case("2d-3x3-dilated-same", (3, 9, 11), 5, 3, dilation=2, pad="same"),
+    conv_case("2d-3x3-dilated-pairs-groups-flip", (4, 10, 13), 6, 3, dilation=(3, 2), groups=2, flip=True,
+              pad=((4, 1), (0, 2))),
     conv_case("2d-flip", (2, 6, 7), 3, (2, 3), flip=True, pad=1),
     conv_case("2d-flip-groups-stride", (4, 5, 5), 4, 3, groups=2, flip=True, stride=2),
     conv_case("2d-kernel-is-input", (3, 5, 4), 6, (5, 4)),
@@ -277,7 +283,7 @@ def test_every_variant_is_run_and_applies_by_its_rule():
     for winograd in ("winograd2", "winograd4"):
         runs_it = {IDS[i] for v, i in VARIANTS.pairs if v == winograd}
         assert runs_it == {c.id for c in CASES if c.ref.get("kernel") == 3 and c.ref.get("stride", 1) == 1
-                           and c.ref.get("dilation", 1) == 1 and len(c.shape) == 3}, winograd
+                           and len(c.shape) == 3}, winograd
         assert {"3x3-pairs-asymmetric-wide", "3x3-groups-flip-same", "runtime-3x3-same", "large-depth"} <= runs_it
     # FFT: stride 1 on every axis, more than one tap, sizes known when the file is checked
     runs_fft = {IDS[i] for v, i in VARIANTS.pairs if v == "fft"}
