@@ -72,6 +72,10 @@ def test_random_network_on_opencl(seed, at_its_level):
 WINOGRAD_SEEDS = [(21, "winograd4"), (15, "winograd4"), (38, "winograd2")]
 WINOGRAD_MORE = [(21, "winograd2"), (15, "winograd2"), (38, "winograd4"), (48, "winograd4"), (30, "winograd2"),
                  (48, "winograd2")]
+# And with every conv and depthwise layer forced to `narrow` (lib/gemm's cdsl_gemm_narrow, which
+# the plan picks on small maps only): f32 NHWC convs (seed 38), f64 NHWC depthwise (21).
+NARROW_SEEDS = [(38, "narrow"), (21, "narrow")]
+NARROW_MORE = [(15, "narrow"), (48, "narrow"), (4, "narrow")]
 
 
 def run_forcing(monkeypatch, at_its_level, seed: int, variant: str) -> None:
@@ -84,14 +88,14 @@ def run_forcing(monkeypatch, at_its_level, seed: int, variant: str) -> None:
     run_case(case)
 
 
-@pytest.mark.parametrize("seed, variant", WINOGRAD_SEEDS)
-def test_random_network_forcing_winograd(monkeypatch, at_its_level, seed, variant):
+@pytest.mark.parametrize("seed, variant", WINOGRAD_SEEDS + NARROW_SEEDS)
+def test_random_network_forcing_a_variant(monkeypatch, at_its_level, seed, variant):
     run_forcing(monkeypatch, at_its_level, seed, variant)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed, variant", WINOGRAD_MORE)
-def test_random_network_forcing_winograd_more(monkeypatch, at_its_level, seed, variant):
+@pytest.mark.parametrize("seed, variant", WINOGRAD_MORE + NARROW_MORE)
+def test_random_network_forcing_a_variant_more(monkeypatch, at_its_level, seed, variant):
     run_forcing(monkeypatch, at_its_level, seed, variant)
 
 
@@ -111,24 +115,6 @@ def test_random_network_forcing_fft(monkeypatch, at_its_level, seed):
 @pytest.mark.parametrize("seed", FFT_MORE)
 def test_random_network_forcing_fft_more(monkeypatch, at_its_level, seed):
     run_forcing(monkeypatch, at_its_level, seed, "fft")
-
-
-# Networks with every conv and depthwise layer forced to `narrow` (lib/gemm's cdsl_gemm_narrow,
-# which the plan picks on small maps only): f32 NHWC convs (seed 38), f64 NHWC depthwise (21);
-# more in the slow set.
-NARROW_SEEDS = [38, 21]
-NARROW_MORE = [15, 48, 4]
-
-
-@pytest.mark.parametrize("seed", NARROW_SEEDS)
-def test_random_network_forcing_narrow(monkeypatch, at_its_level, seed):
-    run_forcing(monkeypatch, at_its_level, seed, "narrow")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", NARROW_MORE)
-def test_random_network_forcing_narrow_more(monkeypatch, at_its_level, seed):
-    run_forcing(monkeypatch, at_its_level, seed, "narrow")
 
 
 @pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.stem)

@@ -527,28 +527,18 @@ def test_nhwc_conv_on_channel_last_arrays_matches_torch():
     assert_close(net.grads["conv1.weight"], p["conv1.weight"].grad.numpy(), what="weight gradient")
 
 
-# broadcast in float64 (lib/gemm's double tiles, 8 lanes at AVX-512): each case it applies to
-# (but the large ones, whose losses sum too many terms for a central difference's rounding)
-# forced in the op's own `algo=`.
-BROADCAST_CASES = tuple(
-    Case(f"{c.id}-broadcast", c.shape, c.op[:-1] + ", algo=broadcast)", c.ref, c.dims)
-    for i, c in enumerate(CASES)
-    if ("broadcast", i) in VARIANTS.pairs and c.ref["kind"] != "separable" and "large" not in c.id)
+# broadcast and narrow in float64 (lib/gemm's double tiles, 8 lanes at AVX-512: other tile
+# widths and packed squares than f32's): each case the variant applies to (but the large ones,
+# whose losses sum too many terms for a central difference's rounding) forced in the op's own
+# `algo=`.
+def forced_cases(variant: str) -> tuple:
+    return tuple(Case(f"{c.id}-{variant}", c.shape, c.op[:-1] + f", algo={variant})", c.ref, c.dims)
+                 for i, c in enumerate(CASES)
+                 if (variant, i) in VARIANTS.pairs and c.ref["kind"] != "separable" and "large" not in c.id)
 
 
-def test_broadcast_finite_differences_float64():
-    assert len(BROADCAST_CASES) >= 40
-    finite_differences(compile_cases(BROADCAST_CASES, dtype="f64"), BROADCAST_CASES, np.random.default_rng(109))
-
-
-# narrow in float64 (8 lanes at AVX-512: other tile widths and packed squares than f32's), the
-# same cases forced in the op's own `algo=`.
-NARROW_CASES = tuple(
-    Case(f"{c.id}-narrow", c.shape, c.op[:-1] + ", algo=narrow)", c.ref, c.dims)
-    for i, c in enumerate(CASES)
-    if ("narrow", i) in VARIANTS.pairs and c.ref["kind"] != "separable" and "large" not in c.id)
-
-
-def test_narrow_finite_differences_float64():
-    assert len(NARROW_CASES) >= 40
-    finite_differences(compile_cases(NARROW_CASES, dtype="f64"), NARROW_CASES, np.random.default_rng(113))
+@pytest.mark.parametrize("variant, seed", [("broadcast", 109), ("narrow", 113)])
+def test_few_column_products_finite_differences_float64(variant, seed):
+    cases = forced_cases(variant)
+    assert len(cases) >= 40
+    finite_differences(compile_cases(cases, dtype="f64"), cases, np.random.default_rng(seed))
