@@ -75,9 +75,10 @@ CASES = (
     conv_case("2d-3x3-dilated-pairs-groups-flip", (4, 10, 13), 6, 3, dilation=(3, 2), groups=2, flip=True,
               pad=((4, 1), (0, 2))),
     # stride 2 over rows of 70 and 71 columns: the packers' vector gather of every other element
-    # (whole vectors, the last one ending at the row's end, a tail), at each tap's shift
+    # (whole vectors, the last one ending at the row's end, a tail), at each tap's shift; the
+    # second has 175 output positions, so that a batch runs one sample per packed GEMM
     conv_case("2d-stride2-wide-rows", (2, 3, 70), 3, 3, stride=2, pad=((1, 1), (1, 2))),
-    conv_case("2d-stride2-wide-rows-odd", (1, 4, 71), 2, (2, 3), stride=2, pad=((0, 1), (2, 0)), dilation=(1, 2)),
+    conv_case("2d-stride2-wide-rows-odd", (1, 9, 71), 2, (2, 3), stride=2, pad=((0, 1), (2, 0)), dilation=(1, 2)),
     conv_case("2d-flip", (2, 6, 7), 3, (2, 3), flip=True, pad=1),
     conv_case("2d-flip-groups-stride", (4, 5, 5), 4, 3, groups=2, flip=True, stride=2),
     conv_case("2d-kernel-is-input", (3, 5, 4), 6, (5, 4)),
