@@ -158,8 +158,8 @@ def _is_winograd_shape(attrs) -> bool:
 # F(4×4, 3×3) rounds with transform entries up to 8 (Aᵀ) and 5 (Bᵀ): against PyTorch in f64,
 # f32 results of normal(0, 1) data and weights at 16² to 56², batch 1 to 4, used up to 0.68 of
 # the f32 tolerance (rtol 1e-4, atol 1e-5 after scale) for 16 to 256 input channels (forward and
-# dX; F(2×2, 3×3): at most 0.05, as im2col's 0.03). In f32 it applies up to this many input
-# channels per group, where it was measured; f64 has no bound.
+# dX; dW, reduced over the tiles, at most 0.34; F(2×2, 3×3): at most 0.05, as im2col's 0.03). In
+# f32 it applies up to this many input channels per group, where it was measured; f64 has no bound.
 WINOGRAD4_F32_MAX_CHANNELS = 256
 
 
@@ -172,6 +172,18 @@ def winograd_block(attrs, m: int) -> int:
     """Tiles per block: V (α² × C/G × NB) and M (α² × K/G × NB) near WINOGRAD_BLOCK_ELEMENTS."""
     per_tile = (m + 2) ** 2 * (attrs["in"] // attrs["groups"] + attrs["out"] // attrs["groups"])
     return max(32, min(512, WINOGRAD_BLOCK_ELEMENTS // per_tile // 32 * 32))
+
+
+# The weight gradient's block: its transformed input and dY (α² × (C/G + K/G) × NB) near this
+# many elements, at least 64 tiles (its products reduce over the block's tiles, each adding into
+# dU, which stays in L2 across blocks: a longer reduction reads and writes dU less often).
+WINOGRAD_WEIGHT_BLOCK_ELEMENTS = 1 << 18
+
+
+def winograd_weight_block(attrs, m: int) -> int:
+    """Tiles per block of the weight gradient (lib/winograd's weight products)."""
+    per_tile = (m + 2) ** 2 * (attrs["in"] // attrs["groups"] + attrs["out"] // attrs["groups"])
+    return max(64, min(512, WINOGRAD_WEIGHT_BLOCK_ELEMENTS // per_tile // 32 * 32))
 
 
 def _winograd_tiles(out, m: int, dilation=(1, 1)) -> Dim:
@@ -187,7 +199,12 @@ def _winograd_workspace(m: int):
         # more to align V. The forward's own kernels are kept in the derived region.
         t, g = (m + 2) ** 2, attrs["groups"]
         cg, kg = attrs["in"] // g, attrs["out"] // g
-        return t * (cg + kg) * winograd_block(attrs, m) + g * t * (cg + 7) * kg + 16
+        forward_and_dx = t * (cg + kg) * winograd_block(attrs, m) + g * t * (cg + 7) * kg + 16
+        # The weight gradient's, in the same memory before dX: its block of transformed input
+        # (channels rounded up to a B panel: at most NR − 1 ≤ 31 more) and transformed dY (rows
+        # rounded up to an A panel), then dU of one group, [α² × K/G × C/G]; 16 more to align.
+        weight = t * (cg + 31 + kg + 7) * winograd_weight_block(attrs, m) + t * kg * cg + 16
+        return max(forward_and_dx, weight)
     return workspace
 
 
@@ -233,8 +250,8 @@ def _winograd_variant(name: str) -> Variant:
         needs="a 2-D 3×3 kernel at stride 1" + (
             "" if m == 2 else f", and in f32 at most {WINOGRAD4_F32_MAX_CHANNELS} input channels per group "
                               "(where its rounding error is measured inside the f32 tolerance)"),
-        workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels (dW: batch, as im2col)",
-        fuses_epilogue=True, thread_workspace=_own_gradients)
+        workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels",
+        fuses_epilogue=True)
 
 
 # ---- the separable-kernel split (§4.3.2, templates/c/ops/conv_separable.c.j2) ----
@@ -941,6 +958,7 @@ class Conv(OpDef):
     def kernel_context(self, attrs, in_types, out, c) -> dict:
         return {**window_context(attrs, in_types[0], out, c),
                 "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()},
+                "wino_weight_block": {m: winograd_weight_block(attrs, m) for m in WINOGRAD_TILES.values()},
                 "pointwise": _is_pointwise(attrs), "gemm_samples": gemm_samples(out),
                 "separable": separable_factors(attrs), "separable_axes": separable_axes(attrs),
                 "fft": fft_grid(attrs) if _is_fft_shape(attrs) else None, "fft_slots": _fft_slots(attrs),
