@@ -1,6 +1,8 @@
-"""lib/gemm's products for few columns, called directly against numpy in float64: cdsl_gemm_narrow
-(vectors along the rows, the rows of A packed a block at a time) and cdsl_gemm_broadcast (vectors
-along the columns, A read where it lies). A conv reaches them only with accumulate = 0, a
+"""lib/gemm's products called directly against numpy in float64: cdsl_gemm_narrow (vectors along
+the rows, the rows of A packed a block at a time), cdsl_gemm_broadcast (vectors along the
+columns, A read where it lies), and the packed cdsl_gemm of stored matrices with each operand
+transposed or not (its packing of a transposed A and of B's last, partial panel copy elements
+a panel's width at a time). A conv reaches the first two only with accumulate = 0, a
 contiguous A and one thread's worth of rows per tile; here every edge of their blocking is run:
 rows and columns that fill no whole vector or tile, more columns than one staged chunk, a
 reduction shorter than a vector and longer than a packed block, strides wider than the matrices,
@@ -27,6 +29,12 @@ __attribute__((visibility("default"))) void product(int narrow, int64_t M, int64
     else
         cdsl_gemm_broadcast(M, N, K, A, lda, &b, C, ldc, accumulate, work, split);
 }
+/* The packed GEMM of stored matrices, A and B each row-major or transposed. */
+__attribute__((visibility("default"))) void stored(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
+        const real *A, int64_t lda, const real *B, int64_t ldb, real *C, int64_t ldc, int accumulate, double split)
+{
+    cdsl_gemm(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, accumulate, split);
+}
 """
 
 # (M, N, K): one row, rows past whole vectors and tiles (17, 33, 49, 65, 100), a column, the
@@ -52,35 +60,48 @@ def library(request, tmp_path_factory):
                                                                       ctypes.c_void_p, ctypes.c_int64,
                                                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                                       ctypes.c_void_p, ctypes.c_double]
+    handle.stored.restype = None
+    handle.stored.argtypes = [ctypes.c_int] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 3 + [
+        ctypes.c_int, ctypes.c_double]
     return handle, np.float32 if dtype == "f32" else np.float64
 
 
 def run(library, form, M, N, K, *, pad=(0, 0, 0), accumulate=False, split=1e30, seed=0):
     handle, real = library
     rng = np.random.default_rng(seed)
-    lda, ldb, ldc = K + pad[0], N + pad[1], N + pad[2]
-    A = rng.standard_normal((M, lda)).astype(real)
-    B = rng.standard_normal((K, ldb)).astype(real)
+    trans_a, trans_b = form in ("gemm-tn", "gemm-tt"), form in ("gemm-nt", "gemm-tt")
+    lda, ldb, ldc = (M if trans_a else K) + pad[0], (K if trans_b else N) + pad[1], N + pad[2]
+    A = rng.standard_normal((K if trans_a else M, lda)).astype(real)
+    B = rng.standard_normal((N if trans_b else K, ldb)).astype(real)
     C = rng.standard_normal((M, ldc)).astype(real)
     before = C.copy()
     work = np.zeros(max(K * max(N, 64), 8192) + 64, real)
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
-    handle.product(form == "narrow", M, N, K, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, int(accumulate), ptr(work),
-                   split)
-    want = A[:, :K].astype(np.float64) @ B[:, :N].astype(np.float64) + (before[:, :N] if accumulate else 0)
-    scale = np.abs(A[:, :K]).astype(np.float64) @ np.abs(B[:, :N]).astype(np.float64) + 1
+    if form.startswith("gemm"):
+        handle.stored(int(trans_a), int(trans_b), M, N, K, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, int(accumulate),
+                      split)
+    else:
+        handle.product(form == "narrow", M, N, K, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, int(accumulate), ptr(work),
+                       split)
+    A = A[:, :M].T if trans_a else A[:, :K]
+    B = B[:, :K].T if trans_b else B[:, :N]
+    want = A.astype(np.float64) @ B.astype(np.float64) + (before[:, :N] if accumulate else 0)
+    scale = np.abs(A).astype(np.float64) @ np.abs(B).astype(np.float64) + 1
     tol = 1e-5 if real == np.float32 else 1e-12
     assert np.all(np.abs(C[:, :N] - want) <= tol * scale), (form, M, N, K)
     np.testing.assert_array_equal(C[:, N:], before[:, N:])     # nothing past the columns of C is written
 
 
-@pytest.mark.parametrize("form", ["narrow", "broadcast"])
+FORMS = ["narrow", "broadcast", "gemm-nn", "gemm-tn", "gemm-nt", "gemm-tt"]
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("M, N, K", SHAPES)
 def test_products_of_few_columns_match_numpy(library, form, M, N, K):
     run(library, form, M, N, K)
 
 
-@pytest.mark.parametrize("form", ["narrow", "broadcast"])
+@pytest.mark.parametrize("form", FORMS)
 def test_strided_operands_adding_into_c_and_split_across_threads(library, form):
     for i, (M, N, K) in enumerate(SHAPES):
         run(library, form, M, N, K, pad=(3, 5, 2), accumulate=True, seed=i)
