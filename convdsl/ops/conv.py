@@ -454,17 +454,47 @@ def _fft_slots(attrs) -> int:
     return max(1, min(FFT_SLOTS, (pairs + 1) // 2))
 
 
+# The FFT variant's weight gradient, by its spectra (Σ X · conj(dY) per kernel, then one inverse
+# transform of the grid per kernel for its few taps) or directly (lib/im2col's stride-1 loop on
+# the GEMM micro-kernel: KK·P multiply-adds per kernel and sample, nothing transformed). Fitted
+# on an AVX-512 Xeon, one thread (benchmarks/RESULTS.md, eleventh session), on the 9×9 conv of
+# 32 channels on 64² (a 72² grid): the spectra took 18 µs a kernel, 0.28 ns per T·log2(T); the
+# direct loop 4.9 µs, 0.015 ns per multiply-add. The plan takes the direct loop where it is
+# the cheaper by that measure: for all but kernels of hundreds of taps on small maps.
+FFT_SPECTRA_GRADIENT_WEIGHT = 20
+
+
+def fft_direct_weights(attrs, out, grid) -> bool:
+    taps = D.product(attrs["kernel"]) * D.product(out.spatial)
+    return taps <= FFT_SPECTRA_GRADIENT_WEIGHT * grid["T"] * math.log2(grid["T"])
+
+
+def _fft_direct_elements(attrs, out) -> int:
+    # The padded input of one group's channels, dY transposed into panels of output channels
+    # (rounded up to NR: at most 31 more), the transposed gradient, 32 to align the first two
+    # (conv_fft.c.j2).
+    cg, kg = attrs["in"] // attrs["groups"], attrs["out"] // attrs["groups"]
+    reach = [o + (k - 1) * r for o, k, r in zip(out.spatial, attrs["kernel"], attrs["dilation"])]
+    positions, taps = D.product(out.spatial), D.product(attrs["kernel"])
+    return cg * D.product(reach) + (kg + 31) * positions + taps * cg * (kg + 31) + 32
+
+
 def _fft_workspace(in_types, out, attrs):
     # The twiddles of each axis, then (backward) dY's spectra, the input's spectra, the weight
-    # gradient's spectra, then the slots; the forward uses the same start (the input's spectra
-    # where the backward keeps dY's).
+    # gradient's spectra or the direct loop's buffers, then the slots; the forward uses the same
+    # start (the input's spectra where the backward keeps dY's).
     grid = fft_grid(attrs)
     if grid is None:
         return 0
     F, T = grid["F"], grid["T"]
     twiddles = 2 * sum(grid["L"])
     slots = _fft_slots(attrs) * (4 * T + 4 * F)
-    gradients = 0 if attrs["frozen"] else _fft_spectra(attrs, grid)
+    if attrs["frozen"]:
+        gradients = 0
+    elif fft_direct_weights(attrs, out, grid):
+        gradients = _fft_direct_elements(attrs, out)
+    else:
+        gradients = _fft_spectra(attrs, grid)
     return twiddles + 2 * F * (attrs["out"] + attrs["in"]) + gradients + slots
 
 
@@ -962,6 +992,7 @@ class Conv(OpDef):
                 "pointwise": _is_pointwise(attrs), "gemm_samples": gemm_samples(out),
                 "separable": separable_factors(attrs), "separable_axes": separable_axes(attrs),
                 "fft": fft_grid(attrs) if _is_fft_shape(attrs) else None, "fft_slots": _fft_slots(attrs),
+                "fft_direct_weights": _is_fft_shape(attrs) and fft_direct_weights(attrs, out, fft_grid(attrs)),
                 "direct_grid": direct_grid(attrs, in_types, out) if _one_channel_per_group(attrs) else None}
 
 

@@ -323,6 +323,28 @@ def test_fft_finite_differences_float64():
     finite_differences(compile_cases(FFT_CASES, dtype="f64"), FFT_CASES, np.random.default_rng(108))
 
 
+def test_fft_weight_gradient_by_its_spectra_finite_differences_float64(monkeypatch):
+    """The FFT variant's weight gradient by the kernels' spectra, one inverse transform per
+    kernel, which the plan keeps for kernels far larger than these cases' (ops/conv.py,
+    fft_direct_weights; the cases above run the direct stride-1 loop): forced here by pricing the
+    spectra at nothing."""
+    from convdsl.ops import conv as conv_op
+    assert all(conv_op.fft_direct_weights(*_fft_attrs_and_output(c)) for c in FFT_CASES)
+    monkeypatch.setattr(conv_op, "FFT_SPECTRA_GRADIENT_WEIGHT", 0)
+    assert not any(conv_op.fft_direct_weights(*_fft_attrs_and_output(c)) for c in FFT_CASES)
+    module = convdsl.load_source(source(FFT_CASES, "f64", "NCHW"))
+    finite_differences(module, FFT_CASES, np.random.default_rng(109))
+
+
+def _fft_attrs_and_output(case):
+    """A case's conv attributes, output type and FFT grid, as the plan sees them."""
+    graph = graph_from_source(source((case,)))
+    node = next(n for n in graph.nodes if n.op in ("conv", "depthwise"))
+    out = next(v.type for v in graph.values if v.id == node.output)
+    from convdsl.ops import conv as conv_op
+    return node.attrs, out, conv_op.fft_grid(node.attrs)
+
+
 def test_fft_applies_by_its_rule():
     """algo=fft refuses a stride, a single tap and sizes known at run time only, saying what it needs."""
     for shape, op in (("[2, 9, 9]", "conv(3, kernel=3, stride=2, algo=fft)"),
