@@ -986,13 +986,14 @@ class Conv(OpDef):
         return f"{self.name}({', '.join(parts)})"
 
     def kernel_context(self, attrs, in_types, out, c) -> dict:
+        fft = fft_grid(attrs) if _is_fft_shape(attrs) else None
         return {**window_context(attrs, in_types[0], out, c),
                 "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()},
                 "wino_weight_block": {m: winograd_weight_block(attrs, m) for m in WINOGRAD_TILES.values()},
                 "pointwise": _is_pointwise(attrs), "gemm_samples": gemm_samples(out),
                 "separable": separable_factors(attrs), "separable_axes": separable_axes(attrs),
-                "fft": fft_grid(attrs) if _is_fft_shape(attrs) else None, "fft_slots": _fft_slots(attrs),
-                "fft_direct_weights": _is_fft_shape(attrs) and fft_direct_weights(attrs, out, fft_grid(attrs)),
+                "fft": fft, "fft_slots": _fft_slots(attrs),
+                "fft_direct_weights": fft is not None and fft_direct_weights(attrs, out, fft),
                 "direct_grid": direct_grid(attrs, in_types, out) if _one_channel_per_group(attrs) else None}
 
 
