@@ -2,6 +2,7 @@
 
     tests/sanitize.sh -- python tests/op_networks.py               # every op file, under ASan/UBSan
     tests/sanitize.sh -- python tests/op_networks.py test_conv     # some of them
+    tests/sanitize.sh -- python tests/op_networks.py --part 2/4    # a quarter of all the builds
 
 For each file of tests/ops that lists its CASES (and MAP_CASES): the network of all its cases
 (tests/ops/opcases.py: one input and one output per case) as the plan builds it, and, where the
@@ -14,6 +15,13 @@ same runs with PyTorch in the plain build. Under tests/sanitize.sh every kernel 
 runs with AddressSanitizer and UBSan watching, in the sanitizer build's separated, poisoned
 layout; the first report aborts the run (the caller, tests/e2e/test_sanitizers.py, checks).
 
+Nearly all of the time is the sanitized compiles (test_conv's network of 64 cases: 41 s to
+build, 0.2 s to run). `--part I/N` runs the I-th of N parts of all the builds, balanced by their
+cases (`parts`), so that the suite can run them side by side; `--forced-checks LIST` builds the
+forced variants' networks with that -fsanitize= list instead of CONVDSL_SANITIZE's (the suite
+leaves out UBSan's alignment, null and pointer-overflow checks there, which took 40% of a
+sanitized compile: those kernels' cases are the plan build's too, with every check).
+
 The op tests themselves, run whole under the sanitizers (`tests/sanitize.sh tests/ops -k "not
 opencl"`), took 7 min 17 s on two cores (868 s of CPU) with 0 reports on 2026-12-02; this covers
 their kernels in a fraction of that: f32 NCHW only (the NHWC and float64 builds are the same
@@ -22,6 +30,7 @@ kernels, with a layout conversion at the boundary or `double` for `real`).
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,6 +73,23 @@ def builds(module):
                 yield variant, [module.CASES[i] for i in indices], plan.force(variant)
 
 
+def all_builds(names=()) -> list[tuple[str, str, list, dict | None]]:
+    """(file stem, label, cases, algo) of every build of the op files (or those named)."""
+    return [(path.stem, label, cases, algo) for path in op_files(names) for label, cases, algo in builds(load(path))]
+
+
+def parts(builds_: list, n: int) -> list[list]:
+    """The builds dealt into n parts of about equal cases (a sanitized compile's time grows with
+    them): the largest first, each to the part with the fewest cases so far; in order within a
+    part. Deterministic, so that --part 1/n … n/n run every build once."""
+    loads, dealt = [0] * n, [[] for _ in range(n)]
+    for i in sorted(range(len(builds_)), key=lambda i: (-len(builds_[i][2]), i)):
+        least = min(range(n), key=lambda p: (loads[p], p))
+        loads[least] += len(builds_[i][2])
+        dealt[least].append(i)
+    return [[builds_[i] for i in sorted(part)] for part in dealt]
+
+
 def exercise(cases, algo, seed: int) -> None:
     from opcases import compile_cases, randomize, run_cases
     module = compile_cases(cases, algo=algo)
@@ -81,15 +107,25 @@ def exercise(cases, algo, seed: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description="Run the op test files' networks (for a memory checker).")
+    parser.add_argument("names", nargs="*", help="op test files (test_conv or test_conv.py); all by default")
+    parser.add_argument("--part", default="1/1", help="I/N: the I-th of N balanced parts of the builds")
+    parser.add_argument("--forced-checks", help="a -fsanitize= list for the forced variants' builds")
+    args = parser.parse_args(argv)
+    i, n = (int(v) for v in args.part.split("/"))
+    if not 1 <= i <= n:
+        raise SystemExit(f"op_networks.py: --part {args.part}: want I/N with 1 <= I <= N")
+    sanitize = os.environ.get("CONVDSL_SANITIZE")
     started = time.perf_counter()
     count = 0
-    for path in op_files(argv):
-        module = load(path)
-        for label, cases, algo in builds(module):
-            t = time.perf_counter()
-            exercise(cases, algo, seed=count)
-            count += 1
-            print(f"{path.stem}: {label}: {len(cases)} cases ran ({time.perf_counter() - t:.1f} s)", flush=True)
+    for stem, label, cases, algo in parts(all_builds(args.names), n)[i - 1]:
+        t = time.perf_counter()
+        if args.forced_checks and sanitize:
+            os.environ["CONVDSL_SANITIZE"] = sanitize if algo is None else args.forced_checks
+        exercise(cases, algo, seed=count)
+        count += 1
+        print(f"{stem}: {label}: {len(cases)} cases ran ({time.perf_counter() - t:.1f} s)", flush=True)
     print(f"op_networks: {count} networks ran in {time.perf_counter() - started:.0f} s")
     return 0
 
