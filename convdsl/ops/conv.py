@@ -57,12 +57,13 @@ def _kernel_text(k: tuple[int, ...]) -> str:
     return "×".join(map(str, k))
 
 
-# lib/conv_blocked's tile: at most 8 output channels (CDSL_MR) by 32 output columns (CDSL_NR: two
-# AVX-512 vectors of f32; AVX2 and narrower targets use fewer of both). Workspace sizes are
-# planned for the largest tile, so that any target's build fits in them.
+# lib/gemm's micro-tile: at most 8 rows (CDSL_MR) by 32 columns (CDSL_NR: two AVX-512 vectors of
+# f32; AVX2 and narrower targets use fewer of both): the units `blocked`'s products are counted
+# in (a tile computes all its rows and columns), and the slack each phase plane of its padded
+# copy keeps.
 BLOCKED_MAX_ROWS = 8
 BLOCKED_MAX_COLS = 32
-# A sample's tiles split across threads from this many multiply-adds on (ParallelSplit.
+# A sample's GEMM splits across threads from this many multiply-adds on (ParallelSplit.
 # gemm_threshold; the backward's GEMMs take it too). Measured on the 2-core Xeon, 2 threads,
 # LeNet-5's convs (1→6 5×5 on 28², 117,600 MACs; 6→16 5×5 on 14², 240,000): split, each ran as
 # long as on one thread or longer, and the maxpool after it ~2× longer for reading the other
@@ -108,37 +109,41 @@ def _columns_and_gradients(in_types, out, attrs):
 
 
 def _blocked_workspace(in_types, out, attrs):
-    """The packed weights (every group's channels rounded up to whole blocks of rows) and one
-    sample's input, zero-padded and split by phase along every axis (lib/conv_blocked), each
-    phase with a tile's width of slack; the backward (im2col's) reuses the same memory for its
-    column matrix."""
+    """One sample's input, zero-padded and split by phase along every axis (lib/conv_blocked),
+    each phase with a panel's width of slack, and one depth slice's product over the grid (its
+    output channels × the slice's grid positions); the backward (im2col's) reuses the same
+    memory for its column matrix."""
     k, s, r = attrs["kernel"], attrs["stride"], attrs["dilation"]
-    groups, cig, cog = attrs["groups"], attrs["in"] // attrs["groups"], attrs["out"] // attrs["groups"]
-    weights = groups * (cog + BLOCKED_MAX_ROWS - 1) * cig * D.product(k)
-    grid = D.product([D.add(o, (kk - 1) * rr // st) for o, kk, st, rr in zip(out.spatial, k, s, r)])
-    padded = D.mul(attrs["in"] * D.product(s), D.add(grid, BLOCKED_MAX_COLS))
-    return D.maximum(D.add(weights, padded), _columns(in_types, out, attrs))
+    grid_axes = [D.add(o, (kk - 1) * rr // st) for o, kk, st, rr in zip(out.spatial, k, s, r)]
+    padded = D.mul(attrs["in"] * D.product(s), D.add(D.product(grid_axes), BLOCKED_MAX_COLS))
+    staged = D.mul(attrs["out"] // attrs["groups"], D.product(grid_axes[-2:]))
+    return D.maximum(D.add(padded, staged), _columns(in_types, out, attrs))
 
 
 def _blocked_cost(in_types, out, attrs):
-    # The multiply-adds the tiles compute: rows past the group's channels and the grid's columns
-    # past each output row's end (the window's reach) included. Measured against im2col on this
-    # project's benchmark layers (benchmarks/RESULTS.md), a tile's multiply-add costs ~0.9 of the
-    # packed GEMM's (no column panels to gather, no partial sums of C between blocks of K); a 1×1
-    # window reuses no input across taps, so there the padded copy is pure overhead (1.3–1.7×
-    # the GEMM's time). Writing each output and the padded copy: two operations per element.
+    # The packed GEMM's multiply-adds over the grid's positions, (OH − 1)·WQ + OW per depth slice,
+    # in whole tiles of rows and columns (the columns past each output row's end, the window's
+    # reach, included):
+    # on a small map those are half as many again (8² under a 3×3: 78 positions, three panels
+    # where im2col fills two). Measured against im2col on one AVX-512 core (20 conv shapes of
+    # this project's benchmark networks, eval forward at batch 1), a multiply-add costs ~0.75 of
+    # im2col's, whose column panels are gathered element by element (0.72–0.83 of its time with a
+    # window of 3×3 to 9×9 at the same panels; the 28² stride-2 128 → 256: 0.82); a 1×1 window
+    # reuses no input across taps, so there the padded copy is pure overhead (1.2–1.8× the
+    # GEMM's time). Writing each output, staging it, and the padded copy: two operations each.
     k, s, r = attrs["kernel"], attrs["stride"], attrs["dilation"]
     cog = attrs["out"] // attrs["groups"]
-    rows = -(-cog // BLOCKED_MAX_ROWS) * BLOCKED_MAX_ROWS
-    # Tiles run along each depth slice's grid positions, (OH − 1)·WQ + OW of them, in whole tiles.
+    # The GEMM runs along each depth slice's grid positions, (OH − 1)·WQ + OW of them.
     grid_row = D.add(out.spatial[-1], (k[-1] - 1) * r[-1] // s[-1])
     height = out.spatial[-2] if len(out.spatial) > 1 else 1
     span = D.add(D.mul(D.add(height, -1), grid_row), out.spatial[-1])
     tiled = D.mul(D.floordiv(D.add(span, BLOCKED_MAX_COLS - 1), BLOCKED_MAX_COLS), BLOCKED_MAX_COLS)
+    rows = -(-cog // BLOCKED_MAX_ROWS) * BLOCKED_MAX_ROWS      # whole tiles of output channels
     per_position = attrs["in"] * D.product(k) * rows
     macs = D.mul(per_position, D.mul(D.product(out.spatial[:-2]), tiled))
-    work = D.floordiv(D.mul(macs, 9), 10) if D.product(k) > 1 else D.add(macs, D.floordiv(macs, 4))
-    copies = D.add(D.mul(attrs["out"], D.product(out.spatial)), D.product(in_types[0].shape))
+    work = D.floordiv(D.mul(macs, 3), 4) if D.product(k) > 1 else D.add(macs, D.floordiv(macs, 4))
+    staged = D.mul(attrs["out"], D.mul(D.product(out.spatial[:-2]), span))
+    copies = D.add(D.add(D.mul(attrs["out"], D.product(out.spatial)), D.product(in_types[0].shape)), staged)
     return D.add(work, D.mul(copies, 2))
 
 
@@ -829,10 +834,10 @@ CONV_VARIANTS = (
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
             applies=_one_channel_per_group, needs="one input channel per group (depthwise)",
             parallel="batch × channels", parallel_threshold=0, fuses_epilogue=True, costs_on=ON_OPENCL),
-    Variant("blocked", "conv", "direct convolution, register-blocked over output channels × output columns "
-                               "(backward as im2col)",
+    Variant("blocked", "conv", "the packed GEMM over the input copied zero-padded and split by phase, each row of "
+                               "the column matrix one contiguous run of it (backward as im2col)",
             cost=_blocked_cost, workspace=_blocked_workspace,
-            parallel="channel blocks × position tiles of each sample (backward: as im2col)",
+            parallel="the GEMM's rows or columns of each sample (backward: as im2col)",
             gemm_threshold=BLOCKED_SPLIT_MACS, fuses_epilogue=True, thread_workspace=_columns_and_gradients),
     _winograd_variant("winograd2"),
     _winograd_variant("winograd4"),
