@@ -108,27 +108,44 @@ def _columns_and_gradients(in_types, out, attrs):
     return D.add(_columns(in_types, out, attrs), _own_gradients(in_types, out, attrs))
 
 
+# A reduction of at most this many input channels per group × taps runs `blocked` as its direct
+# tile loop, a longer one as the packed GEMM (lib/conv_blocked says why): one of the GEMM's
+# blocks of K (CDSL_KC), within which the tile's B lies in L1 anyway. LeNet's 1 → 6 5×5 (25) at
+# batch 64: 0.57 ms as the loop, 0.83 as the GEMM; ResNet's stride-2 128 → 256 (1,152): 1.72 ms
+# as the loop, 1.28 as the GEMM (one AVX-512 core).
+BLOCKED_DIRECT_DEPTH = 128
+
+
+def blocked_direct(attrs) -> bool:
+    """Whether `blocked` runs as its direct tile loop (else as the GEMM over the padded copy)."""
+    return attrs["in"] // attrs["groups"] * D.product(attrs["kernel"]) <= BLOCKED_DIRECT_DEPTH
+
+
 def _blocked_workspace(in_types, out, attrs):
     """One sample's input, zero-padded and split by phase along every axis (lib/conv_blocked),
-    each phase with a panel's width of slack, and one depth slice's product over the grid (its
-    output channels × the slice's grid positions); the backward (im2col's) reuses the same
-    memory for its column matrix."""
+    each phase with a panel's width of slack, and beside it either the weights packed for the
+    direct loop (every group's channels rounded up to whole blocks of rows) or one depth slice's
+    product over the grid (its output channels × the slice's grid positions); the backward
+    (im2col's) reuses the same memory for its column matrix."""
     k, s, r = attrs["kernel"], attrs["stride"], attrs["dilation"]
+    groups, cig, cog = attrs["groups"], attrs["in"] // attrs["groups"], attrs["out"] // attrs["groups"]
     grid_axes = [D.add(o, (kk - 1) * rr // st) for o, kk, st, rr in zip(out.spatial, k, s, r)]
     padded = D.mul(attrs["in"] * D.product(s), D.add(D.product(grid_axes), BLOCKED_MAX_COLS))
-    staged = D.mul(attrs["out"] // attrs["groups"], D.product(grid_axes[-2:]))
-    return D.maximum(D.add(padded, staged), _columns(in_types, out, attrs))
+    if blocked_direct(attrs):
+        beside = groups * (cog + BLOCKED_MAX_ROWS - 1) * cig * D.product(k)
+    else:
+        beside = D.mul(cog, D.product(grid_axes[-2:]))
+    return D.maximum(D.add(padded, beside), _columns(in_types, out, attrs))
 
 
 def _blocked_cost(in_types, out, attrs):
-    # The packed GEMM's multiply-adds over the grid's positions, (OH − 1)·WQ + OW per depth slice,
-    # in whole tiles of rows and columns (the columns past each output row's end, the window's
-    # reach, included):
-    # on a small map those are half as many again (8² under a 3×3: 78 positions, three panels
+    # The multiply-adds over the grid's positions, (OH − 1)·WQ + OW per depth slice, in whole
+    # tiles of rows and columns (the columns past each output row's end, the window's reach,
+    # included): on a small map those are half as many again (8² under a 3×3: 78 positions, three panels
     # where im2col fills two). Measured against im2col on one AVX-512 core (20 conv shapes of
     # this project's benchmark networks, eval forward at batch 1), a multiply-add costs ~0.75 of
-    # im2col's, whose column panels are gathered element by element (0.72–0.83 of its time with a
-    # window of 3×3 to 9×9 at the same panels; the 28² stride-2 128 → 256: 0.82); a 1×1 window
+    # im2col's as the GEMM form, whose panels are copies where im2col gathers element by element
+    # (0.72–0.83 of its time with windows of 3×3 to 9×9 at the same panels); a 1×1 window
     # reuses no input across taps, so there the padded copy is pure overhead (1.2–1.8× the
     # GEMM's time). Writing each output, staging it, and the padded copy: two operations each.
     k, s, r = attrs["kernel"], attrs["stride"], attrs["dilation"]
@@ -141,10 +158,15 @@ def _blocked_cost(in_types, out, attrs):
     rows = -(-cog // BLOCKED_MAX_ROWS) * BLOCKED_MAX_ROWS      # whole tiles of output channels
     per_position = attrs["in"] * D.product(k) * rows
     macs = D.mul(per_position, D.mul(D.product(out.spatial[:-2]), tiled))
+    copies = D.add(D.mul(attrs["out"], D.product(out.spatial)), D.product(in_types[0].shape))
+    if blocked_direct(attrs):
+        # The direct loop (a short reduction): ~0.9 of the GEMM's time per multiply-add, as
+        # measured against im2col before the GEMM form was added (no panels to pack or stage).
+        work = D.floordiv(D.mul(macs, 9), 10) if D.product(k) > 1 else D.add(macs, D.floordiv(macs, 4))
+        return D.add(work, D.mul(copies, 2))
     work = D.floordiv(D.mul(macs, 3), 4) if D.product(k) > 1 else D.add(macs, D.floordiv(macs, 4))
     staged = D.mul(attrs["out"], D.mul(D.product(out.spatial[:-2]), span))
-    copies = D.add(D.add(D.mul(attrs["out"], D.product(out.spatial)), D.product(in_types[0].shape)), staged)
-    return D.add(work, D.mul(copies, 2))
+    return D.add(work, D.mul(D.add(copies, staged), 2))
 
 
 # ---- Winograd F(m×m, 3×3) (lib/winograd.h.j2): 3×3, stride 1, any dilation, 2-D ----
@@ -996,6 +1018,7 @@ class Conv(OpDef):
                 "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()},
                 "wino_weight_block": {m: winograd_weight_block(attrs, m) for m in WINOGRAD_TILES.values()},
                 "pointwise": _is_pointwise(attrs), "gemm_samples": gemm_samples(out),
+                "blocked_direct": blocked_direct(attrs),
                 "separable": separable_factors(attrs), "separable_axes": separable_axes(attrs),
                 "fft": fft, "fft_slots": _fft_slots(attrs),
                 "fft_direct_weights": fft is not None and fft_direct_weights(attrs, out, fft),

@@ -345,6 +345,42 @@ def _fft_attrs_and_output(case):
     return node.attrs, out, conv_op.fft_grid(node.attrs)
 
 
+# `blocked` runs as a direct tile loop for a reduction of at most BLOCKED_DIRECT_DEPTH input
+# channels × taps and as the packed GEMM over the padded copy past it (lib/conv_blocked): the
+# cases here are nearly all short, so the GEMM form is forced by setting the bound to 0.
+BLOCKED_CASES = [i for v, i in VARIANTS.pairs if v == "blocked"]
+
+
+@pytest.fixture(scope="module")
+def blocked_as_gemm():
+    from convdsl.ops import conv as conv_op
+    cases = [CASES[i] for i in BLOCKED_CASES]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conv_op, "BLOCKED_DIRECT_DEPTH", 0)
+        assert not any(conv_op.blocked_direct(_fft_attrs_and_output(c)[0]) for c in cases)
+        modules = {key: compile_cases(cases, dtype=dtype, layout=layout, algo=VARIANTS.force("blocked"))
+                   for key, dtype, layout in (("f32", "f32", "NCHW"), ("nhwc", "f32", "NHWC"), ("f64", "f64", "NCHW"))}
+    return cases, modules
+
+
+@pytest.mark.parametrize("batch", (1, 3))
+def test_blocked_as_the_gemm_matches_torch(blocked_as_gemm, batch):
+    cases, modules = blocked_as_gemm
+    assert len(cases) >= 40
+    rng = np.random.default_rng(111)
+    run = run_cases(modules["f32"], cases, batch, rng, variant=int(batch == 3))
+    for position, case in enumerate(cases):
+        compare_with_torch(run, position, case, reference)
+    nhwc = run_cases(modules["nhwc"], cases, 2, rng, layout="NHWC")
+    for position, case in enumerate(cases):
+        compare_with_torch(nhwc, position, case, reference)
+
+
+def test_blocked_as_the_gemm_finite_differences_float64(blocked_as_gemm):
+    cases, modules = blocked_as_gemm
+    finite_differences(modules["f64"], cases, np.random.default_rng(112))
+
+
 def test_fft_applies_by_its_rule():
     """algo=fft refuses a stride, a single tap and sizes known at run time only, saying what it needs."""
     for shape, op in (("[2, 9, 9]", "conv(3, kernel=3, stride=2, algo=fft)"),
