@@ -141,8 +141,8 @@ def _blocked_workspace(in_types, out, attrs):
 def _blocked_cost(in_types, out, attrs):
     # The multiply-adds over the grid's positions, (OH − 1)·WQ + OW per depth slice, in whole
     # tiles of rows and columns (the columns past each output row's end, the window's reach,
-    # included): on a small map those are half as many again (8² under a 3×3: 78 positions, three panels
-    # where im2col fills two). Measured against im2col on one AVX-512 core (20 conv shapes of
+    # included): on a small map those are half as many again (8² under a 3×3: 78 positions,
+    # three panels where im2col fills two). Measured against im2col on one AVX-512 core (20 conv shapes of
     # this project's benchmark networks, eval forward at batch 1), a multiply-add costs ~0.75 of
     # im2col's as the GEMM form, whose panels are copies where im2col gathers element by element
     # (0.72–0.83 of its time with windows of 3×3 to 9×9 at the same panels); a 1×1 window
@@ -856,10 +856,12 @@ CONV_VARIANTS = (
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
             applies=_one_channel_per_group, needs="one input channel per group (depthwise)",
             parallel="batch × channels", parallel_threshold=0, fuses_epilogue=True, costs_on=ON_OPENCL),
-    Variant("blocked", "conv", "the packed GEMM over the input copied zero-padded and split by phase, each row of "
-                               "the column matrix one contiguous run of it (backward as im2col)",
+    Variant("blocked", "conv", "the input copied zero-padded and split by phase: the packed GEMM over it, each row of "
+                               "the column matrix one contiguous run, or for a short reduction a direct loop of "
+                               "register tiles (backward as im2col)",
             cost=_blocked_cost, workspace=_blocked_workspace,
-            parallel="the GEMM's rows or columns of each sample (backward: as im2col)",
+            parallel="the GEMM's rows or columns, or channel blocks × position tiles, of each sample (backward: as "
+                     "im2col)",
             gemm_threshold=BLOCKED_SPLIT_MACS, fuses_epilogue=True, thread_workspace=_columns_and_gradients),
     _winograd_variant("winograd2"),
     _winograd_variant("winograd4"),
