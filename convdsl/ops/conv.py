@@ -109,11 +109,12 @@ def _columns_and_gradients(in_types, out, attrs):
 
 
 # A reduction of at most this many input channels per group × taps runs `blocked` as its direct
-# tile loop, a longer one as the packed GEMM (lib/conv_blocked says why): one of the GEMM's
-# blocks of K (CDSL_KC), within which the tile's B lies in L1 anyway. LeNet's 1 → 6 5×5 (25) at
-# batch 64: 0.57 ms as the loop, 0.83 as the GEMM; ResNet's stride-2 128 → 256 (1,152): 1.72 ms
-# as the loop, 1.28 as the GEMM (one AVX-512 core).
-BLOCKED_DIRECT_DEPTH = 128
+# tile loop, a longer one as the packed GEMM (lib/conv_blocked says why). The two forms of one
+# layer timed alternately (eval forward, L2 flushed between calls, one AVX-512 core), GEMM over
+# loop: 6 → 16 5×5 on 14² (150) 1.18 at batch 1 and 1.45 at 64 (the GEMM's packing and staging
+# per sample); 16 → 32 and 32 → 64 3×3 on 32² (144, 288) 1.20 and 1.10; stride-2 3×3 of 576 and
+# 288 on 32² and 64² 1.00; ResNet's stride-2 128 → 256 on 28² (1,152) 0.87 (0.74 warm).
+BLOCKED_DIRECT_DEPTH = 576
 
 
 def blocked_direct(attrs) -> bool:
