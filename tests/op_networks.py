@@ -20,7 +20,7 @@ build, 0.2 s to run). `--part I/N` runs the I-th of N parts of all the builds, b
 cases (`parts`), so that the suite can run them side by side; `--forced-checks LIST` builds the
 forced variants' networks with that -fsanitize= list instead of CONVDSL_SANITIZE's (the suite
 leaves out UBSan's alignment, null and pointer-overflow checks there, which took 40% of a
-sanitized compile: those kernels' cases are the plan build's too, with every check).
+sanitized compile; a null or stray pointer that is used is an ASan report anyway).
 
 The op tests themselves, run whole under the sanitizers (`tests/sanitize.sh tests/ops -k "not
 opencl"`), took 7 min 17 s on two cores (868 s of CPU) with 0 reports on 2026-12-02; this covers
