@@ -160,14 +160,16 @@ def _blocked_cost(in_types, out, attrs):
     per_position = attrs["in"] * D.product(k) * rows
     macs = D.mul(per_position, D.mul(D.product(out.spatial[:-2]), tiled))
     copies = D.add(D.mul(attrs["out"], D.product(out.spatial)), D.product(in_types[0].shape))
-    if blocked_direct(attrs):
-        # The direct loop (a short reduction): ~0.9 of the GEMM's time per multiply-add, as
-        # measured against im2col before the GEMM form was added (no panels to pack or stage).
-        work = D.floordiv(D.mul(macs, 9), 10) if D.product(k) > 1 else D.add(macs, D.floordiv(macs, 4))
-        return D.add(work, D.mul(copies, 2))
-    work = D.floordiv(D.mul(macs, 3), 4) if D.product(k) > 1 else D.add(macs, D.floordiv(macs, 4))
-    staged = D.mul(attrs["out"], D.mul(D.product(out.spatial[:-2]), span))
-    return D.add(work, D.mul(D.add(copies, staged), 2))
+    # The direct loop (a short reduction) at ~0.9 of im2col's time per multiply-add, as measured
+    # before the GEMM form was added, with no product to stage.
+    direct = blocked_direct(attrs)
+    if D.product(k) > 1:
+        work = D.floordiv(D.mul(macs, 9 if direct else 3), 10 if direct else 4)
+    else:
+        work = D.add(macs, D.floordiv(macs, 4))
+    if not direct:
+        copies = D.add(copies, D.mul(attrs["out"], D.mul(D.product(out.spatial[:-2]), span)))
+    return D.add(work, D.mul(copies, 2))
 
 
 # ---- Winograd F(m×m, 3×3) (lib/winograd.h.j2): 3×3, stride 1, any dilation, 2-D ----
