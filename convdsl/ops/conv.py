@@ -674,6 +674,25 @@ def gemm_samples(out) -> int:
     return max(1, GEMM_BATCH_COLUMNS // positions) if isinstance(positions, int) else 1
 
 
+# ---- the input gradient's columns on a small map (lib/gemm's cdsl_gemm_narrow_t) ----
+
+# dX's columns are Wᵀ · dY, a product of the conv's positions as columns. The packed GEMM copies
+# all the weights transposed for it on every backward and, on fewer columns than its panels are
+# wide (32 at AVX-512), leaves lanes idle; narrow's tiles (vectors along dX's rows, each entry of
+# dY broadcast) read the weights' rows where they lie instead. The plan takes them for products
+# of up to DX_NARROW_COLUMNS columns: one sample's positions, or the batched samples'.
+DX_NARROW_COLUMNS = 64
+
+
+def dx_narrow(out) -> dict[str, bool]:
+    """Whether each of the backward's dX products (`sample`: one sample's; `batched`: the
+    gemm_samples samples' of a batched backward) runs as cdsl_gemm_narrow_t."""
+    positions = D.product(out.spatial)
+    if not isinstance(positions, int):
+        return {"sample": False, "batched": False}
+    return {"sample": positions <= DX_NARROW_COLUMNS, "batched": positions * gemm_samples(out) <= DX_NARROW_COLUMNS}
+
+
 def _batched_workspace(in_types, out, attrs):
     # The column matrix of one sample (dot's windows, im2col's backward), or, batched: one
     # group's result staged (forward), or one group's dY then every group's dX columns of the
@@ -1023,7 +1042,7 @@ class Conv(OpDef):
                 "wino_block": {m: winograd_block(attrs, m) for m in WINOGRAD_TILES.values()},
                 "wino_weight_block": {m: winograd_weight_block(attrs, m) for m in WINOGRAD_TILES.values()},
                 "pointwise": _is_pointwise(attrs), "gemm_samples": gemm_samples(out),
-                "blocked_direct": blocked_direct(attrs),
+                "blocked_direct": blocked_direct(attrs), "dx_narrow": dx_narrow(out),
                 "separable": separable_factors(attrs), "separable_axes": separable_axes(attrs),
                 "fft": fft, "fft_slots": _fft_slots(attrs),
                 "fft_direct_weights": fft is not None and fft_direct_weights(attrs, out, fft),

@@ -1,5 +1,6 @@
 """lib/gemm's products called directly against numpy in float64: cdsl_gemm_narrow (vectors along
-the rows, the rows of A packed a block at a time), cdsl_gemm_broadcast (vectors along the
+the rows, the rows of A packed a block at a time), cdsl_gemm_narrow_t (the same with A given
+transposed, read where it lies but for a last block of rows past a whole tile), cdsl_gemm_broadcast (vectors along the
 columns, A read where it lies), and the packed cdsl_gemm of stored matrices with each operand
 transposed or not (its packing of a transposed A and of B's last, partial panel copy elements
 a panel's width at a time). A conv reaches the first two only with accumulate = 0, a
@@ -20,11 +21,14 @@ from convdsl.targets.c import CTarget
 WRAPPER = """
 #include "kernels.c"
 /* B stored row-major (b->B, ldb): both products read it where it lies or stage it. */
+/* narrow: 0 broadcast, 1 narrow, 2 narrow_t (A given transposed: lda is its row stride). */
 __attribute__((visibility("default"))) void product(int narrow, int64_t M, int64_t N, int64_t K, const real *A,
         int64_t lda, const real *B, int64_t ldb, real *C, int64_t ldc, int accumulate, real *work, double split)
 {
     const cdsl_broadcast_b b = {B, ldb, NULL, NULL};
-    if (narrow)
+    if (narrow == 2)
+        cdsl_gemm_narrow_t(M, N, K, A, lda, &b, C, ldc, accumulate, work, split);
+    else if (narrow)
         cdsl_gemm_narrow(M, N, K, A, lda, &b, C, ldc, accumulate, work, split);
     else
         cdsl_gemm_broadcast(M, N, K, A, lda, &b, C, ldc, accumulate, work, split);
@@ -69,7 +73,7 @@ def library(request, tmp_path_factory):
 def run(library, form, M, N, K, *, pad=(0, 0, 0), accumulate=False, split=1e30, seed=0):
     handle, real = library
     rng = np.random.default_rng(seed)
-    trans_a, trans_b = form in ("gemm-tn", "gemm-tt"), form in ("gemm-nt", "gemm-tt")
+    trans_a, trans_b = form in ("gemm-tn", "gemm-tt", "narrow-t"), form in ("gemm-nt", "gemm-tt")
     lda, ldb, ldc = (M if trans_a else K) + pad[0], (K if trans_b else N) + pad[1], N + pad[2]
     A = rng.standard_normal((K if trans_a else M, lda)).astype(real)
     B = rng.standard_normal((N if trans_b else K, ldb)).astype(real)
@@ -81,8 +85,8 @@ def run(library, form, M, N, K, *, pad=(0, 0, 0), accumulate=False, split=1e30, 
         handle.stored(int(trans_a), int(trans_b), M, N, K, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, int(accumulate),
                       split)
     else:
-        handle.product(form == "narrow", M, N, K, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, int(accumulate), ptr(work),
-                       split)
+        handle.product({"broadcast": 0, "narrow": 1, "narrow-t": 2}[form], M, N, K, ptr(A), lda, ptr(B), ldb, ptr(C),
+                       ldc, int(accumulate), ptr(work), split)
     A = A[:, :M].T if trans_a else A[:, :K]
     B = B[:, :K].T if trans_b else B[:, :N]
     want = A.astype(np.float64) @ B.astype(np.float64) + (before[:, :N] if accumulate else 0)
@@ -92,7 +96,7 @@ def run(library, form, M, N, K, *, pad=(0, 0, 0), accumulate=False, split=1e30, 
     np.testing.assert_array_equal(C[:, N:], before[:, N:])     # nothing past the columns of C is written
 
 
-FORMS = ["narrow", "broadcast", "gemm-nn", "gemm-tn", "gemm-nt", "gemm-tt"]
+FORMS = ["narrow", "narrow-t", "broadcast", "gemm-nn", "gemm-tn", "gemm-nt", "gemm-tt"]
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -162,6 +162,13 @@ def as_tuple(v) -> tuple:
     return v if isinstance(v, tuple) else (v,)
 
 
+def spoil_gradients(net) -> None:
+    """NaN in every parameter gradient: a backward must not read what they held before (it zeroes
+    those it adds into, and the plan's steps that write theirs whole must write every element)."""
+    for g in net.grads.values():
+        g[...] = np.nan
+
+
 def run_cases(module, cases, batch: int, rng, layout: str = "NCHW", net=None, variant: int = 0) -> Run:
     """Forward and backward through every case at once; arrays are returned channel-first."""
     if net is None:
@@ -174,6 +181,7 @@ def run_cases(module, cases, batch: int, rng, layout: str = "NCHW", net=None, va
     from_file = to_nchw if layout == "NHWC" else (lambda a: a)
     ys = [from_file(y) for y in as_tuple(net.forward(*[to_file(x) for x in xs]))]
     dys = [rng.standard_normal(y.shape).astype(dtype) for y in ys]
+    spoil_gradients(net)
     dxs = [from_file(d) for d in as_tuple(net.backward(*[to_file(d) for d in dys]))]
     return Run(xs, ys, dys, dxs, {k: v.copy() for k, v in net.params.items()},
                {k: v.copy() for k, v in net.grads.items()})
@@ -208,6 +216,7 @@ def finite_differences(module, cases, rng, batch: int = 2, net=None, label: str 
     xs = [rng.standard_normal((batch, *c.shape)) for c in cases]
     ys = as_tuple(net.forward(*xs))
     dys = [rng.standard_normal(y.shape) for y in ys]
+    spoil_gradients(net)
     dxs = as_tuple(net.backward(*dys))
     grads = {k: v.copy() for k, v in net.grads.items()}
 

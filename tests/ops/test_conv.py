@@ -605,3 +605,29 @@ def test_few_column_products_finite_differences_float64(variant, seed):
     cases = forced_cases(variant)
     assert len(cases) >= 40
     finite_differences(compile_cases(cases, dtype="f64"), cases, np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("algo", ["im2col", "winograd2", "broadcast"])
+def test_a_shared_layer_gets_the_sum_of_its_uses_whatever_the_gradients_held(algo):
+    """A layer applied twice gets the sum of both uses' gradients; an own one its own. With every
+    gradient NaN before each backward, one the backward reads before it zeroes or writes it
+    shows, and the second backward must not add to the first's."""
+    src = (f"network S {{\n input x: [3, 6, 6]\n layer U = conv(3, kernel=3, pad=same, algo={algo})\n"
+           f" y = x -> conv(3, kernel=3, pad=same, algo={algo}) -> U -> relu -> U -> dense(5)\n output y\n}}\n")
+    net = convdsl.load_source(src).Model(seed=1)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    y = net.forward(x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    for _ in range(2):
+        for g in net.grads.values():
+            g[...] = np.nan
+        net.backward(dy)
+    p = torch_params(net)
+    xt = torch.tensor(x, dtype=torch.float64)
+    h = F.conv2d(xt, p["conv1.weight"], p["conv1.bias"], padding=1)
+    h = F.conv2d(F.relu(F.conv2d(h, p["U.weight"], p["U.bias"], padding=1)), p["U.weight"], p["U.bias"], padding=1)
+    out = F.linear(h.flatten(1), p["dense1.weight"], p["dense1.bias"])
+    (out * torch.tensor(dy, dtype=torch.float64)).sum().backward()
+    for name, t in p.items():
+        assert_close(net.grads[name], t.grad.numpy(), what=name)
