@@ -685,8 +685,8 @@ DX_NARROW_COLUMNS = 64
 
 
 def dx_narrow(out) -> dict[str, bool]:
-    """Whether each of the backward's dX products (`sample`: one sample's; `batched`: the
-    gemm_samples samples' of a batched backward) runs as cdsl_gemm_narrow_t."""
+    """Whether each of the backward's dX products runs as lib/gemm's narrow_t: `sample`, one
+    sample's product, and `batched`, the product of a batched backward's gemm_samples samples."""
     positions = D.product(out.spatial)
     if not isinstance(positions, int):
         return {"sample": False, "batched": False}
