@@ -109,6 +109,10 @@ CASES = (
     conv_case("depthwise-nobias-full", (2, 4, 4), None, 3, kind="depthwise", multiplier=3, bias=False, pad="full"),
     # wider than 64 taps: read from the weights, no copy of the row's taps on a thread's stack
     conv_case("depthwise-1d-wide-kernel-flip", (2, 80), None, 70, kind="depthwise", pad="same", flip=True),
+    # more channels than a vector holds, the last block partial (the small maps' form across channels)
+    conv_case("depthwise-channel-blocks", (19, 5, 6), None, 3, kind="depthwise", stride=2, pad=((1, 0), (0, 1))),
+    conv_case("depthwise-channel-blocks-dilated-flip", (11, 6, 6), None, 3, kind="depthwise", multiplier=3,
+              dilation=2, pad="same", flip=True),
     conv_case("conv-groups-is-channels", (3, 6, 6), 6, 3, groups=3),
     # separable: depthwise (stride, pad, dilation) then a 1×1 conv with the bias
     conv_case("separable-2d", (4, 7, 6), 5, 3, kind="separable", stride=2, pad="same"),
@@ -379,6 +383,52 @@ def test_blocked_as_the_gemm_matches_torch(blocked_as_gemm, batch):
 def test_blocked_as_the_gemm_finite_differences_float64(blocked_as_gemm):
     cases, modules = blocked_as_gemm
     finite_differences(modules["f64"], cases, np.random.default_rng(112))
+
+
+# `direct` (one input channel per group) runs across channels on a small map (direct_across:
+# most cases here) and plane by plane past it, and for a channel multiplier: the plane loop is
+# forced on every case by setting the bound to 0.
+DIRECT_CASES = [i for v, i in VARIANTS.pairs if v == "direct"]
+
+
+def _direct_across(case):
+    from convdsl.ops import conv as conv_op
+    graph = graph_from_source(source((case,)))
+    node = next(n for n in graph.nodes if n.op in ("conv", "depthwise"))
+    in_types = tuple(graph.values[v].type for v in node.inputs)
+    return conv_op.direct_across(node.attrs, in_types, graph.values[node.output].type)
+
+
+def test_direct_runs_across_channels_on_small_maps_and_plane_by_plane_past_them():
+    across = [CASES[i].id for i in DIRECT_CASES if _direct_across(CASES[i]) is not None]
+    planes = [CASES[i].id for i in DIRECT_CASES if _direct_across(CASES[i]) is None]
+    assert len(across) >= 8 and len(planes) >= 8, (across, planes)
+
+
+@pytest.fixture(scope="module")
+def direct_by_planes():
+    from convdsl.ops import conv as conv_op
+    cases = [CASES[i] for i in DIRECT_CASES]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conv_op, "DIRECT_ACROSS_CELLS", 0)
+        assert not any(_direct_across(c) for c in cases)
+        modules = {key: compile_cases(cases, dtype=dtype, layout=layout, algo=VARIANTS.force("direct"))
+                   for key, dtype, layout in (("f32", "f32", "NCHW"), ("f64", "f64", "NCHW"))}
+    return cases, modules
+
+
+@pytest.mark.parametrize("batch", (1, 3))
+def test_direct_plane_by_plane_matches_torch(direct_by_planes, batch):
+    cases, modules = direct_by_planes
+    rng = np.random.default_rng(113)
+    run = run_cases(modules["f32"], cases, batch, rng, variant=int(batch == 3))
+    for position, case in enumerate(cases):
+        compare_with_torch(run, position, case, reference)
+
+
+def test_direct_plane_by_plane_finite_differences_float64(direct_by_planes):
+    cases, modules = direct_by_planes
+    finite_differences(modules["f64"], cases, np.random.default_rng(114))
 
 
 def test_fft_applies_by_its_rule():
