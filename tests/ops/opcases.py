@@ -164,7 +164,7 @@ def as_tuple(v) -> tuple:
 
 def spoil_gradients(net) -> None:
     """NaN in every parameter gradient: a backward must not read what they held before (it zeroes
-    those it adds into, and the plan's steps that write theirs whole must write every element)."""
+    each one before adding into it)."""
     for g in net.grads.values():
         g[...] = np.nan
 

@@ -17,7 +17,7 @@ import convdsl
 from backends import requires_opencl
 from convdsl.compiler import compile_graph, graph_from_source, module_meta
 from opcases import (dsl, opencl_nhwc_test, opencl_suite, opencl_variants, Case, compare_with_torch, compile_cases,
-                     finite_differences, forced_runs, run_cases, source, variant_plan, variant_run)
+                     finite_differences, forced_runs, run_cases, source, spoil_gradients, variant_plan, variant_run)
 from reference import assert_close, pad_pairs, pad_spatial, torch_params
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -385,9 +385,8 @@ def test_blocked_as_the_gemm_finite_differences_float64(blocked_as_gemm):
     finite_differences(modules["f64"], cases, np.random.default_rng(112))
 
 
-# `direct` (one input channel per group) runs across channels on a small map (direct_across:
-# most cases here) and plane by plane past it, and for a channel multiplier: the plane loop is
-# forced on every case by setting the bound to 0.
+# `direct` (one input channel per group) runs across channels on a small map (direct_across)
+# and plane by plane past it; the plane loop is forced on every case by setting the bound to 0.
 DIRECT_CASES = [i for v, i in VARIANTS.pairs if v == "direct"]
 
 
@@ -659,8 +658,8 @@ def test_few_column_products_finite_differences_float64(variant, seed):
 
 @pytest.mark.parametrize("algo", ["im2col", "winograd2", "broadcast"])
 def test_a_shared_layer_gets_the_sum_of_its_uses_whatever_the_gradients_held(algo):
-    """A layer applied twice gets the sum of both uses' gradients; an own one its own. With every
-    gradient NaN before each backward, one the backward reads before it zeroes or writes it
+    """A layer applied twice gets the sum of both uses' gradients, a layer used once its own. With
+    every gradient NaN before each backward, one that the backward reads before zeroing it
     shows, and the second backward must not add to the first's."""
     src = (f"network S {{\n input x: [3, 6, 6]\n layer U = conv(3, kernel=3, pad=same, algo={algo})\n"
            f" y = x -> conv(3, kernel=3, pad=same, algo={algo}) -> U -> relu -> U -> dense(5)\n output y\n}}\n")
@@ -670,8 +669,7 @@ def test_a_shared_layer_gets_the_sum_of_its_uses_whatever_the_gradients_held(alg
     y = net.forward(x)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     for _ in range(2):
-        for g in net.grads.values():
-            g[...] = np.nan
+        spoil_gradients(net)
         net.backward(dy)
     p = torch_params(net)
     xt = torch.tensor(x, dtype=torch.float64)
