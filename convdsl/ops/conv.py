@@ -679,18 +679,16 @@ def gemm_samples(out) -> int:
 # dX's columns are Wᵀ · dY, a product of the conv's positions as columns. The packed GEMM copies
 # all the weights transposed for it on every backward and, on fewer columns than its panels are
 # wide (32 at AVX-512), leaves lanes idle; narrow's tiles (vectors along dX's rows, each entry of
-# dY broadcast) read the weights' rows where they lie instead. The plan takes them for products
-# of up to DX_NARROW_COLUMNS columns: one sample's positions, or the batched samples'.
+# dY broadcast) read the weights' rows where they lie instead. The plan takes them for one
+# sample's product of up to DX_NARROW_COLUMNS positions. (A batched backward's product always
+# has more: gemm_samples samples of P positions make more than GEMM_BATCH_COLUMNS / 2.)
 DX_NARROW_COLUMNS = 64
 
 
-def dx_narrow(out) -> dict[str, bool]:
-    """Whether each of the backward's dX products runs as lib/gemm's narrow_t: `sample`, one
-    sample's product, and `batched`, the product of a batched backward's gemm_samples samples."""
+def dx_narrow(out) -> bool:
+    """Whether the backward's per-sample dX product runs as lib/gemm's narrow_t."""
     positions = D.product(out.spatial)
-    if not isinstance(positions, int):
-        return {"sample": False, "batched": False}
-    return {"sample": positions <= DX_NARROW_COLUMNS, "batched": positions * gemm_samples(out) <= DX_NARROW_COLUMNS}
+    return isinstance(positions, int) and positions <= DX_NARROW_COLUMNS
 
 
 def _batched_workspace(in_types, out, attrs):
