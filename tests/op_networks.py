@@ -17,10 +17,8 @@ layout; the first report aborts the run (the caller, tests/e2e/test_sanitizers.p
 
 Nearly all of the time is the sanitized compiles (test_conv's network of 64 cases: 41 s to
 build, 0.2 s to run). `--part I/N` runs the I-th of N parts of all the builds, balanced by their
-cases (`parts`), so that the suite can run them side by side; `--forced-checks LIST` builds the
-forced variants' networks with that -fsanitize= list instead of CONVDSL_SANITIZE's (the suite
-leaves out UBSan's alignment, null and pointer-overflow checks there, which took 40% of a
-sanitized compile; a null or stray pointer that is used is an ASan report anyway).
+cases (`parts`), so that the suite can run them side by side. The checks are CONVDSL_SANITIZE's
+(the suite names its list: tests/e2e/test_sanitizers.py, SWEEP_CHECKS).
 
 The op tests themselves, run whole under the sanitizers (`tests/sanitize.sh tests/ops -k "not
 opencl"`), took 7 min 17 s on two cores (868 s of CPU) with 0 reports on 2026-12-02; this covers
@@ -30,7 +28,6 @@ kernels, with a layout conversion at the boundary or `double` for `real`).
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -123,18 +120,14 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="Run the op test files' networks (for a memory checker).")
     parser.add_argument("names", nargs="*", help="op test files (test_conv or test_conv.py); all by default")
     parser.add_argument("--part", default="1/1", help="I/N: the I-th of N balanced parts of the builds")
-    parser.add_argument("--forced-checks", help="a -fsanitize= list for the forced variants' builds")
     args = parser.parse_args(argv)
     i, n = (int(v) for v in args.part.split("/"))
     if not 1 <= i <= n:
         raise SystemExit(f"op_networks.py: --part {args.part}: want I/N with 1 <= I <= N")
-    sanitize = os.environ.get("CONVDSL_SANITIZE")
     started = time.perf_counter()
     count = 0
     for stem, label, cases, algo in parts(all_builds(args.names), n)[i - 1]:
         t = time.perf_counter()
-        if args.forced_checks and sanitize:
-            os.environ["CONVDSL_SANITIZE"] = sanitize if algo is None else args.forced_checks
         exercise(cases, algo, seed=count, label=label)
         count += 1
         print(f"{stem}: {label}: {len(cases)} cases ran ({time.perf_counter() - t:.1f} s)", flush=True)
