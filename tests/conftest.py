@@ -90,13 +90,17 @@ def repo() -> Path:
 # Under pytest-xdist (`--dist loadgroup`, pyproject.toml) a file's tests stay on one worker, so
 # that the modules they share are compiled once — except in these files, whose tests each build
 # networks of their own: they spread over every worker (the random networks alone would
-# otherwise keep one worker busy for most of the run).
+# otherwise keep one worker busy for most of the run). The marks must be on the items before
+# pytest-xdist's own collection hook reads them into the tests' ids (`@group`, which is what its
+# scheduler groups by), hence tryfirst: without it the hook ran after xdist's, no test had a
+# group, and every file's tests were dealt to both workers, each compiling the file's modules.
 SPREAD_FILES = frozenset({
     "tests/campaigns/test_random_networks.py", "tests/e2e/test_compiler_warnings.py",
     "tests/e2e/test_memory_plan.py", "tests/e2e/test_examples.py", "tests/e2e/test_sanitizers.py",
 })
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         where = Path(str(item.fspath)).resolve().relative_to(REPO).as_posix()
