@@ -765,9 +765,10 @@ def direct_across(attrs, in_types, out) -> tuple[int, int] | None:
         return None
     if not all(isinstance(d, int) for d in out.spatial):
         return None
-    o = (1,) * (2 - len(k)) + tuple(out.spatial)
-    k2, r2, s2 = ((1,) * (2 - len(k)) + tuple(k), (1,) * (2 - len(k)) + tuple(r), (1,) * (2 - len(k)) + tuple(s))
-    grid = tuple((oo - 1) * ss + (kk - 1) * rr + 1 for oo, kk, rr, ss in zip(o, k2, r2, s2))
+    def as_2d(axes):                # a 1-D map is one row
+        return (1,) * (2 - len(axes)) + tuple(axes)
+    o = as_2d(out.spatial)
+    grid = tuple((oo - 1) * ss + (kk - 1) * rr + 1 for oo, kk, rr, ss in zip(o, as_2d(k), as_2d(r), as_2d(s)))
     small = o[0] * o[1] <= DIRECT_ACROSS_POSITIONS and grid[0] * grid[1] <= DIRECT_ACROSS_CELLS
     return grid if small else None
 
