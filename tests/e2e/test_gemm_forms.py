@@ -33,6 +33,12 @@ __attribute__((visibility("default"))) void product(int narrow, int64_t M, int64
     else
         cdsl_gemm_broadcast(M, N, K, A, lda, &b, C, ldc, accumulate, work, split);
 }
+/* The unpacked dot products: C[i·csi + j·csj] (+)= Σ_k A[i·lda + k] · B[j·ldb + k]. */
+__attribute__((visibility("default"))) void dot(int64_t M, int64_t N, int64_t K, const real *A, int64_t lda,
+        const real *B, int64_t ldb, real *C, int64_t csi, int64_t csj, int accumulate, double split)
+{
+    cdsl_gemm_dot(M, N, K, A, lda, B, ldb, C, csi, csj, accumulate, split);
+}
 /* The packed GEMM of stored matrices, A and B each row-major or transposed. */
 __attribute__((visibility("default"))) void stored(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
         const real *A, int64_t lda, const real *B, int64_t ldb, real *C, int64_t ldc, int accumulate, double split)
@@ -64,6 +70,9 @@ def library(request, tmp_path_factory):
                                                                       ctypes.c_void_p, ctypes.c_int64,
                                                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
                                                                       ctypes.c_void_p, ctypes.c_double]
+    handle.dot.restype = None
+    handle.dot.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 2 + [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_double]
     handle.stored.restype = None
     handle.stored.argtypes = [ctypes.c_int] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] * 3 + [
         ctypes.c_int, ctypes.c_double]
@@ -73,30 +82,38 @@ def library(request, tmp_path_factory):
 def run(library, form, M, N, K, *, pad=(0, 0, 0), accumulate=False, split=1e30, seed=0):
     handle, real = library
     rng = np.random.default_rng(seed)
-    trans_a, trans_b = form in ("gemm-tn", "gemm-tt", "narrow-t"), form in ("gemm-nt", "gemm-tt")
+    trans_a, trans_b = form in ("gemm-tn", "gemm-tt", "narrow-t"), form in ("gemm-nt", "gemm-tt", "dot", "dot-ct")
     lda, ldb, ldc = (M if trans_a else K) + pad[0], (K if trans_b else N) + pad[1], N + pad[2]
     A = rng.standard_normal((K if trans_a else M, lda)).astype(real)
     B = rng.standard_normal((N if trans_b else K, ldb)).astype(real)
-    C = rng.standard_normal((M, ldc)).astype(real)
+    # dot-ct writes C transposed (csi = 1: column j of C is a row of CT, as dense's batch of outputs).
+    C = rng.standard_normal((N, M + pad[2]) if form == "dot-ct" else (M, ldc)).astype(real)
     before = C.copy()
     work = np.zeros(max(K * max(N, 64), 8192) + 64, real)
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
-    if form.startswith("gemm"):
+    if form in ("dot", "dot-ct"):
+        csi, csj = (1, M + pad[2]) if form == "dot-ct" else (ldc, 1)
+        handle.dot(M, N, K, ptr(A), lda, ptr(B), ldb, ptr(C), csi, csj, int(accumulate), split)
+    elif form.startswith("gemm"):
         handle.stored(int(trans_a), int(trans_b), M, N, K, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, int(accumulate),
                       split)
     else:
         handle.product({"broadcast": 0, "narrow": 1, "narrow-t": 2}[form], M, N, K, ptr(A), lda, ptr(B), ldb, ptr(C),
                        ldc, int(accumulate), ptr(work), split)
+    if form == "dot-ct":
+        C, before = C.T, before.T
     A = A[:, :M].T if trans_a else A[:, :K]
     B = B[:, :K].T if trans_b else B[:, :N]
-    want = A.astype(np.float64) @ B.astype(np.float64) + (before[:, :N] if accumulate else 0)
+    want = A.astype(np.float64) @ B.astype(np.float64) + (before[:M, :N] if accumulate else 0)
     scale = np.abs(A).astype(np.float64) @ np.abs(B).astype(np.float64) + 1
     tol = 1e-5 if real == np.float32 else 1e-12
-    assert np.all(np.abs(C[:, :N] - want) <= tol * scale), (form, M, N, K)
-    np.testing.assert_array_equal(C[:, N:], before[:, N:])     # nothing past the columns of C is written
+    assert np.all(np.abs(C[:M, :N] - want) <= tol * scale), (form, M, N, K)
+    # Nothing past the columns of C (past its rows, for dot-ct's Cᵀ) is written.
+    np.testing.assert_array_equal(C[:, N:], before[:, N:])
+    np.testing.assert_array_equal(C[M:], before[M:])
 
 
-FORMS = ["narrow", "narrow-t", "broadcast", "gemm-nn", "gemm-tn", "gemm-nt", "gemm-tt"]
+FORMS = ["narrow", "narrow-t", "broadcast", "dot", "dot-ct", "gemm-nn", "gemm-tn", "gemm-nt", "gemm-tt"]
 
 
 @pytest.mark.parametrize("form", FORMS)
