@@ -130,6 +130,11 @@ CASES = (
               pad=((1, 0), (1, 1), (0, 2))),
     # stride 2 in vectors too (the even lanes of two vectors of a row; the last columns, whose
     # second vector would pass the row's end, one by one), without and with a dilation
+    # the grids' stride-2 split in vectors (two vectors of a source row into both column
+    # phases; rows wider than two vectors past the padding), uneven padding, and a dilation
+    conv_case("depthwise-grid-stride2-wide", (3, 9, 45), None, 3, kind="depthwise", stride=2, pad=((1, 0), (1, 2))),
+    conv_case("depthwise-grid-stride2-dilated", (2, 8, 40), None, 3, kind="depthwise", stride=(1, 2),
+              dilation=(1, 2), bias=False),
     # maps past the direct loop's grids (ops/conv.py, DIRECT_GRID_MAX), row by row in vectors:
     # stride 2 (even lanes of two vectors of a row) and stride 1 dilated
     conv_case("depthwise-rows-stride2", (2, 70, 130), None, 3, kind="depthwise", stride=2, pad=((1, 1), (1, 0))),
