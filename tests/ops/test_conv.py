@@ -130,6 +130,8 @@ CASES = (
               pad=((1, 0), (1, 1), (0, 2))),
     # stride 2 in vectors too (the even lanes of two vectors of a row; the last columns, whose
     # second vector would pass the row's end, one by one), without and with a dilation
+    # blocked's padded copy at stride 2 in vectors (rows past two vectors), its ends one by one
+    conv_case("stride2-wide-rows", (2, 5, 41), 3, 3, stride=2, pad=((1, 0), (1, 2))),
     # the grids' stride-2 split in vectors (two vectors of a source row into both column
     # phases; rows wider than two vectors past the padding), uneven padding, and a dilation
     conv_case("depthwise-grid-stride2-wide", (3, 9, 45), None, 3, kind="depthwise", stride=2, pad=((1, 0), (1, 2))),
