@@ -130,6 +130,9 @@ CASES = (
               pad=((1, 0), (1, 1), (0, 2))),
     # stride 2 in vectors too (the even lanes of two vectors of a row; the last columns, whose
     # second vector would pass the row's end, one by one), without and with a dilation
+    # one vector of channels on a 6 × 6 map: gcc 12 -O3 vectorized the grids' copy wrongly in
+    # dX's loop once the plane was inlined there (its rows' range tested per row)
+    conv_case("depthwise-6x6-one-block", (16, 6, 6), None, 3, kind="depthwise", pad=1),
     # blocked's padded copy at stride 2 in vectors (rows past two vectors), its ends one by one
     conv_case("stride2-wide-rows", (2, 5, 41), 3, 3, stride=2, pad=((1, 0), (1, 2))),
     # the grids' stride-2 split in vectors (two vectors of a source row into both column
@@ -428,6 +431,18 @@ def test_direct_plane_by_plane_matches_torch(direct_by_planes, batch):
     cases, modules = direct_by_planes
     rng = np.random.default_rng(113)
     run = run_cases(modules["f32"], cases, batch, rng, variant=int(batch == 3))
+    for position, case in enumerate(cases):
+        compare_with_torch(run, position, case, reference)
+
+
+@pytest.mark.parametrize("batch", (1, 2))
+def test_direct_built_as_users_get_it_matches_torch(optimised, batch):
+    """The suite builds at -O0; the direct loop's cases once more at -O3, where gcc 12's loop
+    vectorizer once summed the grids' rows wrongly in dX (depthwise-6x6-one-block) that every
+    -O0 and -O1 build had right."""
+    cases = [CASES[i] for i in DIRECT_CASES]
+    module = convdsl.load_source(source(cases), algo=VARIANTS.force("direct"))
+    run = run_cases(module, cases, batch, np.random.default_rng(115))
     for position, case in enumerate(cases):
         compare_with_torch(run, position, case, reference)
 
