@@ -435,7 +435,7 @@ def test_direct_plane_by_plane_matches_torch(direct_by_planes, batch):
         compare_with_torch(run, position, case, reference)
 
 
-@pytest.mark.parametrize("variant", ("direct", "winograd4", "dot"))
+@pytest.mark.parametrize("variant", ("direct", "winograd2", "winograd4", "dot"))
 def test_variants_built_as_users_get_them_match_torch(optimised, variant):
     """The suite builds at -O0; the cases of the variants whose kernels gcc vectorizes hardest
     once more at -O3, at batch 1 and 2: its loop vectorizer once summed the depthwise grids'
