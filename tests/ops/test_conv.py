@@ -128,8 +128,6 @@ CASES = (
               pad=((2, 0), (1, 4))),
     conv_case("depthwise-3d-wide-rows-flip", (2, 3, 4, 37), None, (2, 3, 3), kind="depthwise", flip=True,
               pad=((1, 0), (1, 1), (0, 2))),
-    # stride 2 in vectors too (the even lanes of two vectors of a row; the last columns, whose
-    # second vector would pass the row's end, one by one), without and with a dilation
     # one vector of channels on a 6 × 6 map: gcc 12 -O3 vectorized the grids' copy wrongly in
     # dX's loop once the plane was inlined there (its rows' range tested per row)
     conv_case("depthwise-6x6-one-block", (16, 6, 6), None, 3, kind="depthwise", pad=1),
@@ -141,7 +139,8 @@ CASES = (
     conv_case("depthwise-grid-stride2-dilated", (2, 8, 40), None, 3, kind="depthwise", stride=(1, 2),
               dilation=(1, 2), bias=False),
     # maps past the direct loop's grids (ops/conv.py, DIRECT_GRID_MAX), row by row in vectors:
-    # stride 2 (even lanes of two vectors of a row) and stride 1 dilated
+    # stride 2 (the even lanes of two vectors of a row; the last columns, whose second vector
+    # would pass the row's end, one by one) and stride 1 dilated
     conv_case("depthwise-rows-stride2", (2, 70, 130), None, 3, kind="depthwise", stride=2, pad=((1, 1), (1, 0))),
     conv_case("depthwise-rows-dilated-m2", (1, 96, 90), None, 3, kind="depthwise", multiplier=2, dilation=2,
               pad=((2, 1), (2, 3))),
