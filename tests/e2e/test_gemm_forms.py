@@ -3,7 +3,8 @@ the rows, the rows of A packed a block at a time), cdsl_gemm_narrow_t (the same 
 transposed, read where it lies but for a last block of rows past a whole tile), cdsl_gemm_broadcast (vectors along the
 columns, A read where it lies), and the packed cdsl_gemm of stored matrices with each operand
 transposed or not (its packing of a transposed A and of B's last, partial panel copy elements
-a panel's width at a time). A conv reaches the first two only with accumulate = 0, a
+a panel's width at a time; beside an untransposed A, an untransposed B's whole panels are read
+in place). A conv reaches the first two only with accumulate = 0, a
 contiguous A and one thread's worth of rows per tile; here every edge of their blocking is run:
 rows and columns that fill no whole vector or tile, more columns than one staged chunk, a
 reduction shorter than a vector and longer than a packed block, strides wider than the matrices,
