@@ -614,6 +614,13 @@ class Target:
 
         inputs = [boundary(b, k) for k, b in enumerate(pg.inputs)]
         outputs = [boundary(b, k) for k, b in enumerate(pg.outputs)]
+        # A backward copies each output's gradient into its place (no value is two outputs: the
+        # front end refuses it), so that place is not zeroed first; and it writes an input's
+        # gradient straight into the caller's array, unless that input is an output too (whose
+        # place is seeded before the pass, from the caller's other array).
+        output_values = {o["value"] for o in outputs}
+        for i in inputs:
+            i["grad_in_place"] = not i["transpose"] and i["value"] not in output_values
 
         consts, params = [], []
         for idx, slot in enumerate(pg.params):
@@ -681,7 +688,8 @@ class Target:
             "values": values, "inputs": inputs, "outputs": outputs,
             "params": params, "param_total": pg.param_total, "consts": consts, "loss": loss,
             "size_checks": size_checks, "regions": regions, "guard_zones": guard_zones,
-            "zero_at_start": [{"index": o.value, "numel": host(o.size)} for o in pg.zero_at_start],
+            "zero_at_start": [{"index": o.value, "numel": host(o.size), "seeded": o.value in output_values}
+                              for o in pg.zero_at_start],
             "buffers": buffer_table, "buffer_total": pg.buffer_total, "saved": saved, "training_guards": guards,
         }
         kernels = self.kernel_library(dtype) if set(helpers) & set(self.kernel_library_parts) else None

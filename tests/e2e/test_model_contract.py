@@ -339,3 +339,42 @@ def test_outputs_that_are_an_input_or_read_later_are_whole_in_both_modes(backend
         np.testing.assert_allclose(s[:, :, 0, 0], np.maximum(x, 0).mean(axis=(2, 3)), rtol=1e-6)
         assert not np.shares_memory(a, x)
     np.testing.assert_array_equal(x, before)
+
+
+UNREAD = """
+network U {
+    input x: [2, 5, 5]
+    input unused: [3]
+    y = x -> relu
+    output y
+}
+"""
+
+
+def test_backward_seeds_and_input_gradients_at_the_edges(backend):
+    # backward copies each output's gradient over its place and has the pass write an input's
+    # gradient into the caller's array (the C module's module.c.j2): an output that is an input
+    # (seeded, then added into by the layers that read it), an output read later, and an input
+    # nobody reads (its gradient zeros, in an array that came uninitialised) must all be whole,
+    # on every call.
+    net = convdsl.load_source(EDGES, backend=backend).Model()
+    net.train()
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        x = rng.standard_normal((3, 2, 5, 5)).astype(np.float32)
+        shapes = ((3, 2, 5, 5), (3, 2, 5, 5), (3, 2, 1, 1))
+        dx_out, dh, ds = (rng.standard_normal(s).astype(np.float32) for s in shapes)
+        net.forward(x)
+        kept = dx_out.copy()
+        dx = net.backward(dx_out, dh, ds)
+        np.testing.assert_allclose(dx, dx_out + (x > 0) * (dh + ds / 25), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(dx_out, kept)
+    two = convdsl.load_source(UNREAD, backend=backend).Model()
+    two.train()
+    for _ in range(2):
+        x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+        two.forward(x, np.ones((2, 3), np.float32))
+        dy = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+        dx, d_unused = two.backward(dy)
+        np.testing.assert_array_equal(dx, (x > 0) * dy)
+        np.testing.assert_array_equal(d_unused, np.zeros((2, 3), np.float32))
