@@ -468,6 +468,19 @@ class TrainingLayout:
         return {t: tuple(vs) for t, vs in at.items()}
 
 
+def values_read_by_backward(g: Graph) -> frozenset[int]:
+    """The values some layer's backward reads: its inputs or its output, as its op says
+    (OpDef.backward_reads). The others are not needed once the forward is done."""
+    read: set[int] = set()
+    for node in g.nodes:
+        reads = lookup(node.op).backward_reads(node.attrs)
+        if INPUTS in reads:
+            read.update(node.inputs)
+        if OUTPUT in reads:
+            read.add(node.output)
+    return frozenset(read)
+
+
 def training_lifetimes(g: Graph, fusions: dict[int, tuple[int, ...]] | None = None,
                        saved: dict[int, Dim] | None = None) -> tuple[Lifetimes, TrainingTimeline, tuple[int, ...]]:
     """Lifetimes of the activations (items 0 … V − 1), the gradients (V … 2V − 1) and the saved
@@ -489,7 +502,7 @@ def training_lifetimes(g: Graph, fusions: dict[int, tuple[int, ...]] | None = No
 
     written_at: dict[int, int] = {}
     last_forward = {v.id: -1 for v in g.values}
-    read_by_backward: set[int] = set()
+    read_by_backward = values_read_by_backward(g)
     grad_touch: dict[int, list[int]] = {v.id: [] for v in g.values}
     for node in g.nodes:
         written_at[node.output] = forward[node.id]
@@ -497,11 +510,6 @@ def training_lifetimes(g: Graph, fusions: dict[int, tuple[int, ...]] | None = No
             last_forward[vid] = max(last_forward[vid], node.id)
             grad_touch[vid].append(backward[node.id])          # its backward adds into dx
         grad_touch[node.output].append(backward[node.id])      # … and reads dy
-        reads = lookup(node.op).backward_reads(node.attrs)
-        if INPUTS in reads:
-            read_by_backward.update(node.inputs)
-        if OUTPUT in reads:
-            read_by_backward.add(node.output)
     unwritten = in_between - read_by_backward
 
     first, last, size = [], [], []

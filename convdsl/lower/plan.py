@@ -23,7 +23,7 @@ from ..ir.dims import Dim
 from ..ir.graph import Graph, Node, TensorType
 from ..ops.base import INPUTS, OUTPUT, Variant, lookup, registry
 from ..passes.schedule import make_plan
-from .memory import inference_placement, lifetimes, place_guarded, training_placement
+from .memory import inference_placement, lifetimes, place_guarded, training_placement, values_read_by_backward
 from .program import (ACTIVATION, ACTIVATIONS, AFFINE, BUFFERS, DERIVED, GRADIENTS, INFERENCE, PARAM_GRADS, RESIDUAL, SCALE,
                       THREAD_WORKSPACE, PARAMS, SAVED, TRAINING, WORKSPACE, Boundary, Epilogue, EpilogueStage,
                       LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
@@ -436,20 +436,23 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     # the caller has them and write the outputs straight into the caller's arrays: two copies of
     # each fewer (a cheap layer on a large map spent more time in them than computing). Not where
     # the edge converts the layout, nor an output that is an input too (its value lives in the
-    # caller's input: it is copied from there). Training mode copies: a backward reads the values
-    # after the call, when the caller may have changed them.
+    # caller's input: it is copied from there), nor the loss's output (the loss reads it from its
+    # place after the forward). Training mode copies the inputs, and the outputs a backward reads:
+    # it reads them after the call, when the caller may have changed them.
     in_place = set()
+    after_forward = values_read_by_backward(g) | ({g.loss.value} if g.loss is not None else frozenset())
 
-    def boundary(b) -> Boundary:
+    def boundary(b, output: bool) -> Boundary:
         t = g.values[b.value].type
         transposed = channels_last(t)
-        here = not transposed and b.value not in in_place
+        here = not transposed and b.value not in in_place and not (output and g.loss is not None
+                                                                   and b.value == g.loss.value)
         if here:
             in_place.add(b.value)
-        return Boundary(b.name, b.value, t, transposed, here)
+        return Boundary(b.name, b.value, t, transposed, here, output and here and b.value not in after_forward)
 
-    inputs = tuple(boundary(i) for i in g.inputs)
-    outputs = tuple(boundary(o) for o in g.outputs)
+    inputs = tuple(boundary(i, False) for i in g.inputs)
+    outputs = tuple(boundary(o, True) for o in g.outputs)
     return Program(
         name=g.name, source_path=g.source_path, line=g.span.line if g.span else 0, layout=g.layout, dtype=g.dtype,
         sym_dims=g.sym_dims,

@@ -222,12 +222,15 @@ class Boundary:
     """A network input or output: its name, the value it is, and its dims as declared.
     `transposed`: the caller's array is channels last (NHWC) and is converted at the edge.
     `eval_in_place`: an eval-mode forward reads this input from the caller's array, or writes this
-    output into it, instead of copying it through the arena (the plan: lower/plan.py)."""
+    output into it, instead of copying it through the arena (the plan: lower/plan.py).
+    `train_in_place`: a training-mode forward writes this output into the caller's array too (no
+    backward, and not the loss, reads it after the forward)."""
     name: str
     value: int
     type: TensorType
     transposed: bool = False
     eval_in_place: bool = False
+    train_in_place: bool = False
 
 
 @dataclass(frozen=True)

@@ -608,7 +608,7 @@ class Target:
             if pg.layout == "NHWC" and t.rank > 1:
                 dims = dims[1:] + dims[:1]
             return {"index": index, "name": checked_identifier(b.name), "value": b.value, "transpose": transpose,
-                    "eval_in_place": b.eval_in_place,
+                    "eval_in_place": b.eval_in_place, "train_in_place": b.train_in_place,
                     "C": host(t.channels), "S": host(D.product(t.spatial)), "numel": host(D.product(t.shape)),
                     "layout_dims": [host(d) for d in dims], "dims_text": ", ".join(D.to_text(d) for d in dims)}
 

@@ -378,3 +378,18 @@ def test_backward_seeds_and_input_gradients_at_the_edges(backend):
         dx, d_unused = two.backward(dy)
         np.testing.assert_array_equal(dx, (x > 0) * dy)
         np.testing.assert_array_equal(d_unused, np.zeros((2, 3), np.float32))
+
+
+def test_the_loss_reads_the_last_forwards_output_in_both_modes(backend):
+    # Forwards write outputs straight into the caller's arrays where nothing reads them after
+    # the call (lower/plan.py: eval_in_place, train_in_place); the loss's output is read by
+    # loss() and loss_grad() after it, and must be kept in its place in either mode.
+    src = "network L {\n input x: [4]\n y = x -> dense(3)\n output y\n loss mse(y)\n}\n"
+    net = convdsl.load_source(src, backend=backend).Model(seed=0)
+    rng = np.random.default_rng(5)
+    for mode in (net.eval, net.train, net.eval):
+        mode()
+        x, t = rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((2, 3)).astype(np.float32)
+        y = net.forward(x)
+        np.testing.assert_allclose(net.loss(t), ((y - t) ** 2).mean(), rtol=1e-5)
+        np.testing.assert_allclose(net.loss_grad(), 2 * (y - t) / y.size, rtol=1e-5, atol=1e-7)
