@@ -380,6 +380,13 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         reads = lookup(f.op).backward_reads(f.attrs)
         read = ((tuple(act(v, f"x{i}") for i, v in enumerate(node.inputs)) if INPUTS in reads else ())
                 + ((act(node.output, "y"),) if OUTPUT in reads else ()))
+        # A gradient this step touches first is zeroed before it, unless its kernel writes it
+        # whole (its first input's, once among its inputs): a pass over it, and the kernel's
+        # reading it back, fewer.
+        zeroed = layout.zeroed_before(f.node)
+        first = node.inputs[0] if node.inputs else None
+        written = (first in zeroed and node.inputs.count(first) == 1
+                   and chosen[f.node].writes_input_grad_on(backend, f.attrs))
         steps.append(Step(
             index=len(steps), phase="backward", node=f.node, op=f.op, label=f.label, line=f.line, layer=f.layer,
             describe=f.describe, variant=f.variant, variant_template=f.variant_template, attrs=f.attrs,
@@ -389,7 +396,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
             params=f.params, buffers=f.buffers, saved=f.saved, epilogue=f.epilogue, workspace=f.workspace,
             derived=f.derived if chosen[f.node].derived_in_backward else None,
             parallel=f.parallel, fused_into=f.fused_into,
-            zero_first=tuple(grad(v, f"d{v}") for v in layout.zeroed_before(f.node))))
+            zero_first=tuple(grad(v, f"d{v}") for v in zeroed if not (written and v == first)),
+            writes_first=(grad(first, f"d{first}"),) if written else ()))
     steps = [replace(s, index=i) for i, s in enumerate(steps)]
     trainable = tuple(Operand(p.full_name, PARAMS, p.offset, p.size, None, p.spec.shape, True)
                       for p in plan.params if p.spec.trainable)

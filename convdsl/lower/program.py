@@ -197,6 +197,9 @@ class Step:
     # Backward: the gradients this step is the first to touch, zeroed just before it runs (it adds
     # into them, and in the training block their memory held another tensor before).
     zero_first: tuple[Operand, ...] = ()
+    # Backward: the gradients this step is the first to touch and writes whole instead of adding
+    # into (its variant can: Variant.writes_input_grad), so they are not zeroed before it.
+    writes_first: tuple[Operand, ...] = ()
     # Eval mode's schedule only: this step computes nothing of the network but its op's scale and
     # shift per channel (a batchnorm's, from its parameters and running statistics) into
     # `derived`, for the step of node `folds_into`, which applies them (an AFFINE stage).

@@ -46,6 +46,7 @@ def step_text(step: Step) -> str:
     kernel = f"{step.op}/{'fold' if step.folds_into is not None else step.variant}"
     tile = "".join(f"; {name} in {t.text()}" for name, t in step.parallel.tiles)
     zero = f" | zeroes {' '.join(o.role for o in step.zero_first)} first" if step.zero_first else ""
+    zero += f" | writes {' '.join(o.role for o in step.writes_first)} whole" if step.writes_first else ""
     return (f"{step.index:3d} {step.phase:<8} {where:<24} {kernel:<18} "
             f"{' '.join(operands)} | epilogue {step.epilogue.text()} | workspace {work} "
             f"| threads {step.parallel.axis}{tile}{zero}")

@@ -152,6 +152,11 @@ class Variant:
     # The backends that have kernels for it; empty: every backend. A variant of one backend only
     # is never chosen for another, and an `algo=` naming it there gives way to the cheapest other.
     backends: tuple[str, ...] = ()
+    # Where its backward writes its (first) input's gradient whole, each element once, instead
+    # of adding into it: (backend, rule on the attributes) pairs, since each backend has its
+    # own kernels. The plan has it write where its step is the first to touch that gradient,
+    # which then is not zeroed before it (Step.writes_first).
+    writes_input_grad: tuple[tuple[str, Callable[[dict], bool]], ...] = ()
     # Device kernels of matrix-shaped products: the work-group tile of each of its products, as
     # (product, WorkGroupTile) pairs, that the plan gives the step (ParallelSplit.tiles).
     tiles: Callable[[tuple, TensorType, dict], tuple[tuple[str, WorkGroupTile], ...]] = _no_tiles
@@ -159,6 +164,11 @@ class Variant:
     def cost_on(self, backend: str) -> Callable[[tuple, TensorType, dict], Dim]:
         """Its cost function on `backend`."""
         return dict(self.costs_on).get(backend, self.cost)
+
+    def writes_input_grad_on(self, backend: str, attrs: dict) -> bool:
+        """Whether its backward on `backend` can write its input's gradient instead of adding."""
+        rule = dict(self.writes_input_grad).get(backend)
+        return rule is not None and rule(attrs)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,17 @@ def _one_channel_per_group(attrs) -> bool:
     return attrs["in"] == attrs["groups"]
 
 
+# Backwards that can write their input's gradient whole (Variant.writes_input_grad): Winograd's dX
+# tiles cover it, each element once; the direct loop's dX at stride 1 is one correlation per
+# input channel, and with one output channel per input channel the only one that reaches it.
+def _always_writes(attrs) -> bool:
+    return True
+
+
+def _direct_writes_dx(attrs) -> bool:
+    return attrs["out"] == attrs["in"] and all(s == 1 for s in attrs["stride"])
+
+
 def _gemm_cost(in_types, out, attrs):
     # A GEMM of few rows per group (COG) pays its packing and loop overhead on every row, and its
     # micro-tiles compute whole panels of columns (positions): 32 wide with AVX-512, so a small
@@ -281,7 +292,7 @@ def _winograd_variant(name: str) -> Variant:
             "" if m == 2 else f", and in f32 at most {WINOGRAD4_F32_MAX_CHANNELS} input channels per group "
                               "(where its rounding error is measured inside the f32 tolerance)"),
         workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels",
-        fuses_epilogue=True)
+        fuses_epilogue=True, writes_input_grad=(("c", _always_writes),))
 
 
 # ---- the separable-kernel split (§4.3.2, templates/c/ops/conv_separable.c.j2) ----
@@ -921,7 +932,8 @@ CONV_VARIANTS = (
                                       "a small map across channels, a vector holding one cell of each",
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
             applies=_one_channel_per_group, needs="one input channel per group (depthwise)",
-            parallel="batch × channels", parallel_threshold=0, fuses_epilogue=True, costs_on=ON_OPENCL),
+            parallel="batch × channels", parallel_threshold=0, fuses_epilogue=True, costs_on=ON_OPENCL,
+            writes_input_grad=(("c", _direct_writes_dx),)),
     Variant("blocked", "conv", "the input copied zero-padded and split by phase: the packed GEMM over it, each row of "
                                "the column matrix one contiguous run, or for a short reduction a direct loop of "
                                "register tiles (backward as im2col)",

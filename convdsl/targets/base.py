@@ -200,6 +200,8 @@ class NodeView:
     # The gradients its backward is the first to touch, zeroed just before it (gradients share
     # memory by lifetime in training): value index and elements per sample.
     zero_first: list = field(default_factory=list)
+    # Its backward writes its first input's gradient instead of adding into it (Step.writes_first).
+    dx_written: bool = False
     # Eval mode's schedule (Program.eval_forward): a twin of a producer's kernel with the
     # batchnorms folded into its epilogue renders its forward only (`fn` ends in `_eval`); a
     # folded batchnorm's node renders a `fold` kernel too, with these arguments.
@@ -561,6 +563,7 @@ class Target:
                        "dot_columns": step.parallel.dot_columns},
                 zero_first=[] if forward_only else [{"index": o.value, "numel": host(o.size)}
                                                     for o in backward.zero_first],
+                dx_written=not forward_only and bool(backward.writes_first),
                 forward_only=forward_only)
 
         for step in kernel_steps:

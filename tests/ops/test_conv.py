@@ -496,6 +496,49 @@ def _remakes_kernels(src, weights):
     assert_close(net.forward(x), expected(), what="after a train_step")
 
 
+WRITES_DX = """
+network W {
+    input x: [4, 9, 9]
+    a = x -> conv(6, kernel=3, pad=1, algo=winograd4) -> relu
+    b = a -> depthwise(3, pad=1) -> relu
+    c = b -> conv(6, kernel=3, pad=((2, 2), (1, 3)), dilation=2, algo=winograd2)
+    y = add(c, a) -> depthwise(3, pad=1)
+    output y
+}
+"""
+
+
+def test_backwards_that_write_their_input_gradient_match_torch():
+    """Winograd's dX and the direct depthwise dX at stride 1 write their input's gradient instead of
+    adding into it where their step is the first to touch it (the plan's Step.writes_first), which
+    then is not zeroed: here every conv and depthwise but depthwise1, whose input `a` add1 reaches
+    first, in memory that held other tensors before. Two backwards of one forward, then another
+    forward, each against PyTorch."""
+    module = convdsl.load_source(WRITES_DX)
+    program = compile_graph(graph_from_source(WRITES_DX)).program
+    written = {s.label for s in program.backward if s.writes_first}
+    assert written == {"conv1", "depthwise2", "conv2"}, written
+    net = module.Model(seed=0)
+    net.train()
+    rng = np.random.default_rng(117)
+    for _ in range(2):
+        x = rng.standard_normal((2, 4, 9, 9)).astype(np.float32)
+        net.forward(x)
+        for _ in range(2):
+            dy = rng.standard_normal((2, 6, 9, 9)).astype(np.float32)
+            dx = net.backward(dy)
+            p = torch_params(net)
+            xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+            a = F.relu(F.conv2d(xt, p["conv1.weight"], p["conv1.bias"], padding=1))
+            b = F.relu(F.conv2d(a, p["depthwise1.weight"], p["depthwise1.bias"], padding=1, groups=6))
+            c = F.conv2d(pad_spatial(b, ((2, 2), (1, 3))), p["conv2.weight"], p["conv2.bias"], dilation=2)
+            y = F.conv2d(c + a, p["depthwise2.weight"], p["depthwise2.bias"], padding=1, groups=6)
+            y.backward(torch.tensor(dy, dtype=torch.float64))
+            assert_close(dx, xt.grad.numpy(), what="dx")
+            for name, t in p.items():
+                assert_close(net.grads[name], t.grad.numpy(), what=f"d{name}")
+
+
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
 def test_nhwc_layout_matches_torch(nhwc_run, index):
     compare_with_torch(nhwc_run, index, CASES[index], reference)
