@@ -12,6 +12,9 @@ class Pointwise(OpDef):
     locality = "value"
     fuses_as = "activation"        # a producer's kernel may apply it (templates/c/lib/epilogue.j2)
     saves_for_backward = frozenset({OUTPUT})   # dx from y (y > 0, y·(1 − y), 1 − y²): a fused step never writes x
+    # dx[i] from dy[i] alone, each element once: the C kernels write it where the plan says
+    # (templates/c/lib/pointwise.j2's `put`).
+    writes_input_grad = (("c", lambda attrs: True),)
 
     def kernel_context(self, attrs, in_types, out, c):
         return {"numel": c(D.product(out.shape))}

@@ -324,7 +324,7 @@ class OpDef:
                         workspace=lambda in_types, out, attrs: self.scratch_elements(in_types, out, attrs),
                         parallel=self.parallel, parallel_threshold=self.parallel_threshold,
                         gemm_threshold=self.gemm_threshold, dot_columns=self.dot_columns,
-                        fuses_epilogue=self.fuses_epilogue),)
+                        fuses_epilogue=self.fuses_epilogue, writes_input_grad=self.writes_input_grad),)
 
     # A single-variant op whose forward kernel applies an epilogue to each value as it writes its
     # output (the template reads node.epilogue, templates/c/lib/epilogue.j2): the ops after it
@@ -366,6 +366,9 @@ class OpDef:
     gemm_threshold: ClassVar[int] = 65536
     # Up to this many run-time columns its GEMM runs as dot products of rows (Variant.dot_columns).
     dot_columns: ClassVar[int] = 0
+    # Where a single-variant op's backward writes its input's gradient whole rather than adding
+    # into it (Variant.writes_input_grad): (backend, rule) pairs.
+    writes_input_grad: ClassVar[tuple] = ()
     # Model state its kernels read besides their operands: "mode" (training or eval; a backward
     # gets the mode of its forward), "random" (the model's random stream, which a forward advances).
     kernel_state: ClassVar[tuple[str, ...]] = ()

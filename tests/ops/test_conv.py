@@ -511,13 +511,14 @@ network W {
 def test_backwards_that_write_their_input_gradient_match_torch():
     """Winograd's dX and the direct depthwise dX at stride 1 write their input's gradient instead of
     adding into it where their step is the first to touch it (the plan's Step.writes_first), which
-    then is not zeroed: here every conv and depthwise but depthwise1, whose input `a` add1 reaches
-    first, in memory that held other tensors before. Two backwards of one forward, then another
+    then is not zeroed (as the element-wise activations' backwards do): here every conv, depthwise
+    and relu but depthwise1, whose input `a` add1 reaches first, in memory that held other
+    tensors before. Two backwards of one forward, then another
     forward, each against PyTorch."""
     module = convdsl.load_source(WRITES_DX)
     program = compile_graph(graph_from_source(WRITES_DX)).program
     written = {s.label for s in program.backward if s.writes_first}
-    assert written == {"conv1", "depthwise2", "conv2"}, written
+    assert written == {"conv1", "relu1", "relu2", "depthwise2", "conv2"}, written
     net = module.Model(seed=0)
     net.train()
     rng = np.random.default_rng(117)
