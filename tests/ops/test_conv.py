@@ -344,9 +344,28 @@ def test_fft_weight_gradient_by_its_spectra_finite_differences_float64(monkeypat
     from convdsl.ops import conv as conv_op
     assert all(conv_op.fft_direct_weights(*_fft_attrs_and_output(c)) for c in FFT_CASES)
     monkeypatch.setattr(conv_op, "FFT_SPECTRA_GRADIENT_WEIGHT", 0)
-    assert not any(conv_op.fft_direct_weights(*_fft_attrs_and_output(c)) for c in FFT_CASES)
+    monkeypatch.setattr(conv_op, "FFT_ROWS_MIN_WIDTH", 10 ** 9)
+    assert {conv_op.fft_weight_form(*_fft_attrs_and_output(c)) for c in FFT_CASES} == {"spectra"}
     module = convdsl.load_source(source(FFT_CASES, "f64", "NCHW"))
     finite_differences(module, FFT_CASES, np.random.default_rng(109))
+
+
+def test_fft_weight_gradient_by_rows_matches_torch_and_finite_differences(monkeypatch):
+    """The FFT variant's weight gradient by DFTs of the rows (lib/fft's
+    cdsl_fft_rows_weight_gradient), which the plan takes for kernels of one or two dims at least
+    FFT_ROWS_MIN_WIDTH wide: forced here on every such case by a least width of 1 (kernels of
+    one tap across, dilations, groups, flip, odd and even row lengths), in f32 against PyTorch and
+    in float64 by finite differences."""
+    from convdsl.ops import conv as conv_op
+    monkeypatch.setattr(conv_op, "FFT_ROWS_MIN_WIDTH", 1)
+    cases = tuple(c for c in FFT_CASES if conv_op.fft_weight_form(*_fft_attrs_and_output(c)) == "rows")
+    assert len(cases) >= 15
+    finite_differences(convdsl.load_source(source(cases, "f64", "NCHW")), cases, np.random.default_rng(118))
+    module = convdsl.load_source(source(cases))
+    for batch in (1, 3):
+        run = run_cases(module, cases, batch, np.random.default_rng(119 + batch))
+        for position, case in enumerate(cases):
+            compare_with_torch(run, position, case, reference)
 
 
 def _fft_attrs_and_output(case):
