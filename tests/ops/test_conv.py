@@ -368,6 +368,35 @@ def test_fft_weight_gradient_by_rows_matches_torch_and_finite_differences(monkey
             compare_with_torch(run, position, case, reference)
 
 
+def test_fft_weight_gradient_by_rows_on_channel_panels_of_two_vectors():
+    """The rows form's products take two vectors of input channels at a time: 20 input channels
+    (two vectors of 16 in f32, padded) into 21 outputs, a 3×7 kernel dilated along the width,
+    asymmetric pads, batch 3, on one thread and two, against PyTorch in float64."""
+    src = ("network R {\n input x: [20, 13, 17]\n"
+           " y = x -> conv(21, kernel=(3, 7), pad=((1, 2), (3, 2)), dilation=(1, 2), algo=fft)\n output y\n}\n")
+    from convdsl.ops import conv as conv_op
+    graph = graph_from_source(src)
+    node = graph.nodes[0]
+    assert conv_op.fft_weight_form(node.attrs, graph.values[node.output].type, conv_op.fft_grid(node.attrs)) == "rows"
+    module = convdsl.load_source(src)
+    rng = np.random.default_rng(120)
+    x = rng.standard_normal((3, 20, 13, 17)).astype(np.float32)
+    for threads in (1, 2):
+        net = module.Model(seed=0, threads=threads)
+        net.train()
+        y = net.forward(x)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx = net.backward(dy)
+        p = torch_params(net)
+        xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        yt = F.conv2d(pad_spatial(xt, ((1, 2), (3, 2))), p["conv1.weight"], p["conv1.bias"], dilation=(1, 2))
+        yt.backward(torch.tensor(dy, dtype=torch.float64))
+        assert_close(y, yt.detach().numpy(), what="y")
+        assert_close(dx, xt.grad.numpy(), what="dx")
+        for name, t in p.items():
+            assert_close(net.grads[name], t.grad.numpy(), what=f"d{name}")
+
+
 def _fft_attrs_and_output(case):
     """A case's conv attributes, output type and FFT grid, as the plan sees them."""
     graph = graph_from_source(source((case,)))
