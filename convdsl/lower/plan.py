@@ -447,8 +447,11 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     # caller's input: it is copied from there), nor the loss's output (the loss reads it from its
     # place after the forward). Training mode copies the inputs, and the outputs a backward reads:
     # it reads them after the call, when the caller may have changed them.
+    # A backward writes an input's gradient into the caller's array (no copy out after it), but
+    # for an input that is an output too: its gradient's place is seeded before the pass.
     in_place = set()
     after_forward = values_read_by_backward(g) | ({g.loss.value} if g.loss is not None else frozenset())
+    output_values = {o.value for o in g.outputs}
 
     def boundary(b, output: bool) -> Boundary:
         t = g.values[b.value].type
@@ -457,7 +460,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
                                                                    and b.value == g.loss.value)
         if here:
             in_place.add(b.value)
-        return Boundary(b.name, b.value, t, transposed, here, output and here and b.value not in after_forward)
+        return Boundary(b.name, b.value, t, transposed, here, output and here and b.value not in after_forward,
+                        not output and not transposed and b.value not in output_values)
 
     inputs = tuple(boundary(i, False) for i in g.inputs)
     outputs = tuple(boundary(o, True) for o in g.outputs)

@@ -227,13 +227,17 @@ class Boundary:
     `eval_in_place`: an eval-mode forward reads this input from the caller's array, or writes this
     output into it, instead of copying it through the arena (the plan: lower/plan.py).
     `train_in_place`: a training-mode forward writes this output into the caller's array too (no
-    backward, and not the loss, reads it after the forward)."""
+    backward, and not the loss, reads it after the forward).
+    `grad_in_place`: a backward writes this input's gradient straight into the caller's array
+    (not where the edge converts the layout, nor for an input that is an output too, whose
+    gradient's place is seeded before the pass)."""
     name: str
     value: int
     type: TensorType
     transposed: bool = False
     eval_in_place: bool = False
     train_in_place: bool = False
+    grad_in_place: bool = False
 
 
 @dataclass(frozen=True)

@@ -612,18 +612,15 @@ class Target:
                 dims = dims[1:] + dims[:1]
             return {"index": index, "name": checked_identifier(b.name), "value": b.value, "transpose": transpose,
                     "eval_in_place": b.eval_in_place, "train_in_place": b.train_in_place,
+                    "grad_in_place": b.grad_in_place,
                     "C": host(t.channels), "S": host(D.product(t.spatial)), "numel": host(D.product(t.shape)),
                     "layout_dims": [host(d) for d in dims], "dims_text": ", ".join(D.to_text(d) for d in dims)}
 
         inputs = [boundary(b, k) for k, b in enumerate(pg.inputs)]
         outputs = [boundary(b, k) for k, b in enumerate(pg.outputs)]
-        # A backward copies each output's gradient into its place (no value is two outputs: the
-        # front end refuses it), so that place is not zeroed first; and it writes an input's
-        # gradient straight into the caller's array, unless that input is an output too (whose
-        # place is seeded before the pass, from the caller's other array).
+        # A backward copies each output's gradient over its place (no value is two outputs: the
+        # front end refuses it), so that place is not zeroed first.
         output_values = {o["value"] for o in outputs}
-        for i in inputs:
-            i["grad_in_place"] = not i["transpose"] and i["value"] not in output_values
 
         consts, params = [], []
         for idx, slot in enumerate(pg.params):
