@@ -515,7 +515,7 @@ def fft_direct_weights(attrs, out, grid) -> bool:
 # panels per frequency, about 4·(L/2 + 1) multiply-adds per output row and tap row where the
 # direct loop spends KW·OW (L = OW + (KW − 1)·RW). The plan takes it from kernels this wide on:
 # on the 9×9 conv of 32 channels on 64² (AMD EPYC, AVX-512, one thread) it took dW from 2.8 ms
-# (the direct loop, near the FMA peak) to 1.0.
+# (the direct loop, near the FMA peak) to about 1.0 ms.
 FFT_ROWS_MIN_WIDTH = 5
 
 
@@ -532,8 +532,9 @@ def fft_weight_form(attrs, out, grid) -> str:
 
 
 def _fft_rows_elements(attrs, out) -> int:
-    # lib/fft's cdsl_fft_rows_elems for the group's channels (2-D as 1 × H × W, 1-D as 1 × 1 × W),
-    # then the gradient summed over the batch, transposed (dwt).
+    # lib/fft's cdsl_fft_rows_elems for the group's channels (2-D as 1 × H × W, 1-D as 1 × 1 × W;
+    # channels rounded up to CDSL_FFT_ROWS_CH = 16, and alignment slack for vectors of up to 16
+    # lanes), then the gradient summed over the batch, transposed (dwt).
     spatial = (1,) * (2 - len(out.spatial)) + tuple(out.spatial)
     k = (1,) * (2 - len(attrs["kernel"])) + tuple(attrs["kernel"])
     r = (1,) * (2 - len(attrs["dilation"])) + tuple(attrs["dilation"])
@@ -1141,7 +1142,6 @@ class Conv(OpDef):
                 "blocked_direct": blocked_direct(attrs), "dx_narrow": dx_narrow(out),
                 "separable": separable_factors(attrs), "separable_axes": separable_axes(attrs),
                 "fft": fft, "fft_slots": _fft_slots(attrs),
-                "fft_direct_weights": fft is not None and fft_direct_weights(attrs, out, fft),
                 "fft_weight_form": fft_weight_form(attrs, out, fft) if fft is not None else None,
                 "direct_grid": direct_grid(attrs, in_types, out) if _one_channel_per_group(attrs) else None,
                 "direct_across": direct_across(attrs, in_types, out) if _one_channel_per_group(attrs) else None}

@@ -339,8 +339,8 @@ def test_fft_finite_differences_float64():
 def test_fft_weight_gradient_by_its_spectra_finite_differences_float64(monkeypatch):
     """The FFT variant's weight gradient by the kernels' spectra, one inverse transform per
     kernel, which the plan keeps for kernels far larger than these cases' (ops/conv.py,
-    fft_direct_weights; the cases above run the direct stride-1 loop): forced here by pricing the
-    spectra at nothing."""
+    fft_weight_form; the cases above run the direct stride-1 loop, or the rows form from kernels
+    five wide): forced here by pricing the spectra at nothing and turning the rows form off."""
     from convdsl.ops import conv as conv_op
     assert all(conv_op.fft_direct_weights(*_fft_attrs_and_output(c)) for c in FFT_CASES)
     monkeypatch.setattr(conv_op, "FFT_SPECTRA_GRADIENT_WEIGHT", 0)
