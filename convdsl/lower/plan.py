@@ -450,7 +450,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     # A backward writes an input's gradient into the caller's array (no copy out after it), but
     # for an input that is an output too: its gradient's place is seeded before the pass.
     in_place = set()
-    after_forward = values_read_by_backward(g) | ({g.loss.value} if g.loss is not None else frozenset())
+    read_by_backward = values_read_by_backward(g)
     output_values = {o.value for o in g.outputs}
 
     def boundary(b, output: bool) -> Boundary:
@@ -460,7 +460,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
                                                                    and b.value == g.loss.value)
         if here:
             in_place.add(b.value)
-        return Boundary(b.name, b.value, t, transposed, here, output and here and b.value not in after_forward,
+        return Boundary(b.name, b.value, t, transposed, here, output and here and b.value not in read_by_backward,
                         not output and not transposed and b.value not in output_values)
 
     inputs = tuple(boundary(i, False) for i in g.inputs)
