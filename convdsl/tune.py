@@ -15,7 +15,8 @@ and the CPU. The next build of a layer of that shape reads it and times nothing;
 cannot be read, or that names a variant the layer no longer has, is measured again.
 
 Not tuned: a layer whose variant the file fixes (`algo=`), one with run-time sizes (its shape,
-and so the fastest variant, is not known before the run), one with a single usable variant.
+and so the fastest variant, is not known before the run), one with a single usable variant;
+nor a variant that differs from another only in what the plan fuses into it (`Variant.timed_alone`).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def tunable_nodes(graph: Graph, lacks: frozenset[str] = frozenset(),
         if not all(t.is_static() for t in types):
             continue
         usable = tuple(v.name for v in applicable_variants(lookup(node.op), node.attrs)
-                       if v.name not in lacks and (not v.backends or backend in v.backends))
+                       if v.name not in lacks and (not v.backends or backend in v.backends) and v.timed_alone)
         if len(usable) > 1:
             out.append((node, usable))
     return out

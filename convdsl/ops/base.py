@@ -160,6 +160,10 @@ class Variant:
     # Device kernels of matrix-shaped products: the work-group tile of each of its products, as
     # (product, WorkGroupTile) pairs, that the plan gives the step (ParallelSplit.tiles).
     tiles: Callable[[tuple, TensorType, dict], tuple[tuple[str, WorkGroupTile], ...]] = _no_tiles
+    # False for a variant that differs from another of its op only in what the plan fuses into
+    # it (batchnorm's `fusing`): `--tune` times a layer alone, with nothing after it to fuse, so
+    # the two would time alike and a coin would decide the fusion.
+    timed_alone: bool = True
 
     def cost_on(self, backend: str) -> Callable[[tuple, TensorType, dict], Dim]:
         """Its cost function on `backend`."""

@@ -72,7 +72,7 @@ class BatchNorm(OpDef):
         # Only the C kernel applies an epilogue: other targets run `default`, which fuses nothing.
         (default,) = super().variants()
         return (default, replace(
-            default, name="fusing", fuses_epilogue=True, backends=("c",),
+            default, name="fusing", fuses_epilogue=True, backends=("c",), timed_alone=False,
             doc="the op's kernel, applying the ops fused after it as it writes",
             cost=lambda in_types, out, attrs: self.macs(in_types, out, attrs)))
 

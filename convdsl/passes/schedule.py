@@ -123,7 +123,7 @@ def choose_algorithm(node, in_type: TensorType | None = None, out_type: TensorTy
     (depthwise) the GEMMs would have a single row, so a direct loop over the window wins; a 1×1
     convolution without stride or padding is one GEMM on the input itself (`gemm_1x1`)."""
     algo = node.attrs.get("algo")
-    if algo is None:
+    if algo is None or "kernel" not in node.attrs:     # not a convolution (the tuner forces any op's variant)
         return None
     if algo == "auto" and node.attrs["groups"] > 1 and node.attrs["in"] == node.attrs["groups"]:
         return "direct"

@@ -105,6 +105,21 @@ def test_layers_with_run_time_sizes_are_not_tuned(cache, monkeypatch):
     assert asked == []
 
 
+def test_a_batchnorm_is_not_timed_and_still_fuses(cache, monkeypatch):
+    """batchnorm's `fusing` differs from `default` only in what follows it, which a layer timed
+    alone lacks: it is not timed (a tie there would decide the fusion), and it still fuses. Also
+    a real --tune of a network with a batchnorm: it once failed with a KeyError."""
+    src = NET.replace("-> relu ->", "-> batchnorm -> relu ->")
+    asked = fake_timer(monkeypatch, {"conv1": "im2col"})
+    module = convdsl.load_source(src, tune=True)
+    assert [a[0] for a in asked] == ["conv1", "conv2"]
+    steps = {s.label: s for s in module.program.forward}
+    assert steps["batchnorm1"].variant == "fusing" and "relu1" not in steps
+    monkeypatch.undo()
+    monkeypatch.setenv("CONVDSL_CACHE_DIR", str(cache))
+    assert [r.label for r in convdsl.load_source(src, tune=True).tuned] == ["conv1", "conv2"]
+
+
 def test_the_batch_to_tune_for_is_checked(cache):
     with pytest.raises(ConvDSLError, match="batch to tune for"):
         convdsl.load_source(NET, tune=True, tune_batch=0)
