@@ -442,7 +442,10 @@ def variants_of(program) -> list[str]:
             continue                 # runs inside its producer's step, or only makes its table
         epilogue = step.epilogue.text()
         extra = f" + {epilogue}" if epilogue != "-" else ""
-        out.append(f"{step.label} {step.op}/{step.variant}{extra} (threads: {step.parallel.axis})")
+        batched = step.batched
+        also = f", from batch {batched.min_batch} {batched.op}/{batched.variant} (threads: {batched.parallel.axis})" \
+            if batched is not None else ""
+        out.append(f"{step.label} {step.op}/{step.variant}{extra} (threads: {step.parallel.axis}){also}")
     return out
 
 
@@ -704,6 +707,9 @@ def report(rows, variants, peak: FmaPeak, threads: int, runs: int, warmup: int, 
         counts: dict[str, int] = {}
         for s in steps:
             kernel = s.split(" ")[1]
+            if ", from batch " in s:          # a batched alternative (Step.batched)
+                kernel += " (from batch " + s.split(", from batch ")[1].split(" ")[0] + " " \
+                    + s.split(", from batch ")[1].split(" ")[1] + ")"
             counts[kernel] = counts.get(kernel, 0) + 1
         lines.append(f"- {title}: {len(steps)} steps, " + ", ".join(f"{k} ×{n}" for k, n in counts.items()))
         lines += ["  <details><summary>per layer</summary>", "", *(f"  - {s}" for s in steps), "",

@@ -119,6 +119,51 @@ def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str]
     return chosen
 
 
+# A step's variant is chosen for one sample's shape. Some kernels work across the samples of a
+# batch: Winograd's tiles fill its panels across samples, a small map's forward runs packed GEMMs
+# over several samples' columns. On a batch, as training runs it, another variant can then cost
+# much less per sample than the one chosen: the plan compares the variants at BATCHED_PLAN_BATCH
+# samples too (Variant.cost_of_batch), and where the cheapest there costs at most BATCHED_GAIN of
+# the chosen one's, the step gets it as its `batched` alternative (Step.batched), which a call on
+# at least BATCHED_PLAN_BATCH samples runs. Measured with --tune (training forward + backward, one
+# core of an AMD EPYC, ResNet-18's 3×3 convs), per call at batch 1 / 2 / 8: 256 channels on 8²
+# broadcast 2.6 / 5.4 / 21.5 ms, winograd2 4.2 / 4.3 / 11.8, winograd4 11.8 / 12.8 / 15.4; 128
+# channels on 16² winograd2 1.6 / 2.9 / 10.4, winograd4 3.2 / 3.5 / 8.5. The model counts none of
+# what a Winograd backward pays per call whatever the batch (the transformed kernels of dX, the
+# weight gradient's last transform): at 2 samples it would take winograd4 for the 128 channels,
+# and at 8 winograd4 for the 256, both slower there. At 4 it takes winograd2 for the 256 and
+# winograd4 for the 128 channels, each faster than the variant for one sample from 2 and 8 on.
+BATCHED_PLAN_BATCH = 4
+BATCHED_GAIN = 0.8
+
+
+def batched_variants(g: Graph, chosen: Mapping[int, Variant], override: Mapping[str, str],
+                     lacks: frozenset[str] = frozenset(), backend: str = "c",
+                     measured: Mapping[int, str] = MappingProxyType({})) -> dict[int, tuple[int, Variant]]:
+    """node id → (the least batch, the variant) of each step's `batched` alternative. None for a
+    layer whose variant the file, a per-run override or tuning fixed (for every batch), nor for
+    a variant that fuses otherwise than the chosen one (the fusions are the program's)."""
+    alternatives = {}
+    probe = {name: PROBE_SIZE for name in g.sym_dims}
+    for node in g.nodes:
+        op, base = lookup(node.op), chosen[node.id]
+        if node.attrs.get("algo") not in (None, "auto") or op.name in override or node.id in measured:
+            continue
+        in_types = tuple(g.values[v].type for v in node.inputs)
+        out = g.values[node.output].type
+        usable = [v for v in applicable_variants(op, node.attrs)
+                  if (not v.backends or backend in v.backends) and v.name not in lacks
+                  and v.fuses_epilogue == base.fuses_epilogue]
+
+        def cost(v: Variant, batch: int) -> float:
+            return D.evaluate(v.cost_of_batch(backend, in_types, out, node.attrs, batch), probe)
+        best = min(usable, key=lambda v: cost(v, BATCHED_PLAN_BATCH), default=base)
+        if best.name == base.name or cost(best, BATCHED_PLAN_BATCH) > BATCHED_GAIN * cost(base, BATCHED_PLAN_BATCH):
+            continue
+        alternatives[node.id] = (BATCHED_PLAN_BATCH, best)
+    return alternatives
+
+
 def fusions_of(g: Graph, algo=None, eval_mode: bool = False) -> dict[int, tuple[int, ...]]:
     """producer node → the nodes fused into its kernel, as lower() fuses them under `algo` (in
     eval mode's schedule: with the batchnorms folded)."""
@@ -273,9 +318,11 @@ def _eval_schedule(g: Graph, forward: list[Step], fusions, eval_fusions, act, de
                                     workspace=Workspace(), parallel=ParallelSplit("none"), fused_into=None,
                                     folds_into=f.node))
         node = g.nodes[f.node]
-        schedule.append(replace(f, outputs=(act(g.nodes[chain[-1]].output, "y"),),
-                                epilogue=Epilogue(bias=f.epilogue.bias, stages=_stages(g, node, chain, act, tables))))
-    return tuple(replace(s, index=i) for i, s in enumerate(schedule)), derived_total
+        folded = {"outputs": (act(g.nodes[chain[-1]].output, "y"),),
+                  "epilogue": Epilogue(bias=f.epilogue.bias, stages=_stages(g, node, chain, act, tables))}
+        schedule.append(replace(f, **folded, batched=f.batched and replace(f.batched, **folded)))
+    return tuple(replace(s, index=i, batched=s.batched and replace(s.batched, index=i))
+                 for i, s in enumerate(schedule)), derived_total
 
 
 def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int = 0,
@@ -325,13 +372,15 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
 
     fused_into = {nid: producer for producer, chain in fusions.items() for nid in chain}
 
+    batched = batched_variants(g, chosen, override, lacks, backend, measured)
     forward, works, owns, derived_total = [], [], [], 0
-    for nid in plan.order:
+
+    def forward_step(nid: int, variant: Variant) -> Step:
+        nonlocal derived_total
         node: Node = g.nodes[nid]
         op = lookup(node.op)
         in_types = tuple(g.values[v].type for v in node.inputs)
         out_t = g.values[node.output].type
-        variant = chosen[nid]
         work = variant.workspace(in_types, out_t, node.attrs)
         if work != 0:
             works.append(work)
@@ -358,7 +407,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
             # One kernel writes the chain's last value; the values in between only where kept.
             epilogue = Epilogue(bias=epilogue.bias, stages=_stages(g, node, chain, act))
             output = act(g.nodes[chain[-1]].output, "y")
-        forward.append(Step(
+        return Step(
             index=len(forward), phase="forward", node=nid, op=node.op, label=node.label, line=node.span.line,
             layer=node.layer, describe=op.describe(node.attrs), variant=variant.name,
             variant_template=variant.template, attrs=node.attrs, in_types=in_types, out_type=out_t,
@@ -369,10 +418,17 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
                                    gemm_threshold=variant.gemm_threshold, batch_threshold=variant.batch_threshold,
                                    tiles=variant.tiles(in_types, out_t, node.attrs),
                                    dot_columns=variant.dot_columns),
-            fused_into=fused_into.get(nid)))
+            fused_into=fused_into.get(nid))
+
+    for nid in plan.order:
+        step = forward_step(nid, chosen[nid])
+        if nid in batched:
+            least, variant = batched[nid]
+            step = replace(step, batched=replace(forward_step(nid, variant), min_batch=least))
+        forward.append(step)
     steps = [f for f in forward if f.fused_into is None]
     eval_forward, derived_total = _eval_schedule(g, forward, fusions, eval_fusions, act, derived_total)
-    for f in reversed(forward):
+    def backward_step(f: Step, variant: Variant) -> Step:
         node = g.nodes[f.node]
         grads = tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape, True)
                       for p in f.params if p.trainable)
@@ -386,19 +442,25 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         zeroed = layout.zeroed_before(f.node)
         first = node.inputs[0] if node.inputs else None
         written = (first in zeroed and node.inputs.count(first) == 1
-                   and chosen[f.node].writes_input_grad_on(backend, f.attrs))
-        steps.append(Step(
+                   and variant.writes_input_grad_on(backend, f.attrs))
+        return Step(
             index=len(steps), phase="backward", node=f.node, op=f.op, label=f.label, line=f.line, layer=f.layer,
             describe=f.describe, variant=f.variant, variant_template=f.variant_template, attrs=f.attrs,
             in_types=f.in_types, out_type=f.out_type,
             inputs=(grad(node.output, "dy"), *read),
             outputs=tuple(grad(v, f"dx{i}") for i, v in enumerate(node.inputs)) + grads,
             params=f.params, buffers=f.buffers, saved=f.saved, epilogue=f.epilogue, workspace=f.workspace,
-            derived=f.derived if chosen[f.node].derived_in_backward else None,
+            derived=f.derived if variant.derived_in_backward else None,
             parallel=f.parallel, fused_into=f.fused_into,
             zero_first=tuple(grad(v, f"d{v}") for v in zeroed if not (written and v == first)),
-            writes_first=(grad(first, f"d{first}"),) if written else ()))
-    steps = [replace(s, index=i) for i, s in enumerate(steps)]
+            writes_first=(grad(first, f"d{first}"),) if written else (), min_batch=f.min_batch)
+
+    for f in reversed(forward):
+        step = backward_step(f, chosen[f.node])
+        if f.batched is not None:
+            step = replace(step, batched=backward_step(f.batched, batched[f.node][1]))
+        steps.append(step)
+    steps = [replace(s, index=i, batched=s.batched and replace(s.batched, index=i)) for i, s in enumerate(steps)]
     trainable = tuple(Operand(p.full_name, PARAMS, p.offset, p.size, None, p.spec.shape, True)
                       for p in plan.params if p.spec.trainable)
     loss = None

@@ -204,6 +204,12 @@ class Step:
     # shift per channel (a batchnorm's, from its parameters and running statistics) into
     # `derived`, for the step of node `folds_into`, which applies them (an AFFINE stage).
     folds_into: int | None = None
+    # A forward or backward step whose variant was chosen for one sample's shape, where another
+    # variant costs clearly less on a batch (lower/plan.py, Variant.batch_costs): that variant's
+    # step, which a call on at least its `min_batch` samples runs instead of this one (the same
+    # operands; its own variant, workspace, derived memory, split and first-touched gradients).
+    batched: "Step | None" = None
+    min_batch: int = 0               # a `batched` alternative: the least batch that runs it
 
     def __post_init__(self):
         if not isinstance(self.attrs, MappingProxyType):

@@ -5,7 +5,8 @@ its operands as region[offset:+size] (with those its fused epilogue reads and ke
 offsets and sizes in elements; act, grad and saved offsets are into the training block, where
 they share memory by lifetime; run-time sizes stay symbolic), the fused epilogue, the workspace
 and the thread split; a backward step then names the gradients it zeroes first (it is the first
-to add into them).
+to add into them). A step with a `batched` alternative is followed by a line `from batch K:` with
+that alternative's kernel, operands, workspace and split.
 """
 from __future__ import annotations
 
@@ -47,9 +48,14 @@ def step_text(step: Step) -> str:
     tile = "".join(f"; {name} in {t.text()}" for name, t in step.parallel.tiles)
     zero = f" | zeroes {' '.join(o.role for o in step.zero_first)} first" if step.zero_first else ""
     zero += f" | writes {' '.join(o.role for o in step.writes_first)} whole" if step.writes_first else ""
-    return (f"{step.index:3d} {step.phase:<8} {where:<24} {kernel:<18} "
+    text = (f"{step.index:3d} {step.phase:<8} {where:<24} {kernel:<18} "
             f"{' '.join(operands)} | epilogue {step.epilogue.text()} | workspace {work} "
             f"| threads {step.parallel.axis}{tile}{zero}")
+    if step.batched is not None:
+        # The alternative a batch of at least min_batch samples runs: on its own line, its kernel.
+        alt = step_text(step.batched).split(f" {step.label} (line {step.line}) ", 1)[1]
+        text += f"\n    from batch {step.batched.min_batch}: {alt.strip()}"
+    return text
 
 
 def program_text(program: Program) -> str:

@@ -165,9 +165,24 @@ class Variant:
     # the two would time alike and a coin would decide the fusion.
     timed_alone: bool = True
 
+    # Its cost for one call on a batch of `batch` samples, where that is not `batch` times its
+    # cost per sample: kernels that work across the samples of a batch (Winograd's tiles fill
+    # its panels across samples; a small map's forward runs packed GEMMs over several samples'
+    # columns), as (backend, cost) pairs, since each backend has its own kernels; elsewhere
+    # `batch` × its cost. The plan compares variants at a batch of several samples with it
+    # (lower/plan.py: a step's `batched` alternative).
+    batch_costs: tuple[tuple[str, Callable[[tuple, TensorType, dict, int], Dim]], ...] = ()
+
     def cost_on(self, backend: str) -> Callable[[tuple, TensorType, dict], Dim]:
         """Its cost function on `backend`."""
         return dict(self.costs_on).get(backend, self.cost)
+
+    def cost_of_batch(self, backend: str, in_types, out, attrs, batch: int) -> Dim:
+        """Its estimated cost of one call on `batch` samples on `backend`."""
+        cost = dict(self.batch_costs).get(backend)
+        if cost is None:
+            return D.mul(batch, self.cost_on(backend)(in_types, out, attrs))
+        return cost(in_types, out, attrs, batch)
 
     def writes_input_grad_on(self, backend: str, attrs: dict) -> bool:
         """Whether its backward on `backend` can write its input's gradient instead of adding."""

@@ -271,11 +271,13 @@ WINOGRAD_TILE_OPS = {2: 150, 4: 600}
 _WIDEST_VECTOR_BYTES = 64
 
 
-def _winograd_cost(m: int):
-    def cost(in_types, out, attrs):
+def _winograd_batch_cost(m: int):
+    # The kernels number the tiles across the batch (TILES = N × the tiles of a sample), so on a
+    # batch the panels fill up: a 256-channel 8×8 map has 16 tiles of 2×2 a sample, half a panel.
+    def cost(in_types, out, attrs, batch):
         t, g = (m + 2) ** 2, attrs["groups"]
         cg, kg = attrs["in"] // g, attrs["out"] // g
-        tiles = _winograd_tiles(out, m, attrs["dilation"])
+        tiles = D.mul(batch, _winograd_tiles(out, m, attrs["dilation"]))
         panel = 2 * _WIDEST_VECTOR_BYTES // (8 if attrs["dtype"] == "f64" else 4)
         lanes = D.mul(D.ceildiv(tiles, panel), panel)
         products = D.floordiv(D.mul(lanes, int(WINOGRAD_PRODUCT_WEIGHT * 10) * t * cg * kg * g), 10)
@@ -283,11 +285,17 @@ def _winograd_cost(m: int):
     return cost
 
 
+def _winograd_cost(m: int):
+    batch_cost = _winograd_batch_cost(m)
+    return lambda in_types, out, attrs: batch_cost(in_types, out, attrs, 1)
+
+
 def _winograd_variant(name: str) -> Variant:
     m = WINOGRAD_TILES[name]
     return Variant(
         name, "conv", f"Winograd F({m}×{m}, 3×3): {(m + 2) ** 2} channel products per {m}×{m} output tile",
-        cost=_winograd_cost(m), applies=_is_winograd_shape if m == 2 else _is_winograd4_shape,
+        cost=_winograd_cost(m), batch_costs=(("c", _winograd_batch_cost(m)),),
+        applies=_is_winograd_shape if m == 2 else _is_winograd4_shape,
         needs="a 2-D 3×3 kernel at stride 1" + (
             "" if m == 2 else f", and in f32 at most {WINOGRAD4_F32_MAX_CHANNELS} input channels per group "
                               "(where its rounding error is measured inside the f32 tolerance)"),
@@ -751,6 +759,43 @@ def dx_narrow(out) -> bool:
     return isinstance(positions, int) and positions <= DX_NARROW_COLUMNS
 
 
+def _samples_gemm_cost(in_types, out, attrs, batch: int):
+    """im2col's cost for a call on `batch` samples run as packed GEMMs of gemm_samples samples'
+    columns at a time (the forward of im2col from two samples on, of broadcast, narrow and dot
+    past their dot_columns): _gemm_cost's terms with each GEMM's panels filled across its
+    samples, and each sample's columns gathered."""
+    s = min(batch, gemm_samples(out))
+    rows = attrs["out"] // attrs["groups"]
+    columns = D.mul(s, D.product(out.spatial))
+    tiled = D.mul(D.floordiv(D.add(columns, BLOCKED_MAX_COLS - 1), BLOCKED_MAX_COLS), BLOCKED_MAX_COLS)
+    macs = D.mul(attrs["in"] // attrs["groups"] * D.product(attrs["kernel"]) * attrs["out"], tiled)
+    gemms = -(-batch // s)
+    return D.add(D.mul(gemms, D.add(macs, D.floordiv(D.mul(macs, 4), rows))),
+                 D.mul(batch, _columns(in_types, out, attrs)))
+
+
+def _im2col_cost(in_types, out, attrs):
+    return D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs))
+
+
+def _im2col_batch_cost(in_types, out, attrs, batch):
+    if batch > 1 and gemm_samples(out) > 1:
+        return _samples_gemm_cost(in_types, out, attrs, batch)
+    return D.mul(batch, _im2col_cost(in_types, out, attrs))
+
+
+def _batching_past(columns: int, cost):
+    """The batch cost of a variant whose forward runs `cost` per sample, or, on more than one
+    sample and more than `columns` positions in the batch (its dot_columns), packed GEMMs of
+    several samples (a batch of a map known at run time only stays per sample)."""
+    def batch_cost(in_types, out, attrs, batch):
+        positions = D.product(out.spatial)
+        if batch > 1 and isinstance(positions, int) and batch * positions > columns:
+            return _samples_gemm_cost(in_types, out, attrs, batch)
+        return D.mul(batch, cost(in_types, out, attrs))
+    return batch_cost
+
+
 def _batched_workspace(in_types, out, attrs):
     # The column matrix of one sample (dot's windows, im2col's backward), or, batched: one
     # group's result staged (forward), or one group's dY then every group's dX columns of the
@@ -947,8 +992,8 @@ def _narrow_workspace(in_types, out, attrs):
 
 CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
-            cost=lambda in_types, out, attrs: D.add(_gemm_cost(in_types, out, attrs), _columns(in_types, out, attrs)),
-            workspace=_batched_workspace, parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
+            cost=_im2col_cost, batch_costs=(("c", _im2col_batch_cost),), workspace=_batched_workspace,
+            parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
             thread_workspace=_columns_and_gradients, costs_on=ON_OPENCL),
     Variant("pointwise", "conv", "1×1 at stride 1 without padding: a GEMM on the input itself",
             cost=_gemm_cost, applies=_is_pointwise,
@@ -958,14 +1003,16 @@ CONV_VARIANTS = (
     Variant("broadcast", "conv", "a small map: each weight broadcast against vectors of positions of the column "
                                  "matrix, gathered as it is staged, the weights read where they lie; a batch of more "
                                  "positions as GEMMs over several samples (backward as pointwise or im2col)",
-            cost=_broadcast_cost, workspace=_broadcast_workspace,
+            cost=_broadcast_cost, batch_costs=(("c", _batching_past(BROADCAST_BATCH_COLUMNS, _broadcast_cost)),),
+            workspace=_broadcast_workspace,
             parallel="rows of output channels (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
             dot_columns=BROADCAST_BATCH_COLUMNS),
     Variant("narrow", "conv", "few positions: each entry of the column matrix broadcast against vectors of output "
                               "channels, whose weights are packed a block at a time in L1; a batch of more positions "
                               "as GEMMs over several samples (backward as pointwise or im2col)",
-            cost=_narrow_cost, workspace=_narrow_workspace,
+            cost=_narrow_cost, batch_costs=(("c", _batching_past(BROADCAST_BATCH_COLUMNS, _narrow_cost)),),
+            workspace=_narrow_workspace,
             parallel="blocks of output channels (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
             dot_columns=BROADCAST_BATCH_COLUMNS),
@@ -1004,7 +1051,8 @@ CONV_VARIANTS = (
             parallel="channel pairs and output channels", fuses_epilogue=True, backends=("c",)),
     Variant("dot", "conv", "dot products of weight rows with each position's window, nothing packed; a batch of "
                            "more positions as GEMMs over several samples (backward as pointwise or im2col)",
-            cost=_dot_cost, workspace=_batched_workspace, parallel="weight rows (backward: as pointwise or im2col)",
+            cost=_dot_cost, batch_costs=(("c", _batching_past(DOT_COLUMNS, _dot_cost)),), workspace=_batched_workspace,
+            parallel="weight rows (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_columns_and_gradients, backends=("c",), dot_columns=DOT_COLUMNS),
 )
 

@@ -207,6 +207,12 @@ class NodeView:
     # folded batchnorm's node renders a `fold` kernel too, with these arguments.
     forward_only: bool = False
     fold_args: list = field(default_factory=list)
+    # The step's `batched` alternative (Step.batched): its own kernels (`fn` ends in `_batched`),
+    # which the passes call instead of this node's on a batch of at least `min_batch` samples;
+    # `alternative` marks such a view, which the passes never call on its own.
+    batched: "NodeView | None" = None
+    min_batch: int = 0
+    alternative: bool = False
 
 
 # How a kernel reads the model state an op declares (OpDef.kernel_state), per phase.
@@ -256,6 +262,9 @@ class Target:
     # Whether its templates run eval mode's own schedule (Program.eval_forward: batchnorms folded
     # into their producers' epilogues, after a fold kernel each).
     runs_eval_schedule = False
+    # Whether its module runs a step's `batched` alternative on a batch of at least its min_batch
+    # samples (Step.batched: the plan makes them from Variant.batch_costs of this backend).
+    runs_batched_alternatives = False
 
     # ---- what differs between targets ---------------------------------------------------
 
@@ -330,9 +339,13 @@ class Target:
     def check_program(self, program: Program) -> None:
         """Every step's variant has its template here (the plan may pick one another target lacks)."""
         for step in program.forward:
-            if not self.has_template(self.kernel_template(step.variant_template)):
-                raise ConvDSLError(None, f"{step.op} {step.label} (line {step.line}): kernel variant "
-                                         f"`{step.variant}` is not supported by the {self.name} backend")
+            if step.batched is not None and not self.runs_batched_alternatives:
+                raise ConvDSLError(None, f"internal error: {step.op} {step.label} (line {step.line}) has a batched "
+                                         f"alternative, which the {self.name} target does not run")
+            for s in (step, step.batched) if step.batched is not None else (step,):
+                if not self.has_template(self.kernel_template(s.variant_template)):
+                    raise ConvDSLError(None, f"{s.op} {s.label} (line {s.line}): kernel variant "
+                                             f"`{s.variant}` is not supported by the {self.name} backend")
 
     # Helpers (templates/<target>/lib/<h>.h.j2) whose out-of-line half (<h>.c.j2) is compiled
     # once, as the target's kernel library, instead of into every network; in this order.
@@ -519,7 +532,8 @@ class Target:
         kernel_steps = sorted((forward_of.get(n, b) for n, b in backward_of.items()), key=lambda s: s.node)
         nodes, helpers, guards = [], [], []
 
-        def node_view(step: Step, fn: str, forward_only: bool = False) -> NodeView:
+        def node_view(step: Step, fn: str, forward_only: bool = False, backward: Step | None = None) -> NodeView:
+            """`backward`: the backward step of a batched alternative (default: the node's)."""
             op = lookup(step.op)
             slots = pg.layer_params(step.layer)
             params = {}
@@ -528,7 +542,7 @@ class Target:
                 params[operand.role] = ParamView(role, f"d{role}" if operand.trainable else None,
                                                  operand.trainable, operand.size, slots[operand.role].spec.shape)
             buffers = {b.role: BufferView(checked_identifier(b.role), b.size) for b in step.buffers}
-            backward = backward_of[step.node]
+            backward = backward or backward_of[step.node]
             own_output = pg.values[backward.inputs[0].value].type   # dy: the gradient of what the node computes
             x_types = step.in_types
             label = checked_identifier(step.label, dotted=True)
@@ -564,7 +578,16 @@ class Target:
                 zero_first=[] if forward_only else [{"index": o.value, "numel": host(o.size)}
                                                     for o in backward.zero_first],
                 dx_written=not forward_only and bool(backward.writes_first),
-                forward_only=forward_only)
+                forward_only=forward_only, min_batch=step.min_batch, alternative=step.min_batch > 0)
+
+        def with_batched(view: NodeView, step: Step, forward_only: bool = False) -> list[NodeView]:
+            """The view, and the view of the step's batched alternative (kernels `<fn>_batched`)."""
+            if step.batched is None:
+                return [view]
+            alt = node_view(step.batched, view.fn + "_batched", forward_only,
+                            None if forward_only else backward_of[step.node].batched)
+            view.batched = alt
+            return [view, alt]
 
         for step in kernel_steps:
             op = lookup(step.op)
@@ -572,7 +595,7 @@ class Target:
                 if h not in helpers:
                     helpers.append(h)
             label = checked_identifier(step.label, dotted=True)
-            nodes.append(node_view(step, layer_function(step.node, step.label)))
+            nodes.extend(with_batched(node_view(step, layer_function(step.node, step.label)), step))
             for g in op.training_guards(step.attrs, step.in_types, step.out_type):
                 guards.append({"per_sample": host(g.per_sample), "least": g.least,
                                "message": f"{step.op} {label} (line {step.line}) {g.message}"})
@@ -591,14 +614,17 @@ class Target:
                     view_of[fn].fold_args = args
                     into = checked_identifier(forward_of[step.folds_into].label, dotted=True)
                     eval_launches.append({"fn": fn + "_fold", "args": args, **where,
-                                          "doc": f"its scale and shift per channel, which {into} applies"})
+                                          "doc": f"its scale and shift per channel, which {into} applies",
+                                          "batched": None})
                 elif step.epilogue == trained.epilogue and step.outputs == trained.outputs:
-                    eval_launches.append({"fn": fn + "_forward", "args": view_of[fn].forward_args, **where, "doc": ""})
+                    eval_launches.append({"fn": fn + "_forward", "args": view_of[fn].forward_args, **where, "doc": "",
+                                          "batched": view_of[fn].batched})
                 else:
                     twin = node_view(step, fn + "_eval", forward_only=True)
-                    eval_nodes.append(twin)
+                    eval_nodes.extend(with_batched(twin, step, forward_only=True))
                     eval_launches.append({"fn": twin.fn + "_forward", "args": twin.forward_args, **where,
-                                          "doc": " + ".join(f"{s['label']} (fused)" for s in twin.epilogue)})
+                                          "doc": " + ".join(f"{s['label']} (fused)" for s in twin.epilogue),
+                                          "batched": twin.batched})
 
         def value_view(vid: int) -> TensorView:
             t = pg.values[vid].type

@@ -75,6 +75,7 @@ class CTarget(CHost, Target):
     kernel_ext = "c"
     poisons_guard_zones = True
     runs_eval_schedule = True
+    runs_batched_alternatives = True
     kernel_library_parts = ("gemm",)     # im2col, winograd: header only (their constant sizes pay)
 
     def kernel_library(self, dtype: str) -> KernelLibrary:
