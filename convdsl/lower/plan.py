@@ -125,14 +125,16 @@ def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str]
 # much less per sample than the one chosen: the plan compares the variants at BATCHED_PLAN_BATCH
 # samples too (Variant.cost_of_batch), and where the cheapest there costs at most BATCHED_GAIN of
 # the chosen one's, the step gets it as its `batched` alternative (Step.batched), which a call on
-# at least BATCHED_PLAN_BATCH samples runs. Measured with --tune (training forward + backward, one
-# core of an AMD EPYC, ResNet-18's 3×3 convs), per call at batch 1 / 2 / 8: 256 channels on 8²
-# broadcast 2.6 / 5.4 / 21.5 ms, winograd2 4.2 / 4.3 / 11.8, winograd4 11.8 / 12.8 / 15.4; 128
-# channels on 16² winograd2 1.6 / 2.9 / 10.4, winograd4 3.2 / 3.5 / 8.5. The model counts none of
-# what a Winograd backward pays per call whatever the batch (the transformed kernels of dX, the
-# weight gradient's last transform): at 2 samples it would take winograd4 for the 128 channels,
-# and at 8 winograd4 for the 256, both slower there. At 4 it takes winograd2 for the 256 and
-# winograd4 for the 128 channels, each faster than the variant for one sample from 2 and 8 on.
+# at least `min_batch` samples runs: the least power of two from 2 at which it costs no more.
+# Measured with --tune (training forward + backward, one core of an AMD EPYC, ResNet-18's 3×3
+# convs), per call at batch 1 / 2: 256 channels on 8² im2col 2.6 / 5.5 ms, winograd2 3.3 / 3.9,
+# winograd4 6.9 / 8.8; 128 channels on 16² winograd2 1.5 / 2.7, winograd4 1.8 / 2.1; at batch 8
+# (before Winograd's backward lost some of its cost per call) 256 channels broadcast 21.5,
+# winograd2 11.8, winograd4 15.4. The model counts none of what a Winograd backward pays per call
+# whatever the batch (the transformed kernels of dX, the weight gradient's last transform): at 8
+# samples it would take winograd4 for the 256 channels, whose cost from 2 samples on it puts
+# below im2col's, where it is 1.6× slower. At 4 it takes winograd2 for the 256 channels and
+# winograd4 for the 128, each from 2 samples on, each then the fastest measured.
 BATCHED_PLAN_BATCH = 4
 BATCHED_GAIN = 0.8
 
@@ -160,7 +162,10 @@ def batched_variants(g: Graph, chosen: Mapping[int, Variant], override: Mapping[
         best = min(usable, key=lambda v: cost(v, BATCHED_PLAN_BATCH), default=base)
         if best.name == base.name or cost(best, BATCHED_PLAN_BATCH) > BATCHED_GAIN * cost(base, BATCHED_PLAN_BATCH):
             continue
-        alternatives[node.id] = (BATCHED_PLAN_BATCH, best)
+        least = 2
+        while least < BATCHED_PLAN_BATCH and cost(best, least) > cost(base, least):
+            least *= 2
+        alternatives[node.id] = (least, best)
     return alternatives
 
 

@@ -18,7 +18,6 @@ import convdsl
 from convdsl.compiler import graph_from_source
 from convdsl.errors import ConvDSLError
 from convdsl.lower import lower
-from convdsl.lower.plan import BATCHED_PLAN_BATCH
 from convdsl.lower.show import program_text
 from reference import assert_close
 
@@ -30,12 +29,12 @@ SRC = """network Batched {{
     output y
 }}
 """
-# (dtype, channels, side): the variant for one sample → the one from BATCHED_PLAN_BATCH samples
+# (dtype, channels, side): the variant for one sample → the alternative, from min_batch samples
 # on (the plan's cost model; test_the_plan_gives_these_layers_a_batched_alternative pins them).
-CASES = {("f32", 64, 8): ("broadcast", "winograd2"), ("f32", 32, 8): ("im2col", "winograd2"),
-         ("f32", 16, 16): ("blocked", "winograd4"), ("f64", 32, 8): ("winograd2", "winograd4")}
-# Both sides of min_batch, each after the other: smaller after larger and back.
-BATCHES = (1, BATCHED_PLAN_BATCH, 2, BATCHED_PLAN_BATCH + 1, 1)
+CASES = {("f32", 64, 8): ("broadcast", "winograd2", 2), ("f32", 32, 8): ("im2col", "winograd2", 2),
+         ("f32", 16, 16): ("blocked", "winograd4", 2), ("f64", 32, 8): ("winograd2", "winograd4", 4)}
+# Both sides of min_batch (2 or 4), each after the other: smaller after larger and back.
+BATCHES = (1, 4, 2, 5, 3, 1)
 
 
 def source(c, side, dtype="f64", layout="NCHW"):
@@ -47,18 +46,18 @@ def source(c, side, dtype="f64", layout="NCHW"):
 def test_the_plan_gives_these_layers_a_batched_alternative(case):
     dtype, c, side = case
     program = lower(graph_from_source(source(c, side, dtype)))
-    single, batched = CASES[case]
+    single, batched, least = CASES[case]
     for steps in (program.forward, program.backward, program.eval_forward):
         convs = [s for s in steps if s.op == "conv"]
         assert len(convs) == 2
         for s in convs:
-            assert (s.variant, s.batched.variant, s.batched.min_batch) == (single, batched, BATCHED_PLAN_BATCH)
+            assert (s.variant, s.batched.variant, s.batched.min_batch) == (single, batched, least)
             assert s.batched.label == s.label and s.batched.inputs == s.inputs and s.batched.outputs == s.outputs
     # Each keeps its own transformed kernels: no two steps' derived memory overlaps.
     kept = sorted((o.offset, o.size) for f in program.forward for o in (f.derived, f.batched and f.batched.derived)
                   if o is not None)
     assert all(a[0] + a[1] <= b[0] for a, b in zip(kept, kept[1:]))
-    assert f"from batch {BATCHED_PLAN_BATCH}: conv/{batched}" in program_text(program)
+    assert f"from batch {least}: conv/{batched}" in program_text(program)
 
 
 def test_the_module_runs_the_alternative_from_min_batch_on():
@@ -71,7 +70,7 @@ def test_the_module_runs_the_alternative_from_min_batch_on():
     passes = c[c.index("static void cdsl_forward_pass"):c.index("static void cdsl_zero_grads")]
     for fn, kernel in (("cdsl_L0_conv1_eval", "forward"), ("cdsl_L0_conv1", "forward"),
                        ("cdsl_L3_conv2", "forward"), ("cdsl_L3_conv2", "backward"), ("cdsl_L0_conv1", "backward")):
-        pattern = (rf"if \(m->batch >= {BATCHED_PLAN_BATCH}\)[^\n]*\n(\s*\{{?\s*\n)?(\s*memset[^\n]*\n)*"
+        pattern = (rf"if \(m->batch >= {CASES['f32', 64, 8][2]}\)[^\n]*\n(\s*\{{?\s*\n)?(\s*memset[^\n]*\n)*"
                    rf"\s*{fn}_batched_{kernel}\(")
         assert re.search(pattern, passes), (fn, kernel)
         assert f"{fn}_{kernel}(" in passes
