@@ -122,20 +122,21 @@ def chosen_variants(g: Graph, override: Mapping[str, str], lacks: frozenset[str]
 # A step's variant is chosen for one sample's shape. Some kernels work across the samples of a
 # batch: Winograd's tiles fill its panels across samples, a small map's forward runs packed GEMMs
 # over several samples' columns. On a batch, as training runs it, another variant can then cost
-# much less per sample than the one chosen: the plan compares the variants at BATCHED_PLAN_BATCH
-# samples too (Variant.cost_of_batch), and where the cheapest there costs at most BATCHED_GAIN of
-# the chosen one's, the step gets it as its `batched` alternative (Step.batched), which a call on
-# at least `min_batch` samples runs: the least power of two from 2 at which it costs no more.
-# Measured with --tune (training forward + backward, one core of an AMD EPYC, ResNet-18's 3×3
-# convs), per call at batch 1 / 2: 256 channels on 8² im2col 2.6 / 5.5 ms, winograd2 3.3 / 3.9,
-# winograd4 6.9 / 8.8; 128 channels on 16² winograd2 1.5 / 2.7, winograd4 1.8 / 2.1; at batch 8
-# (before Winograd's backward lost some of its cost per call) 256 channels broadcast 21.5,
-# winograd2 11.8, winograd4 15.4. The model counts none of what a Winograd backward pays per call
-# whatever the batch (the transformed kernels of dX, the weight gradient's last transform): at 8
-# samples it would take winograd4 for the 256 channels, whose cost from 2 samples on it puts
-# below im2col's, where it is 1.6× slower. At 4 it takes winograd2 for the 256 channels and
-# winograd4 for the 128, each from 2 samples on, each then the fastest measured.
-BATCHED_PLAN_BATCH = 4
+# much less per sample than the one chosen: the plan compares the variants at each batch of
+# BATCHED_PLAN_BATCHES in turn (Variant.cost_of_batch), and at the first where the cheapest costs
+# at most BATCHED_GAIN of the chosen one's, the step gets it as its `batched` alternative
+# (Step.batched), which a call on at least `min_batch` samples runs: the least power of two from 2
+# at which it costs no more. Measured with --tune and alone (training forward + backward, one
+# core of an AMD EPYC, ResNet-18's 3×3 convs), per call at batch 1 / 2 / 4 / 8: 256 channels on
+# 8² im2col 2.6 / 5.5 ms, winograd2 3.3 / 3.9, winograd4 6.9 / 8.8; 128 channels on 16²
+# winograd2 1.5 / 2.7, winograd4 1.8 / 2.1; 512 channels on 4² broadcast - / - / 15.3 / 22.3,
+# winograd2 - / - / 16.5 / 18.0. The model counts none of what a Winograd backward pays per call
+# whatever the batch (the transformed kernels of dX, the weight gradient's last transform): at
+# 16 samples first it would take winograd4 for the 256 channels, whose cost from 2 samples on it
+# puts below im2col's, where it is 1.6× slower. At 4 it takes winograd2 for the 256 channels and
+# winograd4 for the 128, each from 2 samples on, each then the fastest measured; at 16 (nothing at
+# 4) winograd2 for the 512 channels, from 8 samples on.
+BATCHED_PLAN_BATCHES = (4, 16)
 BATCHED_GAIN = 0.8
 
 
@@ -159,13 +160,14 @@ def batched_variants(g: Graph, chosen: Mapping[int, Variant], override: Mapping[
 
         def cost(v: Variant, batch: int) -> float:
             return D.evaluate(v.cost_of_batch(backend, in_types, out, node.attrs, batch), probe)
-        best = min(usable, key=lambda v: cost(v, BATCHED_PLAN_BATCH), default=base)
-        if best.name == base.name or cost(best, BATCHED_PLAN_BATCH) > BATCHED_GAIN * cost(base, BATCHED_PLAN_BATCH):
-            continue
-        least = 2
-        while least < BATCHED_PLAN_BATCH and cost(best, least) > cost(base, least):
-            least *= 2
-        alternatives[node.id] = (least, best)
+        for batch in BATCHED_PLAN_BATCHES:
+            best = min(usable, key=lambda v: cost(v, batch), default=base)
+            if best.name != base.name and cost(best, batch) <= BATCHED_GAIN * cost(base, batch):
+                least = 2
+                while least < batch and cost(best, least) > cost(base, least):
+                    least *= 2
+                alternatives[node.id] = (least, best)
+                break
     return alternatives
 
 
