@@ -10,8 +10,8 @@ before the cost estimate).
 
 A result is kept in the build cache (`tuning/<key>.json` under the cache root), keyed by
 everything that changes the timing: the op, its attributes, its input and output shapes, the
-dtype and layout, the batch tuned for, training or inference, the backend, the compiler flags
-and the CPU. The next build of a layer of that shape reads it and times nothing; a file that
+dtype and layout, the batch tuned for, training or inference, the backend, the compiler flags,
+the CPU, and convdsl's own sources and templates (other kernels are timed again). The next build of a layer of that shape reads it and times nothing; a file that
 cannot be read, or that names a variant the layer no longer has, is measured again.
 
 Not tuned: a layer whose variant the file fixes (`algo=`), one with run-time sizes (its shape,
@@ -21,6 +21,7 @@ nor a variant that differs from another only in what the plan fuses into it (`Va
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -89,13 +90,25 @@ def layer_alone(graph: Graph, node: Node, variant: str) -> Graph:
                    sym_dims=())
 
 
+@functools.lru_cache(maxsize=1)
+def kernels_digest() -> str:
+    """A digest of what generates the kernels: convdsl's Python sources and its templates. A
+    timing measured with other kernels (an earlier or later convdsl) is measured again."""
+    from . import resources
+    digest = hashlib.sha256()
+    for root in (Path(__file__).parent, resources.templates_dir()):
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".j2") and p.is_file()):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _key(graph: Graph, node: Node, variants: tuple[str, ...], batch: int, training: bool, backend: str) -> str:
     from .runtime.build import _compiler_version, _cpu_id, c_flags, compiler
     attrs = sorted((k, repr(v)) for k, v in node.attrs.items() if k != "algo")
     types = [graph.values[v].type.shape for v in (*node.inputs, node.output)]
     parts = (TUNE_VERSION, node.op, repr(attrs), repr(types), graph.dtype, graph.layout, str(batch),
              str(training), backend, " ".join(c_flags(backend)), _compiler_version(compiler()), _cpu_id(),
-             ",".join(variants))
+             ",".join(variants), kernels_digest())
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 

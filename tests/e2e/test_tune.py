@@ -75,6 +75,19 @@ def test_a_tuned_shape_is_read_from_the_cache_and_timed_once(cache, monkeypatch)
     assert all(r.cached for r in again.tuned)
 
 
+def test_a_tuning_made_with_other_kernels_is_measured_again(cache, monkeypatch):
+    """The cache key holds a digest of convdsl's sources and templates: a timing of the kernels
+    an earlier convdsl generated is not taken for those of this one."""
+    asked = fake_timer(monkeypatch, {"conv1": "im2col"})
+    convdsl.load_source(NET, tune=True)
+    first = len(asked)
+    convdsl.load_source(NET, tune=True)
+    assert len(asked) == first                      # the same code: read from the cache
+    monkeypatch.setattr(tune, "kernels_digest", lambda: "other kernels")
+    convdsl.load_source(NET, tune=True)
+    assert len(asked) == 2 * first
+
+
 @pytest.mark.parametrize("damage", ["not json", '{"seconds": {"im2col": 1}}', '{"seconds": 3}', ""])
 def test_a_damaged_tuning_file_is_measured_again(cache, monkeypatch, damage):
     asked = fake_timer(monkeypatch, {"conv1": "im2col", "conv2": "blocked"})
