@@ -143,9 +143,10 @@ BATCHED_GAIN = 0.8
 def batched_variants(g: Graph, chosen: Mapping[int, Variant], override: Mapping[str, str],
                      lacks: frozenset[str] = frozenset(), backend: str = "c",
                      measured: Mapping[int, str] = MappingProxyType({})) -> dict[int, tuple[int, Variant]]:
-    """node id → (the least batch, the variant) of each step's `batched` alternative. None for a
-    layer whose variant the file, a per-run override or tuning fixed (for every batch), nor for
-    a variant that fuses otherwise than the chosen one (the fusions are the program's)."""
+    """node id → (the least batch, the variant) of each step's `batched` alternative. A layer
+    whose variant the file, a per-run override or tuning fixed has none (that variant holds for
+    every batch), and a variant that fuses otherwise than the chosen one is never one (the
+    fusions are the program's, made for the chosen variants)."""
     alternatives = {}
     probe = {name: PROBE_SIZE for name in g.sym_dims}
     for node in g.nodes:
@@ -435,6 +436,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         forward.append(step)
     steps = [f for f in forward if f.fused_into is None]
     eval_forward, derived_total = _eval_schedule(g, forward, fusions, eval_fusions, act, derived_total)
+
     def backward_step(f: Step, variant: Variant) -> Step:
         node = g.nodes[f.node]
         grads = tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape, True)
