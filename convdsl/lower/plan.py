@@ -24,9 +24,9 @@ from ..ir.graph import Graph, Node, TensorType
 from ..ops.base import INPUTS, OUTPUT, Variant, lookup, registry
 from ..passes.schedule import make_plan
 from .memory import inference_placement, lifetimes, place_guarded, training_placement, values_read_by_backward
-from .program import (ACTIVATION, ACTIVATIONS, AFFINE, BUFFERS, DERIVED, GRADIENTS, INFERENCE, PARAM_GRADS, RESIDUAL, SCALE,
-                      THREAD_WORKSPACE, PARAMS, SAVED, TRAINING, WORKSPACE, Boundary, Epilogue, EpilogueStage,
-                      LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
+from .program import (ACTIVATION, ACTIVATIONS, AFFINE, BATCHED_DERIVED, BATCHED_WORKSPACE, BUFFERS, DERIVED, GRADIENTS,
+                      INFERENCE, PARAM_GRADS, RESIDUAL, SCALE, THREAD_WORKSPACE, PARAMS, SAVED, TRAINING, WORKSPACE,
+                      Boundary, Epilogue, EpilogueStage, LossStep, Operand, ParallelSplit, Program, Region, Step, ValueInfo, Workspace)
 
 ALGO_ENV = "CONVDSL_ALGO"
 # Costs with run-time sizes are compared at this size of every named dim (as check's memory peak).
@@ -382,16 +382,19 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
 
     batched = batched_variants(g, chosen, override, lacks, backend, measured)
     forward, works, owns, derived_total = [], [], [], 0
+    batched_works, batched_derived_total = [], 0
 
-    def forward_step(nid: int, variant: Variant) -> Step:
-        nonlocal derived_total
+    def forward_step(nid: int, variant: Variant, alternative: bool = False) -> Step:
+        """`alternative`: a batched alternative's step, its workspace and derived memory counted
+        in the batched regions."""
+        nonlocal derived_total, batched_derived_total
         node: Node = g.nodes[nid]
         op = lookup(node.op)
         in_types = tuple(g.values[v].type for v in node.inputs)
         out_t = g.values[node.output].type
         work = variant.workspace(in_types, out_t, node.attrs)
         if work != 0:
-            works.append(work)
+            (batched_works if alternative else works).append(work)
         own = variant.thread_workspace(in_types, out_t, node.attrs)
         if own != 0:
             owns.append(own)
@@ -401,7 +404,10 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
                         for local, slot in plan.layer_buffers(node.layer).items())
         kept = variant.derived(in_types, out_t, node.attrs)
         derived = None
-        if kept:
+        if kept and alternative:
+            derived = Operand("derived", BATCHED_DERIVED, batched_derived_total, kept)
+            batched_derived_total += kept
+        elif kept:
             derived = Operand("derived", DERIVED, derived_total, kept)
             derived_total += kept
         saved = None
@@ -432,7 +438,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         step = forward_step(nid, chosen[nid])
         if nid in batched:
             least, variant = batched[nid]
-            step = replace(step, batched=replace(forward_step(nid, variant), min_batch=least))
+            step = replace(step, batched=replace(forward_step(nid, variant, alternative=True), min_batch=least))
         forward.append(step)
     steps = [f for f in forward if f.fused_into is None]
     eval_forward, derived_total = _eval_schedule(g, forward, fusions, eval_fusions, act, derived_total)
@@ -493,6 +499,9 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
                                              "sharing memory by lifetime (act, grad and saved offsets are into it)",
                layout.guards),
         Region(WORKSPACE, D.maximum_of(works), False, "one step's scratch (im2col columns), shared by all steps"),
+        Region(BATCHED_WORKSPACE, D.maximum_of(works + batched_works), False,
+               "the workspace of a batch that runs the steps' batched alternatives (from batch "
+               f"{min((least for least, _ in batched.values()), default=0)})"),
         Region(THREAD_WORKSPACE, D.maximum_of(owns), False, "per thread, when a step splits the batch across threads"),
         Region(PARAMS, plan.param_total, False, "every parameter", plan.param_guards),
         Region(PARAM_GRADS, plan.param_total, False, "the gradients of the trainable parameters", plan.param_guards),
@@ -500,6 +509,8 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         Region(DERIVED, derived_total, False, "per step, kept across calls: kernels' transforms of their weights "
                                               "(Winograd), remade when the weights change; eval mode's folded "
                                               "batchnorm tables, made each call"),
+        Region(BATCHED_DERIVED, batched_derived_total, False, "the batched alternatives' derived memory, allocated "
+                                                              "by the first prepare of a batch that runs one"),
     )
 
     def maker(v) -> str:
@@ -546,4 +557,5 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         regions=regions, activations=activations, inference=inference, gradients=gradients,
         params=plan.params, param_total=plan.param_total, buffers=plan.buffers, buffer_total=plan.buffer_total,
         steps=tuple(steps), eval_forward=eval_forward, loss=loss,
-        zero_at_start=tuple(grad(v, f"d{v}") for v in layout.zeroed_at_start()))
+        zero_at_start=tuple(grad(v, f"d{v}") for v in layout.zeroed_at_start()),
+        batched_from=min((least for least, _ in batched.values()), default=0))

@@ -45,6 +45,11 @@ BUFFERS = "buffers"
 WORKSPACE = "workspace"
 THREAD_WORKSPACE = "thread_workspace"   # per thread; the module multiplies by its thread count
 DERIVED = "derived"                  # per step, kept across calls: what a kernel derives from the weights
+# The batched alternatives' (Step.batched) own: their derived memory, allocated by the first
+# prepare of a batch that runs one (Program.batched_from), so that a model that never does pays
+# none of it; and the workspace of such a batch (at least the workspace's size).
+BATCHED_DERIVED = "batched_derived"
+BATCHED_WORKSPACE = "batched_workspace"
 PER_SAMPLE_REGIONS = (INFERENCE, TRAINING)
 
 
@@ -287,6 +292,9 @@ class Program:
     # The gradients zeroed as a backward starts, before any step: the outputs' (then seeded with
     # the caller's gradients or the loss's) and any no step touches (an input nobody reads).
     zero_at_start: tuple[Operand, ...] = ()
+    # The least batch that runs a step's batched alternative (the least Step.batched.min_batch);
+    # 0: no step has one.
+    batched_from: int = 0
 
     def region(self, name: str) -> Region:
         """The region `name`; activations, gradients and saved masks lie in the training block."""

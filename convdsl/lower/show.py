@@ -13,11 +13,11 @@ from __future__ import annotations
 from ..ir import dims as D
 from ..ir.dims import Dim
 from ..ops.losses import LOSSES
-from .program import DERIVED, Operand, Program, Step
+from .program import BATCHED_DERIVED, BATCHED_WORKSPACE, DERIVED, Operand, Program, Step
 
 _REGION_SHORT = {"inference": "eval", "training": "train", "activations": "act", "gradients": "grad", "saved": "saved", "params": "params",
                  "param_grads": "pgrad", "buffers": "buf", "workspace": "ws", "thread_workspace": "tws",
-                 "derived": "drv"}
+                 "derived": "drv", "batched_derived": "bdrv", "batched_workspace": "bws"}
 
 
 def _dim(d: Dim) -> str:
@@ -65,6 +65,8 @@ def program_text(program: Program) -> str:
     for r in program.regions:
         if r.name == DERIVED and r.size == 0:
             continue            # only Winograd steps keep memory across calls: said where there is some
+        if r.name in (BATCHED_DERIVED, BATCHED_WORKSPACE) and program.batched_from == 0:
+            continue            # only programs with batched alternatives have these
         lines.append(f"  {_REGION_SHORT[r.name]:<7} {r.name:<12} {_dim(r.size):>10}{' per sample' if r.per_sample else ''}"
                      f"  {r.doc}")
     lines.append("inputs:  " + ", ".join(f"{b.name}=act[{_dim(program.activations[b.value].offset)}:+"

@@ -31,8 +31,8 @@ from .. import resources
 from ..errors import ConvDSLError
 from ..ir import dims as D
 from ..ir.dims import Dim
-from ..lower.program import (ACTIVATION, ACTIVATIONS, DERIVED, PER_SAMPLE_REGIONS, THREAD_WORKSPACE, WORKSPACE, Boundary,
-                             Operand, ParallelSplit, Program, Step)
+from ..lower.program import (ACTIVATION, ACTIVATIONS, BATCHED_DERIVED, BATCHED_WORKSPACE, DERIVED, PER_SAMPLE_REGIONS,
+                             THREAD_WORKSPACE, WORKSPACE, Boundary, Operand, ParallelSplit, Program, Step)
 from ..ops.base import lookup
 from ..ops.losses import LABELS, LOSSES, PROBABILITIES
 
@@ -694,7 +694,8 @@ class Target:
         saved = [{"index": k, "numel": host(s.saved.size), "offset": host(s.saved.offset), "node": s.label}
                  for k, s in enumerate(saved_steps)]
         regions = {r.name: host(r.size) for r in pg.regions
-                   if r.name in PER_SAMPLE_REGIONS + (WORKSPACE, THREAD_WORKSPACE, DERIVED)}
+                   if r.name in PER_SAMPLE_REGIONS + (WORKSPACE, THREAD_WORKSPACE, DERIVED, BATCHED_DERIVED,
+                                                      BATCHED_WORKSPACE)}
         # A sanitizer build's guard zones (lower(guard=…)): per sample in the activation blocks.
         guard_zones = {r.name: [{"offset": host(o), "size": host(n)} for o, n in r.guards] for r in pg.regions}
         buffer_table = [{"name": checked_identifier(b.full_name, dotted=True), "offset": b.offset, "size": b.size,
@@ -713,7 +714,7 @@ class Target:
             "nodes": nodes, "eval_nodes": eval_nodes, "eval_launches": eval_launches, "helpers": helpers,
             "values": values, "inputs": inputs, "outputs": outputs,
             "params": params, "param_total": pg.param_total, "consts": consts, "loss": loss,
-            "size_checks": size_checks, "regions": regions, "guard_zones": guard_zones,
+            "size_checks": size_checks, "regions": regions, "guard_zones": guard_zones, "batched_from": pg.batched_from,
             "zero_at_start": [{"index": o.value, "numel": host(o.size), "seeded": o.value in output_values}
                               for o in pg.zero_at_start],
             "buffers": buffer_table, "buffer_total": pg.buffer_total, "saved": saved, "training_guards": guards,

@@ -53,10 +53,11 @@ def test_the_plan_gives_these_layers_a_batched_alternative(case):
         for s in convs:
             assert (s.variant, s.batched.variant, s.batched.min_batch) == (single, batched, least)
             assert s.batched.label == s.label and s.batched.inputs == s.inputs and s.batched.outputs == s.outputs
-    # Each keeps its own transformed kernels: no two steps' derived memory overlaps.
-    kept = sorted((o.offset, o.size) for f in program.forward for o in (f.derived, f.batched and f.batched.derived)
-                  if o is not None)
-    assert all(a[0] + a[1] <= b[0] for a, b in zip(kept, kept[1:]))
+    # Each keeps its own transformed kernels: no two steps' derived memory overlaps in a region.
+    kept = [o for f in program.forward for o in (f.derived, f.batched and f.batched.derived) if o is not None]
+    for region in {o.region for o in kept}:
+        spans = sorted((o.offset, o.size) for o in kept if o.region == region)
+        assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     assert f"from batch {least}: conv/{batched}" in program_text(program)
 
 
@@ -81,6 +82,26 @@ def test_the_module_runs_the_alternative_from_min_batch_on():
         return c[start:c.index("\n}\n", start)]
     assert "cdsl_wino2_products(" in body("cdsl_L3_conv2_batched_forward")
     assert "cdsl_wino2_products(" not in body("cdsl_L3_conv2_forward")
+
+
+def test_the_alternatives_memory_is_only_taken_by_a_batch_that_runs_them():
+    """Their derived memory and their larger workspace are the batched regions: a model that never
+    runs a batch of min_batch pays for neither (`from batch 2` here)."""
+    from convdsl.lower.program import BATCHED_DERIVED, BATCHED_WORKSPACE, DERIVED, WORKSPACE
+    program = lower(graph_from_source(source(64, 8, "f32")))
+    assert program.batched_from == 2
+    region = {r.name: r.size for r in program.regions}
+    assert region[DERIVED] == 2 * 64 and region[BATCHED_DERIVED] > 0   # the eval fold's table; winograd2's kernels
+    assert region[WORKSPACE] < region[BATCHED_WORKSPACE]
+    assert all(s.batched.derived.region == BATCHED_DERIVED for s in program.forward if s.batched)
+    net = convdsl.load_source(source(64, 8, "f32")).Model(seed=0)
+    x = np.zeros((1, 64, 8, 8), np.float32)
+    net.eval()
+    net.forward(x)
+    assert net.memory()["workspace"] == region[WORKSPACE] * 4
+    net.forward(np.zeros((2, 64, 8, 8), np.float32))
+    assert net.memory()["workspace"] == region[BATCHED_WORKSPACE] * 4
+    assert lower(graph_from_source(source(64, 8, "f32")), algo={"conv": "broadcast"}).batched_from == 0
 
 
 def test_a_fixed_variant_has_no_batched_alternative():
