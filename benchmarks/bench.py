@@ -431,21 +431,23 @@ class Row:
     device: str = ""              # the OpenCL device, with --opencl
 
 
-def variants_of(program) -> list[str]:
+def variants_of(program) -> list[tuple[str, str]]:
     """The plan's choice for each step of an eval-mode forward (what the forward rows time; the
     training forward differs where a batchnorm folds into the kernel before it): kernel variant,
     what is fused into it, the split. A batchnorm's fold step, which makes its scale and shift
-    per channel, is not listed: the kernel that applies them says so."""
+    per channel, is not listed: the kernel that applies them says so. As (kernel, text) pairs:
+    the kernel, with a batched alternative's, is what the summary counts."""
     out = []
     for step in program.eval_steps:
         if step.fused_into is not None or step.folds_into is not None:
             continue                 # runs inside its producer's step, or only makes its table
         epilogue = step.epilogue.text()
         extra = f" + {epilogue}" if epilogue != "-" else ""
-        batched = step.batched
-        also = f", from batch {batched.min_batch} {batched.op}/{batched.variant} (threads: {batched.parallel.axis})" \
-            if batched is not None else ""
-        out.append(f"{step.label} {step.op}/{step.variant}{extra} (threads: {step.parallel.axis}){also}")
+        kernel, also, batched = f"{step.op}/{step.variant}", "", step.batched
+        if batched is not None:
+            also = f", from batch {batched.min_batch} {batched.op}/{batched.variant} (threads: {batched.parallel.axis})"
+            kernel += f" (from batch {batched.min_batch} {batched.op}/{batched.variant})"
+        out.append((kernel, f"{step.label} {step.op}/{step.variant}{extra} (threads: {step.parallel.axis}){also}"))
     return out
 
 
@@ -702,17 +704,13 @@ def report(rows, variants, peak: FmaPeak, threads: int, runs: int, warmup: int, 
     lines += ["", "### What the plan chose (eval-mode forward steps of each convdsl config)", ""]
     for (title, key), steps in variants.items():
         if len(steps) <= 3:
-            lines.append(f"- {title}: " + "; ".join(steps))
+            lines.append(f"- {title}: " + "; ".join(text for _, text in steps))
             continue
         counts: dict[str, int] = {}
-        for s in steps:
-            kernel = s.split(" ")[1]
-            if ", from batch " in s:          # a batched alternative (Step.batched)
-                kernel += " (from batch " + s.split(", from batch ")[1].split(" ")[0] + " " \
-                    + s.split(", from batch ")[1].split(" ")[1] + ")"
+        for kernel, _ in steps:
             counts[kernel] = counts.get(kernel, 0) + 1
         lines.append(f"- {title}: {len(steps)} steps, " + ", ".join(f"{k} ×{n}" for k, n in counts.items()))
-        lines += ["  <details><summary>per layer</summary>", "", *(f"  - {s}" for s in steps), "",
+        lines += ["  <details><summary>per layer</summary>", "", *(f"  - {text}" for _, text in steps), "",
                   "  </details>"]
     return "\n".join(lines) + "\n"
 

@@ -381,6 +381,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     fused_into = {nid: producer for producer, chain in fusions.items() for nid in chain}
 
     batched = batched_variants(g, chosen, override, lacks, backend, measured)
+    batched_from = min((least for least, _ in batched.values()), default=0)
     forward, works, owns, derived_total = [], [], [], 0
     batched_works, batched_derived_total = [], 0
 
@@ -501,7 +502,7 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         Region(WORKSPACE, D.maximum_of(works), False, "one step's scratch (im2col columns), shared by all steps"),
         Region(BATCHED_WORKSPACE, D.maximum_of(works + batched_works), False,
                "the workspace of a batch that runs the steps' batched alternatives (from batch "
-               f"{min((least for least, _ in batched.values()), default=0)})"),
+               f"{batched_from})"),
         Region(THREAD_WORKSPACE, D.maximum_of(owns), False, "per thread, when a step splits the batch across threads"),
         Region(PARAMS, plan.param_total, False, "every parameter", plan.param_guards),
         Region(PARAM_GRADS, plan.param_total, False, "the gradients of the trainable parameters", plan.param_guards),
@@ -558,4 +559,4 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         params=plan.params, param_total=plan.param_total, buffers=plan.buffers, buffer_total=plan.buffer_total,
         steps=tuple(steps), eval_forward=eval_forward, loss=loss,
         zero_at_start=tuple(grad(v, f"d{v}") for v in layout.zeroed_at_start()),
-        batched_from=min((least for least, _ in batched.values()), default=0))
+        batched_from=batched_from)

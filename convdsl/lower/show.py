@@ -30,6 +30,15 @@ def operand_text(o: Operand) -> str:
 
 def step_text(step: Step) -> str:
     where = f"{step.label} (line {step.line})"
+    text = f"{step.index:3d} {step.phase:<8} {where:<24} {_kernel_text(step)}"
+    if step.batched is not None:
+        # The alternative a batch of at least min_batch samples runs: on its own line, its kernel.
+        text += f"\n    from batch {step.batched.min_batch}: {_kernel_text(step.batched)}"
+    return text
+
+
+def _kernel_text(step: Step) -> str:
+    """A step's kernel, operands, epilogue, workspace and split: its line after the layer."""
     operands = [operand_text(o) for o in step.inputs + step.outputs]
     if step.phase == "forward":
         # What the fused stages read (a residual, a scale's factors) and keep for a backward.
@@ -48,14 +57,8 @@ def step_text(step: Step) -> str:
     tile = "".join(f"; {name} in {t.text()}" for name, t in step.parallel.tiles)
     zero = f" | zeroes {' '.join(o.role for o in step.zero_first)} first" if step.zero_first else ""
     zero += f" | writes {' '.join(o.role for o in step.writes_first)} whole" if step.writes_first else ""
-    text = (f"{step.index:3d} {step.phase:<8} {where:<24} {kernel:<18} "
-            f"{' '.join(operands)} | epilogue {step.epilogue.text()} | workspace {work} "
+    return (f"{kernel:<18} {' '.join(operands)} | epilogue {step.epilogue.text()} | workspace {work} "
             f"| threads {step.parallel.axis}{tile}{zero}")
-    if step.batched is not None:
-        # The alternative a batch of at least min_batch samples runs: on its own line, its kernel.
-        alt = step_text(step.batched).split(f" {step.label} (line {step.line}) ", 1)[1]
-        text += f"\n    from batch {step.batched.min_batch}: {alt.strip()}"
-    return text
 
 
 def program_text(program: Program) -> str:

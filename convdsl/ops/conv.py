@@ -95,15 +95,18 @@ def _direct_writes_dx(attrs) -> bool:
     return attrs["out"] == attrs["in"] and all(s == 1 for s in attrs["stride"])
 
 
-def _gemm_cost(in_types, out, attrs):
+def _gemm_work(attrs, columns):
     # A GEMM of few rows per group (COG) pays its packing and loop overhead on every row, and its
     # micro-tiles compute whole panels of columns (positions): 32 wide with AVX-512, so a small
     # map (a 4×4 one: 16 positions) wastes half of every tile.
     rows = attrs["out"] // attrs["groups"]
-    positions = D.product(out.spatial)
-    tiled = D.mul(D.floordiv(D.add(positions, BLOCKED_MAX_COLS - 1), BLOCKED_MAX_COLS), BLOCKED_MAX_COLS)
+    tiled = D.mul(D.floordiv(D.add(columns, BLOCKED_MAX_COLS - 1), BLOCKED_MAX_COLS), BLOCKED_MAX_COLS)
     macs = D.mul(attrs["in"] // attrs["groups"] * D.product(attrs["kernel"]) * attrs["out"], tiled)
     return D.add(macs, D.floordiv(D.mul(macs, 4), rows))
+
+
+def _gemm_cost(in_types, out, attrs):
+    return _gemm_work(attrs, D.product(out.spatial))
 
 
 def _columns(in_types, out, attrs):
@@ -765,12 +768,7 @@ def _samples_gemm_cost(in_types, out, attrs, batch: int):
     past their dot_columns): _gemm_cost's terms with each GEMM's panels filled across its
     samples, and each sample's columns gathered."""
     s = min(batch, gemm_samples(out))
-    rows = attrs["out"] // attrs["groups"]
-    columns = D.mul(s, D.product(out.spatial))
-    tiled = D.mul(D.floordiv(D.add(columns, BLOCKED_MAX_COLS - 1), BLOCKED_MAX_COLS), BLOCKED_MAX_COLS)
-    macs = D.mul(attrs["in"] // attrs["groups"] * D.product(attrs["kernel"]) * attrs["out"], tiled)
-    gemms = -(-batch // s)
-    return D.add(D.mul(gemms, D.add(macs, D.floordiv(D.mul(macs, 4), rows))),
+    return D.add(D.mul(-(-batch // s), _gemm_work(attrs, D.mul(s, D.product(out.spatial)))),
                  D.mul(batch, _columns(in_types, out, attrs)))
 
 
