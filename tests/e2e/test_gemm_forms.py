@@ -51,8 +51,13 @@ __attribute__((visibility("default"))) void stored(int trans_a, int trans_b, int
 # (M, N, K): one row, rows past whole vectors and tiles (17, 33, 49, 65, 100), a column, the
 # columns of every tile width and past one chunk of 64 (65, 130), reductions shorter than a
 # vector, just past one (17) and past a packed block (300: 128 to 64 per block).
+# Up to 12 columns, cdsl_gemm_dot's tiles take every column at once, their rows chosen by the
+# columns and the size of B (lib/gemm.c: cdsl_gemm_dot_wide): one row (N = 1; N ≥ 5 with a short
+# B), four (N ≤ 4), three (5 to 9 columns of a long B: 50 × 7 × 700) or two (10 to 12: 29 × 11 ×
+# 400), with rows left over at the end of a block of 24 and of A.
 SHAPES = [(1, 1, 1), (1, 9, 17), (17, 1, 5), (33, 13, 300), (49, 16, 16), (65, 36, 31), (100, 64, 129),
-          (24, 65, 7), (64, 130, 40), (5, 4, 2), (130, 9, 160), (48, 12, 64), (7, 96, 3)]
+          (24, 65, 7), (64, 130, 40), (5, 4, 2), (130, 9, 160), (48, 12, 64), (7, 96, 3), (50, 7, 700),
+          (29, 11, 400), (26, 3, 33)]
 
 
 @pytest.fixture(scope="module", params=["f32", "f64"])
