@@ -63,6 +63,11 @@ CASES = (
     Case("depthwise-3d-frozen", (2, 4, 5, 4), "depthwise(3, multiplier=3, pad=1, frozen=true)", dict(groups=2, padding=1)),
     Case("conv-groups-eq-in", (4, 6, 6), "conv(8, kernel=3, groups=4, stride=(1, 2))", dict(groups=4, stride=(1, 2))),
     Case("depthwise-parallel", (32, 24, 24), "depthwise(3, pad=same)", dict(groups=32, padding=1)),
+    # stride 2 over rows wide enough for the split's last pair of vectors to overlap the ones
+    # before it (conv_direct's grid plane), even and odd widths, a dilation, asymmetric padding
+    Case("depthwise-s2-wide", (3, 5, 50), "depthwise(3, stride=2, pad=1)", dict(groups=3, stride=2, padding=1)),
+    Case("depthwise-s2-wide-odd", (2, 6, 67), "depthwise(3, stride=2, dilation=(1, 2), pad=((1, 0), (0, 3)))",
+         dict(groups=2, stride=2, dilation=(1, 2), pads=((1, 0), (0, 3)))),
     Case("runtime-size", (3, 7, 9), "conv(4, kernel=3, stride=2, pad=same)",
          dict(stride=2, pads=(same_pads(7, 3, 2, 1), same_pads(9, 3, 2, 1))), dims=(3, "H", "W"),
          shape2=(3, 8, 6)),
