@@ -95,6 +95,13 @@ def _direct_writes_dx(attrs) -> bool:
     return attrs["out"] == attrs["in"] and all(s == 1 for s in attrs["stride"])
 
 
+# A 1×1 conv's dX is one product per sample and group, Wᵀ · dY, over that group's channels of
+# dX: each element written once where the product is stored rather than added (1×1 256 → 64 on
+# 28², training at batch 1: the 800 KB zeroing of dX before it and the GEMM's read of it gone).
+# Any variant whose backward is the pointwise one (conv.c.j2's direct_input).
+_POINTWISE_WRITES_DX = (("c", _is_pointwise),)
+
+
 def _gemm_work(attrs, columns):
     # A GEMM of few rows per group (COG) pays its packing and loop overhead on every row, and its
     # micro-tiles compute whole panels of columns (positions): 32 wide with AVX-512, so a small
@@ -997,7 +1004,7 @@ CONV_VARIANTS = (
             cost=_gemm_cost, applies=_is_pointwise,
             needs="a 1×1 kernel, stride 1 and no padding before or after on any axis",
             parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
-            thread_workspace=_own_gradients, costs_on=ON_OPENCL),
+            thread_workspace=_own_gradients, costs_on=ON_OPENCL, writes_input_grad=_POINTWISE_WRITES_DX),
     Variant("broadcast", "conv", "a small map: each weight broadcast against vectors of positions of the column "
                                  "matrix, gathered as it is staged, the weights read where they lie; a batch of more "
                                  "positions as GEMMs over several samples (backward as pointwise or im2col)",
@@ -1005,7 +1012,7 @@ CONV_VARIANTS = (
             workspace=_broadcast_workspace,
             parallel="rows of output channels (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
-            dot_columns=BROADCAST_BATCH_COLUMNS),
+            dot_columns=BROADCAST_BATCH_COLUMNS, writes_input_grad=_POINTWISE_WRITES_DX),
     Variant("narrow", "conv", "few positions: each entry of the column matrix broadcast against vectors of output "
                               "channels, whose weights are packed a block at a time in L1; a batch of more positions "
                               "as GEMMs over several samples (backward as pointwise or im2col)",
@@ -1013,7 +1020,7 @@ CONV_VARIANTS = (
             workspace=_narrow_workspace,
             parallel="blocks of output channels (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
-            dot_columns=BROADCAST_BATCH_COLUMNS),
+            dot_columns=BROADCAST_BATCH_COLUMNS, writes_input_grad=_POINTWISE_WRITES_DX),
     Variant("direct", "conv_direct", "a loop over the window per output channel (one input channel per group); on "
                                       "a small map across channels, a vector holding one cell of each",
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
@@ -1051,7 +1058,8 @@ CONV_VARIANTS = (
                            "more positions as GEMMs over several samples (backward as pointwise or im2col)",
             cost=_dot_cost, batch_costs=(("c", _batching_past(DOT_COLUMNS, _dot_cost)),), workspace=_batched_workspace,
             parallel="weight rows (backward: as pointwise or im2col)",
-            fuses_epilogue=True, thread_workspace=_columns_and_gradients, backends=("c",), dot_columns=DOT_COLUMNS),
+            fuses_epilogue=True, thread_workspace=_columns_and_gradients, backends=("c",), dot_columns=DOT_COLUMNS,
+            writes_input_grad=_POINTWISE_WRITES_DX),
 )
 
 
