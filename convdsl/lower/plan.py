@@ -13,6 +13,7 @@ own terms).
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Mapping
@@ -444,7 +445,15 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
     steps = [f for f in forward if f.fused_into is None]
     eval_forward, derived_total = _eval_schedule(g, forward, fusions, eval_fusions, act, derived_total)
 
-    def backward_step(f: Step, variant: Variant) -> Step:
+    # A parameter's gradient that one step alone touches (a layer not shared) can be written whole
+    # by that step's kernel (Variant.writes_param_grads) instead of zeroed and added into.
+    param_users = Counter(p.offset for f in forward for p in f.params if p.trainable)
+
+    def writes_params(f: Step, variant: Variant) -> bool:
+        own = [p for p in f.params if p.trainable]
+        return bool(own) and variant.writes_param_grads_on(backend) and all(param_users[p.offset] == 1 for p in own)
+
+    def backward_step(f: Step, variant: Variant, params_written: bool) -> Step:
         node = g.nodes[f.node]
         grads = tuple(Operand(f"d{p.role}", PARAM_GRADS, p.offset, p.size, None, p.shape, True)
                       for p in f.params if p.trainable)
@@ -469,12 +478,17 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
             derived=f.derived if variant.derived_in_backward else None,
             parallel=f.parallel, fused_into=f.fused_into,
             zero_first=tuple(grad(v, f"d{v}") for v in zeroed if not (written and v == first)),
-            writes_first=(grad(first, f"d{first}"),) if written else (), min_batch=f.min_batch)
+            writes_first=(grad(first, f"d{first}"),) if written else (), min_batch=f.min_batch,
+            writes_param_grads=params_written)
 
     for f in reversed(forward):
-        step = backward_step(f, chosen[f.node])
+        # Both of a step's kernels write its parameters' gradients, or neither: which one runs is
+        # the batch's, and what the backward's start zeroes is fixed.
+        params_written = writes_params(f, chosen[f.node]) and (
+            f.batched is None or writes_params(f.batched, batched[f.node][1]))
+        step = backward_step(f, chosen[f.node], params_written)
         if f.batched is not None:
-            step = replace(step, batched=backward_step(f.batched, batched[f.node][1]))
+            step = replace(step, batched=backward_step(f.batched, batched[f.node][1], params_written))
         steps.append(step)
     steps = [replace(s, index=i, batched=s.batched and replace(s.batched, index=i)) for i, s in enumerate(steps)]
     trainable = tuple(Operand(p.full_name, PARAMS, p.offset, p.size, None, p.spec.shape, True)
@@ -559,4 +573,6 @@ def lower(graph: Graph, algo: Mapping[str, str] | str | None = None, guard: int 
         params=plan.params, param_total=plan.param_total, buffers=plan.buffers, buffer_total=plan.buffer_total,
         steps=tuple(steps), eval_forward=eval_forward, loss=loss,
         zero_at_start=tuple(grad(v, f"d{v}") for v in layout.zeroed_at_start()),
-        batched_from=batched_from)
+        batched_from=batched_from,
+        written_param_grads=tuple(sorted((p.offset, p.size) for s in steps if s.writes_param_grads
+                                         for p in s.params if p.trainable)))

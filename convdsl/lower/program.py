@@ -205,6 +205,10 @@ class Step:
     # Backward: the gradients this step is the first to touch and writes whole instead of adding
     # into (its variant can: Variant.writes_input_grad), so they are not zeroed before it.
     writes_first: tuple[Operand, ...] = ()
+    # Backward: this step's kernel writes its parameters' gradients whole at their first
+    # contribution (its variant can: Variant.writes_param_grads; no other step touches them), so
+    # the backward's start does not zero them (Program.zeroed_param_grads).
+    writes_param_grads: bool = False
     # Eval mode's schedule only: this step computes nothing of the network but its op's scale and
     # shift per channel (a batchnorm's, from its parameters and running statistics) into
     # `derived`, for the step of node `folds_into`, which applies them (an AFFINE stage).
@@ -295,6 +299,21 @@ class Program:
     # The least batch that runs a step's batched alternative (the least Step.batched.min_batch);
     # 0: no step has one.
     batched_from: int = 0
+    # The parameters' gradients, as (offset, size) in param_grads, that their backward steps
+    # write whole (Step.writes_param_grads): a backward's start zeroes every other one.
+    written_param_grads: tuple[tuple[int, int], ...] = ()
+
+    def zeroed_param_grads(self) -> tuple[tuple[int, int], ...]:
+        """The runs of param_grads, as (offset, size), that a backward's start zeroes: all of it
+        but written_param_grads, adjacent parameters' gradients merged."""
+        runs, start = [], 0
+        for offset, size in self.written_param_grads:
+            if offset > start:
+                runs.append((start, offset - start))
+            start = max(start, offset + size)
+        if start < self.param_total:
+            runs.append((start, self.param_total - start))
+        return tuple(runs)
 
     def region(self, name: str) -> Region:
         """The region `name`; activations, gradients and saved masks lie in the training block."""

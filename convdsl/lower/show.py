@@ -56,7 +56,9 @@ def _kernel_text(step: Step) -> str:
     kernel = f"{step.op}/{'fold' if step.folds_into is not None else step.variant}"
     tile = "".join(f"; {name} in {t.text()}" for name, t in step.parallel.tiles)
     zero = f" | zeroes {' '.join(o.role for o in step.zero_first)} first" if step.zero_first else ""
-    zero += f" | writes {' '.join(o.role for o in step.writes_first)} whole" if step.writes_first else ""
+    written = [o.role for o in step.writes_first]
+    written += [f"d{p.role}" for p in step.params if p.trainable] if step.writes_param_grads else []
+    zero += f" | writes {' '.join(written)} whole" if written else ""
     return (f"{kernel:<18} {' '.join(operands)} | epilogue {step.epilogue.text()} | workspace {work} "
             f"| threads {step.parallel.axis}{tile}{zero}")
 

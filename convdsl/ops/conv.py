@@ -101,6 +101,11 @@ def _direct_writes_dx(attrs) -> bool:
 # Any variant whose backward is the pointwise one (conv.c.j2's direct_input).
 _POINTWISE_WRITES_DX = (("c", _is_pointwise),)
 
+# The backward of every variant in conv.c.j2 writes dW and db at their first contribution where
+# the plan lets it (Step.writes_param_grads): the first sample's GEMM stores them, the first
+# thread's share is copied rather than added, Winograd's one transform back over the batch stores.
+GEMM_WRITES_PARAM_GRADS = ("c",)
+
 
 def _gemm_work(attrs, columns):
     # A GEMM of few rows per group (COG) pays its packing and loop overhead on every row, and its
@@ -310,7 +315,7 @@ def _winograd_variant(name: str) -> Variant:
             "" if m == 2 else f", and in f32 at most {WINOGRAD4_F32_MAX_CHANNELS} input channels per group "
                               "(where its rounding error is measured inside the f32 tolerance)"),
         workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels",
-        fuses_epilogue=True, writes_input_grad=(("c", _always_writes),))
+        fuses_epilogue=True, writes_input_grad=(("c", _always_writes),), writes_param_grads=GEMM_WRITES_PARAM_GRADS)
 
 
 # ---- the separable-kernel split (§4.3.2, templates/c/ops/conv_separable.c.j2) ----
@@ -999,12 +1004,13 @@ CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=_im2col_cost, batch_costs=(("c", _im2col_batch_cost),), workspace=_batched_workspace,
             parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
-            thread_workspace=_columns_and_gradients, costs_on=ON_OPENCL),
+            thread_workspace=_columns_and_gradients, costs_on=ON_OPENCL, writes_param_grads=GEMM_WRITES_PARAM_GRADS),
     Variant("pointwise", "conv", "1×1 at stride 1 without padding: a GEMM on the input itself",
             cost=_gemm_cost, applies=_is_pointwise,
             needs="a 1×1 kernel, stride 1 and no padding before or after on any axis",
             parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
-            thread_workspace=_own_gradients, costs_on=ON_OPENCL, writes_input_grad=_POINTWISE_WRITES_DX),
+            thread_workspace=_own_gradients, costs_on=ON_OPENCL, writes_input_grad=_POINTWISE_WRITES_DX,
+            writes_param_grads=GEMM_WRITES_PARAM_GRADS),
     Variant("broadcast", "conv", "a small map: each weight broadcast against vectors of positions of the column "
                                  "matrix, gathered as it is staged, the weights read where they lie; a batch of more "
                                  "positions as GEMMs over several samples (backward as pointwise or im2col)",
@@ -1012,7 +1018,8 @@ CONV_VARIANTS = (
             workspace=_broadcast_workspace,
             parallel="rows of output channels (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
-            dot_columns=BROADCAST_BATCH_COLUMNS, writes_input_grad=_POINTWISE_WRITES_DX),
+            dot_columns=BROADCAST_BATCH_COLUMNS, writes_input_grad=_POINTWISE_WRITES_DX,
+            writes_param_grads=GEMM_WRITES_PARAM_GRADS),
     Variant("narrow", "conv", "few positions: each entry of the column matrix broadcast against vectors of output "
                               "channels, whose weights are packed a block at a time in L1; a batch of more positions "
                               "as GEMMs over several samples (backward as pointwise or im2col)",
@@ -1020,7 +1027,8 @@ CONV_VARIANTS = (
             workspace=_narrow_workspace,
             parallel="blocks of output channels (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
-            dot_columns=BROADCAST_BATCH_COLUMNS, writes_input_grad=_POINTWISE_WRITES_DX),
+            dot_columns=BROADCAST_BATCH_COLUMNS, writes_input_grad=_POINTWISE_WRITES_DX,
+            writes_param_grads=GEMM_WRITES_PARAM_GRADS),
     Variant("direct", "conv_direct", "a loop over the window per output channel (one input channel per group); on "
                                       "a small map across channels, a vector holding one cell of each",
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
@@ -1033,7 +1041,8 @@ CONV_VARIANTS = (
             cost=_blocked_cost, workspace=_blocked_workspace,
             parallel="the GEMM's rows or columns, or channel blocks × position tiles, of each sample (backward: as "
                      "im2col)",
-            gemm_threshold=BLOCKED_SPLIT_MACS, fuses_epilogue=True, thread_workspace=_columns_and_gradients),
+            gemm_threshold=BLOCKED_SPLIT_MACS, fuses_epilogue=True, thread_workspace=_columns_and_gradients,
+            writes_param_grads=GEMM_WRITES_PARAM_GRADS),
     _winograd_variant("winograd2"),
     _winograd_variant("winograd4"),
     Variant("separable", "conv_separable", "a frozen const kernel of rank 1 (Sobel, box, Gaussian) as one 1-D pass "
@@ -1059,7 +1068,7 @@ CONV_VARIANTS = (
             cost=_dot_cost, batch_costs=(("c", _batching_past(DOT_COLUMNS, _dot_cost)),), workspace=_batched_workspace,
             parallel="weight rows (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_columns_and_gradients, backends=("c",), dot_columns=DOT_COLUMNS,
-            writes_input_grad=_POINTWISE_WRITES_DX),
+            writes_input_grad=_POINTWISE_WRITES_DX, writes_param_grads=GEMM_WRITES_PARAM_GRADS),
 )
 
 

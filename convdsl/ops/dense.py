@@ -39,6 +39,10 @@ class Dense(OpDef):
     # transposed, on every call and fill its rows with zeros (measured, benchmarks/RESULTS.md).
     dot_columns = 8
     fuses_epilogue = True
+    # The C kernels' backward stores its GEMMs where the plan lets it instead of adding: dW and db
+    # (a layer not shared), dX (whose step is the first to touch it).
+    writes_param_grads = ("c",)
+    writes_input_grad = (("c", lambda attrs: True),)
     fully_connected = True
     map_form = "conv"              # on a [C, *S] map: a conv with kernel S (convert --fc-to-conv)
     aliases = ("linear", "fc", "fully_connected", "inner_product", "gemm")

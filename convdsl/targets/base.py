@@ -202,6 +202,9 @@ class NodeView:
     zero_first: list = field(default_factory=list)
     # Its backward writes its first input's gradient instead of adding into it (Step.writes_first).
     dx_written: bool = False
+    # Its backward writes its parameters' gradients whole at their first contribution, instead
+    # of adding into zeroed memory (Step.writes_param_grads).
+    dw_written: bool = False
     # Eval mode's schedule (Program.eval_forward): a twin of a producer's kernel with the
     # batchnorms folded into its epilogue renders its forward only (`fn` ends in `_eval`); a
     # folded batchnorm's node renders a `fold` kernel too, with these arguments.
@@ -578,6 +581,7 @@ class Target:
                 zero_first=[] if forward_only else [{"index": o.value, "numel": host(o.size)}
                                                     for o in backward.zero_first],
                 dx_written=not forward_only and bool(backward.writes_first),
+                dw_written=not forward_only and backward.writes_param_grads,
                 forward_only=forward_only, min_batch=step.min_batch, alternative=step.min_batch > 0)
 
         def with_batched(view: NodeView, step: Step, forward_only: bool = False) -> list[NodeView]:
@@ -649,11 +653,13 @@ class Target:
         output_values = {o["value"] for o in outputs}
 
         consts, params = [], []
+        written_grads = {offset for offset, _ in pg.written_param_grads}
         for idx, slot in enumerate(pg.params):
             spec = slot.spec
             entry = {"name": checked_identifier(slot.full_name, dotted=True), "offset": slot.offset,
                      "size": slot.size, "shape": spec.shape, "trainable": spec.trainable, "init": spec.init.kind,
-                     "init_text": _init_text(spec), "init_scale": repr(_init_scale(spec)), "const_name": ""}
+                     "init_text": _init_text(spec), "init_scale": repr(_init_scale(spec)), "const_name": "",
+                     "grad_written": slot.offset in written_grads}
             if spec.init.kind == "const":
                 cname = f"cdsl_const_{idx}"
                 consts.append({"c_name": cname, "name": slot.full_name,
@@ -713,7 +719,9 @@ class Target:
             "sym_dims": [checked_identifier(s) for s in pg.sym_dims],
             "nodes": nodes, "eval_nodes": eval_nodes, "eval_launches": eval_launches, "helpers": helpers,
             "values": values, "inputs": inputs, "outputs": outputs,
-            "params": params, "param_total": pg.param_total, "consts": consts, "loss": loss,
+            "params": params, "param_total": pg.param_total,
+            "zeroed_param_grads": [{"offset": o, "size": n} for o, n in pg.zeroed_param_grads()],
+            "every_param_grad_zeroed": not pg.written_param_grads, "consts": consts, "loss": loss,
             "size_checks": size_checks, "regions": regions, "guard_zones": guard_zones, "batched_from": pg.batched_from,
             "zero_at_start": [{"index": o.value, "numel": host(o.size), "seeded": o.value in output_values}
                               for o in pg.zero_at_start],

@@ -629,6 +629,60 @@ def test_pointwise_backwards_that_write_their_input_gradient_match_torch():
                 assert_close(net.grads[name], t.grad.numpy(), what=f"d{name}")
 
 
+PARAM_GRADS_WRITTEN = """
+network G {
+    input x: [3, 16, 16]
+    layer S = conv(4, kernel=1)
+    a = x -> conv(32, kernel=3, pad=1, algo=im2col) -> relu
+    b = a -> conv(8, kernel=3, pad=1, algo=winograd2) -> relu
+    c = b -> conv(8, kernel=3, stride=4, pad=1, algo=im2col) -> relu
+    d = c -> conv(8, kernel=1, algo=pointwise) -> conv(6, kernel=3, pad=1, algo=dot)
+    e = d -> conv(4, kernel=1, algo=narrow) -> S -> relu -> S
+    y = e -> flatten -> dense(5)
+    output y
+}
+"""
+
+
+def test_backwards_that_write_their_parameter_gradients_match_torch():
+    """Where a layer is not shared, its backward writes dW and db at their first contribution
+    and the backward's start no longer zeroes them (Step.writes_param_grads): im2col's per-sample
+    GEMM (on one thread, and split over the batch across two: conv1, whose first thread's share
+    is copied), its batched backward over several samples (conv3 on 4²), Winograd's transform
+    back, pointwise, dot, narrow and dense; the shared S, which two steps add into, is still
+    zeroed. Batches 1, 3 and 2, two backwards of each forward, against PyTorch in float64:
+    a kernel that still added would double what the last call left."""
+    module = convdsl.load_source(PARAM_GRADS_WRITTEN)
+    program = compile_graph(graph_from_source(PARAM_GRADS_WRITTEN)).program
+    written = {s.label for s in program.backward if s.writes_param_grads}
+    assert written == {"conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "dense1"}, written
+    s_grads = {(p.offset, p.size) for p in program.params if p.layer.name == "S"}
+    zeroed = program.zeroed_param_grads()
+    assert all(any(o >= z and o + n <= z + m for z, m in zeroed) for o, n in s_grads), (s_grads, zeroed)
+    net = module.Model(seed=0, threads=2)
+    net.train()
+    rng = np.random.default_rng(119)
+    for batch in (1, 3, 2):
+        x = rng.standard_normal((batch, 3, 16, 16)).astype(np.float32)
+        net.forward(x)
+        for _ in range(2):
+            dy = rng.standard_normal((batch, 5)).astype(np.float32)
+            dx = net.backward(dy)
+            p = torch_params(net)
+            xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+            a = F.relu(F.conv2d(xt, p["conv1.weight"], p["conv1.bias"], padding=1))
+            b = F.relu(F.conv2d(a, p["conv2.weight"], p["conv2.bias"], padding=1))
+            c = F.relu(F.conv2d(b, p["conv3.weight"], p["conv3.bias"], stride=4, padding=1))
+            d = F.conv2d(F.conv2d(c, p["conv4.weight"], p["conv4.bias"]), p["conv5.weight"], p["conv5.bias"], padding=1)
+            e = F.conv2d(d, p["conv6.weight"], p["conv6.bias"])
+            e = F.conv2d(F.relu(F.conv2d(e, p["S.weight"], p["S.bias"])), p["S.weight"], p["S.bias"])
+            y = F.linear(e.flatten(1), p["dense1.weight"], p["dense1.bias"])
+            y.backward(torch.tensor(dy, dtype=torch.float64))
+            assert_close(dx, xt.grad.numpy(), what=f"dx at batch {batch}")
+            for name, t in p.items():
+                assert_close(net.grads[name], t.grad.numpy(), what=f"d{name} at batch {batch}")
+
+
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
 def test_nhwc_layout_matches_torch(nhwc_run, index):
     compare_with_torch(nhwc_run, index, CASES[index], reference)
