@@ -725,11 +725,14 @@ def _tiled_cost(in_types, out, attrs):
 DOT_MAC_WEIGHT = 1.4
 DOT_OUTPUT_OPS = 90
 DOT_COLUMN_OPS = 2
-# On up to DOT_WIDE positions (lib/gemm's CDSL_DOT_WIDE, AVX-512) the tiles take 4 rows of
-# weights against every position in turn, the rows read from memory once and fetched ahead, the
-# lanes of 16 accumulators folded together (cdsl_vec_sums): fitted to 1×1 convs on 3² maps
-# (MobileNetV2's, 160 to 1280 channels; one core of an AVX-512 EPYC, against narrow's measured
-# time: 0.80–1.04× of it, where narrow's copy of the weights turned across cost half its time).
+# On up to DOT_WIDE positions (lib/gemm's CDSL_DOT_WIDE, AVX-512) each tile takes every position
+# at once against 1 to 4 rows of weights (cdsl_gemm_dot_wide says which), the rows read from
+# memory once, in order, and fetched 4 KB ahead, the accumulators' lanes folded together
+# (cdsl_vec_sums): fitted to 1×1 convs on 3² maps (MobileNetV2's, 160 to 1280 channels; one core
+# of an AVX-512 EPYC, against narrow's measured time: 0.80–1.04× of it, where narrow's copy of the
+# weights turned across cost half its time), when the tiles were 4 rows against groups of 4
+# positions; the tiles of one row or three, since, are faster still (benchmarks/RESULTS.md), so
+# the weights below overstate dot's cost there, which only makes the plan keep it less often.
 DOT_WIDE = 12
 DOT_WIDE_MAC_WEIGHT = 1.15
 DOT_WIDE_OUTPUT_OPS = 30
