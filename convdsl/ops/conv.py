@@ -104,7 +104,7 @@ _POINTWISE_WRITES_DX = (("c", _is_pointwise),)
 # The backward of every variant in conv.c.j2 writes dW and db at their first contribution where
 # the plan lets it (Step.writes_param_grads): the first sample's GEMM stores them, the first
 # thread's share is copied rather than added, Winograd's one transform back over the batch stores.
-GEMM_WRITES_PARAM_GRADS = ("c",)
+_PARAM_GRADS_WRITTEN_ON = ("c",)
 
 
 def _gemm_work(attrs, columns):
@@ -315,7 +315,7 @@ def _winograd_variant(name: str) -> Variant:
             "" if m == 2 else f", and in f32 at most {WINOGRAD4_F32_MAX_CHANNELS} input channels per group "
                               "(where its rounding error is measured inside the f32 tolerance)"),
         workspace=_winograd_workspace(m), derived=_winograd_derived(m), parallel="tiles × channels",
-        fuses_epilogue=True, writes_input_grad=(("c", _always_writes),), writes_param_grads=GEMM_WRITES_PARAM_GRADS)
+        fuses_epilogue=True, writes_input_grad=(("c", _always_writes),), writes_param_grads=_PARAM_GRADS_WRITTEN_ON)
 
 
 # ---- the separable-kernel split (§4.3.2, templates/c/ops/conv_separable.c.j2) ----
@@ -1007,13 +1007,13 @@ CONV_VARIANTS = (
     Variant("im2col", "conv", "GEMM per group over the column matrix, gathered as the GEMM packs it",
             cost=_im2col_cost, batch_costs=(("c", _im2col_batch_cost),), workspace=_batched_workspace,
             parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
-            thread_workspace=_columns_and_gradients, costs_on=ON_OPENCL, writes_param_grads=GEMM_WRITES_PARAM_GRADS),
+            thread_workspace=_columns_and_gradients, costs_on=ON_OPENCL, writes_param_grads=_PARAM_GRADS_WRITTEN_ON),
     Variant("pointwise", "conv", "1×1 at stride 1 without padding: a GEMM on the input itself",
             cost=_gemm_cost, applies=_is_pointwise,
             needs="a 1×1 kernel, stride 1 and no padding before or after on any axis",
             parallel="batch, or the GEMM's rows for large products", fuses_epilogue=True,
             thread_workspace=_own_gradients, costs_on=ON_OPENCL, writes_input_grad=_POINTWISE_WRITES_DX,
-            writes_param_grads=GEMM_WRITES_PARAM_GRADS),
+            writes_param_grads=_PARAM_GRADS_WRITTEN_ON),
     Variant("broadcast", "conv", "a small map: each weight broadcast against vectors of positions of the column "
                                  "matrix, gathered as it is staged, the weights read where they lie; a batch of more "
                                  "positions as GEMMs over several samples (backward as pointwise or im2col)",
@@ -1022,7 +1022,7 @@ CONV_VARIANTS = (
             parallel="rows of output channels (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
             dot_columns=BROADCAST_BATCH_COLUMNS, writes_input_grad=_POINTWISE_WRITES_DX,
-            writes_param_grads=GEMM_WRITES_PARAM_GRADS),
+            writes_param_grads=_PARAM_GRADS_WRITTEN_ON),
     Variant("narrow", "conv", "few positions: each entry of the column matrix broadcast against vectors of output "
                               "channels, whose weights are packed a block at a time in L1; a batch of more positions "
                               "as GEMMs over several samples (backward as pointwise or im2col)",
@@ -1031,7 +1031,7 @@ CONV_VARIANTS = (
             parallel="blocks of output channels (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_broadcast_thread_workspace, backends=("c",),
             dot_columns=BROADCAST_BATCH_COLUMNS, writes_input_grad=_POINTWISE_WRITES_DX,
-            writes_param_grads=GEMM_WRITES_PARAM_GRADS),
+            writes_param_grads=_PARAM_GRADS_WRITTEN_ON),
     Variant("direct", "conv_direct", "a loop over the window per output channel (one input channel per group); on "
                                       "a small map across channels, a vector holding one cell of each",
             cost=lambda in_types, out, attrs: D.mul(Conv.macs_of(attrs, out), 2),
@@ -1045,7 +1045,7 @@ CONV_VARIANTS = (
             parallel="the GEMM's rows or columns, or channel blocks × position tiles, of each sample (backward: as "
                      "im2col)",
             gemm_threshold=BLOCKED_SPLIT_MACS, fuses_epilogue=True, thread_workspace=_columns_and_gradients,
-            writes_param_grads=GEMM_WRITES_PARAM_GRADS),
+            writes_param_grads=_PARAM_GRADS_WRITTEN_ON),
     _winograd_variant("winograd2"),
     _winograd_variant("winograd4"),
     Variant("separable", "conv_separable", "a frozen const kernel of rank 1 (Sobel, box, Gaussian) as one 1-D pass "
@@ -1071,7 +1071,7 @@ CONV_VARIANTS = (
             cost=_dot_cost, batch_costs=(("c", _batching_past(DOT_COLUMNS, _dot_cost)),), workspace=_batched_workspace,
             parallel="weight rows (backward: as pointwise or im2col)",
             fuses_epilogue=True, thread_workspace=_columns_and_gradients, backends=("c",), dot_columns=DOT_COLUMNS,
-            writes_input_grad=_POINTWISE_WRITES_DX, writes_param_grads=GEMM_WRITES_PARAM_GRADS),
+            writes_input_grad=_POINTWISE_WRITES_DX, writes_param_grads=_PARAM_GRADS_WRITTEN_ON),
 )
 
 
