@@ -544,6 +544,27 @@ def _remakes_kernels(src, weights):
     assert_close(net.forward(x), expected(), what="after a train_step")
 
 
+def two_backwards_match_torch(net, seed, batches, in_dims, out_dims, torch_forward):
+    """For each batch in turn a forward, then two backwards of it, each compared with PyTorch in
+    float64 (dX and every parameter gradient): `torch_forward(x, params)` is the reference
+    network. A kernel that added into a gradient it should write would double what the call
+    before it left there."""
+    net.train()
+    rng = np.random.default_rng(seed)
+    for batch in batches:
+        x = rng.standard_normal((batch, *in_dims)).astype(np.float32)
+        net.forward(x)
+        for _ in range(2):
+            dy = rng.standard_normal((batch, *out_dims)).astype(np.float32)
+            dx = net.backward(dy)
+            p = torch_params(net)
+            xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+            torch_forward(xt, p).backward(torch.tensor(dy, dtype=torch.float64))
+            assert_close(dx, xt.grad.numpy(), what=f"dx at batch {batch}")
+            for name, t in p.items():
+                assert_close(net.grads[name], t.grad.numpy(), what=f"d{name} at batch {batch}")
+
+
 WRITES_DX = """
 network W {
     input x: [4, 9, 9]
@@ -567,25 +588,14 @@ def test_backwards_that_write_their_input_gradient_match_torch():
     program = compile_graph(graph_from_source(WRITES_DX)).program
     written = {s.label for s in program.backward if s.writes_first}
     assert written == {"conv1", "relu1", "relu2", "depthwise2", "conv2"}, written
-    net = module.Model(seed=0)
-    net.train()
-    rng = np.random.default_rng(117)
-    for _ in range(2):
-        x = rng.standard_normal((2, 4, 9, 9)).astype(np.float32)
-        net.forward(x)
-        for _ in range(2):
-            dy = rng.standard_normal((2, 6, 9, 9)).astype(np.float32)
-            dx = net.backward(dy)
-            p = torch_params(net)
-            xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-            a = F.relu(F.conv2d(xt, p["conv1.weight"], p["conv1.bias"], padding=1))
-            b = F.relu(F.conv2d(a, p["depthwise1.weight"], p["depthwise1.bias"], padding=1, groups=6))
-            c = F.conv2d(pad_spatial(b, ((2, 2), (1, 3))), p["conv2.weight"], p["conv2.bias"], dilation=2)
-            y = F.conv2d(c + a, p["depthwise2.weight"], p["depthwise2.bias"], padding=1, groups=6)
-            y.backward(torch.tensor(dy, dtype=torch.float64))
-            assert_close(dx, xt.grad.numpy(), what="dx")
-            for name, t in p.items():
-                assert_close(net.grads[name], t.grad.numpy(), what=f"d{name}")
+
+    def reference(xt, p):
+        a = F.relu(F.conv2d(xt, p["conv1.weight"], p["conv1.bias"], padding=1))
+        b = F.relu(F.conv2d(a, p["depthwise1.weight"], p["depthwise1.bias"], padding=1, groups=6))
+        c = F.conv2d(pad_spatial(b, ((2, 2), (1, 3))), p["conv2.weight"], p["conv2.bias"], dilation=2)
+        return F.conv2d(c + a, p["depthwise2.weight"], p["depthwise2.bias"], padding=1, groups=6)
+
+    two_backwards_match_torch(module.Model(seed=0), 117, (2, 2), (4, 9, 9), (6, 9, 9), reference)
 
 
 POINTWISE_WRITES_DX = """
@@ -609,24 +619,13 @@ def test_pointwise_backwards_that_write_their_input_gradient_match_torch():
     program = compile_graph(graph_from_source(POINTWISE_WRITES_DX)).program
     written = {s.label for s in program.backward if s.writes_first}
     assert written == {"conv1", "relu1", "conv2", "relu2", "conv3"}, written
-    net = module.Model(seed=0)
-    net.train()
-    rng = np.random.default_rng(118)
-    for _ in range(2):
-        x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
-        net.forward(x)
-        for _ in range(2):
-            dy = rng.standard_normal((2, 8, 3, 3)).astype(np.float32)
-            dx = net.backward(dy)
-            p = torch_params(net)
-            xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-            a = F.max_pool2d(F.relu(F.conv2d(xt, p["conv1.weight"], p["conv1.bias"], groups=2)), 3)
-            b = F.conv2d(F.relu(F.conv2d(a, p["conv2.weight"], p["conv2.bias"])), p["conv3.weight"], p["conv3.bias"])
-            y = F.conv2d(b, p["conv4.weight"], p["conv4.bias"], groups=4) + b
-            y.backward(torch.tensor(dy, dtype=torch.float64))
-            assert_close(dx, xt.grad.numpy(), what="dx")
-            for name, t in p.items():
-                assert_close(net.grads[name], t.grad.numpy(), what=f"d{name}")
+
+    def reference(xt, p):
+        a = F.max_pool2d(F.relu(F.conv2d(xt, p["conv1.weight"], p["conv1.bias"], groups=2)), 3)
+        b = F.conv2d(F.relu(F.conv2d(a, p["conv2.weight"], p["conv2.bias"])), p["conv3.weight"], p["conv3.bias"])
+        return F.conv2d(b, p["conv4.weight"], p["conv4.bias"], groups=4) + b
+
+    two_backwards_match_torch(module.Model(seed=0), 118, (2, 2), (8, 9, 9), (8, 3, 3), reference)
 
 
 PARAM_GRADS_WRITTEN = """
@@ -659,28 +658,17 @@ def test_backwards_that_write_their_parameter_gradients_match_torch():
     s_grads = {(p.offset, p.size) for p in program.params if p.layer.name == "S"}
     zeroed = program.zeroed_param_grads()
     assert all(any(o >= z and o + n <= z + m for z, m in zeroed) for o, n in s_grads), (s_grads, zeroed)
-    net = module.Model(seed=0, threads=2)
-    net.train()
-    rng = np.random.default_rng(119)
-    for batch in (1, 3, 2):
-        x = rng.standard_normal((batch, 3, 16, 16)).astype(np.float32)
-        net.forward(x)
-        for _ in range(2):
-            dy = rng.standard_normal((batch, 5)).astype(np.float32)
-            dx = net.backward(dy)
-            p = torch_params(net)
-            xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-            a = F.relu(F.conv2d(xt, p["conv1.weight"], p["conv1.bias"], padding=1))
-            b = F.relu(F.conv2d(a, p["conv2.weight"], p["conv2.bias"], padding=1))
-            c = F.relu(F.conv2d(b, p["conv3.weight"], p["conv3.bias"], stride=4, padding=1))
-            d = F.conv2d(F.conv2d(c, p["conv4.weight"], p["conv4.bias"]), p["conv5.weight"], p["conv5.bias"], padding=1)
-            e = F.conv2d(d, p["conv6.weight"], p["conv6.bias"])
-            e = F.conv2d(F.relu(F.conv2d(e, p["S.weight"], p["S.bias"])), p["S.weight"], p["S.bias"])
-            y = F.linear(e.flatten(1), p["dense1.weight"], p["dense1.bias"])
-            y.backward(torch.tensor(dy, dtype=torch.float64))
-            assert_close(dx, xt.grad.numpy(), what=f"dx at batch {batch}")
-            for name, t in p.items():
-                assert_close(net.grads[name], t.grad.numpy(), what=f"d{name} at batch {batch}")
+
+    def reference(xt, p):
+        a = F.relu(F.conv2d(xt, p["conv1.weight"], p["conv1.bias"], padding=1))
+        b = F.relu(F.conv2d(a, p["conv2.weight"], p["conv2.bias"], padding=1))
+        c = F.relu(F.conv2d(b, p["conv3.weight"], p["conv3.bias"], stride=4, padding=1))
+        d = F.conv2d(F.conv2d(c, p["conv4.weight"], p["conv4.bias"]), p["conv5.weight"], p["conv5.bias"], padding=1)
+        e = F.conv2d(d, p["conv6.weight"], p["conv6.bias"])
+        e = F.conv2d(F.relu(F.conv2d(e, p["S.weight"], p["S.bias"])), p["S.weight"], p["S.bias"])
+        return F.linear(e.flatten(1), p["dense1.weight"], p["dense1.bias"])
+
+    two_backwards_match_torch(module.Model(seed=0, threads=2), 119, (1, 3, 2), (3, 16, 16), (5,), reference)
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
